@@ -3,7 +3,7 @@
 The on-disk format is plain diffusers, so a user needs nothing from this library to use it::
 
     identity/
-      identity.json                     # token, prompt, base model, LoRA settings, history, versions
+      identity.json                     # token, prompt, base model, LoRA settings, history
       pytorch_lora_weights.safetensors  # pipe.load_lora_weights(dir)
       embeddings.safetensors            # {"clip_l": (n, 768), "clip_g": (n, 1280)}
 
@@ -70,14 +70,14 @@ class Identity:
     lora: dict[str, torch.Tensor] | None = None
     lora_rank: int = 4
     lora_alpha: float = 4.0
-    target_modules: list[str] = field(
-        default_factory=lambda: ["to_q", "to_k", "to_v", "to_out.0"]
-    )
+    target_modules: list[str] = field(default_factory=lambda: ["to_q", "to_k", "to_v", "to_out.0"])
     metadata: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         if not self.token or any(c.isspace() for c in self.token):
-            raise IdentityError(f"token must be a non-empty word without spaces, got {self.token!r}")
+            raise IdentityError(
+                f"token must be a non-empty word without spaces, got {self.token!r}"
+            )
         for name in ("clip_l", "clip_g"):
             t = getattr(self, name)
             if not isinstance(t, torch.Tensor) or t.ndim != 2 or t.shape[0] < 1:
@@ -171,9 +171,7 @@ class Identity:
                 raise IdentityError(f"{directory} says it has a LoRA but {LORA_FILE} is missing")
             with safe_open(str(lora_path), framework="pt") as f:
                 prefix = "unet."
-                lora = {
-                    k[len(prefix) :]: f.get_tensor(k) for k in f.keys() if k.startswith(prefix)
-                }
+                lora = {k[len(prefix) :]: f.get_tensor(k) for k in f if k.startswith(prefix)}
         return cls(
             token=info["token"],
             clip_l=clip_l,
@@ -242,7 +240,9 @@ class Identity:
             (pipe.tokenizer_2, pipe.text_encoder_2),
         ):
             if self.token in tokenizer.get_vocab():
-                pipe.unload_textual_inversion(self.tokens, tokenizer=tokenizer, text_encoder=encoder)
+                pipe.unload_textual_inversion(
+                    self.tokens, tokenizer=tokenizer, text_encoder=encoder
+                )
         if self.lora is not None and adapter_name in _adapter_names(pipe):
             pipe.delete_adapters(adapter_name)
 

@@ -58,9 +58,7 @@ class Embedder(Protocol):
 class Clusterer(Protocol):
     """Partitions embeddings into k groups (k-means++ in the paper)."""
 
-    def cluster(
-        self, embeddings: np.ndarray, k: int, seed: int
-    ) -> tuple[np.ndarray, np.ndarray]:
+    def cluster(self, embeddings: np.ndarray, k: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
         """Returns `(labels, centroids)`: int64 labels of shape (N,) in [0, k) and float32
         centroids of shape (k, D). The same inputs and seed give the same result."""
         ...

@@ -34,7 +34,8 @@ def build_clip_tokenizer(words: Iterable[str], directory: str | os.PathLike[str]
     from tokenizers import Tokenizer, models, pre_tokenizers, trainers
 
     unique = sorted({w.strip().lower() for w in words if w.strip()})
-    alphabet = sorted(set(string.ascii_lowercase + string.digits + ",.!?'-<>_") | set("".join(unique)))
+    base = set(string.ascii_lowercase + string.digits + ",.!?'-<>_")
+    alphabet = sorted(base | set("".join(unique)))
     bpe = Tokenizer(models.BPE(end_of_word_suffix="</w>"))
     bpe.pre_tokenizer = pre_tokenizers.Whitespace()
     trainer = trainers.BpeTrainer(

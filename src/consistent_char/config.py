@@ -1,0 +1,334 @@
+"""Configuration as data: one pydantic model per stage and `ExtractorConfig` for the loop.
+
+Every field has a description (the CLI's help comes from them), unknown keys are errors that list
+the known ones, and impossible combinations (N smaller than `d_min_c`, K < 1, ...) are rejected
+before any model loads.
+
+Example:
+    >>> cfg = ExtractorConfig.from_overrides({"num_images": 64, "refiner.steps": 200})
+    >>> cfg.num_clusters
+    3
+"""
+
+from __future__ import annotations
+
+import difflib
+import json
+import os
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+DEFAULT_MODEL = "stabilityai/stable-diffusion-xl-base-1.0"
+TOY_MODEL = "toy"
+
+
+class ConfigError(ValueError):
+    """A configuration value is unknown, of the wrong type, or impossible."""
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, frozen=False)
+
+
+class GeneratorConfig(_Strict):
+    """Settings of the default `SDXLGenerator`."""
+
+    num_inference_steps: int = Field(35, ge=1, le=1000, description="Denoising steps per image.")
+    guidance_scale: float = Field(7.5, ge=0.0, description="Classifier-free guidance scale.")
+    height: int | None = Field(
+        None, ge=8, multiple_of=8, description="Image height in pixels (None: the model's default)."
+    )
+    width: int | None = Field(
+        None, ge=8, multiple_of=8, description="Image width in pixels (None: the model's default)."
+    )
+    batch_size: int | None = Field(
+        None, ge=1, description="Images per pipeline call (None: chosen from free memory)."
+    )
+    negative_prompt: str | None = Field(None, description="Negative prompt for every image.")
+
+
+class EmbedderConfig(_Strict):
+    """Which image embedder measures identity (DINOv2 in the paper)."""
+
+    kind: Literal["dinov2", "dino", "clip", "pixels"] = Field(
+        "dinov2", description="dinov2 (paper default), dino (DINOv1), clip, or pixels (baseline)."
+    )
+    model: str | None = Field(
+        None, description="Hub id or local folder; None picks the kind's default model."
+    )
+    batch_size: int = Field(32, ge=1, description="Images per embedder forward pass.")
+
+
+class ClustererConfig(_Strict):
+    """Settings of the default FAISS k-means clusterer (k-means++ seeding)."""
+
+    niter: int = Field(20, ge=1, description="Lloyd iterations after k-means++ seeding.")
+    nredo: int = Field(1, ge=1, description="Independent runs; FAISS keeps the best objective.")
+
+
+class RefinerConfig(_Strict):
+    """Settings of the default textual inversion + LoRA refiner."""
+
+    mode: Literal["ti_lora", "ti", "lora"] = Field(
+        "ti_lora", description="ti_lora (paper), ti (tokens only) or lora (LoRA only)."
+    )
+    token: str = Field("<cc-char>", min_length=1, description="The identity's placeholder token.")
+    initializer_token: str = Field(
+        "person", min_length=1, description="Word whose embedding initialises the new token."
+    )
+    num_vectors: int = Field(1, ge=1, le=16, description="Embedding vectors per text encoder.")
+    lora_rank: int = Field(4, ge=1, le=256, description="LoRA rank r on UNet attention.")
+    lora_alpha: float | None = Field(
+        None, gt=0, description="LoRA alpha (None: equal to the rank, i.e. scale 1)."
+    )
+    target_modules: list[str] = Field(
+        default_factory=lambda: ["to_q", "to_k", "to_v", "to_out.0"],
+        min_length=1,
+        description="UNet module names that get a LoRA.",
+    )
+    lora_lr: float = Field(3e-5, gt=0, description="Learning rate of the LoRA weights.")
+    embedding_lr: float = Field(5e-3, gt=0, description="Learning rate of the new token rows.")
+    steps: int = Field(500, ge=0, description="Optimisation steps per iteration.")
+    batch_size: int = Field(1, ge=1, description="Images per training step.")
+
+    @model_validator(mode="after")
+    def _token_is_one_word(self) -> RefinerConfig:
+        if any(c.isspace() for c in self.token):
+            raise ValueError(f"token must be one word without spaces, got {self.token!r}")
+        return self
+
+
+class ConvergenceConfig(_Strict):
+    """When to stop: the mean pairwise distance of the iteration's embeddings falls below a
+    threshold, absolute (`d_conv`) or relative to the first iteration (`d_conv_relative`)."""
+
+    d_conv: float | None = Field(None, gt=0, description="Absolute spread threshold.")
+    d_conv_relative: float | None = Field(
+        0.6, gt=0, le=1, description="Threshold as a fraction of iteration 0's spread."
+    )
+
+    @model_validator(mode="before")
+    @classmethod
+    def _absolute_replaces_default(cls, data: Any) -> Any:
+        # Setting d_conv alone means "use an absolute threshold": drop the relative default.
+        if isinstance(data, dict) and data.get("d_conv") is not None:
+            data = {"d_conv_relative": None, **data}
+        return data
+
+    @model_validator(mode="after")
+    def _exactly_one(self) -> ConvergenceConfig:
+        if (self.d_conv is None) == (self.d_conv_relative is None):
+            raise ValueError(
+                "set exactly one of d_conv (absolute) and d_conv_relative (fraction of the first "
+                f"spread); got d_conv={self.d_conv}, d_conv_relative={self.d_conv_relative}"
+            )
+        return self
+
+
+class ExtractorConfig(_Strict):
+    """Everything a run of `IterativeIdentityExtractor` needs; saved as `config.yaml` in the run."""
+
+    model: str = Field(
+        DEFAULT_MODEL, description="SDXL hub id, local diffusers folder, or 'toy' for ToyWorld."
+    )
+    device: str = Field("auto", description="'auto', 'cpu', 'cuda', 'cuda:1', ...")
+    dtype: Literal["auto", "float32", "float16", "bfloat16"] = Field(
+        "auto", description="Model dtype; auto is bfloat16 on CUDA and float32 on CPU."
+    )
+    seed: int = Field(0, ge=0, lt=2**32, description="Seed for images, clustering and training.")
+    num_images: int = Field(128, ge=2, description="N: images generated per iteration.")
+    d_size_c: int = Field(20, ge=1, description="Target cluster size; K = N // d_size_c.")
+    d_min_c: int = Field(10, ge=1, description="Clusters smaller than this are not chosen.")
+    max_iterations: int = Field(10, ge=1, le=100, description="Upper bound on iterations.")
+    identity_prompt_template: str = Field(
+        "{token} {prompt}",
+        description="Prompt after iteration 0; must contain {token} and {prompt}.",
+    )
+    generator: GeneratorConfig = Field(default_factory=GeneratorConfig)  # type: ignore[arg-type]
+    embedder: EmbedderConfig = Field(default_factory=EmbedderConfig)  # type: ignore[arg-type]
+    clusterer: ClustererConfig = Field(default_factory=ClustererConfig)  # type: ignore[arg-type]
+    refiner: RefinerConfig = Field(default_factory=RefinerConfig)  # type: ignore[arg-type]
+    convergence: ConvergenceConfig = Field(default_factory=ConvergenceConfig)  # type: ignore[arg-type]
+
+    @property
+    def num_clusters(self) -> int:
+        """K = N // d_size_c, the number of k-means clusters."""
+        return self.num_images // self.d_size_c
+
+    @model_validator(mode="after")
+    def _consistent(self) -> ExtractorConfig:
+        if self.num_images // self.d_size_c < 1:
+            raise ValueError(
+                f"K = num_images // d_size_c = {self.num_images} // {self.d_size_c} = 0; "
+                "K must be at least 1: lower d_size_c or raise num_images"
+            )
+        if self.d_min_c > self.num_images:
+            raise ValueError(
+                f"d_min_c = {self.d_min_c} is larger than num_images = {self.num_images}: "
+                "no cluster could ever be chosen"
+            )
+        for placeholder in ("{token}", "{prompt}"):
+            if placeholder not in self.identity_prompt_template:
+                raise ValueError(
+                    f"identity_prompt_template must contain {placeholder}, got "
+                    f"{self.identity_prompt_template!r}"
+                )
+        return self
+
+    # ------------------------------------------------------------ construction
+
+    @classmethod
+    def build(cls, data: dict[str, Any] | None = None) -> ExtractorConfig:
+        """Validates a nested dict; errors become one `ConfigError` naming each field."""
+        data = dict(data or {})
+        if data.get("model") == TOY_MODEL:
+            data = _deep_merge(toy_preset(), data)
+        try:
+            return cls.model_validate(data)
+        except ValidationError as err:
+            raise ConfigError(_explain(err, cls)) from None
+
+    @classmethod
+    def from_file(cls, path: str | os.PathLike[str]) -> ExtractorConfig:
+        """Loads a YAML or JSON file (JSON is YAML too)."""
+        return cls.build(load_mapping(path))
+
+    @classmethod
+    def from_overrides(
+        cls,
+        overrides: dict[str, Any] | None = None,
+        base: dict[str, Any] | None = None,
+    ) -> ExtractorConfig:
+        """Applies dotted-key overrides (``{"refiner.steps": 200}``) on top of `base`."""
+        data: dict[str, Any] = dict(base or {})
+        for key, value in (overrides or {}).items():
+            _set_dotted(data, key, value)
+        return cls.build(data)
+
+    def to_dict(self) -> dict[str, Any]:
+        return self.model_dump(mode="json")
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.to_dict(), sort_keys=False)
+
+    def differences(self, other: ExtractorConfig) -> list[str]:
+        """Dotted names of the fields whose values differ, e.g. ``["refiner.steps"]``."""
+        return sorted(_diff(self.to_dict(), other.to_dict()))
+
+
+def toy_preset() -> dict[str, Any]:
+    """ToyWorld settings: small images, fast on a CPU (`--model toy`)."""
+    return {
+        "model": TOY_MODEL,
+        "num_images": 64,
+        "d_size_c": 8,
+        "d_min_c": 5,
+        "max_iterations": 8,
+        "generator": {"num_inference_steps": 20, "guidance_scale": 5.0},
+        "embedder": {"kind": "dinov2", "model": TOY_MODEL, "batch_size": 64},
+        "refiner": {
+            "token": "<cc-char>",
+            "initializer_token": "creature",
+            "steps": 150,
+            "batch_size": 8,
+            "lora_rank": 4,
+            "lora_lr": 1e-3,
+            "embedding_lr": 1e-2,
+        },
+        "convergence": {"d_conv_relative": 0.6},
+    }
+
+
+def load_mapping(path: str | os.PathLike[str]) -> dict[str, Any]:
+    """Reads a YAML/JSON mapping with a clear error for a missing or malformed file."""
+    p = Path(path)
+    if not p.is_file():
+        raise ConfigError(f"config file not found: {p}")
+    try:
+        data = yaml.safe_load(p.read_text())
+    except yaml.YAMLError as err:
+        raise ConfigError(f"{p} is not valid YAML/JSON: {err}") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{p} must hold a mapping of settings, got {type(data).__name__}")
+    return data
+
+
+def parse_assignment(text: str) -> tuple[str, Any]:
+    """Parses a CLI ``key=value`` (value read as YAML: ``3``, ``0.5``, ``null``, ``[a, b]``)."""
+    if "=" not in text:
+        raise ConfigError(f"--set expects key=value, got {text!r}")
+    key, raw = text.split("=", 1)
+    key = key.strip()
+    if not key:
+        raise ConfigError(f"--set expects key=value, got {text!r}")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError:
+        value = raw
+    return key, value
+
+
+def _set_dotted(data: dict[str, Any], key: str, value: Any) -> None:
+    parts = key.split(".")
+    node = data
+    for part in parts[:-1]:
+        child = node.setdefault(part, {})
+        if not isinstance(child, dict):
+            raise ConfigError(f"cannot set {key!r}: {part!r} is not a section")
+        node = child
+    node[parts[-1]] = value
+
+
+def _deep_merge(base: dict[str, Any], top: dict[str, Any]) -> dict[str, Any]:
+    out = dict(base)
+    for key, value in top.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = _deep_merge(out[key], value)
+        else:
+            out[key] = value
+    return out
+
+
+def _diff(a: Any, b: Any, prefix: str = "") -> list[str]:
+    if isinstance(a, dict) and isinstance(b, dict):
+        names: list[str] = []
+        for key in sorted(set(a) | set(b)):
+            names += _diff(a.get(key), b.get(key), f"{prefix}{key}.")
+        return names
+    return [] if a == b else [prefix.rstrip(".")]
+
+
+def _section_model(root: type[BaseModel], loc: tuple[Any, ...]) -> type[BaseModel] | None:
+    model: type[BaseModel] | None = root
+    for part in loc:
+        if model is None:
+            return None
+        field = model.model_fields.get(str(part))
+        ann = field.annotation if field else None
+        model = ann if isinstance(ann, type) and issubclass(ann, BaseModel) else None
+    return model
+
+
+def _explain(err: ValidationError, root: type[BaseModel]) -> str:
+    lines = ["invalid configuration:"]
+    for e in err.errors():
+        loc = tuple(e["loc"])
+        where = ".".join(str(p) for p in loc) or "(config)"
+        if e["type"] == "extra_forbidden":
+            section = _section_model(root, loc[:-1])
+            known = sorted(section.model_fields) if section else []
+            close = difflib.get_close_matches(str(loc[-1]), known, n=1)
+            hint = f" (did you mean {close[0]!r}?)" if close else ""
+            lines.append(f"  {where}: unknown key{hint}; known keys: {', '.join(known)}")
+            continue
+        msg = e["msg"].removeprefix("Value error, ")
+        if loc:
+            lines.append(f"  {where} = {json.dumps(e.get('input'), default=str)}: {msg}")
+        else:
+            lines.append(f"  {msg}")
+    return "\n".join(lines)

@@ -1,0 +1,517 @@
+"""`IterativeIdentityExtractor`: Algorithm 1 of "The Chosen One", composed from five stages.
+
+    Θ ← no identity
+    for i in 0 .. max_iterations-1:
+        S ← generate(prompt_i, N seeds, Θ)    # i = 0: the user's prompt; later: with Θ's token
+        E ← embed(S)
+        if i > 0 and converged(E): stop
+        clusters ← k-means++(E, K = N // d_size_c)
+        c* ← most cohesive cluster with ≥ d_min_c members
+        Θ ← refine(Θ, S[c*])                          # warm start from the previous Θ
+    return Θ
+
+Everything a run produces goes to its run directory as it is made, so `extract(..., resume=True)`
+continues a cut run from its last finished step and reaches the same identity.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import platform
+import time
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager, suppress
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+import numpy as np
+from PIL import Image
+
+from consistent_char import __version__
+from consistent_char.clusterers.selection import choose_cluster
+from consistent_char.config import ConfigError, ExtractorConfig
+from consistent_char.identity import Identity
+from consistent_char.interfaces import (
+    Clusterer,
+    ConvergenceCriterion,
+    Embedder,
+    ExtractionResult,
+    Generator,
+    IterationRecord,
+    Refiner,
+)
+from consistent_char.rundir import RunDirectory, RunState, Step, write_text_atomic
+
+logger = logging.getLogger(__name__)
+
+StageName = Literal["generate", "embed", "cluster", "refine"]
+
+# Images are generated and written in chunks of this size, so a cut run keeps what it drew.
+GENERATION_CHUNK = 32
+
+
+@dataclass
+class ProgressEvent:
+    """What the extractor reports to its callback.
+
+    `kind` is ``"stage_start"``, ``"progress"``, ``"stage_end"`` or ``"iteration_end"``; `done`
+    and `total` count the stage's units (images, training steps); `record` is set on
+    ``"iteration_end"``.
+    """
+
+    kind: Literal["stage_start", "progress", "stage_end", "iteration_end"]
+    iteration: int
+    stage: StageName | None = None
+    done: int = 0
+    total: int = 0
+    seconds: float = 0.0
+    record: IterationRecord | None = None
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+ProgressCallback = Callable[[ProgressEvent], None]
+
+
+def image_seed(seed: int, iteration: int, index: int) -> int:
+    """The seed of image `index` of `iteration`: distinct, reproducible, independent of N."""
+    state = np.random.SeedSequence([seed, iteration, index]).generate_state(1, dtype=np.uint64)
+    return int(state[0] >> np.uint64(1))
+
+
+def stage_seed(seed: int, iteration: int, stage: StageName) -> int:
+    """The seed of a stage's own randomness (k-means++ seeding, refiner noise) at `iteration`."""
+    code = {"generate": 0, "embed": 1, "cluster": 2, "refine": 3}[stage]
+    state = np.random.SeedSequence([seed, iteration, 1_000_000 + code]).generate_state(1)
+    return int(state[0])
+
+
+class IterativeIdentityExtractor:
+    """Finds a consistent identity for a prompt by generate → embed → cluster → refine.
+
+    Args:
+        generator: Draws images (`Generator` protocol), e.g. `SDXLGenerator`.
+        embedder: Maps images to vectors (`Embedder`), e.g. `DINOv2Embedder`.
+        clusterer: k-means (`Clusterer`), e.g. `FaissKMeansClusterer`.
+        refiner: Learns the identity (`Refiner`), e.g. `TextualInversionLoRARefiner`.
+        criterion: Stops the loop (`ConvergenceCriterion`), e.g. `PairwiseDistanceCriterion`.
+        config: Loop settings (N, d_size_c, d_min_c, max_iterations, seed, prompt template). The
+            stage sections of the config are used only by `from_config`.
+
+    Example:
+        >>> config = ExtractorConfig.build({"model": "toy"})  # doctest: +SKIP
+        >>> extractor = IterativeIdentityExtractor.from_config(config)  # doctest: +SKIP
+        >>> result = extractor.extract("a creature", run_dir="runs/demo")  # doctest: +SKIP
+        >>> result.identity.save("my_creature")  # doctest: +SKIP
+    """
+
+    def __init__(
+        self,
+        generator: Generator,
+        embedder: Embedder,
+        clusterer: Clusterer,
+        refiner: Refiner,
+        criterion: ConvergenceCriterion,
+        *,
+        config: ExtractorConfig | None = None,
+    ):
+        self.generator = generator
+        self.embedder = embedder
+        self.clusterer = clusterer
+        self.refiner = refiner
+        self.criterion = criterion
+        self.config = config or ExtractorConfig()
+        self._callback: ProgressCallback | None = None
+
+    @classmethod
+    def from_config(cls, config: ExtractorConfig) -> IterativeIdentityExtractor:
+        """Builds the default stages the config names and loads their models."""
+        from consistent_char.stages import build_stages
+
+        stages = build_stages(config)
+        return cls(*stages, config=config)
+
+    # ------------------------------------------------------------------ loop
+
+    def extract(
+        self,
+        prompt: str,
+        *,
+        run_dir: str | os.PathLike[str] | None = None,
+        resume: bool = False,
+        callback: ProgressCallback | None = None,
+    ) -> ExtractionResult:
+        """Runs Algorithm 1 for `prompt` and returns the identity with the run's history.
+
+        Args:
+            prompt: What to draw, e.g. ``"a watercolor fox with a scarf"``.
+            run_dir: Where images, embeddings, clusters, identities and the state go. Without
+                one, nothing is written and a run cannot be resumed.
+            resume: Continue the run in `run_dir` from its last finished step. Its config must
+                equal this extractor's config (the error names the fields that differ).
+            callback: Called with a `ProgressEvent` at each stage start, progress and end and
+                after each iteration. An exception it raises stops the run; what was finished
+                stays on disk for `resume`.
+        """
+        cfg = self.config
+        prompt = _check_prompt(prompt)
+        run = RunDirectory(run_dir) if run_dir is not None else None
+        state = self._open_run(run, prompt, resume)
+        self._callback = callback
+        history = [IterationRecord.from_dict(r) for r in state.history]
+
+        # Θ: the identity learned so far (None before the first refinement).
+        identity = self._load_last_identity(run, state)
+        converged = state.converged
+        start = state.iteration if state.step != "refined" else state.iteration + 1
+        start = max(start, 0)
+
+        for i in range(start, cfg.max_iterations):
+            if state.finished:
+                break
+            record = history[i] if i < len(history) else None
+            seconds: dict[str, float] = dict(record.seconds) if record else {}
+
+            # 1. The prompt: the user's words at i = 0, then with the learned token (its LoRA is
+            #    active too), so each iteration samples around the current identity.
+            prompt_i = prompt if identity is None else self._identity_prompt(prompt, identity)
+            seeds = [image_seed(cfg.seed, i, j) for j in range(cfg.num_images)]
+
+            # 2. S ← Generator(prompt_i, seeds, Θ)
+            with self._stage(i, "generate", cfg.num_images, seconds):
+                images = self._generate(run, state, i, prompt_i, seeds, identity)
+
+            # 3. E ← Embedder(S)
+            with self._stage(i, "embed", len(images), seconds):
+                if run is not None and state.done(i, "embedded"):
+                    embeddings = run.load_embeddings(i)
+                else:
+                    embeddings = _check_embeddings(self.embedder.embed(images), len(images))
+                    if run is not None:
+                        run.save_embeddings(i, embeddings)
+                        self._mark(run, state, i, "embedded", history)
+
+            # 4. Convergence: the mean pairwise distance of E against d_conv. At i = 0 there is
+            #    no identity to return yet, so the loop always refines at least once.
+            spread = float(self.criterion.spread(embeddings))
+            threshold = float(self.criterion.threshold([r.spread for r in history[:i]] + [spread]))
+            done = i > 0 and bool(self.criterion.converged(embeddings, history[:i]))
+            record = IterationRecord(
+                iteration=i,
+                prompt=prompt_i,
+                seeds=seeds,
+                spread=spread,
+                threshold=threshold,
+                converged=done,
+                seconds=seconds,
+            )
+            if done:
+                logger.info("iteration %d: spread %.4f < %.4f, converged", i, spread, threshold)
+                history = history[:i] + [record]
+                converged = True
+                self._finish_iteration(run, state, i, "clustered", history, record)
+                break
+
+            # 5. Cluster E into K = N // d_size_c groups (k-means++), then
+            # 6. c* ← the most cohesive cluster with at least d_min_c members.
+            with self._stage(i, "cluster", 1, seconds):
+                labels, choice = self._cluster(run, state, i, embeddings)
+            record.cluster_sizes = choice.sizes
+            record.cluster_cohesions = choice.cohesions
+            record.chosen_cluster = choice.index
+            record.chosen_cohesion = choice.cohesion
+            record.chosen_reason = choice.reason
+            if run is not None and not state.done(i, "clustered"):
+                self._mark(run, state, i, "clustered", history[:i] + [record])
+
+            # 7. Θ ← Refiner(Θ, S[c*]): continue from the previous identity (warm start).
+            members = [images[j] for j in np.flatnonzero(labels == choice.index)]
+            with self._stage(i, "refine", cfg.refiner.steps, seconds):
+                identity = self._refine(run, state, i, prompt, identity, members)
+
+            record.seconds = seconds
+            history = history[:i] + [record]
+            self._finish_iteration(run, state, i, "refined", history, record)
+
+        if identity is None:  # only when a finished run is opened again with nothing learned
+            raise RuntimeError("the run finished without learning an identity")
+        identity.metadata = self._provenance(prompt, history, converged)
+        if run is not None:
+            identity.save(run.identity_dir)
+            state.finished = True
+            state.converged = converged
+            state.history = [r.to_dict() for r in history]
+            run.write_state(state)
+        return ExtractionResult(
+            identity=identity,
+            history=history,
+            converged=converged,
+            run_dir=str(run.root) if run is not None else None,
+        )
+
+    # ------------------------------------------------------------- the steps
+
+    def _identity_prompt(self, prompt: str, identity: Identity) -> str:
+        return self.config.identity_prompt_template.format(token=identity.token, prompt=prompt)
+
+    def _generate(
+        self,
+        run: RunDirectory | None,
+        state: RunState,
+        iteration: int,
+        prompt: str,
+        seeds: Sequence[int],
+        identity: Identity | None,
+    ) -> list[Image.Image]:
+        n = len(seeds)
+        if run is not None and state.done(iteration, "generated"):
+            return run.load_images(iteration, n)
+        # Image j depends only on seeds[j], so a cut run keeps the images it already wrote.
+        have = run.existing_images(iteration, n) if run is not None else 0
+        images = run.load_images(iteration, have) if run is not None else []
+        self._emit("progress", iteration, "generate", done=have, total=n)
+        for start in range(have, n, GENERATION_CHUNK):
+            chunk = list(seeds[start : start + GENERATION_CHUNK])
+            new = self.generator.generate([prompt] * len(chunk), chunk, identity)
+            if len(new) != len(chunk):
+                raise RuntimeError(f"generator returned {len(new)} images for {len(chunk)} prompts")
+            new = [im.convert("RGB") for im in new]
+            if run is not None:
+                run.save_images(iteration, start, new)
+            images += new
+            self._emit("progress", iteration, "generate", done=len(images), total=n)
+        if run is not None:
+            self._mark(run, state, iteration, "generated", None)
+        return images
+
+    def _cluster(
+        self, run: RunDirectory | None, state: RunState, iteration: int, embeddings: np.ndarray
+    ) -> tuple[np.ndarray, Any]:
+        cfg = self.config
+        if run is not None and state.done(iteration, "clustered"):
+            saved = run.load_clusters(iteration)
+            labels = np.asarray(saved["labels"], dtype=np.int64)
+            centroids = np.asarray(saved["centroids"], dtype=np.float32)
+        else:
+            labels, centroids = self.clusterer.cluster(
+                embeddings, cfg.num_clusters, stage_seed(cfg.seed, iteration, "cluster")
+            )
+        choice = choose_cluster(embeddings, labels, centroids, cfg.d_min_c)
+        if choice.reason == "largest_fallback":
+            logger.warning(
+                "iteration %d: no cluster has d_min_c=%d members (sizes %s); taking the largest",
+                iteration,
+                cfg.d_min_c,
+                choice.sizes,
+            )
+        if run is not None and not state.done(iteration, "clustered"):
+            run.save_clusters(
+                iteration,
+                {
+                    "k": cfg.num_clusters,
+                    "labels": labels.tolist(),
+                    "centroids": centroids.tolist(),
+                    "sizes": choice.sizes,
+                    "cohesions": choice.cohesions,
+                    "chosen": choice.index,
+                    "reason": choice.reason,
+                },
+            )
+        return labels, choice
+
+    def _refine(
+        self,
+        run: RunDirectory | None,
+        state: RunState,
+        iteration: int,
+        prompt: str,
+        identity: Identity | None,
+        members: list[Image.Image],
+    ) -> Identity:
+        if run is not None and state.done(iteration, "refined"):
+            return Identity.load(run.iteration_identity_dir(iteration))
+        token = identity.token if identity is not None else self.config.refiner.token
+        caption = self.config.identity_prompt_template.format(token=token, prompt=prompt)
+        new = self.refiner.refine(
+            identity,
+            members,
+            [caption] * len(members),
+            seed=stage_seed(self.config.seed, iteration, "refine"),
+        )
+        if run is not None:
+            new.save(run.iteration_identity_dir(iteration))
+        return new
+
+    # -------------------------------------------------------- run directory
+
+    def _open_run(self, run: RunDirectory | None, prompt: str, resume: bool) -> RunState:
+        if run is None:
+            if resume:
+                raise ValueError("resume=True needs the run_dir of the run to continue")
+            return RunState(prompt=prompt)
+        if resume:
+            if not run.exists():
+                raise FileNotFoundError(f"nothing to resume: {run.state_path} does not exist")
+            saved = ExtractorConfig.from_file(run.config_path)
+            diff = saved.differences(self.config)
+            if diff:
+                raise ConfigError(
+                    f"cannot resume {run.root} with a different config; differing fields: "
+                    + ", ".join(
+                        f"{d} (run: {_get(saved, d)!r}, now: {_get(self.config, d)!r})"
+                        for d in diff
+                    )
+                )
+            state = run.read_state()
+            if state.prompt != prompt:
+                raise ValueError(
+                    f"cannot resume {run.root}: it was started for prompt {state.prompt!r}, "
+                    f"not {prompt!r}"
+                )
+            if state.finished:
+                logger.info("run %s already finished; returning its identity", run.root)
+            return state
+        if run.exists():
+            raise FileExistsError(
+                f"{run.root} already holds a run; pass resume=True (--resume) to continue it, "
+                "or choose another directory"
+            )
+        run.root.mkdir(parents=True, exist_ok=True)
+        write_text_atomic(run.config_path, self.config.to_yaml())
+        state = RunState(prompt=prompt)
+        run.write_state(state)
+        return state
+
+    def _load_last_identity(self, run: RunDirectory | None, state: RunState) -> Identity | None:
+        if run is None:
+            return None
+        last = state.iteration if state.step == "refined" else state.iteration - 1
+        # A converged run stops before refining, so its identity is the previous iteration's.
+        while last >= 0 and not run.iteration_identity_dir(last).is_dir():
+            last -= 1
+        return Identity.load(run.iteration_identity_dir(last)) if last >= 0 else None
+
+    def _mark(
+        self,
+        run: RunDirectory,
+        state: RunState,
+        iteration: int,
+        step: Step,
+        history: list[IterationRecord] | None,
+    ) -> None:
+        state.iteration, state.step = iteration, step
+        if history is not None:
+            state.history = [r.to_dict() for r in history]
+        run.write_state(state)
+
+    def _finish_iteration(
+        self,
+        run: RunDirectory | None,
+        state: RunState,
+        iteration: int,
+        step: Step,
+        history: list[IterationRecord],
+        record: IterationRecord,
+    ) -> None:
+        if run is not None:
+            state.converged = record.converged
+            self._mark(run, state, iteration, step, history)
+        logger.info(
+            "iteration %d: spread %.4f (threshold %.4f), chosen cluster %s of sizes %s",
+            iteration,
+            record.spread,
+            record.threshold,
+            record.chosen_cluster,
+            record.cluster_sizes,
+        )
+        self._emit("iteration_end", iteration, record=record)
+
+    # -------------------------------------------------------------- helpers
+
+    @contextmanager
+    def _stage(
+        self, iteration: int, stage: StageName, total: int, seconds: dict[str, float]
+    ) -> Iterator[None]:
+        self._emit("stage_start", iteration, stage, total=total)
+        t0 = time.perf_counter()
+        yield
+        elapsed = time.perf_counter() - t0
+        seconds[stage] = seconds.get(stage, 0.0) + elapsed
+        self._emit("stage_end", iteration, stage, done=total, total=total, seconds=elapsed)
+
+    def _emit(
+        self,
+        kind: Literal["stage_start", "progress", "stage_end", "iteration_end"],
+        iteration: int,
+        stage: StageName | None = None,
+        *,
+        done: int = 0,
+        total: int = 0,
+        seconds: float = 0.0,
+        record: IterationRecord | None = None,
+    ) -> None:
+        if self._callback is not None:
+            self._callback(
+                ProgressEvent(kind, iteration, stage, done, total, seconds, record=record)
+            )
+
+    def _provenance(
+        self, prompt: str, history: list[IterationRecord], converged: bool
+    ) -> dict[str, Any]:
+        return {
+            "prompt": prompt,
+            "identity_prompt_template": self.config.identity_prompt_template,
+            "base_model": self.config.model,
+            "converged": converged,
+            "iterations": len(history),
+            "config": self.config.to_dict(),
+            "history": [r.to_dict() for r in history],
+            "versions": _versions(),
+        }
+
+
+def _check_prompt(prompt: str) -> str:
+    if not isinstance(prompt, str) or not prompt.strip():
+        raise ValueError(f"prompt must be a non-empty string, got {prompt!r}")
+    return prompt.strip()
+
+
+def _check_embeddings(embeddings: np.ndarray, n: int) -> np.ndarray:
+    arr = np.asarray(embeddings)
+    if arr.ndim != 2 or arr.shape[0] != n:
+        raise ValueError(f"embedder returned shape {arr.shape}, expected ({n}, D)")
+    if not np.isfinite(arr).all():
+        raise ValueError("embedder returned non-finite values")
+    return np.ascontiguousarray(arr, dtype=np.float32)
+
+
+def _get(config: ExtractorConfig, dotted: str) -> Any:
+    node: Any = config.to_dict()
+    for part in dotted.split("."):
+        node = node.get(part) if isinstance(node, dict) else None
+    return node
+
+
+def _versions() -> dict[str, str]:
+    import importlib.metadata as md
+
+    out = {"consistent_char": __version__, "python": platform.python_version()}
+    for name in ("torch", "diffusers", "transformers", "peft"):
+        with suppress(md.PackageNotFoundError):
+            out[name] = md.version(name)
+    return out
+
+
+def default_run_name(prompt: str) -> str:
+    """A folder name from a prompt: ``"a watercolor fox" -> "a-watercolor-fox"``."""
+    slug = "".join(c if c.isalnum() else "-" for c in prompt.lower()).strip("-")
+    return "-".join(p for p in slug.split("-") if p)[:60] or "run"
+
+
+__all__ = [
+    "IterativeIdentityExtractor",
+    "ProgressEvent",
+    "default_run_name",
+    "image_seed",
+    "stage_seed",
+]

@@ -1,0 +1,146 @@
+"""Builds the default stages a config names: the one place that maps settings to classes."""
+
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from consistent_char.config import TOY_MODEL, ExtractorConfig
+from consistent_char.interfaces import (
+    Clusterer,
+    ConvergenceCriterion,
+    Embedder,
+    Generator,
+    Refiner,
+)
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_EMBEDDER_MODELS = {
+    "dinov2": "facebook/dinov2-large",
+    "dino": "facebook/dino-vitb16",
+    "clip": "openai/clip-vit-large-patch14",
+}
+
+
+class ModelNotFoundError(FileNotFoundError):
+    """A model path or id that cannot be loaded here."""
+
+
+def resolve_device(device: str) -> torch.device:
+    """``"auto"`` is CUDA when available, else CPU."""
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        dev = torch.device(device)
+    except RuntimeError as err:
+        raise ValueError(f"device {device!r} is not a torch device: {err}") from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device {device!r} asked for CUDA, but torch sees no CUDA device")
+    return dev
+
+
+def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
+    """``"auto"`` is bfloat16 on CUDA (SDXL's VAE overflows in float16) and float32 on CPU."""
+    if dtype == "auto":
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    return {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}[dtype]
+
+
+def resolve_model(model: str, *, kind: str = "pipeline") -> str:
+    """Maps ``"toy"`` to ToyWorld's shipped weights and checks that local paths exist.
+
+    A value that exists on disk is a local folder; one that looks like a path (starts with
+    ``/``, ``.`` or ``~``, or has more than one ``/``) but does not exist is an error here,
+    before anything loads. Anything else is passed on as a hub id.
+    """
+    if model == TOY_MODEL:
+        from consistent_char import toy
+
+        return str(toy.model_dir() if kind == "pipeline" else toy.embedder_dir())
+    expanded = os.path.expanduser(model)
+    if Path(expanded).exists():
+        return expanded
+    if model.startswith(("/", ".", "~")) or model.count("/") > 1:
+        raise ModelNotFoundError(f"model folder not found: {model}")
+    return model
+
+
+def build_stages(
+    config: ExtractorConfig,
+) -> tuple[Generator, Embedder, Clusterer, Refiner, ConvergenceCriterion]:
+    """Loads the models and builds the five default stages of `config`."""
+    from consistent_char.clusterers.faiss_kmeans import FaissKMeansClusterer
+    from consistent_char.convergence import PairwiseDistanceCriterion
+    from consistent_char.generators.sdxl import SDXLGenerator
+    from consistent_char.refiners.ti_lora import TextualInversionLoRARefiner
+
+    device = resolve_device(config.device)
+    dtype = resolve_dtype(config.dtype, device)
+    model = resolve_model(config.model)
+    embedder_model = config.embedder.model or DEFAULT_EMBEDDER_MODELS.get(config.embedder.kind, "")
+    if config.embedder.kind != "pixels":
+        embedder_model = resolve_model(embedder_model, kind="embedder")
+
+    logger.info("loading %s on %s (%s)", model, device, dtype)
+    g = config.generator
+    generator = SDXLGenerator.from_pretrained(
+        model,
+        device=device,
+        dtype=dtype,
+        num_inference_steps=g.num_inference_steps,
+        guidance_scale=g.guidance_scale,
+        height=g.height,
+        width=g.width,
+        batch_size=g.batch_size,
+        negative_prompt=g.negative_prompt,
+    )
+    r = config.refiner
+    refiner = TextualInversionLoRARefiner.from_pipeline(
+        generator.pipeline,
+        mode=r.mode,
+        token=r.token,
+        initializer_token=r.initializer_token,
+        num_vectors=r.num_vectors,
+        lora_rank=r.lora_rank,
+        lora_alpha=r.lora_alpha if r.lora_alpha is not None else float(r.lora_rank),
+        target_modules=list(r.target_modules),
+        lora_lr=r.lora_lr,
+        embedding_lr=r.embedding_lr,
+        steps=r.steps,
+        batch_size=r.batch_size,
+    )
+    embedder = build_embedder(
+        config.embedder.kind, embedder_model, device=device, batch_size=config.embedder.batch_size
+    )
+    clusterer = FaissKMeansClusterer(niter=config.clusterer.niter, nredo=config.clusterer.nredo)
+    criterion = PairwiseDistanceCriterion(
+        d_conv=config.convergence.d_conv, d_conv_relative=config.convergence.d_conv_relative
+    )
+    return generator, embedder, clusterer, refiner, criterion
+
+
+def build_embedder(kind: str, model: str, *, device: torch.device, batch_size: int) -> Embedder:
+    """The embedder of `kind` ("dinov2", "dino", "clip", "pixels") loaded from `model`."""
+    kwargs: dict[str, Any] = {"device": device, "batch_size": batch_size}
+    if kind == "dinov2":
+        from consistent_char.embedders.dinov2 import DINOv2Embedder
+
+        return DINOv2Embedder.from_pretrained(model, **kwargs)
+    if kind == "dino":
+        from consistent_char.embedders.dino import DINOEmbedder
+
+        return DINOEmbedder.from_pretrained(model, **kwargs)
+    if kind == "clip":
+        from consistent_char.embedders.clip import CLIPImageEmbedder
+
+        return CLIPImageEmbedder.from_pretrained(model, **kwargs)
+    if kind == "pixels":
+        from consistent_char.embedders.pixels import PixelEmbedder
+
+        return PixelEmbedder()
+    raise ValueError(f"unknown embedder kind {kind!r}; known: dinov2, dino, clip, pixels")
