@@ -13,6 +13,7 @@ Example:
 from __future__ import annotations
 
 import difflib
+import re
 import json
 import os
 from pathlib import Path
@@ -23,6 +24,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 
 DEFAULT_MODEL = "stabilityai/stable-diffusion-xl-base-1.0"
 TOY_MODEL = "toy"
+_FLOAT = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)[eE][-+]?\d+")
 
 
 class ConfigError(ValueError):
@@ -270,6 +272,10 @@ def parse_assignment(text: str) -> tuple[str, Any]:
         value = yaml.safe_load(raw) if raw.strip() else ""
     except yaml.YAMLError:
         value = raw
+    if isinstance(value, str):
+        # YAML 1.1 reads "1e-4" as a string; a learning rate is meant.
+        if _FLOAT.fullmatch(value.strip()):
+            value = float(value)
     return key, value
 
 

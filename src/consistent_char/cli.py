@@ -1,0 +1,210 @@
+"""The `consistent-char` command. The library logs; only this module prints."""
+
+from __future__ import annotations
+
+import logging
+import sys
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+from rich.console import Console
+from rich.progress import (
+    BarColumn,
+    MofNCompleteColumn,
+    Progress,
+    TaskID,
+    TextColumn,
+    TimeElapsedColumn,
+)
+
+from consistent_char.config import (
+    ConfigError,
+    ExtractorConfig,
+    load_mapping,
+    parse_assignment,
+)
+
+app = typer.Typer(
+    add_completion=False,
+    no_args_is_help=True,
+    help="Find a consistent character for a prompt and use it in any SDXL pipeline.",
+)
+console = Console(stderr=True)
+
+_STAGE_LABEL = {
+    "generate": "generate",
+    "embed": "embed",
+    "cluster": "cluster",
+    "refine": "refine",
+}
+
+
+def _fail(message: str) -> None:
+    console.print(f"[bold red]error:[/] {message}")
+    raise typer.Exit(code=2)
+
+
+def _setup_logging(verbose: bool) -> None:
+    logging.basicConfig(
+        level=logging.INFO if verbose else logging.WARNING,
+        format="%(levelname)s %(name)s: %(message)s",
+        stream=sys.stderr,
+    )
+
+
+class _ProgressPrinter:
+    """Turns the extractor's `ProgressEvent`s into one bar per iteration and one per stage."""
+
+    def __init__(self, progress: Progress, max_iterations: int):
+        self.progress = progress
+        self.iterations: TaskID = progress.add_task("iterations", total=max_iterations)
+        self.stage_task: TaskID | None = None
+
+    def __call__(self, event: Any) -> None:
+        p = self.progress
+        if event.kind == "stage_start":
+            label = f"  iter {event.iteration} · {_STAGE_LABEL.get(event.stage, event.stage)}"
+            if self.stage_task is not None:
+                p.remove_task(self.stage_task)
+            self.stage_task = p.add_task(label, total=max(event.total, 1))
+        elif event.kind == "progress" and self.stage_task is not None:
+            p.update(self.stage_task, completed=event.done, total=max(event.total, 1))
+        elif event.kind == "stage_end" and self.stage_task is not None:
+            p.update(self.stage_task, completed=p.tasks[self.stage_task].total)
+        elif event.kind == "iteration_end" and event.record is not None:
+            r = event.record
+            p.advance(self.iterations)
+            chosen = (
+                f"cluster {r.chosen_cluster} ({r.cluster_sizes[r.chosen_cluster]} images, "
+                f"cohesion {r.chosen_cohesion:.3f})"
+                if r.chosen_cluster is not None
+                else "converged"
+            )
+            p.console.print(
+                f"iteration {r.iteration}: spread {r.spread:.4f} "
+                f"(threshold {r.threshold:.4f}) → {chosen}"
+            )
+
+
+@app.command()
+def extract(
+    prompt: Annotated[str, typer.Argument(help="What to draw, e.g. 'a watercolor fox'.")],
+    out: Annotated[Path, typer.Option("--out", help="Run directory to write.")],
+    model: Annotated[
+        str | None,
+        typer.Option(help="SDXL hub id, local diffusers folder, or 'toy' (ToyWorld, offline)."),
+    ] = None,
+    config: Annotated[
+        Path | None, typer.Option("--config", help="YAML/JSON config file.")
+    ] = None,
+    set_: Annotated[
+        list[str] | None,
+        typer.Option("--set", help="Override a setting: key=value (dotted, repeatable)."),
+    ] = None,
+    resume: Annotated[bool, typer.Option(help="Continue the run in --out.")] = False,
+    quiet: Annotated[bool, typer.Option(help="No progress bars.")] = False,
+    verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Log INFO messages.")] = False,
+) -> None:
+    """Run the iterative identity extraction (Algorithm 1) for PROMPT."""
+    _setup_logging(verbose)
+    from consistent_char.extractor import IterativeIdentityExtractor
+
+    try:
+        data = load_mapping(config) if config else {}
+        if model is not None:
+            data["model"] = model
+        overrides = dict(parse_assignment(s) for s in (set_ or []))
+        if resume and not config and not overrides and model is None:
+            # Resuming without settings means: the run's own config.
+            cfg = ExtractorConfig.from_file(out / "config.yaml")
+        else:
+            cfg = ExtractorConfig.from_overrides(overrides, base=data)
+    except ConfigError as err:
+        _fail(str(err))
+        return
+
+    try:
+        extractor = IterativeIdentityExtractor.from_config(cfg)
+    except (FileNotFoundError, ValueError, OSError) as err:
+        _fail(str(err))
+        return
+
+    with Progress(
+        TextColumn("{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeElapsedColumn(),
+        console=console,
+        disable=quiet,
+        transient=False,
+    ) as progress:
+        printer = _ProgressPrinter(progress, cfg.max_iterations)
+        try:
+            result = extractor.extract(prompt, run_dir=out, resume=resume, callback=printer)
+        except (FileExistsError, FileNotFoundError, ConfigError, ValueError) as err:
+            progress.stop()
+            _fail(str(err))
+            return
+    state = "converged" if result.converged else "stopped at max_iterations"
+    console.print(
+        f"[bold green]done[/]: {result.iterations} iterations ({state}); "
+        f"identity token [bold]{result.identity.token}[/] in {out / 'identity'}"
+    )
+
+
+@app.command()
+def generate(
+    identity_dir: Annotated[Path, typer.Argument(help="An identity folder (run/identity).")],
+    prompts: Annotated[
+        list[str],
+        typer.Argument(help="Prompts; '{token}' marks the identity, else the run's template."),
+    ],
+    out: Annotated[Path, typer.Option("--out", help="Folder for the images.")],
+    model: Annotated[
+        str | None, typer.Option(help="Base model (default: the one the identity was learned on).")
+    ] = None,
+    seed: Annotated[int, typer.Option(help="Seed of the first image; image j uses seed+j.")] = 0,
+    num_images: Annotated[int, typer.Option("--num-images", "-n", min=1)] = 1,
+    steps: Annotated[int | None, typer.Option(help="Denoising steps.")] = None,
+    guidance_scale: Annotated[float | None, typer.Option(help="CFG scale.")] = None,
+    scale: Annotated[float, typer.Option(help="LoRA scale.")] = 1.0,
+    device: Annotated[str, typer.Option(help="auto, cpu, cuda, ...")] = "auto",
+    verbose: Annotated[bool, typer.Option("--verbose", "-v")] = False,
+) -> None:
+    """Draw PROMPTS with a learned identity."""
+    _setup_logging(verbose)
+    from consistent_char.identity import Identity, IdentityError
+    from consistent_char.usage import identity_generator, prompt_with_identity
+
+    try:
+        identity = Identity.load(identity_dir)
+        generator = identity_generator(
+            identity,
+            model=model,
+            device=device,
+            num_inference_steps=steps,
+            guidance_scale=guidance_scale,
+            lora_scale=scale,
+        )
+    except (IdentityError, FileNotFoundError, ValueError, ConfigError) as err:
+        _fail(str(err))
+        return
+    out.mkdir(parents=True, exist_ok=True)
+    full = [prompt_with_identity(identity, p) for p in prompts]
+    jobs = [(p, seed + j) for p in full for j in range(num_images)]
+    images = generator.generate([p for p, _ in jobs], [s for _, s in jobs], identity)
+    from consistent_char.rundir import save_png_atomic
+
+    for k, ((p, s), image) in enumerate(zip(jobs, images, strict=True)):
+        path = out / f"{k:03d}_seed{s}.png"
+        save_png_atomic(path, image)
+        console.print(f"{path}  ←  {p}")
+
+
+def main() -> None:  # pragma: no cover - console entry point
+    app()
+
+
+if __name__ == "__main__":  # pragma: no cover
+    main()

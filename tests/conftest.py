@@ -1,0 +1,13 @@
+"""Shared test set-up: offline, deterministic, small."""
+
+from __future__ import annotations
+
+import os
+
+# No test may reach a model hub: loaders must find everything on disk.
+os.environ["HF_HUB_OFFLINE"] = "1"
+os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
+
+import torch  # noqa: E402
+
+torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))

@@ -1,0 +1,77 @@
+"""Small user-written stages for loop tests: solid-colour images whose colour an identity pins.
+
+They follow the stage protocols only (no base class), as a user's own stages would.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+import torch
+from PIL import Image
+
+from consistent_char.identity import Identity
+
+SIZE = 8
+
+
+class ColourGenerator:
+    """Without an identity: a random colour per seed. With one: its colour, plus noise that
+    shrinks as the identity is refined more often (stored in clip_l[0, 3])."""
+
+    def __init__(self) -> None:
+        self.calls: list[tuple[list[str], Identity | None]] = []
+
+    def generate(
+        self, prompts: Sequence[str], seeds: Sequence[int], identity: Identity | None = None
+    ) -> list[Image.Image]:
+        self.calls.append((list(prompts), identity))
+        images = []
+        for prompt, seed in zip(prompts, seeds, strict=True):
+            rng = np.random.default_rng(seed)
+            if identity is None:
+                colour = rng.uniform(0, 255, 3)
+            else:
+                if identity.token not in prompt:
+                    raise AssertionError(f"identity {identity.token} not in prompt {prompt!r}")
+                centre = identity.clip_l[0, :3].numpy()
+                noise = 60.0 / (1.0 + float(identity.clip_l[0, 3]))
+                colour = np.clip(centre + rng.normal(0, noise, 3), 0, 255)
+            pixels = np.broadcast_to(colour.astype(np.uint8), (SIZE, SIZE, 3))
+            images.append(Image.fromarray(np.ascontiguousarray(pixels)))
+        return images
+
+
+class MeanColourEmbedder:
+    def embed(self, images: Sequence[Image.Image]) -> np.ndarray:
+        return np.stack([np.asarray(im, np.float32).mean(axis=(0, 1)) / 255.0 for im in images])
+
+
+class MeanColourRefiner:
+    """Learns the mean colour of the chosen images; warm start adds one to the 'strength'."""
+
+    def __init__(self, token: str = "<fake>") -> None:
+        self.token = token
+        self.calls: list[tuple[Identity | None, int, list[str]]] = []
+
+    def refine(
+        self,
+        identity: Identity | None,
+        images: Sequence[Image.Image],
+        captions: Sequence[str],
+        *,
+        seed: int,
+    ) -> Identity:
+        self.calls.append((identity, len(images), list(captions)))
+        mean = np.stack([np.asarray(im, np.float32).mean(axis=(0, 1)) for im in images]).mean(0)
+        strength = 0.0 if identity is None else float(identity.clip_l[0, 3]) + 1.0
+        row = torch.tensor([[*mean.tolist(), strength]], dtype=torch.float32)
+        return Identity(
+            token=identity.token if identity else self.token,
+            clip_l=row,
+            clip_g=torch.cat([row, row], dim=1),
+            lora={"down.lora_A.weight": torch.full((2, 4), float(seed % 97))},
+            lora_rank=2,
+            lora_alpha=2.0,
+        )

@@ -1,0 +1,94 @@
+"""Config validation: every bad value is an error naming the field, the value and what is allowed."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from consistent_char.config import ConfigError, ExtractorConfig, parse_assignment
+
+
+def test_defaults_follow_the_design():
+    cfg = ExtractorConfig()
+    assert (cfg.num_images, cfg.d_size_c, cfg.d_min_c, cfg.max_iterations) == (128, 20, 10, 10)
+    assert cfg.num_clusters == 6
+    assert cfg.refiner.lora_rank == 4 and cfg.refiner.steps == 500
+    assert cfg.refiner.target_modules == ["to_q", "to_k", "to_v", "to_out.0"]
+    assert cfg.generator.num_inference_steps == 35 and cfg.generator.guidance_scale == 7.5
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        ({"num_images": 5}, r"K = num_images // d_size_c = 5 // 20 = 0"),
+        ({"num_images": 40, "d_size_c": 4, "d_min_c": 41}, r"d_min_c = 41 is larger than"),
+        ({"d_size_c": 0}, r"d_size_c = 0: Input should be greater than or equal to 1"),
+        ({"convergence.d_conv": -1.0}, r"convergence.d_conv = -1.0: .*greater than 0"),
+        ({"convergence.d_conv_relative": 1.5}, r"d_conv_relative = 1.5: .*less than or equal"),
+        ({"refiner.lora_rank": 0}, r"refiner.lora_rank = 0"),
+        ({"refiner.lora_rnk": 3}, r"refiner.lora_rnk: unknown key \(did you mean 'lora_rank'\?\)"),
+        ({"colour": 1}, r"colour: unknown key; known keys: clusterer, convergence"),
+        ({"embedder.kind": "resnet"}, r"embedder.kind = \"resnet\": Input should be 'dinov2'"),
+        ({"identity_prompt_template": "{prompt}"}, r"must contain \{token\}"),
+        ({"refiner.token": "two words"}, r"one word"),
+        ({"generator.height": 100}, r"generator.height = 100: .*multiple of 8"),
+        ({"seed": -1}, r"seed = -1"),
+    ],
+)
+def test_bad_values_are_named(overrides, message):
+    with pytest.raises(ConfigError, match=message):
+        ExtractorConfig.from_overrides(overrides)
+
+
+def test_absolute_threshold_replaces_the_relative_default():
+    cfg = ExtractorConfig.from_overrides({"convergence.d_conv": 0.5})
+    assert cfg.convergence.d_conv == 0.5 and cfg.convergence.d_conv_relative is None
+    with pytest.raises(ConfigError, match="exactly one"):
+        ExtractorConfig.from_overrides(
+            {"convergence.d_conv": 0.5, "convergence.d_conv_relative": 0.5}
+        )
+
+
+def test_yaml_and_json_files(tmp_path):
+    cfg = ExtractorConfig.from_overrides({"num_images": 64, "refiner.steps": 7})
+    (tmp_path / "c.yaml").write_text(cfg.to_yaml())
+    (tmp_path / "c.json").write_text(json.dumps(cfg.to_dict()))
+    assert ExtractorConfig.from_file(tmp_path / "c.yaml") == cfg
+    assert ExtractorConfig.from_file(tmp_path / "c.json") == cfg
+    (tmp_path / "bad.yaml").write_text("num_images: [1, 2")
+    with pytest.raises(ConfigError, match="not valid YAML"):
+        ExtractorConfig.from_file(tmp_path / "bad.yaml")
+    with pytest.raises(ConfigError, match="not found"):
+        ExtractorConfig.from_file(tmp_path / "missing.yaml")
+
+
+def test_toy_preset_under_user_overrides():
+    cfg = ExtractorConfig.from_overrides({"model": "toy", "refiner.steps": 3})
+    assert cfg.refiner.steps == 3
+    assert cfg.refiner.initializer_token == "creature"
+    assert cfg.embedder.model == "toy"
+
+
+def test_differences_names_dotted_fields():
+    a = ExtractorConfig()
+    b = ExtractorConfig.from_overrides({"refiner.steps": 3, "seed": 9})
+    assert a.differences(b) == ["refiner.steps", "seed"]
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        ("num_images=64", ("num_images", 64)),
+        ("refiner.lora_lr=1e-4", ("refiner.lora_lr", 1e-4)),
+        ("generator.negative_prompt=blurry, dark", ("generator.negative_prompt", "blurry, dark")),
+        ("convergence.d_conv_relative=null", ("convergence.d_conv_relative", None)),
+    ],
+)
+def test_parse_assignment(text, expected):
+    assert parse_assignment(text) == expected
+
+
+def test_parse_assignment_rejects_missing_equals():
+    with pytest.raises(ConfigError, match="key=value"):
+        parse_assignment("num_images")
