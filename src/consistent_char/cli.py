@@ -95,9 +95,7 @@ def extract(
         str | None,
         typer.Option(help="SDXL hub id, local diffusers folder, or 'toy' (ToyWorld, offline)."),
     ] = None,
-    config: Annotated[
-        Path | None, typer.Option("--config", help="YAML/JSON config file.")
-    ] = None,
+    config: Annotated[Path | None, typer.Option("--config", help="YAML/JSON config file.")] = None,
     set_: Annotated[
         list[str] | None,
         typer.Option("--set", help="Override a setting: key=value (dotted, repeatable)."),

@@ -13,9 +13,9 @@ Example:
 from __future__ import annotations
 
 import difflib
-import re
 import json
 import os
+import re
 from pathlib import Path
 from typing import Any, Literal
 
@@ -272,10 +272,9 @@ def parse_assignment(text: str) -> tuple[str, Any]:
         value = yaml.safe_load(raw) if raw.strip() else ""
     except yaml.YAMLError:
         value = raw
-    if isinstance(value, str):
-        # YAML 1.1 reads "1e-4" as a string; a learning rate is meant.
-        if _FLOAT.fullmatch(value.strip()):
-            value = float(value)
+    # YAML 1.1 reads "1e-4" as a string; a learning rate is meant.
+    if isinstance(value, str) and _FLOAT.fullmatch(value.strip()):
+        value = float(value)
     return key, value
 
 
