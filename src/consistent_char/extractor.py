@@ -28,7 +28,7 @@ from typing import Any, Literal
 import numpy as np
 from PIL import Image
 
-from consistent_char import __version__
+from consistent_char._version import __version__
 from consistent_char.clusterers.selection import choose_cluster
 from consistent_char.config import ConfigError, ExtractorConfig
 from consistent_char.identity import Identity
