@@ -16,11 +16,13 @@ continues a cut run from its last finished step and reaches the same identity.
 
 from __future__ import annotations
 
+import inspect
 import logging
 import os
 import platform
 import time
 from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager, suppress
 from dataclasses import dataclass, field
 from typing import Any, Literal
@@ -47,8 +49,9 @@ logger = logging.getLogger(__name__)
 
 StageName = Literal["generate", "embed", "cluster", "refine"]
 
-# Images are generated and written in chunks of this size, so a cut run keeps what it drew.
-GENERATION_CHUNK = 32
+# Images are generated and written in chunks of this size, so a cut run keeps what it drew. Large
+# enough that the generator's own batching stays efficient and the identity is applied rarely.
+GENERATION_CHUNK = 64
 
 
 @dataclass
@@ -270,19 +273,42 @@ class IterativeIdentityExtractor:
         have = run.existing_images(iteration, n) if run is not None else 0
         images = run.load_images(iteration, have) if run is not None else []
         self._emit("progress", iteration, "generate", done=have, total=n)
-        for start in range(have, n, GENERATION_CHUNK):
-            chunk = list(seeds[start : start + GENERATION_CHUNK])
-            new = self.generator.generate([prompt] * len(chunk), chunk, identity)
-            if len(new) != len(chunk):
-                raise RuntimeError(f"generator returned {len(new)} images for {len(chunk)} prompts")
-            new = [im.convert("RGB") for im in new]
-            if run is not None:
-                run.save_images(iteration, start, new)
-            images += new
-            self._emit("progress", iteration, "generate", done=len(images), total=n)
+        # PNG encoding runs on a worker thread while the next chunk is drawn on the device.
+        with ThreadPoolExecutor(max_workers=1) as writer:
+            pending = []
+            for start in range(have, n, GENERATION_CHUNK):
+                chunk = list(seeds[start : start + GENERATION_CHUNK])
+                new = self._generate_chunk(iteration, prompt, chunk, identity, len(images), n)
+                if run is not None:
+                    pending.append(writer.submit(run.save_images, iteration, start, new))
+                images += new
+                self._emit("progress", iteration, "generate", done=len(images), total=n)
+            for future in pending:
+                future.result()  # re-raises a failed write before the step is marked done
         if run is not None:
             self._mark(run, state, iteration, "generated", None)
         return images
+
+    def _generate_chunk(
+        self,
+        iteration: int,
+        prompt: str,
+        seeds: list[int],
+        identity: Identity | None,
+        done_before: int,
+        total: int,
+    ) -> list[Image.Image]:
+        kwargs: dict[str, Any] = {}
+        if _accepts(self.generator.generate, "callback"):
+            # Finer progress from generators that report it (the default reports per batch).
+            def progress(done: int, _total: int) -> None:
+                self._emit("progress", iteration, "generate", done=done_before + done, total=total)
+
+            kwargs["callback"] = progress
+        new = self.generator.generate([prompt] * len(seeds), seeds, identity, **kwargs)
+        if len(new) != len(seeds):
+            raise RuntimeError(f"generator returned {len(new)} images for {len(seeds)} prompts")
+        return [im.convert("RGB") for im in new]
 
     def _cluster(
         self, run: RunDirectory | None, state: RunState, iteration: int, embeddings: np.ndarray
@@ -468,6 +494,13 @@ class IterativeIdentityExtractor:
             "history": [r.to_dict() for r in history],
             "versions": _versions(),
         }
+
+
+def _accepts(method: Callable[..., Any], name: str) -> bool:
+    try:
+        return name in inspect.signature(method).parameters
+    except (TypeError, ValueError):
+        return False
 
 
 def _check_prompt(prompt: str) -> str:
