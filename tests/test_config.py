@@ -1,4 +1,4 @@
-"""Config validation: every bad value is an error naming the field, the value and what is allowed."""
+"""Config validation: each bad value is an error naming the field, the value and what is allowed."""
 
 from __future__ import annotations
 

@@ -200,6 +200,121 @@ def generate(
         console.print(f"{path}  ←  {p}")
 
 
+@app.command()
+def report(
+    run_dir: Annotated[Path, typer.Argument(help="A run directory (written by extract).")],
+    sample: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--sample",
+            help="Also draw the final identity for this prompt into RUN_DIR/samples "
+            "(repeatable; loads the model).",
+        ),
+    ] = None,
+    seed: Annotated[int, typer.Option(help="Seed of the first sample; sample j uses seed+j.")] = 0,
+    device: Annotated[str, typer.Option(help="auto, cpu, cuda, ... (for --sample)")] = "auto",
+    verbose: Annotated[bool, typer.Option("--verbose", "-v")] = False,
+) -> None:
+    """(Re)build RUN_DIR/report.html: grids, clusters, spread curve, stage times, samples."""
+    _setup_logging(verbose)
+    from consistent_char.identity import Identity, IdentityError
+    from consistent_char.report import SAMPLES_DIR, build_report
+
+    if not (run_dir / "state.json").is_file():
+        _fail(f"{run_dir} is not a run directory: no state.json in it")
+        return
+    if sample:
+        from consistent_char.story import illustrate
+        from consistent_char.usage import identity_generator
+
+        try:
+            identity = Identity.load(run_dir / "identity")
+            generator = identity_generator(identity, device=device)
+        except (IdentityError, FileNotFoundError, ValueError, ConfigError) as err:
+            _fail(str(err))
+            return
+        illustrate(identity, sample, run_dir / SAMPLES_DIR, generator=generator, seed=seed)
+    path = build_report(run_dir)
+    console.print(f"report: {path}")
+
+
+@app.command()
+def story(
+    identity_dir: Annotated[Path, typer.Argument(help="An identity folder (run/identity).")],
+    prompts_file: Annotated[
+        Path,
+        typer.Argument(help="One prompt per line; blank lines and # comments are skipped."),
+    ],
+    out: Annotated[Path, typer.Option("--out", help="Folder for the images and contact sheet.")],
+    seed: Annotated[int, typer.Option(help="Seed of the first image; image j uses seed+j.")] = 0,
+    model: Annotated[
+        str | None, typer.Option(help="Base model (default: the one the identity was learned on).")
+    ] = None,
+    device: Annotated[str, typer.Option(help="auto, cpu, cuda, ...")] = "auto",
+    steps: Annotated[int | None, typer.Option(help="Denoising steps.")] = None,
+    scale: Annotated[float, typer.Option(help="LoRA scale.")] = 1.0,
+    verbose: Annotated[bool, typer.Option("--verbose", "-v")] = False,
+) -> None:
+    """Illustrate a story: one image per line of PROMPTS_FILE, plus contact_sheet.png."""
+    _setup_logging(verbose)
+    from consistent_char.identity import Identity, IdentityError
+    from consistent_char.story import CONTACT_SHEET, illustrate, read_prompts
+    from consistent_char.usage import identity_generator
+
+    try:
+        prompts = read_prompts(prompts_file)
+    except OSError as err:
+        _fail(f"cannot read {prompts_file}: {err}")
+        return
+    if not prompts:
+        _fail(f"{prompts_file} has no prompts (blank lines and # comments are skipped)")
+        return
+    try:
+        identity = Identity.load(identity_dir)
+        generator = identity_generator(
+            identity, model=model, device=device, num_inference_steps=steps, lora_scale=scale
+        )
+    except (IdentityError, FileNotFoundError, ValueError, ConfigError) as err:
+        _fail(str(err))
+        return
+    paths = illustrate(identity, prompts, out, generator=generator, seed=seed)
+    for path, prompt in zip(paths, prompts, strict=True):
+        console.print(f"{path}  ←  {prompt}")
+    console.print(f"contact sheet: {out / CONTACT_SHEET}")
+
+
+@app.command()
+def export(
+    identity_dir: Annotated[Path, typer.Argument(help="An identity folder (run/identity).")],
+    out: Annotated[Path, typer.Option("--out", help="LoRA file to write, e.g. fox.safetensors.")],
+    format_: Annotated[
+        str,
+        typer.Option("--format", help="kohya: A1111 / ComfyUI LoRA + SDXL embedding file."),
+    ] = "kohya",
+) -> None:
+    """Export an identity for AUTOMATIC1111 and ComfyUI (LoRA + embedding file)."""
+    from consistent_char.export import ExportError, export_kohya
+    from consistent_char.identity import Identity, IdentityError
+
+    if format_ != "kohya":
+        _fail(f"unknown --format {format_!r}; known: kohya")
+        return
+    try:
+        lora_file, emb_file = export_kohya(Identity.load(identity_dir), out)
+    except (IdentityError, ExportError, FileNotFoundError) as err:
+        _fail(str(err))
+        return
+    if lora_file is not None:
+        console.print(
+            f"LoRA: {lora_file}  (A1111: models/Lora, <lora:{lora_file.stem}:1>; "
+            "ComfyUI: models/loras)"
+        )
+    console.print(
+        f"embedding: {emb_file}  (A1111: embeddings/, write {emb_file.stem} in the prompt; "
+        f"ComfyUI: models/embeddings, write embedding:{emb_file.stem})"
+    )
+
+
 def main() -> None:  # pragma: no cover - console entry point
     app()
 

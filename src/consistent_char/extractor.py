@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import inspect
 import logging
+import math
 import os
 import platform
 import time
@@ -43,6 +44,7 @@ from consistent_char.interfaces import (
     IterationRecord,
     Refiner,
 )
+from consistent_char.report import build_report
 from consistent_char.rundir import RunDirectory, RunState, Step, write_text_atomic
 
 logger = logging.getLogger(__name__)
@@ -220,7 +222,7 @@ class IterativeIdentityExtractor:
             with self._stage(i, "cluster", 1, seconds):
                 labels, choice = self._cluster(run, state, i, embeddings)
             record.cluster_sizes = choice.sizes
-            record.cluster_cohesions = choice.cohesions
+            record.cluster_cohesions = _json_floats(choice.cohesions)
             record.chosen_cluster = choice.index
             record.chosen_cohesion = choice.cohesion
             record.chosen_reason = choice.reason
@@ -245,6 +247,12 @@ class IterativeIdentityExtractor:
             state.converged = converged
             state.history = [r.to_dict() for r in history]
             run.write_state(state)
+        if run is not None:
+            # The report is a by-product: failing to draw it must never fail the run.
+            try:
+                build_report(run.root)
+            except Exception:
+                logger.warning("could not write the report of %s", run.root, exc_info=True)
         return ExtractionResult(
             identity=identity,
             history=history,
@@ -338,7 +346,7 @@ class IterativeIdentityExtractor:
                     "labels": labels.tolist(),
                     "centroids": centroids.tolist(),
                     "sizes": choice.sizes,
-                    "cohesions": choice.cohesions,
+                    "cohesions": _json_floats(choice.cohesions),
                     "chosen": choice.index,
                     "reason": choice.reason,
                 },
@@ -494,6 +502,11 @@ class IterativeIdentityExtractor:
             "history": [r.to_dict() for r in history],
             "versions": _versions(),
         }
+
+
+def _json_floats(values: Sequence[float]) -> list[float | None]:
+    # An empty cluster has no cohesion (NaN); JSON has no NaN, so it is written as null.
+    return [float(v) if math.isfinite(v) else None for v in values]
 
 
 def _accepts(method: Callable[..., Any], name: str) -> bool:

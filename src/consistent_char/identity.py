@@ -12,11 +12,14 @@ Only safetensors is read or written.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
+import re
 import shutil
 import tempfile
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -98,6 +101,12 @@ class Identity:
         """All tokens the identity adds to each tokenizer (diffusers' multi-vector names)."""
         return [self.token] + [f"{self.token}_{i}" for i in range(1, self.num_vectors)]
 
+    @property
+    def adapter_name(self) -> str:
+        """The default LoRA adapter name in a pipeline: ``cc_`` + the token's letters and digits
+        (``"<cc-fox>"`` → ``"cc_cc_fox"``)."""
+        return default_adapter_name(self.token)
+
     # ------------------------------------------------------------------ files
 
     def save(self, directory: str | os.PathLike[str]) -> Path:
@@ -171,7 +180,12 @@ class Identity:
                 raise IdentityError(f"{directory} says it has a LoRA but {LORA_FILE} is missing")
             with safe_open(str(lora_path), framework="pt") as f:
                 prefix = "unet."
-                lora = {k[len(prefix) :]: f.get_tensor(k) for k in f if k.startswith(prefix)}
+                # safe_open is not iterable: keys() is needed (hence the noqa for ruff's SIM118).
+                lora = {
+                    k[len(prefix) :]: f.get_tensor(k)
+                    for k in f.keys()  # noqa: SIM118
+                    if k.startswith(prefix)
+                }
         return cls(
             token=info["token"],
             clip_l=clip_l,
@@ -210,41 +224,106 @@ class Identity:
         pipe: StableDiffusionXLPipeline,
         *,
         scale: float = 1.0,
-        adapter_name: str = DEFAULT_ADAPTER_NAME,
+        adapter_name: str | None = None,
     ) -> None:
         """Adds the tokens to both text encoders and activates the LoRA, with the same documented
-        diffusers calls a user without this library would make."""
+        diffusers calls a user without this library would make.
+
+        Either everything is applied or, if a step fails, nothing is left behind. Identities with
+        distinct tokens can be applied to one pipeline together: each LoRA is its own adapter,
+        and all applied ones stay active.
+
+        Args:
+            pipe: Any SDXL-architecture pipeline.
+            scale: The LoRA's weight (1 is as trained).
+            adapter_name: The LoRA's adapter name; ``None`` is `adapter_name`, derived from the
+                token, so two identities never collide.
+
+        Raises:
+            IdentityError: The widths do not fit the pipeline, or a token is already in use.
+        """
+        adapter_name = adapter_name or self.adapter_name
         self.check_fits(pipe)
+        for tokenizer in (pipe.tokenizer, pipe.tokenizer_2):
+            taken = [t for t in self.tokens if t in tokenizer.get_vocab()]
+            if taken:
+                raise IdentityError(
+                    f"token(s) {taken} already in the pipeline's tokenizer: remove the "
+                    "identity that uses them first (Identity.remove_from)"
+                )
+        if self.lora is not None and adapter_name in _adapter_names(pipe):
+            raise IdentityError(
+                f"the pipeline already has a LoRA adapter named {adapter_name!r}: remove it "
+                "first or pass another adapter_name"
+            )
+        try:
+            # transformers samples the new embedding rows and peft the new LoRA layers from the
+            # global RNG before the identity's values overwrite them: that must not move the
+            # caller's RNG (a seeded loop around generation would drift).
+            with _keep_global_rng(pipe):
+                self._apply(pipe, scale, adapter_name)
+        except BaseException:
+            self.remove_from(pipe, adapter_name=adapter_name)
+            raise
+
+    def _apply(self, pipe: StableDiffusionXLPipeline, scale: float, adapter_name: str) -> None:
         for rows, tokenizer, encoder in (
             (self.clip_l, pipe.tokenizer, pipe.text_encoder),
             (self.clip_g, pipe.tokenizer_2, pipe.text_encoder_2),
         ):
-            if self.token in tokenizer.get_vocab():
-                raise IdentityError(
-                    f"token {self.token!r} is already in the pipeline's tokenizer: remove the "
-                    "identity that uses it first (Identity.remove_from)"
-                )
             pipe.load_textual_inversion(
                 rows.to(encoder.dtype), token=self.token, text_encoder=encoder, tokenizer=tokenizer
             )
         if self.lora is not None:
-            pipe.load_lora_weights(self.diffusers_lora_state_dict(), adapter_name=adapter_name)
-            pipe.set_adapters([adapter_name], adapter_weights=[scale])
+            # Loading a LoRA makes it the only active adapter: note the others first.
+            previous = _active_adapter_scales(pipe)
+            # peft freezes every parameter of the model it injects into; a pipeline being
+            # fine-tuned by its user must get its trainable flags back.
+            trainable = {n: p.requires_grad for n, p in pipe.unet.named_parameters()}
+            # Not load_lora_weights(dict): from an in-memory dict diffusers infers the config
+            # from the shapes and silently takes lora_alpha = r. The metadata carries alpha,
+            # exactly as the "lora_adapter_metadata" header of the saved file does for
+            # load_lora_weights(dir).
+            pipe.load_lora_into_unet(
+                self.diffusers_lora_state_dict(),
+                network_alphas=None,
+                unet=pipe.unet,
+                adapter_name=adapter_name,
+                _pipeline=pipe,
+                metadata={f"unet.{k}": v for k, v in self._lora_config().items()},
+            )
+            _activate_adapter(pipe, adapter_name, scale, previous)
+            for name, param in pipe.unet.named_parameters():
+                flag = trainable.get(name.replace(".base_layer", ""))
+                if flag is not None and "lora_" not in name:
+                    param.requires_grad_(flag)
 
     def remove_from(
-        self, pipe: StableDiffusionXLPipeline, *, adapter_name: str = DEFAULT_ADAPTER_NAME
+        self, pipe: StableDiffusionXLPipeline, *, adapter_name: str | None = None
     ) -> None:
-        """Undoes `apply_to`: the tokens leave both tokenizers and encoders, the LoRA is deleted."""
-        for tokenizer, encoder in (
-            (pipe.tokenizer, pipe.text_encoder),
-            (pipe.tokenizer_2, pipe.text_encoder_2),
-        ):
-            if self.token in tokenizer.get_vocab():
-                pipe.unload_textual_inversion(
-                    self.tokens, tokenizer=tokenizer, text_encoder=encoder
-                )
-        if self.lora is not None and adapter_name in _adapter_names(pipe):
-            pipe.delete_adapters(adapter_name)
+        """Undoes `apply_to`: the tokens leave both tokenizers and encoders, the LoRA is deleted.
+
+        Other identities applied to the pipeline stay as they are.
+        """
+        adapter_name = adapter_name or self.adapter_name
+        with _keep_global_rng(pipe):
+            for tokenizer, encoder in (
+                (pipe.tokenizer, pipe.text_encoder),
+                (pipe.tokenizer_2, pipe.text_encoder_2),
+            ):
+                if self.token in tokenizer.get_vocab():
+                    # diffusers rebuilds the embedding as a fresh nn.Embedding: keep the flag.
+                    trainable = encoder.get_input_embeddings().weight.requires_grad
+                    pipe.unload_textual_inversion(
+                        self.tokens, tokenizer=tokenizer, text_encoder=encoder
+                    )
+                    encoder.get_input_embeddings().weight.requires_grad_(trainable)
+            if self.lora is not None and adapter_name in _adapter_names(pipe):
+                pipe.delete_adapters(adapter_name)
+            # delete_adapters leaves peft's wrapper layers in place (`to_q.base_layer`); with no
+            # adapter left, unwrap them so the UNet is the plain module it was before apply_to.
+            if not getattr(pipe.unet, "peft_config", None) and _has_peft_layers(pipe.unet):
+                pipe.unet.unload_lora()
 
     def diffusers_lora_state_dict(self) -> dict[str, torch.Tensor]:
         """The LoRA keyed as in ``pytorch_lora_weights.safetensors`` (``unet.`` prefix)."""
@@ -258,3 +337,60 @@ def _adapter_names(pipe: StableDiffusionXLPipeline) -> set[str]:
     for adapters in pipe.get_list_adapters().values():
         names.update(adapters)
     return names
+
+
+def _has_peft_layers(module: torch.nn.Module) -> bool:
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    return any(isinstance(m, BaseTunerLayer) for m in module.modules())
+
+
+@contextlib.contextmanager
+def _keep_global_rng(pipe: StableDiffusionXLPipeline) -> Iterator[None]:
+    devices = [d for d in {pipe.unet.device, pipe.text_encoder.device} if d.type == "cuda"]
+    with torch.random.fork_rng(devices=devices):
+        yield
+
+
+# ------------------------------------------------------------------ several identities, one pipe
+
+
+def default_adapter_name(token: str) -> str:
+    """The adapter name `Identity.apply_to` uses for `token`: peft names must be identifiers."""
+    return "cc_" + ("_".join(re.findall(r"[0-9A-Za-z]+", token)) or "identity")
+
+
+def _active_adapter_scales(
+    pipe: StableDiffusionXLPipeline,
+) -> list[tuple[str, list[tuple[Any, float]]]]:
+    """The active adapters, each with its current scale in every UNet layer it wraps."""
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    sdxl: Any = pipe  # diffusers registers components and mixins at run time
+    layers: list[Any] = [m for m in sdxl.unet.modules() if isinstance(m, BaseTunerLayer)]
+    return [
+        (name, [(m, m.scaling[name]) for m in layers if name in getattr(m, "scaling", {})])
+        for name in sdxl.get_active_adapters()
+    ]
+
+
+def _activate_adapter(
+    pipe: StableDiffusionXLPipeline,
+    adapter_name: str,
+    scale: float,
+    previous: list[tuple[str, list[tuple[Any, float]]]],
+) -> None:
+    """Activates `adapter_name` at `scale` together with the `previous` active adapters.
+
+    diffusers' `set_adapters` resets the scale of every adapter it is given, so the previous
+    adapters' own per-layer scales (a user's per-block weights included) are put back after it.
+    """
+    sdxl: Any = pipe
+    others = [(name, scales) for name, scales in previous if name != adapter_name]
+    sdxl.set_adapters(
+        [name for name, _ in others] + [adapter_name],
+        adapter_weights=[1.0] * len(others) + [scale],
+    )
+    for name, scales in others:
+        for module, value in scales:
+            module.scaling[name] = value

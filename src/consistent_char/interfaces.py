@@ -114,7 +114,7 @@ class IterationRecord:
     threshold: float
     converged: bool
     cluster_sizes: list[int] = field(default_factory=list)
-    cluster_cohesions: list[float] = field(default_factory=list)
+    cluster_cohesions: list[float | None] = field(default_factory=list)  # None: empty cluster
     chosen_cluster: int | None = None
     chosen_cohesion: float | None = None
     chosen_reason: ChoiceReason | None = None

@@ -1,0 +1,153 @@
+"""`PairwiseDistanceCriterion`: stop when the generated images agree (Section 3.3 of the paper).
+
+The spread of a set of embeddings is their mean pairwise Euclidean distance; the run has
+converged when it falls below a threshold, either absolute (``d_conv``) or a fraction of the
+spread at iteration 0 (``d_conv_relative``).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+
+from consistent_char.interfaces import IterationRecord
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["PairwiseDistanceCriterion", "mean_pairwise_distance"]
+
+# Rows of the (rows, N, D) float64 difference block computed at once: bounds memory at ~32 MiB.
+_BLOCK_ELEMENTS = 1 << 22
+
+
+def mean_pairwise_distance(embeddings: np.ndarray) -> float:
+    """Mean Euclidean distance over all N(N-1)/2 pairs of rows, accumulated in float64.
+
+    Differences are formed explicitly (not through the ``|a|² + |b|² - 2ab`` expansion), so
+    identical rows are exactly 0 apart.
+
+    Example:
+        >>> mean_pairwise_distance(np.array([[0.0, 0.0], [3.0, 4.0], [0.0, 0.0]]))
+        3.3333333333333335
+    """
+    if not isinstance(embeddings, np.ndarray):
+        raise TypeError(f"embeddings must be a numpy array, got {type(embeddings).__name__}")
+    if embeddings.ndim != 2 or embeddings.shape[1] < 1:
+        raise ValueError(f"embeddings must have shape (N, D), got {embeddings.shape}")
+    n = embeddings.shape[0]
+    if n < 2:
+        raise ValueError(f"the spread needs at least 2 embeddings, got {n}")
+    x = embeddings.astype(np.float64)
+    if not np.isfinite(x).all():
+        raise ValueError("embeddings must be finite (found NaN or inf)")
+    rows = max(1, _BLOCK_ELEMENTS // (n * x.shape[1]))
+    total = 0.0
+    for start in range(0, n - 1, rows):
+        stop = min(start + rows, n - 1)
+        # Row i is compared with rows j > i only: each pair once.
+        diff = x[start:stop, None, :] - x[None, :, :]
+        dist = np.sqrt((diff * diff).sum(axis=-1))
+        upper = np.arange(n)[None, :] > np.arange(start, stop)[:, None]
+        total += float(dist[upper].sum())
+    return total / (n * (n - 1) / 2)
+
+
+def _check_threshold(name: str, value: float | None) -> None:
+    if value is None:
+        return
+    if isinstance(value, bool) or not isinstance(value, int | float | np.floating | np.integer):
+        raise ValueError(f"{name} must be a number or None, got {value!r}")
+    if not math.isfinite(value) or value < 0:
+        raise ValueError(f"{name} must be a finite number >= 0, got {value!r}")
+
+
+@dataclass(frozen=True)
+class PairwiseDistanceCriterion:
+    """Converged when the mean pairwise Euclidean distance of the embeddings is below a threshold.
+
+    Exactly one of the two thresholds is set:
+
+    - ``d_conv``: an absolute distance (in the embedder's units);
+    - ``d_conv_relative``: a fraction in [0, 1] of the spread at iteration 0. Iteration 0 is
+      its own reference, so this mode never stops at iteration 0.
+
+    A threshold of 0 never converges (the loop runs all its iterations).
+
+    Args:
+        d_conv: Absolute threshold, >= 0.
+        d_conv_relative: Relative threshold, in [0, 1].
+
+    Example:
+        >>> criterion = PairwiseDistanceCriterion(d_conv_relative=0.6)
+        >>> x0 = np.array([[0.0, 0.0], [4.0, 0.0]])  # spread 4: the reference
+        >>> criterion.threshold([criterion.spread(x0)])
+        2.4
+        >>> criterion.spread(x0 / 2) < criterion.threshold([4.0, 2.0])
+        True
+    """
+
+    d_conv: float | None = None
+    d_conv_relative: float | None = None
+
+    def __post_init__(self) -> None:
+        if (self.d_conv is None) == (self.d_conv_relative is None):
+            raise ValueError(
+                "exactly one of d_conv (absolute distance) and d_conv_relative (fraction of "
+                f"iteration 0's spread) must be set, got d_conv={self.d_conv!r} and "
+                f"d_conv_relative={self.d_conv_relative!r}"
+            )
+        _check_threshold("d_conv", self.d_conv)
+        _check_threshold("d_conv_relative", self.d_conv_relative)
+        if self.d_conv_relative is not None and self.d_conv_relative > 1:
+            raise ValueError(
+                f"d_conv_relative must be in [0, 1] (a fraction of the first spread), got "
+                f"{self.d_conv_relative!r}"
+            )
+
+    @property
+    def relative(self) -> bool:
+        """True when the threshold scales the first spread."""
+        return self.d_conv_relative is not None
+
+    def spread(self, embeddings: np.ndarray) -> float:
+        """Mean pairwise Euclidean distance over all N(N-1)/2 pairs (float64 accumulation)."""
+        return mean_pairwise_distance(embeddings)
+
+    def threshold(self, spreads: Sequence[float]) -> float:
+        """``d_conv``, or ``d_conv_relative * spreads[0]``.
+
+        Args:
+            spreads: Spreads of all iterations so far, the current one last (only the first is
+                read, and only in the relative mode).
+
+        Raises:
+            ValueError: Relative mode with no spreads.
+        """
+        if self.d_conv is not None:
+            return float(self.d_conv)
+        if len(spreads) == 0:
+            raise ValueError(
+                "a relative threshold (d_conv_relative) needs the spread of iteration 0; "
+                "got no spreads"
+            )
+        assert self.d_conv_relative is not None
+        return float(self.d_conv_relative) * float(spreads[0])
+
+    def converged(self, embeddings: np.ndarray, history: Sequence[IterationRecord]) -> bool:
+        """True when ``spread(embeddings) < threshold(...)``.
+
+        Args:
+            embeddings: (N, D) embeddings of this iteration's images.
+            history: Records of the earlier iterations (their ``spread`` fields); this
+                iteration's spread is appended after them.
+        """
+        current = self.spread(embeddings)
+        spreads = [float(record.spread) for record in history] + [current]
+        threshold = self.threshold(spreads)
+        done = current < threshold
+        logger.debug("spread %.6g, threshold %.6g, converged %s", current, threshold, done)
+        return done

@@ -1,0 +1,407 @@
+"""`SDXLGenerator`: the default `Generator`, over diffusers' `StableDiffusionXLPipeline`.
+
+Every image has its own `torch.Generator`, seeded from its own seed, so image j depends only on
+``prompts[j]`` and ``seeds[j]``: not on its batch, its batch size or the images drawn before it.
+The generators live on the CPU, as diffusers recommends for reproducibility, so the starting noise
+of a seed is the same on every device.
+"""
+
+from __future__ import annotations
+
+import inspect
+import logging
+import math
+import os
+import warnings
+from collections.abc import Callable, Sequence
+from numbers import Integral
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import torch
+from PIL import Image
+
+from consistent_char.identity import Identity
+
+if TYPE_CHECKING:
+    from diffusers import StableDiffusionXLPipeline
+
+__all__ = ["ProgressCallback", "SDXLGenerator", "load_sdxl_pipeline"]
+
+logger = logging.getLogger(__name__)
+
+#: ``callback(done, total)``: images finished so far out of the images asked for.
+ProgressCallback = Callable[[int, int], None]
+
+MAX_SEED = 2**63
+#: Images per batch on CPU when `batch_size` is automatic.
+CPU_BATCH_CAP = 8
+#: Images per batch on CUDA, at most, when `batch_size` is automatic.
+CUDA_BATCH_CAP = 64
+#: CUDA memory one image costs beyond the weights, per latent pixel and per UNet pass
+#: (classifier-free guidance makes two). Full-size SDXL in bfloat16 at 1024x1024 with guidance
+#: peaked at 2.0 GiB per image on an H200 (65,536 bytes per latent pixel and pass, linear in
+#: the batch size from 1 to 8); doubled here as headroom for float16 pipelines, whose VAE
+#: decodes in float32. An out-of-memory error still halves the batch.
+CUDA_BYTES_PER_LATENT_PIXEL = 131_072
+
+
+class SDXLGenerator:
+    """Draws images with an SDXL-architecture pipeline, one seed per image.
+
+    Build it with `from_pretrained` (loads a checkpoint) or `from_pipeline` (wraps a loaded
+    pipeline, which is shared, not copied). The constructor itself takes a pipeline too.
+
+    Args:
+        pipeline: A loaded `StableDiffusionXLPipeline` (or an instance of a subclass).
+        num_inference_steps: Denoising steps per image.
+        guidance_scale: Classifier-free guidance scale (1 or less disables guidance).
+        height: Image height in pixels; ``None`` is the pipeline's default (1024 for SDXL).
+        width: Image width in pixels; ``None`` is the pipeline's default.
+        batch_size: Images per pipeline call; ``None`` picks one: all images at once on CPU up to
+            `CPU_BATCH_CAP`, on CUDA as many as the free memory is estimated to hold.
+        negative_prompt: Negative prompt for every image.
+        lora_scale: Strength of an identity's LoRA while it is applied (1 = as learned).
+        show_progress: Show diffusers' per-batch denoising progress bar.
+
+    Example:
+        >>> from consistent_char.generators.sdxl import SDXLGenerator
+        >>> from consistent_char.testing import tiny_sdxl_pipeline
+        >>> gen = SDXLGenerator.from_pipeline(tiny_sdxl_pipeline(), num_inference_steps=2)
+        >>> images = gen.generate(["a photo of a cat", "a dog"], seeds=[0, 1])
+        >>> [im.size for im in images]
+        [(32, 32), (32, 32)]
+    """
+
+    def __init__(
+        self,
+        pipeline: StableDiffusionXLPipeline,
+        *,
+        num_inference_steps: int = 35,
+        guidance_scale: float = 7.5,
+        height: int | None = None,
+        width: int | None = None,
+        batch_size: int | None = None,
+        negative_prompt: str | None = None,
+        lora_scale: float = 1.0,
+        show_progress: bool = False,
+    ) -> None:
+        _check_values(num_inference_steps, guidance_scale, height, width, batch_size)
+        for name in ("unet", "vae", "text_encoder", "text_encoder_2", "tokenizer", "tokenizer_2"):
+            if getattr(pipeline, name, None) is None:
+                raise ValueError(
+                    f"the pipeline has no {name}: SDXLGenerator needs an SDXL-architecture "
+                    f"pipeline with both text encoders, got {type(pipeline).__name__}"
+                )
+        # Any: diffusers registers the components at run time, invisible to type checkers.
+        self.pipeline: Any = pipeline
+        self.num_inference_steps = num_inference_steps
+        self.guidance_scale = float(guidance_scale)
+        self.height = height
+        self.width = width
+        self.batch_size = batch_size
+        self.negative_prompt = negative_prompt
+        self.lora_scale = float(lora_scale)
+        self.show_progress = show_progress
+
+    # ------------------------------------------------------------ constructors
+
+    @classmethod
+    def from_pretrained(
+        cls,
+        id_or_local_dir: str | os.PathLike[str],
+        *,
+        device: str | torch.device | None = None,
+        dtype: torch.dtype | None = None,
+        variant: str | None = None,
+        **settings: Any,
+    ) -> SDXLGenerator:
+        """Loads a diffusers SDXL checkpoint (hub id or local folder) and wraps it.
+
+        Args:
+            id_or_local_dir: A hub id (``"stabilityai/stable-diffusion-xl-base-1.0"``) or a
+                folder written by `save_pretrained`.
+            device: Where the pipeline runs; ``None`` is CUDA when available, else CPU.
+            dtype: Weight dtype; ``None`` is bfloat16 on CUDA (SDXL's VAE overflows in float16)
+                and float32 on CPU.
+            variant: The checkpoint variant to load (e.g. ``"fp16"``), if any.
+            **settings: Keyword settings of `SDXLGenerator`.
+
+        Raises:
+            FileNotFoundError: A local path that does not exist or holds no ``model_index.json``
+                (checked before anything loads).
+
+        Example:
+            >>> gen = SDXLGenerator.from_pretrained(
+            ...     "stabilityai/stable-diffusion-xl-base-1.0", device="cuda"
+            ... )  # doctest: +SKIP
+        """
+        # Validate settings before the (slow) load.
+        cls._check_settings(settings)
+        pipe = load_sdxl_pipeline(id_or_local_dir, device=device, dtype=dtype, variant=variant)
+        return cls(pipe, **settings)
+
+    @classmethod
+    def from_pipeline(cls, pipeline: StableDiffusionXLPipeline, **settings: Any) -> SDXLGenerator:
+        """Wraps an already loaded pipeline (shared: nothing is copied or moved).
+
+        Example:
+            >>> from consistent_char.testing import tiny_sdxl_pipeline
+            >>> gen = SDXLGenerator.from_pipeline(tiny_sdxl_pipeline(), guidance_scale=5.0)
+        """
+        return cls(pipeline, **settings)
+
+    @classmethod
+    def _check_settings(cls, settings: dict[str, Any]) -> None:
+        params = inspect.signature(cls.__init__).parameters
+        known = [name for name, p in params.items() if p.kind is p.KEYWORD_ONLY]
+        unknown = sorted(set(settings) - set(known))
+        if unknown:
+            raise TypeError(
+                f"unknown SDXLGenerator setting(s) {unknown}; known: {', '.join(known)}"
+            )
+        values = {name: settings.get(name, params[name].default) for name in known}
+        _check_values(
+            values["num_inference_steps"],
+            values["guidance_scale"],
+            values["height"],
+            values["width"],
+            values["batch_size"],
+        )
+
+    # -------------------------------------------------------------- generate
+
+    def generate(
+        self,
+        prompts: Sequence[str],
+        seeds: Sequence[int],
+        identity: Identity | None = None,
+        *,
+        callback: ProgressCallback | None = None,
+    ) -> list[Image.Image]:
+        """Draws one RGB image per prompt, image j from ``seeds[j]`` alone.
+
+        Args:
+            prompts: One prompt per image. With an `identity`, write its token in the prompt
+                (``f"{identity.token} in the snow"``).
+            seeds: One seed per image, ints in ``[0, 2**63)``.
+            identity: Applied (tokens in both text encoders, LoRA active) for this call only.
+            callback: Called as ``callback(done, total)`` after each batch.
+
+        Returns:
+            ``len(prompts)`` RGB `PIL.Image.Image`\\ s.
+
+        Raises:
+            ValueError: Empty input, lengths that differ, or a seed out of range.
+            IdentityError: The identity does not fit the pipeline (embedding widths).
+
+        Example:
+            >>> from consistent_char.testing import tiny_sdxl_pipeline, tiny_identity
+            >>> pipe = tiny_sdxl_pipeline()
+            >>> gen = SDXLGenerator.from_pipeline(pipe, num_inference_steps=2)
+            >>> fox = tiny_identity(pipe, "<fox>")
+            >>> len(gen.generate(["a <fox> in the snow"], [7], identity=fox))
+            1
+        """
+        # 1. Check inputs
+        prompts, seed_list = self._check_inputs(prompts, seeds)
+        if identity is not None:
+            identity.check_fits(self.pipeline)
+            if not any(identity.token in p for p in prompts):
+                logger.warning(
+                    "identity %r is applied but no prompt contains its token", identity.token
+                )
+
+        # 2. Apply the identity for this call only
+        if identity is not None:
+            identity.apply_to(self.pipeline, scale=self.lora_scale)
+        try:
+            return self._generate_batches(prompts, seed_list, callback)
+        finally:
+            # 3. Leave the pipeline as it was
+            if identity is not None:
+                identity.remove_from(self.pipeline)
+
+    def _check_inputs(
+        self, prompts: Sequence[str], seeds: Sequence[int]
+    ) -> tuple[list[str], list[int]]:
+        if isinstance(prompts, str):
+            raise ValueError("prompts must be a sequence of strings, got a single string")
+        prompts = list(prompts)
+        seed_list = list(seeds)
+        if not prompts:
+            raise ValueError("prompts is empty: need at least one prompt")
+        if len(prompts) != len(seed_list):
+            raise ValueError(
+                f"need one seed per prompt: got {len(prompts)} prompts and {len(seed_list)} seeds"
+            )
+        for j, p in enumerate(prompts):
+            if not isinstance(p, str):
+                raise ValueError(f"prompts[{j}] must be a str, got {type(p).__name__}")
+        out: list[int] = []
+        for j, s in enumerate(seed_list):
+            if isinstance(s, bool) or not isinstance(s, Integral):
+                raise ValueError(f"seeds[{j}] must be an int, got {type(s).__name__} {s!r}")
+            if not 0 <= int(s) < MAX_SEED:
+                raise ValueError(f"seeds[{j}] must be in [0, 2**63), got {s}")
+            out.append(int(s))
+        return prompts, out
+
+    def _generate_batches(
+        self, prompts: list[str], seeds: list[int], callback: ProgressCallback | None
+    ) -> list[Image.Image]:
+        pipe = self.pipeline
+        height, width = self.resolution
+        total = len(prompts)
+        batch = self.batch_size or self._auto_batch_size(total, height, width)
+        images: list[Image.Image] = []
+        previous_bar = dict(getattr(pipe, "_progress_bar_config", {}))
+        pipe.set_progress_bar_config(disable=not self.show_progress)
+        try:
+            start = 0
+            while start < total:
+                stop = min(start + batch, total)
+                try:
+                    images += self._call_pipeline(
+                        prompts[start:stop], seeds[start:stop], height, width
+                    )
+                except torch.cuda.OutOfMemoryError:
+                    if batch == 1 or self.batch_size is not None:
+                        raise
+                    batch = max(1, batch // 2)
+                    logger.warning("CUDA out of memory: retrying with batch_size=%d", batch)
+                    torch.cuda.empty_cache()
+                    continue
+                start = stop
+                logger.debug("generated %d/%d images", start, total)
+                if callback is not None:
+                    callback(start, total)
+        finally:
+            pipe._progress_bar_config = previous_bar
+        return images
+
+    def _call_pipeline(
+        self, prompts: list[str], seeds: list[int], height: int, width: int
+    ) -> list[Image.Image]:
+        # One generator per image: diffusers draws image j's starting noise from generator[j].
+        generators = [torch.Generator(device="cpu").manual_seed(s) for s in seeds]
+        negative = [self.negative_prompt] * len(prompts) if self.negative_prompt else None
+        out = self.pipeline(
+            prompt=prompts,
+            negative_prompt=negative,
+            num_inference_steps=self.num_inference_steps,
+            guidance_scale=self.guidance_scale,
+            height=height,
+            width=width,
+            generator=generators,
+            output_type="pil",
+        )
+        return [im.convert("RGB") for im in out.images]
+
+    # --------------------------------------------------------------- helpers
+
+    @property
+    def resolution(self) -> tuple[int, int]:
+        """``(height, width)`` of the generated images."""
+        pipe = self.pipeline
+        default = pipe.default_sample_size * pipe.vae_scale_factor
+        return (self.height or default, self.width or default)
+
+    def _auto_batch_size(self, n: int, height: int, width: int) -> int:
+        device = self.pipeline.device
+        if device.type != "cuda":
+            return max(1, min(n, CPU_BATCH_CAP))
+        free, _ = torch.cuda.mem_get_info(device)
+        passes = 2 if self.guidance_scale > 1 else 1
+        latent_pixels = (height // self.pipeline.vae_scale_factor) * (
+            width // self.pipeline.vae_scale_factor
+        )
+        per_image = CUDA_BYTES_PER_LATENT_PIXEL * latent_pixels * passes
+        fit = max(1, math.floor(0.8 * free / per_image))
+        batch = max(1, min(n, fit, CUDA_BATCH_CAP))
+        logger.debug(
+            "automatic batch size %d (%.1f GiB free, ~%.2f GiB per image)",
+            batch,
+            free / 2**30,
+            per_image / 2**30,
+        )
+        return batch
+
+
+def _check_values(
+    num_inference_steps: int,
+    guidance_scale: float,
+    height: int | None,
+    width: int | None,
+    batch_size: int | None,
+) -> None:
+    if not isinstance(num_inference_steps, int) or num_inference_steps < 1:
+        raise ValueError(f"num_inference_steps must be an int >= 1, got {num_inference_steps!r}")
+    if not isinstance(guidance_scale, (int, float)) or guidance_scale < 0:
+        raise ValueError(f"guidance_scale must be a number >= 0, got {guidance_scale!r}")
+    if batch_size is not None and (not isinstance(batch_size, int) or batch_size < 1):
+        raise ValueError(f"batch_size must be None (automatic) or an int >= 1, got {batch_size!r}")
+    for name, value in (("height", height), ("width", width)):
+        if value is not None and (not isinstance(value, int) or value < 8 or value % 8):
+            raise ValueError(f"{name} must be None or a positive multiple of 8, got {value!r}")
+
+
+def load_sdxl_pipeline(
+    id_or_local_dir: str | os.PathLike[str],
+    *,
+    device: str | torch.device | None = None,
+    dtype: torch.dtype | None = None,
+    variant: str | None = None,
+) -> StableDiffusionXLPipeline:
+    """Loads a `StableDiffusionXLPipeline` with the library's device and dtype defaults.
+
+    Args:
+        id_or_local_dir: A hub id or a folder written by `save_pretrained`.
+        device: ``None`` is CUDA when available, else CPU.
+        dtype: ``None`` is bfloat16 on CUDA (SDXL's VAE overflows in float16), float32 on CPU.
+        variant: The checkpoint variant (e.g. ``"fp16"``), if any.
+
+    Raises:
+        FileNotFoundError: A local path that does not exist or holds no ``model_index.json``,
+            checked before anything loads.
+
+    Example:
+        >>> pipe = load_sdxl_pipeline("runs/toy-model", device="cpu")  # doctest: +SKIP
+    """
+    from diffusers import StableDiffusionXLPipeline
+
+    source = _check_source(id_or_local_dir)
+    torch_device = torch.device(
+        device if device is not None else ("cuda" if torch.cuda.is_available() else "cpu")
+    )
+    if dtype is None:
+        dtype = torch.bfloat16 if torch_device.type == "cuda" else torch.float32
+    logger.info("loading SDXL pipeline %s (%s on %s)", source, dtype, torch_device)
+    with warnings.catch_warnings():
+        # Newer diffusers renamed `torch_dtype` to `dtype`; the old name works on every
+        # version this library supports.
+        warnings.filterwarnings("ignore", message=".*torch_dtype.*", category=FutureWarning)
+        pipe = StableDiffusionXLPipeline.from_pretrained(source, torch_dtype=dtype, variant=variant)
+    pipe.to(torch_device)
+    return pipe
+
+
+def _check_source(id_or_local_dir: str | os.PathLike[str]) -> str:
+    """A local folder must exist and hold a diffusers pipeline; anything else is a hub id."""
+    text = os.fspath(id_or_local_dir)
+    path = Path(text).expanduser()
+    looks_local = (
+        isinstance(id_or_local_dir, os.PathLike)
+        or text.startswith(("/", ".", "~"))
+        or text.count("/") > 1
+        or path.exists()
+    )
+    if not looks_local:
+        return text
+    if not path.is_dir():
+        raise FileNotFoundError(f"SDXL model folder not found: {text}")
+    if not (path / "model_index.json").is_file():
+        raise FileNotFoundError(
+            f"{text} is not a diffusers pipeline folder: no model_index.json in it"
+        )
+    return str(path)

@@ -1,0 +1,1004 @@
+"""`TextualInversionLoRARefiner`: the paper's refinement step, ``Θ ← refine(Θ, S[c*])``.
+
+Θ is a new token in each of SDXL's two text encoders (textual inversion) plus a LoRA on the UNet's
+attention projections. Both are trained together with SDXL's own denoising loss, conditioned as
+SDXL is at inference: the concatenated penultimate hidden states of both encoders, the pooled
+embedding of the second, and the size/crop "time ids".
+
+How the shared pipeline is left untouched:
+
+- the new tokens go into *copies* of the tokenizers, and each text encoder's input embedding is
+  wrapped for the duration of `refine` by a module that looks up the base rows as before and
+  substitutes the new rows (float32 master copies) at the new token ids: no other row can change,
+  and no embedding matrix is resized;
+- the LoRA is injected with `unet.add_adapter(LoraConfig(...))` under a private adapter name and
+  removed afterwards (peft's wrapper layers included);
+- every base parameter is frozen during training; `requires_grad`, `train()`/`eval()`, gradient
+  checkpointing and the active adapters are restored on exit, on error too.
+
+The ids the new tokens get in the copied tokenizers are the ids `Identity.apply_to` gives them
+later (diffusers' `load_textual_inversion` appends them the same way), so what is trained is what
+is generated.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import logging
+import math
+import os
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field
+from numbers import Integral
+from typing import TYPE_CHECKING, Any, Literal
+
+import torch
+import torch.nn.functional as F
+from PIL import Image
+from torch import nn
+
+from consistent_char.identity import Identity, IdentityError
+
+if TYPE_CHECKING:
+    from diffusers import StableDiffusionXLPipeline
+
+__all__ = ["RefineMode", "StepCallback", "TextualInversionLoRARefiner"]
+
+logger = logging.getLogger(__name__)
+
+RefineMode = Literal["ti_lora", "ti", "lora"]
+MixedPrecision = Literal["auto", "bf16", "no"]
+#: ``callback(step, total, loss)`` after each optimisation step (step counts from 1).
+StepCallback = Callable[[int, int, float], None]
+
+MODES: tuple[str, ...] = ("ti_lora", "ti", "lora")
+TRAIN_ADAPTER = "consistent_char_refine"
+MAX_SEED = 2**63
+DEFAULT_TARGET_MODULES = ("to_q", "to_k", "to_v", "to_out.0")
+#: Images per VAE encoder call when the training latents are computed.
+ENCODE_BATCH = 8
+
+
+class TextualInversionLoRARefiner:
+    """Learns an identity from images: new tokens in both text encoders + a UNet LoRA.
+
+    Build it with `from_pipeline` (shares a loaded pipeline, e.g. `SDXLGenerator.pipeline`, so
+    the model is in memory once) or `from_pretrained`.
+
+    Args:
+        pipeline: A loaded `StableDiffusionXLPipeline`; trained in place and restored.
+        mode: ``"ti_lora"`` (the paper: tokens and LoRA), ``"ti"`` (tokens only; no LoRA, or a
+            warm-start LoRA kept frozen) or ``"lora"`` (LoRA only; the token rows stay at their
+            initialisation or warm-start values).
+        token: The placeholder token of a new identity (a warm start keeps the identity's own).
+        initializer_token: Word whose embedding (the mean over its sub-word tokens) initialises
+            the new token rows of a new identity, in each encoder.
+        num_vectors: Rows per text encoder for a new identity (diffusers' multi-vector names
+            ``token``, ``token_1``, ...).
+        lora_rank: LoRA rank ``r`` for a new identity.
+        lora_alpha: LoRA alpha (``None``: equal to the rank, i.e. scale 1).
+        target_modules: UNet module names that get a LoRA.
+        lora_lr: Learning rate of the LoRA weights.
+        embedding_lr: Learning rate of the new token rows.
+        weight_decay: AdamW weight decay of the trained tensors.
+        steps: Optimisation steps per `refine` call.
+        batch_size: Images per micro-batch.
+        gradient_accumulation_steps: Micro-batches per optimisation step.
+        max_grad_norm: Gradient clipping norm over the trained tensors (``None``: no clipping).
+        height: Training image height; ``None`` is the first image's height.
+        width: Training image width; ``None`` is the first image's width.
+        mixed_precision: ``"auto"`` (bfloat16 autocast on CUDA, none on CPU), ``"bf16"`` or
+            ``"no"``. Trained tensors are float32 in every case.
+        gradient_checkpointing: Trade UNet compute for memory during training.
+        show_progress: Show a tqdm bar over the steps.
+
+    Example:
+        >>> from consistent_char.refiners import TextualInversionLoRARefiner
+        >>> from consistent_char.testing import tiny_sdxl_pipeline
+        >>> pipe = tiny_sdxl_pipeline()
+        >>> refiner = TextualInversionLoRARefiner.from_pipeline(
+        ...     pipe, token="<cat>", initializer_token="cat", steps=2
+        ... )
+        >>> images = pipe(["a cat"] * 2, num_inference_steps=2).images
+        >>> identity = refiner.refine(None, images, ["a photo of <cat>"] * 2, seed=0)
+        >>> identity.token, tuple(identity.clip_l.shape), tuple(identity.clip_g.shape)
+        ('<cat>', (1, 32), (1, 48))
+    """
+
+    def __init__(
+        self,
+        pipeline: StableDiffusionXLPipeline,
+        *,
+        mode: RefineMode = "ti_lora",
+        token: str = "<cc-char>",
+        initializer_token: str = "person",
+        num_vectors: int = 1,
+        lora_rank: int = 4,
+        lora_alpha: float | None = None,
+        target_modules: Sequence[str] = DEFAULT_TARGET_MODULES,
+        lora_lr: float = 3e-5,
+        embedding_lr: float = 5e-3,
+        weight_decay: float = 0.0,
+        steps: int = 500,
+        batch_size: int = 1,
+        gradient_accumulation_steps: int = 1,
+        max_grad_norm: float | None = 1.0,
+        height: int | None = None,
+        width: int | None = None,
+        mixed_precision: MixedPrecision = "auto",
+        gradient_checkpointing: bool = False,
+        show_progress: bool = False,
+    ) -> None:
+        _check_settings(
+            mode=mode,
+            token=token,
+            initializer_token=initializer_token,
+            num_vectors=num_vectors,
+            lora_rank=lora_rank,
+            lora_alpha=lora_alpha,
+            target_modules=target_modules,
+            lora_lr=lora_lr,
+            embedding_lr=embedding_lr,
+            weight_decay=weight_decay,
+            steps=steps,
+            batch_size=batch_size,
+            gradient_accumulation_steps=gradient_accumulation_steps,
+            max_grad_norm=max_grad_norm,
+            height=height,
+            width=width,
+            mixed_precision=mixed_precision,
+        )
+        for name in ("unet", "vae", "text_encoder", "text_encoder_2", "tokenizer", "tokenizer_2"):
+            if getattr(pipeline, name, None) is None:
+                raise ValueError(
+                    f"the pipeline has no {name}: the refiner needs an SDXL-architecture "
+                    f"pipeline with both text encoders, got {type(pipeline).__name__}"
+                )
+        # Any: diffusers registers the components at run time, invisible to type checkers.
+        self.pipeline: Any = pipeline
+        self.mode: RefineMode = mode
+        self.token = token
+        self.initializer_token = initializer_token
+        self.num_vectors = num_vectors
+        self.lora_rank = lora_rank
+        self.lora_alpha = float(lora_rank if lora_alpha is None else lora_alpha)
+        self.target_modules = list(target_modules)
+        self.lora_lr = lora_lr
+        self.embedding_lr = embedding_lr
+        self.weight_decay = weight_decay
+        self.steps = steps
+        self.batch_size = batch_size
+        self.gradient_accumulation_steps = gradient_accumulation_steps
+        self.max_grad_norm = max_grad_norm
+        self.height = height
+        self.width = width
+        self.mixed_precision: MixedPrecision = mixed_precision
+        self.gradient_checkpointing = gradient_checkpointing
+        self.show_progress = show_progress
+
+    # ------------------------------------------------------------ constructors
+
+    @classmethod
+    def from_pipeline(
+        cls, pipeline: StableDiffusionXLPipeline, **settings: Any
+    ) -> TextualInversionLoRARefiner:
+        """Trains on an already loaded pipeline (shared with e.g. `SDXLGenerator`).
+
+        Example:
+            >>> from consistent_char.generators import SDXLGenerator
+            >>> from consistent_char.testing import tiny_sdxl_pipeline
+            >>> generator = SDXLGenerator.from_pipeline(tiny_sdxl_pipeline())
+            >>> refiner = TextualInversionLoRARefiner.from_pipeline(generator.pipeline, steps=10)
+        """
+        return cls(pipeline, **settings)
+
+    @classmethod
+    def from_pretrained(
+        cls,
+        id_or_local_dir: str | os.PathLike[str],
+        *,
+        device: str | torch.device | None = None,
+        dtype: torch.dtype | None = None,
+        variant: str | None = None,
+        **settings: Any,
+    ) -> TextualInversionLoRARefiner:
+        """Loads a diffusers SDXL checkpoint and trains on it.
+
+        Args:
+            id_or_local_dir: A hub id or a folder written by `save_pretrained`.
+            device: ``None`` is CUDA when available, else CPU.
+            dtype: ``None`` is bfloat16 on CUDA, float32 on CPU (trained tensors are float32
+                either way).
+            variant: The checkpoint variant (e.g. ``"fp16"``), if any.
+            **settings: Keyword settings of `TextualInversionLoRARefiner`.
+
+        Raises:
+            FileNotFoundError: A local path that does not exist or is not a pipeline folder.
+
+        Example:
+            >>> refiner = TextualInversionLoRARefiner.from_pretrained(
+            ...     "stabilityai/stable-diffusion-xl-base-1.0", steps=500
+            ... )  # doctest: +SKIP
+        """
+        from consistent_char.generators.sdxl import load_sdxl_pipeline
+
+        _check_known(settings)
+        return cls(
+            load_sdxl_pipeline(id_or_local_dir, device=device, dtype=dtype, variant=variant),
+            **settings,
+        )
+
+    # ---------------------------------------------------------------- refine
+
+    def refine(
+        self,
+        identity: Identity | None,
+        images: Sequence[Image.Image],
+        captions: Sequence[str],
+        *,
+        seed: int,
+        callback: StepCallback | None = None,
+    ) -> Identity:
+        """Trains an identity on `images`, starting from `identity` (warm start) or afresh.
+
+        Args:
+            identity: The previous identity (its token, rows, LoRA, rank and alpha are kept and
+                trained further) or ``None`` (new token rows from `initializer_token`, peft's
+                default LoRA initialisation: ``lora_B`` zero, so the LoRA starts as a no-op).
+            images: The training images (e.g. the most cohesive cluster).
+            captions: One caption per image, each containing the identity's token.
+            seed: Seeds the LoRA initialisation, the VAE latent samples, the noise, the
+                timesteps and the image order: the same inputs and seed give the same identity
+                (bit-identical on CPU).
+            callback: Called as ``callback(step, total, loss)`` after each optimisation step.
+
+        Returns:
+            A new `Identity` holding detached CPU float32 tensors; the pipeline is left as it was.
+
+        Raises:
+            ValueError: Empty images, captions of another length, a caption without the token,
+                a seed out of range, or a token the pipeline's tokenizers already hold.
+            IdentityError: A warm-start identity that does not fit the pipeline.
+
+        Example:
+            >>> identity = refiner.refine(None, images, captions, seed=0)  # doctest: +SKIP
+            >>> identity = refiner.refine(identity, new_images, captions, seed=1)  # doctest: +SKIP
+        """
+        # 1. Check inputs
+        token = identity.token if identity is not None else self.token
+        images, captions = self._check_inputs(identity, token, images, captions, seed)
+        height, width = self._training_size(images)
+        pipe = self.pipeline
+        device = pipe.unet.device
+        autocast = self._autocast(device)
+        gen = torch.Generator(device="cpu").manual_seed(seed)
+
+        with (
+            _seeded(seed, device),
+            self._trainable(identity, token, seed) as state,
+            self._no_lora_input_cast(device),
+        ):
+            # 2. Encode the training images once: the VAE is frozen.
+            latents = self._encode_images(images, height, width, gen)
+            # 3. Tokenise the captions once (the new tokens expanded as diffusers does).
+            ids_1, ids_2 = state.tokenize(captions)
+            time_ids = _time_ids(height, width, len(images), device)
+
+            # 4. Optimise the new rows and the LoRA with SDXL's denoising loss
+            final_loss = self._optimise(
+                state, latents, ids_1, ids_2, time_ids, gen, autocast, callback
+            )
+
+            # 5. Read the identity out before the pipeline is restored
+            result = state.identity(
+                metadata=_metadata(identity, self._settings(), seed, len(images), final_loss)
+            )
+        return result
+
+    def _optimise(
+        self,
+        state: _TrainingState,
+        latents: torch.Tensor,
+        ids_1: torch.Tensor,
+        ids_2: torch.Tensor,
+        time_ids: torch.Tensor,
+        gen: torch.Generator,
+        autocast: contextlib.AbstractContextManager[Any],
+        callback: StepCallback | None,
+    ) -> float:
+        """Runs `steps` optimisation steps; returns the last step's loss (NaN for 0 steps)."""
+        from diffusers import DDPMScheduler
+
+        noise_scheduler = DDPMScheduler.from_config(self.pipeline.scheduler.config)
+        optimizer = state.optimizer(self.embedding_lr, self.lora_lr, self.weight_decay, self.mode)
+        order = _IndexStream(latents.shape[0], gen)
+        final_loss = math.nan
+        bar = _progress(self.steps, self.show_progress)
+        try:
+            for step in range(1, self.steps + 1):
+                optimizer.zero_grad(set_to_none=True)
+                total = 0.0
+                for _ in range(self.gradient_accumulation_steps):
+                    idx = order.take(self.batch_size)
+                    loss = self._loss(
+                        state,
+                        noise_scheduler,
+                        latents[idx],
+                        ids_1[idx],
+                        ids_2[idx],
+                        time_ids[idx],
+                        gen,
+                        autocast,
+                    )
+                    (loss / self.gradient_accumulation_steps).backward()
+                    total += float(loss.detach()) / self.gradient_accumulation_steps
+                trained = [p for group in optimizer.param_groups for p in group["params"]]
+                if self.max_grad_norm is not None:
+                    torch.nn.utils.clip_grad_norm_(trained, self.max_grad_norm)
+                optimizer.step()
+                final_loss = total
+                bar.update(1)
+                bar.set_postfix(loss=f"{total:.4f}")
+                if step == 1 or step == self.steps or step % 50 == 0:
+                    logger.debug("refine step %d/%d: loss %.5f", step, self.steps, total)
+                if callback is not None:
+                    callback(step, self.steps, total)
+        finally:
+            bar.close()
+        return final_loss
+
+    def denoising_loss(
+        self,
+        identity: Identity | None,
+        images: Sequence[Image.Image],
+        captions: Sequence[str],
+        *,
+        seed: int,
+        repeats: int = 4,
+    ) -> float:
+        """The mean denoising loss of `identity` on `images` at fixed, seeded noise and timesteps.
+
+        The same conditioning as `refine` (so a lower value means the identity explains the
+        images better); nothing is trained and the pipeline is left as it was. With ``None``, a
+        fresh identity as `refine` would start from is measured.
+
+        Example:
+            >>> before = refiner.denoising_loss(None, images, captions, seed=0)  # doctest: +SKIP
+        """
+        token = identity.token if identity is not None else self.token
+        images, captions = self._check_inputs(identity, token, images, captions, seed)
+        if not isinstance(repeats, int) or repeats < 1:
+            raise ValueError(f"repeats must be an int >= 1, got {repeats!r}")
+        height, width = self._training_size(images)
+        pipe = self.pipeline
+        device = pipe.unet.device
+        gen = torch.Generator(device="cpu").manual_seed(seed)
+        from diffusers import DDPMScheduler
+
+        noise_scheduler = DDPMScheduler.from_config(pipe.scheduler.config)
+        losses: list[float] = []
+        with (
+            _seeded(seed, device),
+            self._trainable(identity, token, seed) as state,
+            self._no_lora_input_cast(device),
+            torch.no_grad(),
+        ):
+            latents = self._encode_images(images, height, width, gen)
+            ids_1, ids_2 = state.tokenize(captions)
+            time_ids = _time_ids(height, width, len(images), device)
+            for _ in range(repeats):
+                loss = self._loss(
+                    state,
+                    noise_scheduler,
+                    latents,
+                    ids_1,
+                    ids_2,
+                    time_ids,
+                    gen,
+                    self._autocast(device),
+                )
+                losses.append(float(loss))
+        return sum(losses) / len(losses)
+
+    # --------------------------------------------------------------- helpers
+
+    def _check_inputs(
+        self,
+        identity: Identity | None,
+        token: str,
+        images: Sequence[Image.Image],
+        captions: Sequence[str],
+        seed: int,
+    ) -> tuple[list[Image.Image], list[str]]:
+        if (
+            isinstance(seed, bool)
+            or not isinstance(seed, Integral)
+            or not 0 <= int(seed) < MAX_SEED
+        ):
+            raise ValueError(f"seed must be an int in [0, 2**63), got {seed!r}")
+        images = list(images)
+        if not images:
+            raise ValueError("images is empty: refine needs at least one training image")
+        for j, im in enumerate(images):
+            if not isinstance(im, Image.Image):
+                raise ValueError(f"images[{j}] must be a PIL.Image.Image, got {type(im).__name__}")
+        if isinstance(captions, str):
+            raise ValueError("captions must be a sequence of strings (one per image), got a str")
+        captions = list(captions)
+        if len(captions) != len(images):
+            raise ValueError(
+                f"need one caption per image: got {len(images)} images and {len(captions)} captions"
+            )
+        for j, caption in enumerate(captions):
+            if not isinstance(caption, str) or token not in caption:
+                raise ValueError(
+                    f"captions[{j}] must contain the identity's token {token!r}, got {caption!r}"
+                )
+        if identity is not None:
+            identity.check_fits(self.pipeline)
+        names = identity.tokens if identity is not None else _token_names(token, self.num_vectors)
+        for tokenizer in (self.pipeline.tokenizer, self.pipeline.tokenizer_2):
+            vocab = tokenizer.get_vocab()
+            # "cat</w>" is the word "cat": a token spelled like a word would hijack it.
+            taken = [t for t in names if t in vocab or f"{t}</w>" in vocab]
+            if taken:
+                raise ValueError(
+                    f"token(s) {taken} are already in the pipeline's tokenizer; choose another "
+                    "token (e.g. '<my-char>') or remove the identity that added them "
+                    "(Identity.remove_from)"
+                )
+        return images, captions
+
+    def _training_size(self, images: list[Image.Image]) -> tuple[int, int]:
+        height = self.height or images[0].height
+        width = self.width or images[0].width
+        factor = self.pipeline.vae_scale_factor
+        if height % factor or width % factor:
+            raise ValueError(
+                f"training size {height}x{width} is not a multiple of the VAE's factor {factor}: "
+                "pass height= and width= to the refiner"
+            )
+        return height, width
+
+    def _autocast(self, device: torch.device) -> contextlib.AbstractContextManager[Any]:
+        if not self._uses_autocast(device):
+            return contextlib.nullcontext()
+        return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
+
+    def _uses_autocast(self, device: torch.device) -> bool:
+        return self.mixed_precision == "bf16" or (
+            self.mixed_precision == "auto" and device.type == "cuda"
+        )
+
+    def _no_lora_input_cast(self, device: torch.device) -> contextlib.AbstractContextManager[Any]:
+        """Under autocast the LoRA matmuls run in bfloat16 anyway: peft's cast of each LoRA input
+        to the float32 of the trained weights would only add copies (and their backward)."""
+        try:
+            from peft.helpers import disable_input_dtype_casting
+        except ImportError:  # older peft: keep its casts
+            return contextlib.nullcontext()
+        return disable_input_dtype_casting(self.pipeline.unet, active=self._uses_autocast(device))
+
+    @torch.no_grad()
+    def _encode_images(
+        self, images: list[Image.Image], height: int, width: int, gen: torch.Generator
+    ) -> torch.Tensor:
+        pipe = self.pipeline
+        vae = pipe.vae
+        pixels = pipe.image_processor.preprocess(
+            [im.convert("RGB") for im in images], height=height, width=width
+        )
+        original_dtype = vae.dtype
+        # As the pipeline does for decoding: SDXL's VAE overflows in float16.
+        upcast = original_dtype == torch.float16 and getattr(vae.config, "force_upcast", False)
+        if upcast:
+            vae.to(torch.float32)
+        try:
+            chunks = []
+            for start in range(0, len(images), ENCODE_BATCH):
+                batch = pixels[start : start + ENCODE_BATCH].to(vae.device, vae.dtype)
+                chunks.append(vae.encode(batch).latent_dist.sample(generator=gen).float())
+            latents = torch.cat(chunks)
+        finally:
+            if upcast:
+                vae.to(original_dtype)
+        config = vae.config
+        mean = getattr(config, "latents_mean", None)
+        std = getattr(config, "latents_std", None)
+        if mean is not None and std is not None:
+            shape = (1, latents.shape[1], 1, 1)
+            mean_t = torch.tensor(mean, device=latents.device).view(shape)
+            std_t = torch.tensor(std, device=latents.device).view(shape)
+            return (latents - mean_t) * config.scaling_factor / std_t
+        return latents * config.scaling_factor
+
+    def _loss(
+        self,
+        state: _TrainingState,
+        noise_scheduler: Any,
+        latents: torch.Tensor,
+        ids_1: torch.Tensor,
+        ids_2: torch.Tensor,
+        time_ids: torch.Tensor,
+        gen: torch.Generator,
+        autocast: contextlib.AbstractContextManager[Any],
+    ) -> torch.Tensor:
+        unet = self.pipeline.unet
+        device = latents.device
+        n = latents.shape[0]
+        # Drawn on the CPU generator, so a seed gives the same noise on every device.
+        noise = torch.randn(latents.shape, generator=gen).to(device)
+        timesteps = torch.randint(
+            0, noise_scheduler.config.num_train_timesteps, (n,), generator=gen
+        ).to(device)
+        noisy = noise_scheduler.add_noise(latents, noise, timesteps)
+        prediction_type = noise_scheduler.config.prediction_type
+        if prediction_type == "epsilon":
+            target = noise
+        elif prediction_type == "v_prediction":
+            target = noise_scheduler.get_velocity(latents, noise, timesteps)
+        else:
+            raise ValueError(
+                f"the scheduler's prediction_type {prediction_type!r} is not supported; "
+                "expected 'epsilon' or 'v_prediction'"
+            )
+        with autocast:
+            prompt_embeds, pooled = state.encode(ids_1, ids_2)
+            pred = unet(
+                noisy.to(unet.dtype),
+                timesteps,
+                encoder_hidden_states=prompt_embeds.to(unet.dtype),
+                added_cond_kwargs={
+                    "text_embeds": pooled.to(unet.dtype),
+                    "time_ids": time_ids.to(unet.dtype),
+                },
+                return_dict=False,
+            )[0]
+        return F.mse_loss(pred.float(), target.float())
+
+    @contextlib.contextmanager
+    def _trainable(
+        self, identity: Identity | None, token: str, seed: int
+    ) -> Iterator[_TrainingState]:
+        """Installs the trainable rows and LoRA on the pipeline and restores it on exit."""
+        pipe = self.pipeline
+        modules: dict[str, nn.Module] = {
+            "unet": pipe.unet,
+            "vae": pipe.vae,
+            "text_encoder": pipe.text_encoder,
+            "text_encoder_2": pipe.text_encoder_2,
+        }
+        requires_grad = {
+            name: [p.requires_grad for p in m.parameters()] for name, m in modules.items()
+        }
+        training = {name: [s.training for s in m.modules()] for name, m in modules.items()}
+        encoders = (pipe.text_encoder, pipe.text_encoder_2)
+        embeddings = [enc.get_input_embeddings() for enc in encoders]
+        checkpointing = bool(getattr(pipe.unet, "is_gradient_checkpointing", False))
+        had_adapters = bool(getattr(pipe.unet, "peft_config", None))
+        active = list(pipe.unet.active_adapters()) if had_adapters else []
+        added_adapter = False
+        try:
+            for m in modules.values():
+                m.requires_grad_(False)
+                m.eval()
+            state = _TrainingState.build(
+                pipe, identity, token, self, embeddings, train_rows=self.mode != "lora"
+            )
+            for enc, emb, wrapper in zip(encoders, embeddings, state.wrappers, strict=True):
+                enc.set_input_embeddings(wrapper)
+                del emb
+            use_lora = self.mode != "ti" or (identity is not None and identity.lora is not None)
+            if use_lora:
+                added_adapter = True
+                state.add_lora(pipe.unet, identity, self, seed, train=self.mode != "ti")
+                pipe.unet.train()
+            if self.gradient_checkpointing and not checkpointing:
+                pipe.unet.enable_gradient_checkpointing()
+            yield state
+        finally:
+            # Restore in reverse order; each step is safe if the matching install never ran.
+            if self.gradient_checkpointing and not checkpointing:
+                pipe.unet.disable_gradient_checkpointing()
+            if added_adapter:
+                _remove_adapter(pipe.unet, TRAIN_ADAPTER, active)
+            for enc, emb in zip(encoders, embeddings, strict=True):
+                enc.set_input_embeddings(emb)
+            for name, m in modules.items():
+                for p, flag in zip(m.parameters(), requires_grad[name], strict=True):
+                    p.requires_grad_(flag)
+                for s, flag in zip(m.modules(), training[name], strict=True):
+                    s.training = flag
+
+    def _settings(self) -> dict[str, Any]:
+        return {
+            "mode": self.mode,
+            "initializer_token": self.initializer_token,
+            "lora_lr": self.lora_lr,
+            "embedding_lr": self.embedding_lr,
+            "weight_decay": self.weight_decay,
+            "steps": self.steps,
+            "batch_size": self.batch_size,
+            "gradient_accumulation_steps": self.gradient_accumulation_steps,
+            "max_grad_norm": self.max_grad_norm,
+            "mixed_precision": self.mixed_precision,
+        }
+
+
+# ---------------------------------------------------------------------- training state
+
+
+class _EmbeddingWithNewRows(nn.Module):
+    """The encoder's own token embedding, with trainable rows at the new token ids.
+
+    The base matrix is used read-only, so no other row can change; ids at or beyond its size
+    (the new tokens) are looked up as a placeholder row and replaced.
+    """
+
+    def __init__(self, base: nn.Embedding, token_ids: list[int], rows: nn.Parameter) -> None:
+        super().__init__()
+        self.base = base
+        self.token_ids = token_ids
+        self.rows = rows
+
+    @property
+    def weight(self) -> torch.Tensor:
+        # transformers reads `get_input_embeddings().weight` for shapes and dtypes.
+        return self.base.weight
+
+    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+        out = self.base(input_ids.clamp(max=self.base.num_embeddings - 1))
+        for k, token_id in enumerate(self.token_ids):
+            mask = (input_ids == token_id).unsqueeze(-1)
+            out = torch.where(mask, self.rows[k].to(out.dtype), out)
+        return out
+
+
+@dataclass
+class _TrainingState:
+    token: str
+    tokens: list[str]
+    tokenizers: list[Any]
+    wrappers: list[_EmbeddingWithNewRows]
+    rows: list[nn.Parameter]
+    train_rows: bool
+    pipe: Any
+    lora_params: list[nn.Parameter] = field(default_factory=list)
+    train_lora: bool = False
+    lora_rank: int = 4
+    lora_alpha: float = 4.0
+    target_modules: list[str] = field(default_factory=list)
+    has_lora: bool = False
+
+    @classmethod
+    def build(
+        cls,
+        pipe: Any,
+        identity: Identity | None,
+        token: str,
+        refiner: TextualInversionLoRARefiner,
+        embeddings: list[nn.Module],
+        *,
+        train_rows: bool,
+    ) -> _TrainingState:
+        n = identity.num_vectors if identity is not None else refiner.num_vectors
+        names = _token_names(token, n)
+        tokenizers, wrappers, rows = [], [], []
+        pairs = zip((pipe.tokenizer, pipe.tokenizer_2), embeddings, strict=True)
+        for k, (tokenizer, emb) in enumerate(pairs):
+            if not isinstance(emb, nn.Embedding):
+                raise TypeError(
+                    f"text encoder {k + 1}'s input embedding is a {type(emb).__name__}, "
+                    "expected torch.nn.Embedding"
+                )
+            # A copy: the shared tokenizer must not learn the tokens.
+            tok = copy.deepcopy(tokenizer)
+            added = tok.add_tokens(names)
+            if added != n:
+                raise ValueError(f"could not add the tokens {names} to tokenizer {k + 1}")
+            ids = tok.convert_tokens_to_ids(names)
+            if identity is not None:
+                init = (identity.clip_l, identity.clip_g)[k]
+            else:
+                init = _initial_rows(tokenizer, emb, refiner.initializer_token, n)
+            param = nn.Parameter(
+                init.detach().to(emb.weight.device, torch.float32).clone(),
+                requires_grad=train_rows,
+            )
+            tokenizers.append(tok)
+            rows.append(param)
+            wrappers.append(_EmbeddingWithNewRows(emb, ids, param))
+        return cls(
+            token=token,
+            tokens=names,
+            tokenizers=tokenizers,
+            wrappers=wrappers,
+            rows=rows,
+            train_rows=train_rows,
+            pipe=pipe,
+        )
+
+    def add_lora(
+        self,
+        unet: Any,
+        identity: Identity | None,
+        refiner: TextualInversionLoRARefiner,
+        seed: int,
+        *,
+        train: bool,
+    ) -> None:
+        from peft import LoraConfig, set_peft_model_state_dict
+
+        warm = identity is not None and identity.lora is not None
+        if warm:
+            assert identity is not None and identity.lora is not None
+            rank, alpha, targets = identity.lora_rank, identity.lora_alpha, identity.target_modules
+        else:
+            rank, alpha, targets = refiner.lora_rank, refiner.lora_alpha, refiner.target_modules
+        config = LoraConfig(
+            r=rank,
+            lora_alpha=alpha,  # type: ignore[arg-type]  # peft scales by alpha / r: a float works
+            target_modules=list(targets),
+            init_lora_weights=True,
+        )
+        # peft draws lora_A from the global RNG: seed it so a seed gives one initialisation.
+        torch.manual_seed(seed)
+        try:
+            unet.add_adapter(config, adapter_name=TRAIN_ADAPTER)
+        except ValueError as err:
+            raise IdentityError(f"cannot add a LoRA on {list(targets)} to the UNet: {err}") from err
+        params = [p for n, p in unet.named_parameters() if f".{TRAIN_ADAPTER}." in n]
+        if not params:
+            raise IdentityError(f"no UNet module matches the LoRA target_modules {list(targets)}")
+        for p in params:
+            # float32 master weights whatever the UNet's dtype.
+            p.data = p.data.float()
+        if warm:
+            assert identity is not None and identity.lora is not None
+            state = {k: v.to(torch.float32) for k, v in identity.lora.items()}
+            result = set_peft_model_state_dict(unet, state, adapter_name=TRAIN_ADAPTER)
+            unexpected = list(getattr(result, "unexpected_keys", []) or [])
+            missing = [
+                k for k in (getattr(result, "missing_keys", []) or []) if f".{TRAIN_ADAPTER}." in k
+            ]
+            if unexpected or missing:
+                raise IdentityError(
+                    f"identity {identity.token!r}'s LoRA does not match this UNet: "
+                    f"{len(unexpected)} unexpected key(s) (e.g. {unexpected[:2]}), "
+                    f"{len(missing)} missing (e.g. {missing[:2]})"
+                )
+        for p in params:
+            p.requires_grad_(train)
+        self.lora_params = params
+        self.train_lora = train
+        self.lora_rank, self.lora_alpha, self.target_modules = rank, float(alpha), list(targets)
+        self.has_lora = True
+
+    def optimizer(
+        self, embedding_lr: float, lora_lr: float, weight_decay: float, mode: str
+    ) -> torch.optim.Optimizer:
+        groups: list[dict[str, Any]] = []
+        if self.train_rows:
+            groups.append({"params": list(self.rows), "lr": embedding_lr})
+        if self.train_lora:
+            groups.append({"params": list(self.lora_params), "lr": lora_lr})
+        if not groups:
+            raise ValueError(f"mode {mode!r} leaves nothing to train")
+        # One fused kernel for all tensors on CUDA: a LoRA on every attention projection of
+        # SDXL is over a thousand small tensors.
+        fused = self.rows[0].device.type == "cuda"
+        return torch.optim.AdamW(groups, weight_decay=weight_decay, fused=fused or None)
+
+    def tokenize(self, captions: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
+        device = self.rows[0].device
+        out = []
+        for k, tok in enumerate(self.tokenizers):
+            # The pipeline's own multi-vector expansion ("<t>" -> "<t> <t>_1 ...").
+            expanded = [self.pipe.maybe_convert_prompt(c, tok) for c in captions]
+            ids = tok(
+                expanded,
+                padding="max_length",
+                max_length=tok.model_max_length,
+                truncation=True,
+                return_tensors="pt",
+            ).input_ids
+            first = self.wrappers[k].token_ids[0]
+            lost = [j for j in range(len(captions)) if not bool((ids[j] == first).any())]
+            if lost:
+                raise ValueError(
+                    f"captions {lost} lose the token {self.token!r} to truncation at "
+                    f"{tok.model_max_length} tokens: shorten them"
+                )
+            out.append(ids.to(device))
+        return out[0], out[1]
+
+    def encode(self, ids_1: torch.Tensor, ids_2: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """SDXL's prompt encoding: both encoders' penultimate hidden states, encoder 2's pooled."""
+        pipe = self.pipe
+        out_1 = pipe.text_encoder(ids_1, output_hidden_states=True)
+        out_2 = pipe.text_encoder_2(ids_2, output_hidden_states=True)
+        pooled = out_2[0]
+        prompt_embeds = torch.cat([out_1.hidden_states[-2], out_2.hidden_states[-2]], dim=-1)
+        return prompt_embeds, pooled
+
+    def identity(self, metadata: dict[str, Any]) -> Identity:
+        lora = None
+        if self.has_lora:
+            from peft import get_peft_model_state_dict
+
+            lora = {
+                k: v.detach().to("cpu", torch.float32).clone()
+                for k, v in get_peft_model_state_dict(
+                    self.pipe.unet, adapter_name=TRAIN_ADAPTER
+                ).items()
+            }
+        return Identity(
+            token=self.token,
+            clip_l=self.rows[0].detach().to("cpu", torch.float32).clone(),
+            clip_g=self.rows[1].detach().to("cpu", torch.float32).clone(),
+            lora=lora,
+            lora_rank=self.lora_rank,
+            lora_alpha=self.lora_alpha,
+            target_modules=self.target_modules,
+            metadata=metadata,
+        )
+
+
+# ----------------------------------------------------------------------------- helpers
+
+
+class _IndexStream:
+    """Image indices in seeded random order, epoch after epoch (any batch size works)."""
+
+    def __init__(self, n: int, gen: torch.Generator) -> None:
+        self.n, self.gen = n, gen
+        self.buffer: list[int] = []
+
+    def take(self, k: int) -> torch.Tensor:
+        while len(self.buffer) < k:
+            self.buffer += torch.randperm(self.n, generator=self.gen).tolist()
+        out, self.buffer = self.buffer[:k], self.buffer[k:]
+        return torch.tensor(out, dtype=torch.long)
+
+
+def _token_names(token: str, n: int) -> list[str]:
+    return [token] + [f"{token}_{i}" for i in range(1, n)]
+
+
+def _initial_rows(tokenizer: Any, embedding: nn.Embedding, word: str, n: int) -> torch.Tensor:
+    ids = tokenizer(word, add_special_tokens=False).input_ids
+    if not ids:
+        raise ValueError(f"initializer_token {word!r} tokenizes to nothing")
+    rows = embedding.weight.detach()[torch.tensor(ids, device=embedding.weight.device)]
+    return rows.float().mean(dim=0, keepdim=True).repeat(n, 1)
+
+
+def _time_ids(height: int, width: int, n: int, device: torch.device) -> torch.Tensor:
+    # SDXL's micro-conditioning: original size, crop top-left, target size.
+    return (
+        torch.tensor([[height, width, 0, 0, height, width]], dtype=torch.float32)
+        .repeat(n, 1)
+        .to(device)
+    )
+
+
+def _remove_adapter(unet: Any, name: str, previously_active: list[str]) -> None:
+    if name in (getattr(unet, "peft_config", None) or {}):
+        unet.delete_adapters(name)
+    if getattr(unet, "peft_config", None):
+        if previously_active:
+            unet.set_adapter(previously_active)
+    else:
+        # delete_adapters leaves peft's wrappers (`to_q.base_layer`); unwrap to the original
+        # modules.
+        unet.unload_lora()
+
+
+@contextlib.contextmanager
+def _seeded(seed: int, device: torch.device) -> Iterator[None]:
+    """Seeds the global RNG for the block and restores the caller's state afterwards."""
+    devices = [device] if device.type == "cuda" else []
+    with torch.random.fork_rng(devices=devices):
+        torch.manual_seed(seed)
+        yield
+
+
+def _progress(total: int, show: bool) -> Any:
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, desc="refine", disable=not show, leave=False)
+
+
+def _metadata(
+    previous: Identity | None,
+    settings: dict[str, Any],
+    seed: int,
+    num_images: int,
+    final_loss: float,
+) -> dict[str, Any]:
+    metadata = dict(previous.metadata) if previous is not None else {}
+    refines = int(metadata.get("refine_count", 0)) + 1
+    metadata["refine_count"] = refines
+    metadata["refiner"] = {
+        **settings,
+        "seed": int(seed),
+        "num_images": num_images,
+        "final_loss": None if math.isnan(final_loss) else final_loss,
+        "warm_start": previous is not None,
+    }
+    return metadata
+
+
+def _check_known(settings: dict[str, Any]) -> None:
+    import inspect
+
+    params = inspect.signature(TextualInversionLoRARefiner.__init__).parameters
+    known = [name for name, p in params.items() if p.kind is p.KEYWORD_ONLY]
+    unknown = sorted(set(settings) - set(known))
+    if unknown:
+        raise TypeError(
+            f"unknown TextualInversionLoRARefiner setting(s) {unknown}; known: {', '.join(known)}"
+        )
+    values = {name: settings.get(name, params[name].default) for name in known}
+    values.pop("gradient_checkpointing")
+    values.pop("show_progress")
+    _check_settings(**values)
+
+
+def _check_settings(
+    *,
+    mode: str,
+    token: str,
+    initializer_token: str,
+    num_vectors: int,
+    lora_rank: int,
+    lora_alpha: float | None,
+    target_modules: Sequence[str],
+    lora_lr: float,
+    embedding_lr: float,
+    weight_decay: float,
+    steps: int,
+    batch_size: int,
+    gradient_accumulation_steps: int,
+    max_grad_norm: float | None,
+    height: int | None,
+    width: int | None,
+    mixed_precision: str,
+) -> None:
+    if mode not in MODES:
+        raise ValueError(f"mode must be one of {', '.join(MODES)}; got {mode!r}")
+    if not isinstance(token, str) or not token or any(c.isspace() for c in token):
+        raise ValueError(f"token must be a non-empty word without spaces, got {token!r}")
+    if not isinstance(initializer_token, str) or not initializer_token.strip():
+        raise ValueError(f"initializer_token must be a non-empty word, got {initializer_token!r}")
+    for name, value in (
+        ("num_vectors", num_vectors),
+        ("lora_rank", lora_rank),
+        ("batch_size", batch_size),
+        ("gradient_accumulation_steps", gradient_accumulation_steps),
+    ):
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ValueError(f"{name} must be an int >= 1, got {value!r}")
+    if isinstance(steps, bool) or not isinstance(steps, int) or steps < 0:
+        raise ValueError(f"steps must be an int >= 0, got {steps!r}")
+    for name, rate in (("lora_lr", lora_lr), ("embedding_lr", embedding_lr)):
+        if not isinstance(rate, (int, float)) or not rate > 0:
+            raise ValueError(f"{name} must be a number > 0, got {rate!r}")
+    if lora_alpha is not None and (not isinstance(lora_alpha, (int, float)) or lora_alpha <= 0):
+        raise ValueError(f"lora_alpha must be None or a number > 0, got {lora_alpha!r}")
+    if not isinstance(weight_decay, (int, float)) or weight_decay < 0:
+        raise ValueError(f"weight_decay must be a number >= 0, got {weight_decay!r}")
+    if max_grad_norm is not None and (
+        not isinstance(max_grad_norm, (int, float)) or max_grad_norm <= 0
+    ):
+        raise ValueError(f"max_grad_norm must be None or a number > 0, got {max_grad_norm!r}")
+    if isinstance(target_modules, str) or not list(target_modules):
+        raise ValueError(
+            f"target_modules must be a non-empty list of module names, got {target_modules!r}"
+        )
+    for name, size in (("height", height), ("width", width)):
+        if size is not None and (not isinstance(size, int) or size < 8):
+            raise ValueError(f"{name} must be None or an int >= 8, got {size!r}")
+    if mixed_precision not in ("auto", "bf16", "no"):
+        raise ValueError(f"mixed_precision must be 'auto', 'bf16' or 'no'; got {mixed_precision!r}")

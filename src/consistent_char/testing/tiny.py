@@ -1,0 +1,235 @@
+"""Tiny SDXL-architecture components for tests: the real classes, built from small configs.
+
+Like diffusers' own fast tests (`get_dummy_components` in
+``tests/pipelines/stable_diffusion_xl/test_stable_diffusion_xl.py``), every model is built from
+a config under a fixed `torch.manual_seed`, so two calls with the same seed give bit-identical
+weights (and, within one process, identical tokenizers: see `_tokenizer_dir`).
+The two text encoders have different widths (32 and 48) so that code mixing up ``clip_l`` and
+``clip_g`` fails loudly, as it would on full-size SDXL (768 and 1280).
+"""
+
+from __future__ import annotations
+
+import atexit
+import functools
+import os
+import shutil
+import tempfile
+from typing import Any, Literal
+
+import torch
+from diffusers import (
+    AutoencoderKL,
+    EulerDiscreteScheduler,
+    StableDiffusionXLPipeline,
+    UNet2DConditionModel,
+)
+from transformers import (
+    CLIPTextConfig,
+    CLIPTextModel,
+    CLIPTextModelWithProjection,
+    CLIPTokenizer,
+)
+
+from consistent_char.identity import Identity
+from consistent_char.tokenizers import build_clip_tokenizer
+
+__all__ = ["TINY_WORDS", "tiny_identity", "tiny_sdxl_pipeline"]
+
+#: Words each tiny tokenizer knows as single tokens (others split into characters).
+TINY_WORDS: tuple[str, ...] = (
+    "a", "an", "the", "of", "in", "on", "at", "with", "and", "photo", "picture", "drawing",
+    "person", "character", "creature", "cat", "dog", "fox", "robot", "girl", "boy", "man", "woman",
+    "red", "green", "blue", "yellow", "white", "black", "hat", "scarf", "big", "small",
+    "snow", "forest", "beach", "city", "night", "park", "street", "standing", "sitting",
+    "running", "cartoon", "style", "portrait", "background",
+)  # fmt: skip
+
+TEXT_ENCODER_WIDTH = 32
+TEXT_ENCODER_2_WIDTH = 48
+PROJECTION_DIM = 32
+ADDITION_TIME_EMBED_DIM = 8
+
+
+def tiny_sdxl_pipeline(
+    seed: int = 0,
+    directory: str | os.PathLike[str] | None = None,
+    *,
+    prediction_type: Literal["epsilon", "v_prediction"] = "epsilon",
+) -> StableDiffusionXLPipeline:
+    """Builds a tiny, randomly initialised `StableDiffusionXLPipeline` that draws 32×32 images.
+
+    Args:
+        seed: Seeds `torch.manual_seed` for the weights; the global RNG state is restored after.
+        directory: If given, the pipeline is written there with `save_pretrained` and read back with
+            `StableDiffusionXLPipeline.from_pretrained`, so callers exercise the real loading path.
+        prediction_type: The scheduler's prediction type (``"epsilon"`` or ``"v_prediction"``).
+
+    Returns:
+        The pipeline on CPU in float32, progress bar disabled.
+
+    Example:
+        >>> from consistent_char.testing.tiny import tiny_sdxl_pipeline
+        >>> pipe = tiny_sdxl_pipeline(seed=0)
+        >>> pipe("a photo of a cat", num_inference_steps=2, output_type="pil").images[0].size
+        (32, 32)
+    """
+    tokenizer = CLIPTokenizer.from_pretrained(_tokenizer_dir())
+    tokenizer_2 = CLIPTokenizer.from_pretrained(_tokenizer_dir())
+
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        unet = UNet2DConditionModel(
+            block_out_channels=(16, 32),
+            layers_per_block=1,
+            sample_size=16,
+            in_channels=4,
+            out_channels=4,
+            down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+            up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+            attention_head_dim=(2, 4),
+            use_linear_projection=True,
+            addition_embed_type="text_time",
+            addition_time_embed_dim=ADDITION_TIME_EMBED_DIM,
+            transformer_layers_per_block=(1, 1),
+            # SDXL: 6 size/crop ids embedded at ADDITION_TIME_EMBED_DIM each, plus the pooled text.
+            projection_class_embeddings_input_dim=6 * ADDITION_TIME_EMBED_DIM + PROJECTION_DIM,
+            # SDXL concatenates both encoders' hidden states.
+            cross_attention_dim=TEXT_ENCODER_WIDTH + TEXT_ENCODER_2_WIDTH,
+            norm_num_groups=8,
+        )
+        scheduler = EulerDiscreteScheduler(
+            beta_start=0.00085,
+            beta_end=0.012,
+            beta_schedule="scaled_linear",
+            steps_offset=1,
+            timestep_spacing="leading",
+            prediction_type=prediction_type,
+        )
+        vae = AutoencoderKL(
+            block_out_channels=(8, 16),
+            in_channels=3,
+            out_channels=3,
+            down_block_types=("DownEncoderBlock2D", "DownEncoderBlock2D"),
+            up_block_types=("UpDecoderBlock2D", "UpDecoderBlock2D"),
+            latent_channels=4,
+            norm_num_groups=4,
+            sample_size=32,
+        )
+        text_encoder = CLIPTextModel(_text_config(tokenizer, TEXT_ENCODER_WIDTH))
+        text_encoder_2 = CLIPTextModelWithProjection(
+            _text_config(tokenizer_2, TEXT_ENCODER_2_WIDTH)
+        )
+
+    pipe: Any = StableDiffusionXLPipeline(
+        vae=vae,
+        text_encoder=text_encoder,
+        text_encoder_2=text_encoder_2,
+        tokenizer=tokenizer,
+        tokenizer_2=tokenizer_2,
+        unet=unet,
+        scheduler=scheduler,
+    )
+    if directory is not None:
+        pipe.save_pretrained(str(directory))
+        pipe = StableDiffusionXLPipeline.from_pretrained(str(directory))
+    for module in (pipe.unet, pipe.vae, pipe.text_encoder, pipe.text_encoder_2):
+        module.eval()
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+@functools.cache
+def _tokenizer_dir() -> str:
+    # The BPE trainer behind build_clip_tokenizer breaks ties in its own (hash) order, so two
+    # builds can number the vocabulary differently; building once per process keeps every tiny
+    # pipeline of a process tokenizing alike (and seed-for-seed identical).
+    directory = tempfile.mkdtemp(prefix="consistent_char_tiny_tokenizer_")
+    atexit.register(shutil.rmtree, directory, ignore_errors=True)
+    build_clip_tokenizer(TINY_WORDS, directory)
+    return directory
+
+
+def _text_config(tokenizer: object, width: int) -> CLIPTextConfig:
+    # Real ids from the tokenizer: transformers' CLIP pools at the first `eos_token_id` (its
+    # legacy argmax rule only applies when eos_token_id == 2).
+    return CLIPTextConfig(
+        bos_token_id=tokenizer.bos_token_id,  # type: ignore[attr-defined]
+        eos_token_id=tokenizer.eos_token_id,  # type: ignore[attr-defined]
+        pad_token_id=tokenizer.pad_token_id,  # type: ignore[attr-defined]
+        vocab_size=len(tokenizer),  # type: ignore[arg-type]
+        hidden_size=width,
+        intermediate_size=2 * width,
+        num_attention_heads=4,
+        num_hidden_layers=2,
+        max_position_embeddings=77,
+        layer_norm_eps=1e-5,
+        hidden_act="gelu",
+        projection_dim=PROJECTION_DIM,
+    )
+
+
+def tiny_identity(
+    pipe: StableDiffusionXLPipeline,
+    token: str = "<tiny>",
+    seed: int = 0,
+    *,
+    num_vectors: int = 1,
+    lora_rank: int = 4,
+    lora_alpha: float | None = None,
+    target_modules: tuple[str, ...] = ("to_q", "to_k", "to_v", "to_out.0"),
+    with_lora: bool = True,
+    scale: float = 0.5,
+) -> Identity:
+    """A random `Identity` that fits `pipe`: right embedding widths and a LoRA matching its UNet.
+
+    The LoRA's ``lora_B`` is random too (peft initialises it to zero), so the identity visibly
+    changes images; `scale` is the standard deviation of all random values.
+
+    Args:
+        pipe: The pipeline the identity is for (widths and LoRA shapes are read from it).
+        token: The identity's token.
+        seed: Seeds a private `torch.Generator`; the global RNG is untouched.
+        num_vectors: Rows per text encoder.
+        lora_rank: LoRA rank ``r``.
+        lora_alpha: LoRA alpha (defaults to `lora_rank`).
+        target_modules: UNet module name suffixes the LoRA wraps.
+        with_lora: False gives a textual-inversion-only identity.
+        scale: Standard deviation of the random values.
+
+    Example:
+        >>> pipe = tiny_sdxl_pipeline()
+        >>> identity = tiny_identity(pipe, "<fox>", seed=1)
+        >>> identity.clip_l.shape, identity.clip_g.shape
+        (torch.Size([1, 32]), torch.Size([1, 48]))
+    """
+    sdxl: Any = pipe  # diffusers registers components at run time, unseen by type checkers
+    gen = torch.Generator().manual_seed(seed)
+    width_l = sdxl.text_encoder.get_input_embeddings().weight.shape[1]
+    width_g = sdxl.text_encoder_2.get_input_embeddings().weight.shape[1]
+    clip_l = torch.randn(num_vectors, width_l, generator=gen) * scale
+    clip_g = torch.randn(num_vectors, width_g, generator=gen) * scale
+    lora: dict[str, torch.Tensor] | None = None
+    if with_lora:
+        lora = {}
+        for name, module in sdxl.unet.named_modules():
+            if not isinstance(module, torch.nn.Linear):
+                continue
+            if not any(name == t or name.endswith("." + t) for t in target_modules):
+                continue
+            lora[f"{name}.lora_A.weight"] = (
+                torch.randn(lora_rank, module.in_features, generator=gen) * scale
+            )
+            lora[f"{name}.lora_B.weight"] = (
+                torch.randn(module.out_features, lora_rank, generator=gen) * scale
+            )
+    return Identity(
+        token=token,
+        clip_l=clip_l,
+        clip_g=clip_g,
+        lora=lora,
+        lora_rank=lora_rank,
+        lora_alpha=float(lora_rank if lora_alpha is None else lora_alpha),
+        target_modules=list(target_modules),
+        metadata={"made_by": "consistent_char.testing.tiny_identity", "seed": seed},
+    )

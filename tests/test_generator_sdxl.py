@@ -1,0 +1,213 @@
+"""SDXLGenerator on a tiny SDXL-architecture pipeline (CPU, 2 denoising steps)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from consistent_char.generators import SDXLGenerator
+from consistent_char.identity import IdentityError
+from consistent_char.interfaces import Generator
+from consistent_char.testing import tiny_identity, tiny_sdxl_pipeline
+
+PROMPTS = ["a photo of a cat", "a red dog in the snow", "a fox at night", "a robot"]
+SEEDS = [0, 1, 2**40 + 3, 2**63 - 1]
+
+
+@pytest.fixture(scope="module")
+def pipe():
+    return tiny_sdxl_pipeline(seed=0)
+
+
+def _gen(pipe, **settings):
+    settings.setdefault("num_inference_steps", 2)
+    return SDXLGenerator.from_pipeline(pipe, **settings)
+
+
+def _arrays(images):
+    return [np.asarray(im).astype(np.int16) for im in images]
+
+
+def _pipeline_snapshot(pipe):
+    return {
+        "vocab": (dict(pipe.tokenizer.get_vocab()), dict(pipe.tokenizer_2.get_vocab())),
+        "lens": (len(pipe.tokenizer), len(pipe.tokenizer_2)),
+        "types": {
+            name: [type(m).__name__ for m in getattr(pipe, name).modules()]
+            for name in ("unet", "text_encoder", "text_encoder_2")
+        },
+        "state": {
+            name: {k: v.clone() for k, v in getattr(pipe, name).state_dict().items()}
+            for name in ("unet", "vae", "text_encoder", "text_encoder_2")
+        },
+    }
+
+
+def _assert_same_pipeline(before, after):
+    assert before["vocab"] == after["vocab"]
+    assert before["lens"] == after["lens"]
+    assert before["types"] == after["types"]
+    for name, state in before["state"].items():
+        assert state.keys() == after["state"][name].keys(), name
+        for key, value in state.items():
+            assert torch.equal(value, after["state"][name][key]), f"{name}.{key} changed"
+
+
+def test_is_a_generator(pipe):
+    assert isinstance(_gen(pipe), Generator)
+
+
+def test_returns_one_rgb_image_per_prompt_at_the_pipeline_size(pipe):
+    images = _gen(pipe).generate(PROMPTS[:2], SEEDS[:2])
+    assert [im.mode for im in images] == ["RGB", "RGB"]
+    assert [im.size for im in images] == [(32, 32), (32, 32)]
+    tall = _gen(pipe, height=48, width=32).generate(PROMPTS[:1], SEEDS[:1])
+    assert tall[0].size == (32, 48)
+
+
+def test_same_seed_same_image(pipe):
+    gen = _gen(pipe)
+    first = _arrays(gen.generate(PROMPTS, SEEDS))
+    again = _arrays(gen.generate(PROMPTS, SEEDS))
+    for a, b in zip(first, again, strict=True):
+        assert np.array_equal(a, b)
+    other = _arrays(gen.generate(PROMPTS, [s ^ 1 for s in SEEDS]))
+    assert all(not np.array_equal(a, b) for a, b in zip(first, other, strict=True))
+
+
+def test_image_depends_only_on_its_own_seed_and_prompt(pipe):
+    all_at_once = _arrays(_gen(pipe, batch_size=4).generate(PROMPTS, SEEDS))
+    one_by_one = _arrays(_gen(pipe, batch_size=1).generate(PROMPTS, SEEDS))
+    # Reversed order in batches of 3: each image sits with other neighbours in another batch.
+    shuffled = _arrays(_gen(pipe, batch_size=3).generate(PROMPTS[::-1], SEEDS[::-1]))[::-1]
+    for a, b, c in zip(all_at_once, one_by_one, shuffled, strict=True):
+        # A batched matmul may round differently from a single one: allow one grey level.
+        assert np.abs(a - b).max() <= 1
+        assert np.abs(a - c).max() <= 1
+    # ... while the images themselves differ far more than that.
+    assert np.abs(all_at_once[0] - all_at_once[1]).max() > 10
+
+
+def test_callback_reports_progress_per_batch(pipe):
+    calls = []
+    _gen(pipe, batch_size=2).generate(
+        PROMPTS[:3], SEEDS[:3], callback=lambda d, t: calls.append((d, t))
+    )
+    assert calls == [(2, 3), (3, 3)]
+
+
+def test_identity_is_applied_then_removed(pipe):
+    gen = _gen(pipe)
+    identity = tiny_identity(pipe, "<fox>", seed=3)
+    before = _pipeline_snapshot(pipe)
+    plain = _arrays(gen.generate(["a <fox> in the snow"], [5]))
+    with_identity = _arrays(gen.generate(["a <fox> in the snow"], [5], identity=identity))
+    assert np.abs(plain[0] - with_identity[0]).max() > 10
+    _assert_same_pipeline(before, _pipeline_snapshot(pipe))
+    assert not getattr(pipe.unet, "peft_config", None)
+    # Applying it again works: nothing of the first application was left behind.
+    again = _arrays(gen.generate(["a <fox> in the snow"], [5], identity=identity))
+    assert np.array_equal(with_identity[0], again[0])
+
+
+def test_identity_is_removed_when_generation_fails(pipe):
+    gen = _gen(pipe)
+    identity = tiny_identity(pipe, "<fox>", seed=3)
+    before = _pipeline_snapshot(pipe)
+
+    def fail(done, total):
+        raise RuntimeError("stop")
+
+    with pytest.raises(RuntimeError, match="stop"):
+        gen.generate(["a <fox>"], [0], identity=identity, callback=fail)
+    _assert_same_pipeline(before, _pipeline_snapshot(pipe))
+
+
+def test_identity_of_another_model_is_a_clear_error(pipe):
+    identity = tiny_identity(pipe, "<fox>")
+    identity.clip_l, identity.clip_g = identity.clip_g, identity.clip_l  # 48 and 32: swapped
+    before = _pipeline_snapshot(pipe)
+    with pytest.raises(IdentityError, match=r"clip_l vectors of width 48.*expects 32"):
+        _gen(pipe).generate(["a <fox>"], [0], identity=identity)
+    _assert_same_pipeline(before, _pipeline_snapshot(pipe))
+
+
+@pytest.mark.parametrize(
+    ("prompts", "seeds", "message"),
+    [
+        ([], [], "prompts is empty"),
+        (["a", "b"], [1], "got 2 prompts and 1 seeds"),
+        (["a"], [-1], r"seeds\[0\] must be in \[0, 2\*\*63\)"),
+        (["a"], [2**63], r"seeds\[0\] must be in"),
+        (["a"], [1.5], r"seeds\[0\] must be an int"),
+        (["a"], [True], r"seeds\[0\] must be an int"),
+        ("a cat", [0], "single string"),
+        ([None], [0], r"prompts\[0\] must be a str"),
+    ],
+)
+def test_bad_inputs_are_clear_errors(pipe, prompts, seeds, message):
+    with pytest.raises(ValueError, match=message):
+        _gen(pipe).generate(prompts, seeds)
+
+
+@pytest.mark.parametrize(
+    ("settings", "message"),
+    [
+        ({"num_inference_steps": 0}, "num_inference_steps must be an int >= 1"),
+        ({"guidance_scale": -1.0}, "guidance_scale must be a number >= 0"),
+        ({"batch_size": 0}, "batch_size must be None"),
+        ({"height": 30}, "height must be None or a positive multiple of 8"),
+    ],
+)
+def test_bad_settings_are_clear_errors(pipe, settings, message):
+    with pytest.raises(ValueError, match=message):
+        SDXLGenerator.from_pipeline(pipe, **settings)
+
+
+def test_from_pretrained_missing_local_dir_fails_before_loading(tmp_path):
+    missing = tmp_path / "no-such-model"
+    with pytest.raises(FileNotFoundError, match="no-such-model"):
+        SDXLGenerator.from_pretrained(str(missing))
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(FileNotFoundError, match="no model_index.json"):
+        SDXLGenerator.from_pretrained(tmp_path / "empty")
+    with pytest.raises(TypeError, match="unknown SDXLGenerator setting"):
+        SDXLGenerator.from_pretrained(tmp_path / "empty", num_steps=3)
+    with pytest.raises(ValueError, match="num_inference_steps"):
+        SDXLGenerator.from_pretrained(tmp_path / "empty", num_inference_steps=0)
+
+
+def test_from_pretrained_loads_a_saved_pipeline(tmp_path, pipe):
+    tiny_sdxl_pipeline(seed=0, directory=tmp_path / "model")
+    loaded = SDXLGenerator.from_pretrained(tmp_path / "model", device="cpu", num_inference_steps=2)
+    assert loaded.pipeline.device.type == "cpu"
+    assert loaded.pipeline.unet.dtype == torch.float32
+    a = _arrays(loaded.generate(PROMPTS[:2], SEEDS[:2]))
+    b = _arrays(_gen(pipe).generate(PROMPTS[:2], SEEDS[:2]))
+    for x, y in zip(a, b, strict=True):
+        assert np.array_equal(x, y)
+
+
+def test_out_of_memory_halves_an_automatic_batch(pipe, monkeypatch):
+    gen = _gen(pipe)  # batch_size=None: automatic
+    expected = _arrays(gen.generate(PROMPTS, SEEDS))
+    real = gen._call_pipeline
+    sizes = []
+
+    def small_memory(prompts, seeds, height, width):
+        sizes.append(len(prompts))
+        if len(prompts) > 1:
+            raise torch.cuda.OutOfMemoryError("CUDA out of memory (simulated)")
+        return real(prompts, seeds, height, width)
+
+    monkeypatch.setattr(gen, "_call_pipeline", small_memory)
+    got = _arrays(gen.generate(PROMPTS, SEEDS))
+    assert sizes == [4, 2, 1, 1, 1, 1]
+    for a, b in zip(expected, got, strict=True):
+        assert np.abs(a - b).max() <= 1
+    # A batch size the user chose is not second-guessed.
+    fixed = _gen(pipe, batch_size=2)
+    monkeypatch.setattr(fixed, "_call_pipeline", small_memory)
+    with pytest.raises(torch.cuda.OutOfMemoryError):
+        fixed.generate(PROMPTS, SEEDS)

@@ -1,0 +1,358 @@
+"""TextualInversionLoRARefiner on a tiny SDXL-architecture pipeline (CPU, a few dozen steps)."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from consistent_char.identity import Identity, IdentityError
+from consistent_char.interfaces import Refiner
+from consistent_char.refiners import TextualInversionLoRARefiner
+from consistent_char.testing import tiny_identity, tiny_sdxl_pipeline
+
+TOKEN = "<cc>"
+CAPTIONS = [f"a photo of {TOKEN} in the snow"] * 4
+# Learning rates far above the SDXL defaults, so a tiny random model moves in a few steps.
+FAST = {"lora_lr": 1e-2, "embedding_lr": 5e-2, "token": TOKEN, "initializer_token": "cat"}
+MODULES = ("unet", "vae", "text_encoder", "text_encoder_2")
+
+
+@pytest.fixture(scope="module")
+def pipe():
+    return tiny_sdxl_pipeline(seed=0)
+
+
+@pytest.fixture(scope="module")
+def images(pipe):
+    generators = [torch.Generator().manual_seed(i) for i in range(4)]
+    return pipe(
+        ["a red cat"] * 4, num_inference_steps=2, generator=generators, output_type="pil"
+    ).images
+
+
+def _refiner(pipe, **settings):
+    return TextualInversionLoRARefiner.from_pipeline(pipe, **{**FAST, **settings})
+
+
+def _state(pipe):
+    return {
+        name: {k: v.clone() for k, v in getattr(pipe, name).state_dict().items()}
+        for name in MODULES
+    }
+
+
+def _assert_same_state(before, after):
+    for name in MODULES:
+        assert before[name].keys() == after[name].keys(), f"{name}'s parameters were renamed"
+        for key, value in before[name].items():
+            assert torch.equal(value, after[name][key]), f"{name}.{key} changed"
+
+
+def _same_identity(a: Identity, b: Identity) -> bool:
+    if a.token != b.token or not torch.equal(a.clip_l, b.clip_l):
+        return False
+    if not torch.equal(a.clip_g, b.clip_g):
+        return False
+    if (a.lora is None) != (b.lora is None):
+        return False
+    if a.lora is None or b.lora is None:
+        return True
+    return a.lora.keys() == b.lora.keys() and all(torch.equal(a.lora[k], b.lora[k]) for k in a.lora)
+
+
+def _initial_row(pipe, encoder_index, word="cat"):
+    tokenizer = (pipe.tokenizer, pipe.tokenizer_2)[encoder_index]
+    encoder = (pipe.text_encoder, pipe.text_encoder_2)[encoder_index]
+    ids = tokenizer(word, add_special_tokens=False).input_ids
+    return encoder.get_input_embeddings().weight.detach()[ids].mean(0, keepdim=True)
+
+
+def test_is_a_refiner(pipe):
+    assert isinstance(_refiner(pipe), Refiner)
+
+
+def test_only_new_token_rows_and_lora_change(pipe, images):
+    before = _state(pipe)
+    identity = _refiner(pipe, steps=5).refine(None, images, CAPTIONS, seed=0)
+    _assert_same_state(before, _state(pipe))
+    assert identity.token == TOKEN
+    assert identity.clip_l.shape == (1, 32) and identity.clip_g.shape == (1, 48)
+    assert not torch.equal(identity.clip_l, _initial_row(pipe, 0))
+    assert not torch.equal(identity.clip_g, _initial_row(pipe, 1))
+    assert identity.lora is not None
+    # peft starts lora_B at zero: any nonzero value was learned.
+    assert any(v.abs().sum() > 0 for k, v in identity.lora.items() if "lora_B" in k)
+    tensors = [identity.clip_l, identity.clip_g, *identity.lora.values()]
+    assert all(t.device.type == "cpu" and t.dtype == torch.float32 for t in tensors)
+    assert not any(t.requires_grad for t in tensors)
+
+
+def test_pipeline_is_left_exactly_as_before(pipe, images):
+    # Unusual flags, to see that refine restores them rather than resetting to defaults.
+    pipe.text_encoder.train()
+    pipe.unet.requires_grad_(False)
+    pipe.vae.decoder.requires_grad_(False)
+    flags = {n: [p.requires_grad for p in getattr(pipe, n).parameters()] for n in MODULES}
+    modes = {n: [m.training for m in getattr(pipe, n).modules()] for n in MODULES}
+    types = {n: [type(m) for m in getattr(pipe, n).modules()] for n in MODULES}
+    embeddings = [
+        pipe.text_encoder.get_input_embeddings(),
+        pipe.text_encoder_2.get_input_embeddings(),
+    ]
+    vocab = [dict(pipe.tokenizer.get_vocab()), dict(pipe.tokenizer_2.get_vocab())]
+    rng = torch.get_rng_state()
+    try:
+        _refiner(pipe, steps=2).refine(None, images, CAPTIONS, seed=0)
+        assert {
+            n: [p.requires_grad for p in getattr(pipe, n).parameters()] for n in MODULES
+        } == flags
+        assert {n: [m.training for m in getattr(pipe, n).modules()] for n in MODULES} == modes
+        assert {n: [type(m) for m in getattr(pipe, n).modules()] for n in MODULES} == types
+        assert pipe.text_encoder.get_input_embeddings() is embeddings[0]
+        assert pipe.text_encoder_2.get_input_embeddings() is embeddings[1]
+        assert [dict(pipe.tokenizer.get_vocab()), dict(pipe.tokenizer_2.get_vocab())] == vocab
+        assert not getattr(pipe.unet, "peft_config", None)
+        assert torch.equal(torch.get_rng_state(), rng), "the caller's global RNG moved"
+    finally:
+        pipe.text_encoder.eval()
+        pipe.unet.requires_grad_(True)
+        pipe.vae.decoder.requires_grad_(True)
+
+
+def test_pipeline_is_restored_when_training_fails(pipe, images):
+    before = _state(pipe)
+
+    def stop(step, total, loss):
+        raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        _refiner(pipe, steps=3).refine(None, images, CAPTIONS, seed=0, callback=stop)
+    _assert_same_state(before, _state(pipe))
+    assert TOKEN not in pipe.tokenizer.get_vocab()
+    assert not getattr(pipe.unet, "peft_config", None)
+
+
+def test_loss_decreases(pipe, images):
+    refiner = _refiner(pipe, steps=40)
+    losses: list[float] = []
+    before = refiner.denoising_loss(None, images, CAPTIONS, seed=123, repeats=8)
+    identity = refiner.refine(
+        None, images, CAPTIONS, seed=0, callback=lambda s, t, loss: losses.append(loss)
+    )
+    after = refiner.denoising_loss(identity, images, CAPTIONS, seed=123, repeats=8)
+    assert len(losses) == 40 and all(math.isfinite(x) for x in losses)
+    assert after < 0.95 * before, (before, after)
+    assert identity.metadata["refiner"]["final_loss"] == losses[-1]
+
+
+def test_deterministic_for_a_seed(pipe, images):
+    refiner = _refiner(pipe, steps=3, batch_size=2)
+    a = refiner.refine(None, images, CAPTIONS, seed=7)
+    b = refiner.refine(None, images, CAPTIONS, seed=7)
+    c = refiner.refine(None, images, CAPTIONS, seed=8)
+    assert _same_identity(a, b)
+    assert not _same_identity(a, c)
+
+
+def test_warm_start_with_no_steps_returns_the_identity_unchanged(pipe, images):
+    start = tiny_identity(pipe, TOKEN, seed=1, lora_rank=2, lora_alpha=6.0)
+    # The refiner's own rank/alpha settings differ: the identity's are kept.
+    out = _refiner(pipe, steps=0, lora_rank=4).refine(start, images, CAPTIONS, seed=0)
+    assert _same_identity(start, out)
+    assert (out.lora_rank, out.lora_alpha) == (2, 6.0)
+
+
+def test_warm_start_continues_from_the_identity(pipe, images):
+    first = _refiner(pipe, steps=3).refine(None, images, CAPTIONS, seed=0)
+    # Small steps: a continued identity stays near `first`, a fresh one near the initialisation.
+    slow = _refiner(pipe, steps=3, lora_lr=1e-4, embedding_lr=1e-4)
+    warm = slow.refine(first, images, CAPTIONS, seed=1)
+    cold = slow.refine(None, images, CAPTIONS, seed=1)
+    assert not _same_identity(warm, first)
+    assert not _same_identity(warm, cold)
+    assert (warm.clip_l - first.clip_l).norm() < 0.1 * (warm.clip_l - cold.clip_l).norm()
+    assert (warm.clip_g - first.clip_g).norm() < 0.1 * (warm.clip_g - cold.clip_g).norm()
+    assert warm.metadata["refine_count"] == 2
+    assert warm.metadata["refiner"]["warm_start"] is True
+
+
+def test_ti_mode_trains_no_lora(pipe, images):
+    identity = _refiner(pipe, mode="ti", steps=3).refine(None, images, CAPTIONS, seed=0)
+    assert identity.lora is None
+    assert not torch.equal(identity.clip_l, _initial_row(pipe, 0))
+
+
+def test_ti_mode_keeps_a_warm_start_lora_frozen(pipe, images):
+    start = tiny_identity(pipe, TOKEN, seed=2)
+    out = _refiner(pipe, mode="ti", steps=3).refine(start, images, CAPTIONS, seed=0)
+    assert out.lora is not None and start.lora is not None
+    assert all(torch.equal(out.lora[k], start.lora[k]) for k in start.lora)
+    assert not torch.equal(out.clip_l, start.clip_l)
+
+
+def test_lora_mode_keeps_the_token_rows_at_their_initialisation(pipe, images):
+    identity = _refiner(pipe, mode="lora", steps=3).refine(None, images, CAPTIONS, seed=0)
+    assert torch.equal(identity.clip_l, _initial_row(pipe, 0))
+    assert torch.equal(identity.clip_g, _initial_row(pipe, 1))
+    assert identity.lora is not None
+    assert any(v.abs().sum() > 0 for k, v in identity.lora.items() if "lora_B" in k)
+
+
+def test_multi_vector_tokens(pipe, images):
+    identity = _refiner(pipe, num_vectors=3, steps=2).refine(None, images, CAPTIONS, seed=0)
+    assert identity.clip_l.shape == (3, 32) and identity.clip_g.shape == (3, 48)
+    assert identity.tokens == [TOKEN, f"{TOKEN}_1", f"{TOKEN}_2"]
+
+
+def test_batches_larger_than_the_image_set_and_accumulation(pipe, images):
+    identity = _refiner(pipe, steps=2, batch_size=6, gradient_accumulation_steps=2).refine(
+        None, images[:2], CAPTIONS[:2], seed=0
+    )
+    assert identity.clip_l.isfinite().all()
+
+
+def test_v_prediction_trains_against_the_velocity(images, monkeypatch):
+    from diffusers import DDPMScheduler
+
+    pipe = tiny_sdxl_pipeline(seed=0, prediction_type="v_prediction")
+    calls = []
+    original = DDPMScheduler.get_velocity
+
+    def spy(self, sample, noise, timesteps):
+        calls.append(timesteps)
+        return original(self, sample, noise, timesteps)
+
+    monkeypatch.setattr(DDPMScheduler, "get_velocity", spy)
+    losses: list[float] = []
+    _refiner(pipe, steps=2).refine(
+        None, images, CAPTIONS, seed=0, callback=lambda s, t, loss: losses.append(loss)
+    )
+    assert len(calls) == 2 and all(math.isfinite(x) for x in losses)
+
+
+def test_training_conditioning_is_the_inference_conditioning(pipe, images):
+    """What refine trains through (its own encoding and LoRA) equals what apply_to + the
+    pipeline's encode_prompt and UNet use at generation time."""
+    identity = tiny_identity(pipe, TOKEN, seed=4, num_vectors=2, lora_rank=2, lora_alpha=5.0)
+    refiner = _refiner(pipe)
+    captions = [f"a {TOKEN} cat", f"{TOKEN} in the city at night"]
+    latents = torch.randn(2, 4, 16, 16, generator=torch.Generator().manual_seed(0))
+    timesteps = torch.tensor([10, 700])
+    time_ids = torch.tensor([[32.0, 32, 0, 0, 32, 32]] * 2)
+    with torch.no_grad():
+        with refiner._trainable(identity, TOKEN, seed=0) as state:
+            embeds, pooled = state.encode(*state.tokenize(captions))
+            trained = pipe.unet(
+                latents,
+                timesteps,
+                encoder_hidden_states=embeds,
+                added_cond_kwargs={"text_embeds": pooled, "time_ids": time_ids},
+            ).sample
+        identity.apply_to(pipe)
+        try:
+            embeds_inf, _, pooled_inf, _ = pipe.encode_prompt(
+                captions, device="cpu", do_classifier_free_guidance=False
+            )
+            generated = pipe.unet(
+                latents,
+                timesteps,
+                encoder_hidden_states=embeds_inf,
+                added_cond_kwargs={"text_embeds": pooled_inf, "time_ids": time_ids},
+            ).sample
+        finally:
+            identity.remove_from(pipe)
+    torch.testing.assert_close(embeds, embeds_inf)
+    torch.testing.assert_close(pooled, pooled_inf)
+    torch.testing.assert_close(trained, generated)
+
+
+def test_returned_identity_round_trips_and_generates(pipe, images, tmp_path):
+    from consistent_char.generators import SDXLGenerator
+
+    identity = _refiner(pipe, steps=2, lora_alpha=8.0).refine(None, images, CAPTIONS, seed=0)
+    assert (identity.lora_rank, identity.lora_alpha) == (4, 8.0)
+    loaded = Identity.load(identity.save(tmp_path / "identity"))
+    assert _same_identity(identity, loaded)
+    out = SDXLGenerator.from_pipeline(pipe, num_inference_steps=2).generate(
+        [CAPTIONS[0]], [0], identity=loaded
+    )
+    assert out[0].size == (32, 32)
+
+
+@pytest.mark.parametrize(
+    ("images_arg", "captions", "message"),
+    [
+        ("none", [], "images is empty"),
+        ("four", CAPTIONS[:3], "got 4 images and 3 captions"),
+        ("four", [*CAPTIONS[:3], "a photo of a cat"], r"captions\[3\] must contain .*<cc>"),
+        ("four", "a photo of <cc>", "one per image"),
+    ],
+)
+def test_bad_inputs_are_clear_errors(pipe, images, images_arg, captions, message):
+    imgs = [] if images_arg == "none" else images
+    with pytest.raises(ValueError, match=message):
+        _refiner(pipe, steps=1).refine(None, imgs, captions, seed=0)
+
+
+def test_bad_seed_and_taken_token_are_clear_errors(pipe, images):
+    with pytest.raises(ValueError, match=r"seed must be an int in \[0, 2\*\*63\)"):
+        _refiner(pipe, steps=1).refine(None, images, CAPTIONS, seed=-1)
+    with pytest.raises(ValueError, match="already in the pipeline's tokenizer"):
+        _refiner(pipe, token="cat", steps=1).refine(None, images, ["a cat"] * 4, seed=0)
+    applied = tiny_identity(pipe, TOKEN)
+    applied.apply_to(pipe)
+    try:
+        with pytest.raises(ValueError, match=r"\['<cc>'\] are already in the pipeline's tok"):
+            _refiner(pipe, steps=1).refine(None, images, CAPTIONS, seed=0)
+    finally:
+        applied.remove_from(pipe)
+
+
+def test_identity_of_another_model_is_a_clear_error(pipe, images):
+    identity = tiny_identity(pipe, TOKEN)
+    identity.clip_l, identity.clip_g = identity.clip_g, identity.clip_l
+    with pytest.raises(IdentityError, match="width 48.*expects 32"):
+        _refiner(pipe, steps=1).refine(identity, images, CAPTIONS, seed=0)
+
+
+@pytest.mark.parametrize(
+    ("settings", "message"),
+    [
+        ({"mode": "dreambooth"}, "mode must be one of ti_lora, ti, lora"),
+        ({"steps": -1}, "steps must be an int >= 0"),
+        ({"lora_lr": 0.0}, "lora_lr must be a number > 0"),
+        ({"num_vectors": 0}, "num_vectors must be an int >= 1"),
+        ({"token": "two words"}, "token must be a non-empty word without spaces"),
+        ({"mixed_precision": "fp8"}, "mixed_precision must be"),
+    ],
+)
+def test_bad_settings_are_clear_errors(pipe, settings, message):
+    with pytest.raises(ValueError, match=message):
+        _refiner(pipe, **settings)
+
+
+def test_from_pretrained_checks_before_loading(tmp_path):
+    with pytest.raises(FileNotFoundError, match="not found"):
+        TextualInversionLoRARefiner.from_pretrained(str(tmp_path / "missing"))
+    with pytest.raises(TypeError, match="unknown TextualInversionLoRARefiner setting"):
+        TextualInversionLoRARefiner.from_pretrained(tmp_path, learning_rate=1.0)
+
+
+def test_from_pretrained_loads_a_saved_pipeline(tmp_path, images):
+    tiny_sdxl_pipeline(seed=0, directory=tmp_path / "model")
+    refiner = TextualInversionLoRARefiner.from_pretrained(
+        tmp_path / "model", device="cpu", steps=1, **{k: v for k, v in FAST.items()}
+    )
+    assert refiner.refine(None, images, CAPTIONS, seed=0).token == TOKEN
+
+
+def test_lora_targets_that_match_nothing_are_a_clear_error(pipe, images):
+    before = _state(pipe)
+    with pytest.raises(IdentityError, match=r"cannot add a LoRA on \['to_nowhere'\]"):
+        _refiner(pipe, target_modules=["to_nowhere"], steps=1).refine(
+            None, images, CAPTIONS, seed=0
+        )
+    _assert_same_state(before, _state(pipe))
+    assert not getattr(pipe.unet, "peft_config", None)
