@@ -1,6 +1,6 @@
 """Builds small CLIP tokenizers from a word list, for ToyWorld's model and the test suite.
 
-The vocabulary is learned with a real BPE trainer on the words, so each listed word is one token
+The vocabulary is learned by byte-pair encoding on the words, so each listed word is one token
 and any other text still tokenizes (into characters). The files are the standard CLIP
 `vocab.json` + `merges.txt`, loaded back with `CLIPTokenizer.from_pretrained(dir)`: building a
 `CLIPTokenizer(vocab_file=..., merges_file=...)` directly silently yields a 3-token vocabulary
@@ -31,35 +31,25 @@ def build_clip_tokenizer(words: Iterable[str], directory: str | os.PathLike[str]
     Returns:
         The tokenizer, loaded back from `directory` (``model_max_length`` 77, as in SDXL).
     """
-    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
-
     unique = sorted({w.strip().lower() for w in words if w.strip()})
     base = set(string.ascii_lowercase + string.digits + ",.!?'-<>_")
     alphabet = sorted(base | set("".join(unique)))
-    bpe = Tokenizer(models.BPE(end_of_word_suffix="</w>"))
-    bpe.pre_tokenizer = pre_tokenizers.Whitespace()
-    trainer = trainers.BpeTrainer(
-        vocab_size=100_000,
-        min_frequency=1,
-        initial_alphabet=alphabet,
-        end_of_word_suffix="</w>",
-        show_progress=False,
-        special_tokens=[],
-    )
-    bpe.train_from_iterator(unique, trainer=trainer)
-    model = json.loads(bpe.to_str())["model"]
-    vocab: dict[str, int] = dict(sorted(model["vocab"].items(), key=lambda kv: kv[1]))
-    # A character alone is a word end too ("a" in "a creature").
-    for ch in alphabet:
-        vocab.setdefault(ch + "</w>", len(vocab))
+    merges = _learn_merges(unique)
+    vocab: dict[str, int] = {}
+    for symbol in alphabet:
+        vocab.setdefault(symbol, len(vocab))
+    for symbol in alphabet:  # a character alone is a word end too ("a" in "a creature")
+        vocab.setdefault(symbol + "</w>", len(vocab))
+    for left, right in merges:
+        vocab.setdefault(left + right, len(vocab))
     for special in (BOS, EOS):
         vocab.setdefault(special, len(vocab))
-    merges = [m if isinstance(m, str) else " ".join(m) for m in model["merges"]]
 
     out = Path(directory)
     out.mkdir(parents=True, exist_ok=True)
     (out / "vocab.json").write_text(json.dumps(vocab, ensure_ascii=False))
-    (out / "merges.txt").write_text("#version: 0.2\n" + "\n".join(merges) + "\n")
+    lines = [f"{left} {right}" for left, right in merges]
+    (out / "merges.txt").write_text("#version: 0.2\n" + "\n".join(lines) + "\n")
     (out / "tokenizer_config.json").write_text(
         json.dumps(
             {
@@ -78,3 +68,38 @@ def build_clip_tokenizer(words: Iterable[str], directory: str | os.PathLike[str]
         json.dumps({"bos_token": BOS, "eos_token": EOS, "unk_token": EOS, "pad_token": EOS})
     )
     return CLIPTokenizer.from_pretrained(str(out))
+
+
+def _learn_merges(words: list[str]) -> list[tuple[str, str]]:
+    """Byte-pair merges that make every word one token, learned the classic way (most frequent
+    pair first) with ties broken by the pair itself, so the same words always give the same
+    files. (The `tokenizers` trainer breaks ties in hash order, which differs between runs.)
+
+    Encoding replays merges in rank order exactly as they were learned, so each training word
+    ends as a single token.
+    """
+    segmented = [tuple(w[:-1]) + (w[-1] + "</w>",) for w in words if w]
+    merges: list[tuple[str, str]] = []
+    while True:
+        counts: dict[tuple[str, str], int] = {}
+        for symbols in segmented:
+            for pair in zip(symbols, symbols[1:], strict=False):
+                counts[pair] = counts.get(pair, 0) + 1
+        if not counts:
+            return merges
+        best = min(counts, key=lambda pair: (-counts[pair], pair))
+        merges.append(best)
+        segmented = [_merge(symbols, best) for symbols in segmented]
+
+
+def _merge(symbols: tuple[str, ...], pair: tuple[str, str]) -> tuple[str, ...]:
+    out: list[str] = []
+    i = 0
+    while i < len(symbols):
+        if i + 1 < len(symbols) and (symbols[i], symbols[i + 1]) == pair:
+            out.append(symbols[i] + symbols[i + 1])
+            i += 2
+        else:
+            out.append(symbols[i])
+            i += 1
+    return tuple(out)
