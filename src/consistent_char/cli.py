@@ -60,6 +60,7 @@ class _ProgressPrinter:
         self.progress = progress
         self.iterations: TaskID = progress.add_task("iterations", total=max_iterations)
         self.stage_task: TaskID | None = None
+        self.stage_total = 1
 
     def __call__(self, event: Any) -> None:
         p = self.progress
@@ -67,11 +68,13 @@ class _ProgressPrinter:
             label = f"  iter {event.iteration} · {_STAGE_LABEL.get(event.stage, event.stage)}"
             if self.stage_task is not None:
                 p.remove_task(self.stage_task)
-            self.stage_task = p.add_task(label, total=max(event.total, 1))
+            self.stage_total = max(event.total, 1)
+            self.stage_task = p.add_task(label, total=self.stage_total)
         elif event.kind == "progress" and self.stage_task is not None:
-            p.update(self.stage_task, completed=event.done, total=max(event.total, 1))
+            self.stage_total = max(event.total, 1)
+            p.update(self.stage_task, completed=event.done, total=self.stage_total)
         elif event.kind == "stage_end" and self.stage_task is not None:
-            p.update(self.stage_task, completed=p.tasks[self.stage_task].total)
+            p.update(self.stage_task, completed=self.stage_total)
         elif event.kind == "iteration_end" and event.record is not None:
             r = event.record
             p.advance(self.iterations)

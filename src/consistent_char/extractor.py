@@ -366,11 +366,19 @@ class IterativeIdentityExtractor:
             return Identity.load(run.iteration_identity_dir(iteration))
         token = identity.token if identity is not None else self.config.refiner.token
         caption = self.config.identity_prompt_template.format(token=token, prompt=prompt)
+        kwargs: dict[str, Any] = {}
+        if _accepts(self.refiner.refine, "callback"):
+
+            def progress(step: int, total: int, loss: float) -> None:
+                self._emit("progress", iteration, "refine", done=step, total=total)
+
+            kwargs["callback"] = progress
         new = self.refiner.refine(
             identity,
             members,
             [caption] * len(members),
             seed=stage_seed(self.config.seed, iteration, "refine"),
+            **kwargs,
         )
         if run is not None:
             new.save(run.iteration_identity_dir(iteration))

@@ -34,7 +34,7 @@ from transformers import (
 from consistent_char.identity import Identity
 from consistent_char.tokenizers import build_clip_tokenizer
 
-__all__ = ["TINY_WORDS", "tiny_identity", "tiny_sdxl_pipeline"]
+__all__ = ["TINY_WORDS", "tiny_dinov2", "tiny_identity", "tiny_sdxl_pipeline"]
 
 #: Words each tiny tokenizer knows as single tokens (others split into characters).
 TINY_WORDS: tuple[str, ...] = (
@@ -233,3 +233,26 @@ def tiny_identity(
         target_modules=list(target_modules),
         metadata={"made_by": "consistent_char.testing.tiny_identity", "seed": seed},
     )
+
+
+def tiny_dinov2(seed: int = 0, directory: str | os.PathLike[str] | None = None) -> Any:
+    """A tiny random `transformers.Dinov2Model` (28×28 input, width 32), saved to and loaded
+    from `directory` when given, for tests of the DINOv2 embedder's real loading path."""
+    from transformers import Dinov2Config, Dinov2Model
+
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = Dinov2Model(
+            Dinov2Config(
+                hidden_size=32,
+                num_hidden_layers=2,
+                num_attention_heads=4,
+                intermediate_size=64,
+                image_size=28,
+                patch_size=14,
+            )
+        ).eval()
+    if directory is None:
+        return model
+    model.save_pretrained(str(directory))
+    return Dinov2Model.from_pretrained(str(directory)).eval()

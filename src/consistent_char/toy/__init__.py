@@ -1,0 +1,120 @@
+"""ToyWorld: an offline world with ground truth, shipped inside the package.
+
+Cartoon creatures drawn procedurally (`render_creature`), captions from a small grammar
+(`full_caption`, `sample_caption`), a tiny SDXL-architecture text-to-image model trained on them
+(`model_dir`), a tiny DINOv2 (`embedder_dir`) and an identity probe (`probe_dir`,
+`IdentityProbe`) that reads every attribute back from an image.
+
+The weights are package data under ``consistent_char/toy/weights/``, reproduced from a seed by
+``python -m consistent_char.toy.train --out DIR``.
+
+Example:
+    >>> import consistent_char.toy as toy
+    >>> from diffusers import StableDiffusionXLPipeline
+    >>> pipe = StableDiffusionXLPipeline.from_pretrained(toy.model_dir())  # doctest: +SKIP
+    >>> image = pipe("a red round creature in the snow").images[0]  # doctest: +SKIP
+    >>> toy.IdentityProbe.from_pretrained(toy.probe_dir()).predict([image])  # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+from importlib import import_module
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from consistent_char.toy.captions import (
+    SCENE_PHRASES,
+    VOCABULARY,
+    caption,
+    full_caption,
+    parse_caption,
+    parse_scene,
+    sample_caption,
+    scene_phrase,
+)
+from consistent_char.toy.world import (
+    ATTRIBUTES,
+    CONTEXT_ATTRIBUTES,
+    IDENTITY_ATTRIBUTES,
+    IMAGE_SIZE,
+    SCENES,
+    CreatureRecord,
+    render,
+    render_creature,
+    sample_record,
+)
+
+if TYPE_CHECKING:
+    from consistent_char.toy.models import IdentityProbe
+
+__all__ = [
+    "ATTRIBUTES",
+    "CONTEXT_ATTRIBUTES",
+    "IDENTITY_ATTRIBUTES",
+    "IMAGE_SIZE",
+    "SCENES",
+    "SCENE_PHRASES",
+    "TRAIN_COMMAND",
+    "VOCABULARY",
+    "CreatureRecord",
+    "IdentityProbe",
+    "ToyWeightsMissingError",
+    "caption",
+    "embedder_dir",
+    "full_caption",
+    "model_dir",
+    "parse_caption",
+    "parse_scene",
+    "probe_dir",
+    "render",
+    "render_creature",
+    "sample_caption",
+    "sample_record",
+    "scene_phrase",
+    "weights_dir",
+]
+
+TRAIN_COMMAND = "python -m consistent_char.toy.train --out src/consistent_char/toy/weights"
+
+
+class ToyWeightsMissingError(FileNotFoundError):
+    """ToyWorld's trained weights are not where the package expects them."""
+
+
+def weights_dir() -> Path:
+    """``consistent_char/toy/weights``: where the trained ToyWorld models live."""
+    return Path(__file__).resolve().parent / "weights"
+
+
+def _existing(name: str, marker: str) -> Path:
+    path = weights_dir() / name
+    if not (path / marker).is_file():
+        raise ToyWeightsMissingError(
+            f"ToyWorld's {name!r} weights are missing: {path / marker} does not exist. "
+            f"Train them with `{TRAIN_COMMAND}` (a few minutes on a GPU, about 1.5 hours on "
+            "2 CPU cores), or reinstall a package that ships them."
+        )
+    return path
+
+
+def model_dir() -> Path:
+    """The toy SDXL pipeline, for ``StableDiffusionXLPipeline.from_pretrained``."""
+    return _existing("pipeline", "model_index.json")
+
+
+def embedder_dir() -> Path:
+    """The toy DINOv2, for ``Dinov2Model.from_pretrained`` / ``AutoImageProcessor``."""
+    return _existing("dinov2", "config.json")
+
+
+def probe_dir() -> Path:
+    """The identity probe, for `IdentityProbe.from_pretrained`."""
+    return _existing("probe", "config.json")
+
+
+def __getattr__(name: str) -> Any:
+    # torch is imported only when the probe is asked for: the renderer stays light (it runs in
+    # worker processes).
+    if name == "IdentityProbe":
+        return import_module("consistent_char.toy.models").IdentityProbe
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

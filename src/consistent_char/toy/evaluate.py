@@ -1,0 +1,193 @@
+"""ToyWorld's measures, read off images by the identity probe (never used by the loop).
+
+- `probe_accuracy`: the probe against ground truth on fresh renders;
+- `controllability`: images generated from fully specified prompts, attribute by attribute;
+- `diversity`: how many distinct identities one vague prompt yields;
+- `identity_consistency` and `prompt_adherence`, as ``DESIGN.md`` ("Measures") defines them, on
+  probe records of images drawn in several contexts.
+
+Example:
+    >>> import consistent_char.toy as toy
+    >>> from diffusers import StableDiffusionXLPipeline
+    >>> pipe = StableDiffusionXLPipeline.from_pretrained(toy.model_dir())  # doctest: +SKIP
+    >>> probe = toy.IdentityProbe.from_pretrained(toy.probe_dir())  # doctest: +SKIP
+    >>> controllability(pipe, probe, n_images=256)["mean"]  # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from itertools import combinations
+from typing import Any
+
+import numpy as np
+import torch
+from PIL import Image
+
+from consistent_char.toy.captions import full_caption
+from consistent_char.toy.models import IdentityProbe
+from consistent_char.toy.world import (
+    ATTRIBUTES,
+    IDENTITY_ATTRIBUTES,
+    render,
+    sample_record,
+)
+
+__all__ = [
+    "controllability",
+    "distinct_identities",
+    "diversity",
+    "generate",
+    "identity_consistency",
+    "probe_accuracy",
+    "prompt_adherence",
+]
+
+
+def generate(
+    pipe: Any,
+    prompts: Sequence[str],
+    seeds: Sequence[int],
+    *,
+    guidance_scale: float = 7.5,
+    num_inference_steps: int = 30,
+    batch_size: int = 64,
+) -> list[Image.Image]:
+    """Draws one image per prompt with a plain ``StableDiffusionXLPipeline`` call.
+
+    Image ``j`` uses a CPU ``torch.Generator`` seeded with ``seeds[j]``, so results do not depend
+    on the batch size or the device the noise would otherwise be drawn on.
+    """
+    if len(prompts) != len(seeds):
+        raise ValueError(f"got {len(prompts)} prompts but {len(seeds)} seeds")
+    pipe.set_progress_bar_config(disable=True)
+    images: list[Image.Image] = []
+    for start in range(0, len(prompts), batch_size):
+        chunk = list(prompts[start : start + batch_size])
+        generators = [
+            torch.Generator("cpu").manual_seed(int(s)) for s in seeds[start : start + batch_size]
+        ]
+        out = pipe(
+            prompt=chunk,
+            generator=generators,
+            guidance_scale=guidance_scale,
+            num_inference_steps=num_inference_steps,
+            output_type="pil",
+        )
+        images.extend(out.images)
+    return images
+
+
+def probe_accuracy(probe: IdentityProbe, n: int = 2000, seed: int = 12345) -> dict[str, float]:
+    """Fraction of `n` fresh renders (seed `seed`) on which the probe reads each attribute right."""
+    rng = np.random.default_rng([seed, 17])
+    records = [sample_record(rng) for _ in range(n)]
+    predictions = probe.predict([render(r) for r in records])
+    return {
+        a: float(
+            np.mean([p[a] == getattr(r, a) for p, r in zip(predictions, records, strict=True)])
+        )
+        for a in ATTRIBUTES
+    }
+
+
+def controllability(
+    pipe: Any,
+    probe: IdentityProbe,
+    n_images: int = 256,
+    seed: int = 0,
+    *,
+    guidance_scale: float = 7.5,
+    num_inference_steps: int = 30,
+    batch_size: int = 64,
+) -> dict[str, float]:
+    """Generates from `n_images` fully specified prompts (identity + scene, drawn uniformly) and
+    returns, per attribute, the fraction of images where the probe agrees with the prompt, plus
+    ``"mean"`` (over attributes) and ``"all"`` (images right on every attribute)."""
+    rng = np.random.default_rng([seed, 29])
+    records = [sample_record(rng) for _ in range(n_images)]
+    prompts = [full_caption(r) for r in records]
+    images = generate(
+        pipe,
+        prompts,
+        [seed * 1_000_003 + j for j in range(n_images)],
+        guidance_scale=guidance_scale,
+        num_inference_steps=num_inference_steps,
+        batch_size=batch_size,
+    )
+    predictions = probe.predict(images)
+    hits = {
+        a: np.array([p[a] == getattr(r, a) for p, r in zip(predictions, records, strict=True)])
+        for a in ATTRIBUTES
+    }
+    result = {a: float(h.mean()) for a, h in hits.items()}
+    result["mean"] = float(np.mean([result[a] for a in ATTRIBUTES]))
+    result["all"] = float(np.logical_and.reduce(list(hits.values())).mean())
+    return result
+
+
+def distinct_identities(records: Sequence[Mapping[str, str]]) -> int:
+    """Number of distinct identity-attribute tuples among probe records."""
+    return len({tuple(r[a] for a in IDENTITY_ATTRIBUTES) for r in records})
+
+
+def diversity(
+    pipe: Any,
+    probe: IdentityProbe,
+    prompt: str = "a creature",
+    n: int = 128,
+    seed: int = 0,
+    *,
+    guidance_scale: float = 7.5,
+    num_inference_steps: int = 30,
+    batch_size: int = 64,
+) -> dict[str, Any]:
+    """Draws `n` images of one prompt; ``"distinct_identities"`` counts the probe's distinct
+    identities among them, ``"distinct_values"`` the distinct values of each attribute."""
+    images = generate(
+        pipe,
+        [prompt] * n,
+        [seed * 1_000_003 + 500_000 + j for j in range(n)],
+        guidance_scale=guidance_scale,
+        num_inference_steps=num_inference_steps,
+        batch_size=batch_size,
+    )
+    records = probe.predict(images)
+    return {
+        "prompt": prompt,
+        "n": n,
+        "distinct_identities": distinct_identities(records),
+        "distinct_values": {a: len({r[a] for r in records}) for a in ATTRIBUTES},
+    }
+
+
+def identity_consistency(
+    records: Sequence[Mapping[str, str]], contexts: Sequence[str] | None = None
+) -> float:
+    """Fraction of image pairs whose identity attributes all agree.
+
+    Args:
+        records: Probe records, one per image.
+        contexts: The context prompt (or scene) each image was drawn with; when given, only
+            pairs from different contexts count, as ``DESIGN.md`` defines the measure.
+    """
+    if contexts is not None and len(contexts) != len(records):
+        raise ValueError(f"got {len(records)} records but {len(contexts)} contexts")
+    agree = total = 0
+    for i, j in combinations(range(len(records)), 2):
+        if contexts is not None and contexts[i] == contexts[j]:
+            continue
+        total += 1
+        agree += all(records[i][a] == records[j][a] for a in IDENTITY_ATTRIBUTES)
+    if total == 0:
+        raise ValueError("identity consistency needs at least one pair of images")
+    return agree / total
+
+
+def prompt_adherence(records: Sequence[Mapping[str, str]], scenes: Sequence[str | None]) -> float:
+    """Fraction of images whose probe scene matches the scene their prompt asked for."""
+    if len(scenes) != len(records):
+        raise ValueError(f"got {len(records)} records but {len(scenes)} scenes")
+    if not records:
+        raise ValueError("prompt adherence needs at least one image")
+    return float(np.mean([r["scene"] == s for r, s in zip(records, scenes, strict=True)]))

@@ -1,0 +1,441 @@
+"""Builders, from configs alone (nothing is downloaded), of ToyWorld's models.
+
+- a tiny **SDXL-architecture** pipeline: two CLIP text encoders of different widths (64 and 96,
+  so an identity learned on another model is caught by its width) with their own tokenizers, a
+  UNet with SDXL's ``text_time`` added conditioning and cross-attention over both encoders'
+  concatenated hidden states, an ``AutoencoderKL`` with 4× downsampling (64 px ↔ 16×16×4) and
+  SDXL's ``EulerDiscreteScheduler``;
+- a tiny **DINOv2** (``transformers.Dinov2Model``) for 64 px images, with its image processor;
+- the **identity probe**: a small CNN with one classification head per attribute, used by
+  evaluation only.
+
+Example:
+    >>> import tempfile
+    >>> pipe = build_pipeline(tempfile.mkdtemp())  # random weights
+    >>> pipe.default_sample_size * pipe.vae_scale_factor
+    64
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from PIL import Image
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from consistent_char.toy.captions import VOCABULARY
+from consistent_char.toy.world import ATTRIBUTES, IMAGE_SIZE
+
+__all__ = [
+    "DINO_MEAN",
+    "DINO_STD",
+    "IdentityProbe",
+    "ProbeConfig",
+    "ToyModelConfig",
+    "build_dinov2",
+    "build_pipeline",
+    "build_scheduler",
+    "build_text_encoders",
+    "build_tokenizers",
+    "build_unet",
+    "build_vae",
+    "save_dinov2",
+]
+
+# ImageNet statistics, as the real DINOv2 processor uses.
+DINO_MEAN = (0.485, 0.456, 0.406)
+DINO_STD = (0.229, 0.224, 0.225)
+
+
+@dataclass
+class ToyModelConfig:
+    """Sizes of the toy text-to-image model (defaults: about 5M parameters in all)."""
+
+    image_size: int = IMAGE_SIZE
+    text_width: int = 64
+    text_width_2: int = 96
+    text_layers: int = 3
+    text_heads: int = 4
+    unet_channels: tuple[int, ...] = (64, 128)
+    unet_heads: tuple[int, ...] = (2, 4)
+    unet_layers_per_block: int = 2
+    addition_time_embed_dim: int = 32
+    vae_channels: tuple[int, ...] = (32, 64, 64)
+    vae_layers_per_block: int = 1
+    latent_channels: int = 4
+
+    @property
+    def latent_size(self) -> int:
+        return self.image_size // 2 ** (len(self.vae_channels) - 1)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> ToyModelConfig:
+        kwargs: dict[str, Any] = {
+            k: tuple(v) if isinstance(v, list) else v for k, v in data.items()
+        }
+        return cls(**kwargs)
+
+
+# ----------------------------------------------------------------------------- SDXL parts
+
+
+def build_tokenizers(directory: str | os.PathLike[str]) -> tuple[Any, Any]:
+    """Two CLIP tokenizers over ToyWorld's vocabulary, written to ``directory/tokenizer{,_2}``."""
+    from consistent_char.tokenizers import build_clip_tokenizer
+
+    root = Path(directory)
+    return (
+        build_clip_tokenizer(VOCABULARY, root / "tokenizer"),
+        build_clip_tokenizer(VOCABULARY, root / "tokenizer_2"),
+    )
+
+
+def build_text_encoders(
+    tokenizer: Any, tokenizer_2: Any, config: ToyModelConfig | None = None
+) -> tuple[Any, Any]:
+    """``CLIPTextModel`` (width ``text_width``) and ``CLIPTextModelWithProjection``
+    (width ``text_width_2``), with the tokenizers' special ids (the pooled output is read at
+    the first end-of-text token, which stays right when tokens are added)."""
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+
+    config = config or ToyModelConfig()
+    encoders = []
+    for tok, width, cls in (
+        (tokenizer, config.text_width, CLIPTextModel),
+        (tokenizer_2, config.text_width_2, CLIPTextModelWithProjection),
+    ):
+        text_config = CLIPTextConfig(
+            vocab_size=len(tok),
+            hidden_size=width,
+            intermediate_size=4 * width,
+            projection_dim=width,
+            num_hidden_layers=config.text_layers,
+            num_attention_heads=config.text_heads,
+            max_position_embeddings=tok.model_max_length,
+            hidden_act="gelu",
+            bos_token_id=tok.bos_token_id,
+            eos_token_id=tok.eos_token_id,
+            pad_token_id=tok.pad_token_id,
+        )
+        encoders.append(cls(text_config))
+    return encoders[0], encoders[1]
+
+
+def build_unet(config: ToyModelConfig | None = None) -> Any:
+    """An SDXL-style ``UNet2DConditionModel``: ``text_time`` added conditioning (size and crop
+    ids + the second encoder's pooled projection) and cross-attention at every level."""
+    from diffusers import UNet2DConditionModel
+
+    config = config or ToyModelConfig()
+    levels = len(config.unet_channels)
+    return UNet2DConditionModel(
+        sample_size=config.latent_size,
+        in_channels=config.latent_channels,
+        out_channels=config.latent_channels,
+        block_out_channels=config.unet_channels,
+        down_block_types=("CrossAttnDownBlock2D",) * levels,
+        up_block_types=("CrossAttnUpBlock2D",) * levels,
+        layers_per_block=config.unet_layers_per_block,
+        attention_head_dim=config.unet_heads,
+        cross_attention_dim=config.text_width + config.text_width_2,
+        transformer_layers_per_block=1,
+        use_linear_projection=True,
+        addition_embed_type="text_time",
+        addition_time_embed_dim=config.addition_time_embed_dim,
+        # 6 time ids (original size, crop corner, target size) + the pooled text embedding.
+        projection_class_embeddings_input_dim=6 * config.addition_time_embed_dim
+        + config.text_width_2,
+        norm_num_groups=32,
+    )
+
+
+def build_vae(config: ToyModelConfig | None = None, *, scaling_factor: float = 1.0) -> Any:
+    """A fully convolutional ``AutoencoderKL`` (no mid-block attention), so it trains on crops."""
+    from diffusers import AutoencoderKL
+
+    config = config or ToyModelConfig()
+    levels = len(config.vae_channels)
+    return AutoencoderKL(
+        in_channels=3,
+        out_channels=3,
+        down_block_types=("DownEncoderBlock2D",) * levels,
+        up_block_types=("UpDecoderBlock2D",) * levels,
+        block_out_channels=config.vae_channels,
+        layers_per_block=config.vae_layers_per_block,
+        latent_channels=config.latent_channels,
+        norm_num_groups=32,
+        sample_size=config.image_size,
+        scaling_factor=scaling_factor,
+        force_upcast=False,
+        mid_block_add_attention=False,
+    )
+
+
+def build_scheduler() -> Any:
+    """``EulerDiscreteScheduler`` with SDXL's configuration."""
+    from diffusers import EulerDiscreteScheduler
+
+    return EulerDiscreteScheduler(
+        num_train_timesteps=1000,
+        beta_start=0.00085,
+        beta_end=0.012,
+        beta_schedule="scaled_linear",
+        prediction_type="epsilon",
+        timestep_spacing="leading",
+        steps_offset=1,
+        interpolation_type="linear",
+        use_karras_sigmas=False,
+    )
+
+
+def build_pipeline(
+    tokenizer_dir: str | os.PathLike[str],
+    config: ToyModelConfig | None = None,
+    *,
+    seed: int = 0,
+    scaling_factor: float = 1.0,
+) -> Any:
+    """A ``StableDiffusionXLPipeline`` of freshly initialised toy components.
+
+    Args:
+        tokenizer_dir: Where the two tokenizers are written (``tokenizer/``, ``tokenizer_2/``).
+        config: Model sizes.
+        seed: Seeds ``torch.manual_seed`` before the weights are drawn.
+        scaling_factor: The VAE's latent scaling factor.
+    """
+    from diffusers import StableDiffusionXLPipeline
+
+    config = config or ToyModelConfig()
+    tokenizer, tokenizer_2 = build_tokenizers(tokenizer_dir)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        text_encoder, text_encoder_2 = build_text_encoders(tokenizer, tokenizer_2, config)
+        unet = build_unet(config)
+        vae = build_vae(config, scaling_factor=scaling_factor)
+    return StableDiffusionXLPipeline(
+        vae=vae,
+        text_encoder=text_encoder,
+        text_encoder_2=text_encoder_2,
+        tokenizer=tokenizer,
+        tokenizer_2=tokenizer_2,
+        unet=unet,
+        scheduler=build_scheduler(),
+        # Training drops captions by zeroing both embeddings, as SDXL does: the pipeline's
+        # unconditional branch is then zeros too.
+        force_zeros_for_empty_prompt=True,
+        add_watermarker=False,
+    )
+
+
+# ----------------------------------------------------------------------------- DINOv2
+
+
+def build_dinov2(
+    *,
+    image_size: int = IMAGE_SIZE,
+    patch_size: int = 8,
+    hidden_size: int = 128,
+    num_layers: int = 4,
+    num_heads: int = 4,
+) -> Any:
+    """A tiny ``transformers.Dinov2Model`` (64 px, 8 px patches: 64 tokens + CLS)."""
+    from transformers import Dinov2Config, Dinov2Model
+
+    return Dinov2Model(
+        Dinov2Config(
+            image_size=image_size,
+            patch_size=patch_size,
+            hidden_size=hidden_size,
+            num_hidden_layers=num_layers,
+            num_attention_heads=num_heads,
+            mlp_ratio=4,
+            layerscale_value=1.0,
+        )
+    )
+
+
+def dinov2_processor_config(image_size: int = IMAGE_SIZE) -> dict[str, Any]:
+    """The ``preprocessor_config.json`` of the toy DINOv2: resize to 64, ImageNet normalisation."""
+    return {
+        "image_processor_type": "BitImageProcessor",
+        "do_resize": True,
+        "size": {"shortest_edge": image_size},
+        "resample": 3,
+        "do_center_crop": True,
+        "crop_size": {"height": image_size, "width": image_size},
+        "do_rescale": True,
+        "rescale_factor": 1 / 255,
+        "do_normalize": True,
+        "image_mean": list(DINO_MEAN),
+        "image_std": list(DINO_STD),
+        "do_convert_rgb": True,
+    }
+
+
+def save_dinov2(model: Any, directory: str | os.PathLike[str]) -> Path:
+    """Writes the model (safetensors) and its ``preprocessor_config.json``."""
+    out = Path(directory)
+    model.save_pretrained(str(out), safe_serialization=True)
+    image_size = int(model.config.image_size)
+    (out / "preprocessor_config.json").write_text(
+        json.dumps(dinov2_processor_config(image_size), indent=2)
+    )
+    return out
+
+
+def dinov2_pixels(images: np.ndarray | torch.Tensor) -> torch.Tensor:
+    """``(N, H, W, 3)`` uint8 (or ``[0, 1]`` NCHW floats) → normalised ``(N, 3, H, W)``, as
+    the image processor does at 64 px."""
+    x = images if isinstance(images, torch.Tensor) else torch.tensor(images)
+    x = x.permute(0, 3, 1, 2).float() / 255.0 if x.dtype == torch.uint8 else x
+    mean = torch.tensor(DINO_MEAN, device=x.device).view(1, 3, 1, 1)
+    std = torch.tensor(DINO_STD, device=x.device).view(1, 3, 1, 1)
+    return (x - mean) / std
+
+
+# ----------------------------------------------------------------------------- probe
+
+PROBE_CONFIG = "config.json"
+PROBE_WEIGHTS = "model.safetensors"
+
+
+@dataclass
+class ProbeConfig:
+    """The probe's classes (attribute → values, in class-index order) and its widths."""
+
+    attributes: dict[str, list[str]] = field(
+        default_factory=lambda: {k: list(v) for k, v in ATTRIBUTES.items()}
+    )
+    channels: tuple[int, ...] = (32, 64, 128)
+    hidden: int = 256
+    image_size: int = IMAGE_SIZE
+
+
+class IdentityProbe(nn.Module):
+    """Classifies every ToyWorld attribute (identity and scene) of 64 px images.
+
+    Used by evaluation only, never by the loop. Inputs are scaled to ``[-1, 1]``.
+
+    Example:
+        >>> probe = IdentityProbe.from_pretrained(consistent_char.toy.probe_dir())  # doctest: +SKIP
+        >>> probe.predict([image])[0]["hat"]  # doctest: +SKIP
+        'crown'
+    """
+
+    def __init__(self, config: ProbeConfig | None = None) -> None:
+        super().__init__()
+        self.config = config or ProbeConfig()
+        layers: list[nn.Module] = []
+        c_in = 3
+        for c in self.config.channels:
+            layers += [
+                nn.Conv2d(c_in, c, 3, padding=1),
+                nn.BatchNorm2d(c),
+                nn.ReLU(inplace=True),
+                nn.Conv2d(c, c, 3, padding=1),
+                nn.BatchNorm2d(c),
+                nn.ReLU(inplace=True),
+                nn.MaxPool2d(2),
+            ]
+            c_in = c
+        layers += [nn.AdaptiveAvgPool2d(4), nn.Flatten()]
+        self.features = nn.Sequential(*layers)
+        self.trunk = nn.Sequential(
+            nn.Linear(c_in * 16, self.config.hidden), nn.ReLU(inplace=True), nn.Dropout(0.1)
+        )
+        self.heads = nn.ModuleDict(
+            {a: nn.Linear(self.config.hidden, len(v)) for a, v in self.config.attributes.items()}
+        )
+
+    def forward(self, pixels: torch.Tensor) -> dict[str, torch.Tensor]:
+        """``(N, 3, H, W)`` in ``[-1, 1]`` → logits by attribute."""
+        h = self.trunk(self.features(pixels))
+        return {a: head(h) for a, head in self.heads.items()}
+
+    @staticmethod
+    def to_pixels(
+        images: Sequence[Image.Image] | np.ndarray, size: int = IMAGE_SIZE
+    ) -> torch.Tensor:
+        """PIL images (resized to `size` if needed) or ``(N, H, W, 3)`` uint8 → ``[-1, 1]``."""
+        if isinstance(images, np.ndarray):
+            array = images
+        else:
+            array = np.stack(
+                [
+                    np.asarray(
+                        im.convert("RGB")
+                        if im.size == (size, size)
+                        else im.convert("RGB").resize((size, size), Image.Resampling.BOX)
+                    )
+                    for im in images
+                ]
+            )
+        return torch.from_numpy(array).permute(0, 3, 1, 2).float() / 127.5 - 1.0
+
+    @torch.no_grad()
+    def predict_indices(
+        self, images: Sequence[Image.Image] | np.ndarray, *, batch_size: int = 256
+    ) -> dict[str, np.ndarray]:
+        """Class indices by attribute, each an ``(N,)`` array."""
+        was_training = self.training
+        self.eval()
+        device = next(self.parameters()).device
+        out: dict[str, list[np.ndarray]] = {a: [] for a in self.heads}
+        for start in range(0, len(images), batch_size):
+            chunk = images[start : start + batch_size]
+            logits = self(self.to_pixels(chunk, self.config.image_size).to(device))
+            for a, lg in logits.items():
+                out[a].append(lg.argmax(-1).cpu().numpy())
+        self.train(was_training)
+        return {a: np.concatenate(v) if v else np.zeros(0, int) for a, v in out.items()}
+
+    def predict(
+        self, images: Sequence[Image.Image] | np.ndarray, *, batch_size: int = 256
+    ) -> list[dict[str, str]]:
+        """One ``{attribute: value}`` dict per image."""
+        indices = self.predict_indices(images, batch_size=batch_size)
+        names = self.config.attributes
+        return [{a: names[a][int(indices[a][i])] for a in names} for i in range(len(images))]
+
+    def save_pretrained(self, directory: str | os.PathLike[str]) -> Path:
+        """Writes ``config.json`` and ``model.safetensors`` (float32)."""
+        out = Path(directory)
+        out.mkdir(parents=True, exist_ok=True)
+        state = {k: v.detach().float().cpu().contiguous() for k, v in self.state_dict().items()}
+        save_file(state, str(out / PROBE_WEIGHTS))
+        config = asdict(self.config)
+        config["channels"] = list(self.config.channels)
+        (out / PROBE_CONFIG).write_text(json.dumps(config, indent=2))
+        return out
+
+    @classmethod
+    def from_pretrained(
+        cls, directory: str | os.PathLike[str], *, device: str | torch.device = "cpu"
+    ) -> IdentityProbe:
+        """Loads a probe written by `save_pretrained` (safetensors only), in eval mode."""
+        root = Path(directory)
+        if not (root / PROBE_CONFIG).is_file() or not (root / PROBE_WEIGHTS).is_file():
+            raise FileNotFoundError(
+                f"{root} is not a probe directory: it needs {PROBE_CONFIG} and {PROBE_WEIGHTS}"
+            )
+        data = json.loads((root / PROBE_CONFIG).read_text())
+        config = ProbeConfig(
+            attributes={k: list(v) for k, v in data["attributes"].items()},
+            channels=tuple(data["channels"]),
+            hidden=int(data["hidden"]),
+            image_size=int(data.get("image_size", IMAGE_SIZE)),
+        )
+        probe = cls(config)
+        probe.load_state_dict(load_file(str(root / PROBE_WEIGHTS)))
+        return probe.to(device).eval()
