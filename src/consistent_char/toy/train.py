@@ -183,6 +183,7 @@ def make_plan(device: str, scale: float = 1.0) -> Plan:
                 time_share=0.06,
             ),
             recon_fraction=0.125,
+            eval_guidance=(7.5,),
             eval_batch=32,
         )
     if scale != 1.0:
