@@ -247,7 +247,7 @@ def tiny_dinov2(seed: int = 0, directory: str | os.PathLike[str] | None = None) 
                 hidden_size=32,
                 num_hidden_layers=2,
                 num_attention_heads=4,
-                intermediate_size=64,
+                mlp_ratio=2,
                 image_size=28,
                 patch_size=14,
             )
