@@ -107,6 +107,8 @@ class Plan:
     eval_guidance: tuple[float, ...] = (7.5, 4.0)
     eval_batch: int = 256
     probe_eval_images: int = 2000
+    bf16: bool | None = None  # bf16 autocast; None: on CUDA only
+    channels_last: bool | None = None  # for the VAE and UNet; None: on CUDA only
     model: ToyModelConfig = field(default_factory=ToyModelConfig)
 
 
@@ -225,8 +227,8 @@ def _seed_of(*parts: int) -> int:
 
 
 @contextmanager
-def _autocast(device: torch.device) -> Iterator[None]:
-    with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
+def _autocast(device: torch.device, enabled: bool) -> Iterator[None]:
+    with torch.autocast(device.type, dtype=torch.bfloat16, enabled=enabled):
         yield
 
 
@@ -496,9 +498,11 @@ def augment(
 
 
 @torch.no_grad()
-def vae_round_trip(vae: Any, x01: torch.Tensor, device: torch.device) -> torch.Tensor:
+def vae_round_trip(
+    vae: Any, x01: torch.Tensor, device: torch.device, bf16: bool = False
+) -> torch.Tensor:
     """Encodes and decodes ``[0, 1]`` images: what a generated image's pixels look like."""
-    with _autocast(device):
+    with _autocast(device, bf16):
         z = vae.encode(x01 * 2 - 1).latent_dist.mode()
         out = vae.decode(z).sample
     return ((out.float().clamp(-1, 1) + 1) / 2).to(x01.dtype)
@@ -509,6 +513,7 @@ def _with_round_trip(
     x01: torch.Tensor,
     fraction: float,
     device: torch.device,
+    bf16: bool,
 ) -> torch.Tensor:
     if vae is None or fraction <= 0:
         return x01
@@ -516,7 +521,7 @@ def _with_round_trip(
     if n == 0:
         return x01
     x01 = x01.clone()
-    x01[:n] = vae_round_trip(vae, x01[:n], device)
+    x01[:n] = vae_round_trip(vae, x01[:n], device, bf16)
     return x01
 
 
@@ -544,6 +549,9 @@ class Trainer:
         self.time_budget = time_budget
         self.workers = workers
         self.seconds: dict[str, float] = {}
+        on_cuda = device.type == "cuda"
+        self.bf16 = on_cuda if plan.bf16 is None else plan.bf16
+        self.channels_last = on_cuda if plan.channels_last is None else plan.channels_last
         self.results: dict[str, Any] = {}
         self._data: RenderedSet | None = None
         self._heldout: RenderedSet | None = None
@@ -600,7 +608,7 @@ class Trainer:
         plan, device = self.plan, self.device
         torch.manual_seed(_seed_of(self.seed, 10))
         vae = build_vae(plan.model).to(device)
-        if device.type == "cuda":
+        if self.channels_last:
             vae = vae.to(memory_format=torch.channels_last)
         checkpoint = Checkpoint(self.ckpt_dir, "vae")
         images = None if _stage_done(self.ckpt_dir, "vae") else self.images()
@@ -613,7 +621,7 @@ class Trainer:
             if crop is not None and crop < x.shape[-1]:
                 oy, ox = (int(v) for v in rng.integers(0, x.shape[-1] - crop + 1, 2))
                 x = x[:, :, oy : oy + crop, ox : ox + crop]
-            with _autocast(device):
+            with _autocast(device, self.bf16):
                 posterior = vae.encode(x).latent_dist
                 mean, logvar = posterior.mean.float(), posterior.logvar.float()
                 z = mean + torch.exp(0.5 * logvar) * torch.randn(
@@ -664,7 +672,7 @@ class Trainer:
         out = []
         for start in range(0, images_uint8.shape[0], batch):
             x = _to01(images_uint8[start : start + batch].to(self.device)) * 2 - 1
-            with _autocast(self.device):
+            with _autocast(self.device, self.bf16):
                 out.append(self.vae.encode(x).latent_dist.mode().float())
         latents = torch.cat(out)
         if scaled:
@@ -684,7 +692,7 @@ class Trainer:
         text_encoder, text_encoder_2, unet = (
             m.to(device) for m in (text_encoder, text_encoder_2, unet)
         )
-        if device.type == "cuda":
+        if self.channels_last:
             unet = unet.to(memory_format=torch.channels_last)
         checkpoint = Checkpoint(self.ckpt_dir, "unet")
         state = checkpoint.state()
@@ -723,7 +731,7 @@ class Trainer:
             t = torch.randint(0, alphas.shape[0], (b,), generator=gen, device=device)
             ab = alphas[t].view(b, 1, 1, 1)
             noisy = ab.sqrt() * x0 + (1 - ab).sqrt() * noise
-            with _autocast(device):
+            with _autocast(device, self.bf16):
                 prompt_embeds, pooled = encode_prompt_ids(
                     text_encoder, text_encoder_2, ids[0], ids[1]
                 )
@@ -775,9 +783,9 @@ class Trainer:
             views = []
             for j in (0, 1):
                 x = _to01(images[2 * pairs + j])
-                x = _with_round_trip(self.vae, x, plan.recon_fraction, device)
+                x = _with_round_trip(self.vae, x, plan.recon_fraction, device, self.bf16)
                 views.append(augment(x, gen))
-            with _autocast(device):
+            with _autocast(device, self.bf16):
                 z = model(pixel_values=dinov2_pixels(torch.cat(views))).pooler_output.float()
             return nt_xent(z, plan.dino_temperature)
 
@@ -812,9 +820,11 @@ class Trainer:
 
         def loss_fn(step: int, rng: np.random.Generator, gen: torch.Generator) -> torch.Tensor:
             idx = _randint(images.shape[0], plan.probe.batch, gen)
-            x = _with_round_trip(self.vae, _to01(images[idx]), plan.recon_fraction, device)
+            x = _with_round_trip(
+                self.vae, _to01(images[idx]), plan.recon_fraction, device, self.bf16
+            )
             x = augment(x, gen, max_shift=0.06, scale=(0.93, 1.07))
-            with _autocast(device):
+            with _autocast(device, self.bf16):
                 logits = probe(x * 2 - 1)
             target = labels[idx]
             return sum(
@@ -847,7 +857,8 @@ class Trainer:
 
         t = time.perf_counter()
         parts = self.unet_parts
-        vae = self.vae.float().cpu()
+        # channels_last (used on CUDA) would reach safetensors as non-contiguous tensors.
+        vae = self.vae.float().cpu().to(memory_format=torch.contiguous_format)
         vae.register_to_config(scaling_factor=self.scaling_factor)
         pipe: Any = StableDiffusionXLPipeline(
             vae=vae,
@@ -908,7 +919,10 @@ class Trainer:
         heldout = _to01(torch.from_numpy(self.heldout().images).to(device))
         vae = self.vae.to(device)
         recon = torch.cat(
-            [vae_round_trip(vae, heldout[s : s + 256], device) for s in range(0, len(heldout), 256)]
+            [
+                vae_round_trip(vae, heldout[s : s + 256], device, self.bf16)
+                for s in range(0, len(heldout), 256)
+            ]
         )
         metrics["vae"] = {
             "recon_mse": float((recon - heldout).pow(2).mean()),
