@@ -1104,6 +1104,13 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         default=None,
         help="seconds for the whole run; each stage gets a fixed share",
     )
+    parser.add_argument(
+        "--init-from",
+        type=Path,
+        default=None,
+        help="exported weights folder to start from; the --stage named stage trains on from "
+        "them, the others are taken as finished",
+    )
     parser.add_argument("--workers", type=int, default=None, help="render processes")
     parser.add_argument(
         "--threads",
@@ -1151,9 +1158,11 @@ def main(argv: Sequence[str] | None = None, *, plan: Plan | None = None) -> dict
         time_budget=args.time_budget,
         workers=args.workers,
     )
+    wanted = STAGES if args.stage == "all" else (args.stage,)
+    if args.init_from is not None and not (trainer.ckpt_dir / "vae.json").exists():
+        seed_from_export(args.init_from, trainer.ckpt_dir, wanted)
     # Rendered before any CUDA work, so the render workers can be forked.
     trainer.data()
-    wanted = STAGES if args.stage == "all" else (args.stage,)
     for stage in STAGES:
         # A finished stage is loaded back (later stages and the export need it).
         if stage in wanted or _stage_done(trainer.ckpt_dir, stage):
@@ -1183,6 +1192,44 @@ def main(argv: Sequence[str] | None = None, *, plan: Plan | None = None) -> dict
     log("done", f"metrics in {out / 'metrics.json'}; seconds " + _fmt(trainer.seconds))
     log("done", "targets " + _fmt(metrics["targets"]))
     return metrics
+
+
+def seed_from_export(weights: Path, ckpt_dir: Path, continue_stages: Sequence[str]) -> None:
+    """Writes checkpoints that start every stage from an exported weights folder (the layout
+    `export` writes: ``pipeline/``, ``dinov2/``, ``probe/``): stages in `continue_stages` train
+    on from those weights (fresh optimizer and schedule), the others count as finished.
+
+    This is how a short GPU run is continued on another machine, e.g. the CPU.
+    """
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from transformers import CLIPTextModel, CLIPTextModelWithProjection, Dinov2Model
+
+    from consistent_char.toy.models import IdentityProbe
+
+    pipe = weights / "pipeline"
+    modules: dict[str, dict[str, nn.Module]] = {
+        "vae": {"vae": AutoencoderKL.from_pretrained(pipe / "vae")},
+        "unet": {
+            "text_encoder": CLIPTextModel.from_pretrained(pipe / "text_encoder"),
+            "text_encoder_2": CLIPTextModelWithProjection.from_pretrained(pipe / "text_encoder_2"),
+            "unet": UNet2DConditionModel.from_pretrained(pipe / "unet"),
+        },
+        "dino": {"dino": Dinov2Model.from_pretrained(weights / "dinov2")},
+        "probe": {"probe": IdentityProbe.from_pretrained(weights / "probe")},
+    }
+    for stage, parts in modules.items():
+        tensors: dict[str, torch.Tensor] = {}
+        for key, module in parts.items():
+            state = {k: v.float().contiguous() for k, v in module.state_dict().items()}
+            tensors.update({f"model/{key}/{k}": v for k, v in state.items()})
+            if stage == "unet":  # the UNet stage keeps EMA copies of its three modules
+                tensors.update({f"ema/{key}/{k}": v.clone() for k, v in state.items()})
+        done = stage not in continue_stages
+        Checkpoint(ckpt_dir, stage).save(
+            tensors,
+            {"stage": stage, "step": 0, "seconds": 0.0, "loss": float("nan"), "done": done},
+        )
+        log("setup", f"{stage}: {'loaded as finished' if done else 'continues'} from {weights}")
 
 
 def _stage_done(directory: Path, stage: str) -> bool:
