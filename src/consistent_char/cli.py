@@ -318,6 +318,194 @@ def export(
     )
 
 
+eval_app = typer.Typer(
+    no_args_is_help=True,
+    help="Measure identities: score a run on ToyWorld, or run the ToyWorld benchmark.",
+)
+app.add_typer(eval_app, name="eval")
+
+
+@eval_app.command("run")
+def eval_run(
+    run_dir: Annotated[Path, typer.Argument(help="A finished run directory (written by extract).")],
+    seeds_per_scene: Annotated[
+        int, typer.Option("--seeds-per-scene", min=1, help="Images per scene, for each of the two.")
+    ] = 8,
+    seed: Annotated[int, typer.Option(help="Picks the evaluation images.")] = 0,
+    out: Annotated[Path | None, typer.Option("--out", help="Write the result as JSON.")] = None,
+    probe: Annotated[
+        Path | None, typer.Option(help="Identity probe folder (default: ToyWorld's).")
+    ] = None,
+    device: Annotated[str | None, typer.Option(help="Override the run's device.")] = None,
+    verbose: Annotated[bool, typer.Option("--verbose", "-v")] = False,
+) -> None:
+    """Score RUN_DIR's identity beside its prompt without identity (ToyWorld probe)."""
+    _setup_logging(verbose)
+    from consistent_char.eval.run import evaluate_run
+    from consistent_char.identity import IdentityError
+    from consistent_char.rundir import write_json_atomic
+
+    try:
+        result = evaluate_run(
+            run_dir, seeds_per_scene=seeds_per_scene, seed=seed, probe=probe, device=device
+        )
+    except (IdentityError, FileNotFoundError, ValueError, ConfigError) as err:
+        _fail(str(err))
+        return
+    console.print(
+        f"{result['prompt']!r}: {result['iterations']} iterations, "
+        f"{'converged' if result['converged'] else 'not converged'}; "
+        f"{len(result['scenes'])} scenes × {seeds_per_scene} seeds"
+    )
+    console.print("             identity consistency   prompt adherence")
+    for name in ("identity", "vanilla"):
+        r = result[name]
+        console.print(
+            f"  {name:<10} {r['identity_consistency']:>20.3f} {r['prompt_adherence']:>18.3f}"
+        )
+    if out is not None:
+        write_json_atomic(out, result)
+        console.print(f"result: {out}")
+
+
+@eval_app.command("toy")
+def eval_toy(
+    out: Annotated[
+        Path | None, typer.Option("--out", help="Output folder (default: bench/toy-PRESET).")
+    ] = None,
+    quick: Annotated[
+        bool, typer.Option("--quick", help="The quick preset: a few minutes on a CPU.")
+    ] = False,
+    preset: Annotated[
+        str, typer.Option(help="full, quick or minimal (seconds, for tests on tiny models).")
+    ] = "full",
+    prompt: Annotated[
+        list[str] | None, typer.Option("--prompt", help="Replace the prompts (repeatable).")
+    ] = None,
+    set_: Annotated[
+        list[str] | None,
+        typer.Option("--set", help="Override a loop setting: key=value (dotted, repeatable)."),
+    ] = None,
+    method: Annotated[
+        list[str] | None,
+        typer.Option("--method", help="Run only these methods (repeatable; default all)."),
+    ] = None,
+    seeds_per_scene: Annotated[
+        int | None, typer.Option("--seeds-per-scene", min=1, help="Evaluation images per scene.")
+    ] = None,
+    seed: Annotated[int | None, typer.Option(help="Seed of the loop and the evaluation.")] = None,
+    ablations: Annotated[bool, typer.Option(help="Run the ablations.")] = True,
+    probe: Annotated[
+        Path | None, typer.Option(help="Identity probe folder (default: ToyWorld's).")
+    ] = None,
+    device: Annotated[str | None, typer.Option(help="auto, cpu, cuda, ...")] = None,
+    threads: Annotated[
+        int | None, typer.Option(min=1, help="torch threads (1 is safest on a shared CPU).")
+    ] = None,
+    resume: Annotated[
+        bool, typer.Option(help="Reuse finished entries of OUT/results.json.")
+    ] = True,
+    estimate: Annotated[
+        bool,
+        typer.Option(
+            "--estimate", help="Time small pieces and print the run time; run nothing else."
+        ),
+    ] = False,
+    verbose: Annotated[bool, typer.Option("--verbose", "-v")] = False,
+) -> None:
+    """Run the ToyWorld benchmark: methods × vague prompts, ablations, table and figure."""
+    _setup_logging(verbose)
+    import dataclasses
+
+    import torch
+
+    from consistent_char.eval.benchmark import (
+        PRESETS,
+        estimate_seconds,
+        measure_unit_costs,
+        reductions,
+        run_toy_benchmark,
+    )
+
+    name = "quick" if quick else preset
+    if name not in PRESETS:
+        _fail(f"unknown --preset {name!r}; known: {', '.join(PRESETS)}")
+        return
+    if threads is not None:
+        torch.set_num_threads(threads)
+    try:
+        settings = PRESETS[name]()
+        changes: dict[str, Any] = {}
+        if prompt:
+            changes["prompts"] = list(prompt)
+            changes["ablation_prompts"] = list(prompt)[:1]
+        if method:
+            changes["methods"] = list(method)
+        if seeds_per_scene is not None:
+            changes["seeds_per_scene"] = seeds_per_scene
+        if seed is not None:
+            changes["seed"] = seed
+        if not ablations:
+            changes["ablations"] = {}
+        overrides = dict(parse_assignment(s) for s in (set_ or []))
+        changes["overrides"] = {**settings.overrides, **overrides}
+        settings = dataclasses.replace(settings, **changes)
+    except (ConfigError, ValueError) as err:
+        _fail(str(err))
+        return
+    for line in reductions(settings) if settings.name != "full" else []:
+        console.print(f"reduced: {line}")
+
+    if estimate:
+        try:
+            costs = measure_unit_costs(settings, probe=probe, device=device)
+        except (FileNotFoundError, ValueError, ConfigError) as err:
+            _fail(str(err))
+            return
+        est = estimate_seconds(settings, costs)
+        console.print(
+            f"unit costs ({costs.torch_threads} thread(s)): "
+            f"{costs.gen_image_step * 1000:.1f} ms per image-step "
+            f"({costs.gen_image_step_identity * 1000:.1f} ms with an identity), "
+            f"{costs.refine_step:.3f} s per refine step + {costs.refine_call:.2f} s per call, "
+            f"{costs.embed_image * 1000:.1f} ms embed, {costs.probe_image * 1000:.1f} ms probe "
+            "per image"
+        )
+        console.print(f"  {'startup':<16} {est['startup'] / 60:7.1f} min")
+        for method, secs in est["methods"].items():
+            console.print(f"  {method:<16} {secs / 60:7.1f} min")
+        console.print(f"  {'ablations':<16} {est['ablations'] / 60:7.1f} min")
+        console.print(
+            f"estimated total (upper bound: every loop at max_iterations): "
+            f"{est['total'] / 60:.1f} min"
+        )
+        return
+
+    target = out or Path("bench") / f"toy-{settings.name}"
+
+    def report(event: Any) -> None:
+        what = event.method if event.group is None else f"{event.group}: {event.variant}"
+        e = event.entry
+        note = "  (from results.json)" if event.reused else ""
+        console.print(
+            f"[{event.done}/{event.total}] {what} · {event.prompt!r}: identity consistency "
+            f"{e['identity_consistency']:.3f}, prompt adherence {e['prompt_adherence']:.3f}, "
+            f"{e['seconds']:.1f} s{note}"
+        )
+
+    try:
+        results = run_toy_benchmark(
+            settings, target, probe=probe, device=device, resume=resume, progress=report
+        )
+    except (FileNotFoundError, ValueError, ConfigError) as err:
+        _fail(str(err))
+        return
+    console.print(
+        f"[bold green]done[/] in {results['seconds_total']:.0f} s: {target / 'results.json'}, "
+        f"{target / 'results.md'}, {target / 'scatter.png'}"
+    )
+
+
 def main() -> None:  # pragma: no cover - console entry point
     app()
 
