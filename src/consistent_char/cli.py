@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import os
 import sys
 from pathlib import Path
 from typing import Annotated, Any
@@ -46,11 +47,28 @@ def _fail(message: str) -> None:
 
 
 def _setup_logging(verbose: bool) -> None:
+    if not verbose:
+        # transformers/diffusers announce every load with bars and advisory warnings (a missing
+        # torchvision, embedding resizing); the command's own progress says what matters.
+        for name in ("TRANSFORMERS_VERBOSITY", "DIFFUSERS_VERBOSITY"):
+            os.environ.setdefault(name, "error")
+        os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+        _quiet_libraries()
     logging.basicConfig(
         level=logging.INFO if verbose else logging.WARNING,
         format="%(levelname)s %(name)s: %(message)s",
         stream=sys.stderr,
     )
+
+
+def _quiet_libraries() -> None:
+    import diffusers
+    import transformers
+
+    transformers.logging.set_verbosity_error()
+    transformers.logging.disable_progress_bar()
+    diffusers.logging.set_verbosity_error()
+    diffusers.logging.disable_progress_bar()
 
 
 class _ProgressPrinter:
