@@ -234,7 +234,7 @@ def toy_preset() -> dict[str, Any]:
         "num_images": 64,
         "d_size_c": 8,
         "d_min_c": 5,
-        "max_iterations": 6,
+        "max_iterations": 5,
         "generator": {"num_inference_steps": 20, "guidance_scale": 3.0},
         "embedder": {"kind": "dinov2", "model": TOY_MODEL, "batch_size": 64},
         "refiner": {
