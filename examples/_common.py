@@ -28,9 +28,23 @@ TINY_SETTINGS: dict[str, Any] = {
 }
 
 
+#: Loop settings of --quick: the model's own settings, with the loop cut to TINY_SETTINGS' size.
+QUICK_SETTINGS: dict[str, Any] = {
+    "num_images": 8,
+    "d_size_c": 4,
+    "d_min_c": 2,
+    "max_iterations": 2,
+    "generator": {"num_inference_steps": 4},
+    "refiner": {"steps": 2},
+}
+
+
 def add_model_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", default="toy", help="SDXL hub id, local folder, or 'toy'.")
     parser.add_argument("--tiny", action="store_true", help="Tiny random models: seconds on CPU.")
+    parser.add_argument(
+        "--quick", action="store_true", help="--model with a loop of 2 iterations over 8 images."
+    )
     parser.add_argument("--out", default=None, help="Run directory (default: none written).")
 
 
@@ -47,7 +61,13 @@ def load(args: argparse.Namespace) -> tuple[Any, ExtractorConfig]:
     from consistent_char.generators.sdxl import load_sdxl_pipeline
     from consistent_char.stages import resolve_device, resolve_model
 
-    config = ExtractorConfig.build({"model": args.model})
+    settings: dict[str, Any] = {"model": args.model}
+    if getattr(args, "quick", False):
+        base = ExtractorConfig.build(settings).to_dict()
+        for key, value in QUICK_SETTINGS.items():
+            base[key] = {**base[key], **value} if isinstance(value, dict) else value
+        settings = base
+    config = ExtractorConfig.build(settings)
     return load_sdxl_pipeline(resolve_model(config.model), device=resolve_device("auto")), config
 
 

@@ -1,4 +1,5 @@
-"""Every example runs, in its --tiny mode (tiny random models built from configs, CPU)."""
+"""Every example runs: in its --tiny mode (tiny random models built from configs, CPU), and the
+loop examples on ToyWorld (the shipped model) with --quick."""
 
 from __future__ import annotations
 
@@ -13,7 +14,7 @@ import pytest
 EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
 
 
-def _run(script: str, *args: str, cwd: Path) -> str:
+def _run(script: str, *args: str, cwd: Path, mode: str = "--tiny") -> str:
     env = {
         **os.environ,
         "HF_HUB_OFFLINE": "1",
@@ -22,7 +23,7 @@ def _run(script: str, *args: str, cwd: Path) -> str:
         "OMP_NUM_THREADS": "1",
     }
     done = subprocess.run(
-        [sys.executable, str(EXAMPLES / script), "--tiny", *args],
+        [sys.executable, str(EXAMPLES / script), mode, *args],
         cwd=cwd,
         env=env,
         capture_output=True,
@@ -56,3 +57,16 @@ def test_two_characters(tmp_path):
     out = _run("two_characters.py", "--out", "scene.png", cwd=tmp_path)
     assert "cc_fox" in out and "cc_owl" in out
     assert (tmp_path / "scene.png").is_file()
+
+
+@pytest.mark.parametrize(
+    ("script", "args", "expected"),
+    [
+        ("swap_embedder.py", ("--embedder", "dino", "--out", "run"), "iteration 0: dino spread"),
+        ("existing_pipeline.py", ("--images", "images"), "the pipeline is clean again"),
+        ("custom_clusterer.py", (), "iteration 1: clusters"),
+    ],
+)
+def test_examples_on_toyworld(script, args, expected, tmp_path):
+    out = _run(script, *args, cwd=tmp_path, mode="--quick")
+    assert expected in out
