@@ -18,6 +18,7 @@ from typing import Any
 import numpy as np
 import torch
 from PIL import Image
+from typing_extensions import Self
 
 logger = logging.getLogger(__name__)
 
@@ -246,3 +247,40 @@ def _transformers_major() -> int:
     import transformers
 
     return int(transformers.__version__.split(".")[0])
+
+
+class ModelEmbedder:
+    """What the transformers-backed embedders share: device, dtype, moving, and a readable repr.
+
+    A mixin rather than a base class with logic: each embedder still says in its own file how it
+    loads, preprocesses and reads its embedding.
+    """
+
+    model: Any
+    preprocess: Any
+    batch_size: int
+
+    @property
+    def embedding_dim(self) -> int:  # pragma: no cover - each embedder defines its own
+        raise NotImplementedError
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return next(self.model.parameters()).dtype
+
+    def to(
+        self, device: torch.device | str | None = None, dtype: torch.dtype | str | None = None
+    ) -> Self:
+        """Moves the model; returns `self`."""
+        self.model.to(device=device, dtype=resolve_dtype(dtype))
+        return self
+
+    def __repr__(self) -> str:
+        return (
+            f"{type(self).__name__}(D={self.embedding_dim}, device={self.device}, "
+            f"dtype={self.dtype}, batch_size={self.batch_size}, preprocess={self.preprocess!r})"
+        )

@@ -15,6 +15,7 @@ from PIL import Image
 from consistent_char.embedders._preprocess import (
     CLIP_MEAN,
     CLIP_STD,
+    ModelEmbedder,
     Preprocess,
     ResizeCropNormalize,
     as_preprocess,
@@ -37,7 +38,7 @@ __all__ = ["CLIPImageEmbedder"]
 _clip_fallback = partial(ResizeCropNormalize, mean=CLIP_MEAN, std=CLIP_STD, resize_ratio=1.0)
 
 
-class CLIPImageEmbedder:
+class CLIPImageEmbedder(ModelEmbedder):
     """Embeds images with the CLIP image tower: ``image_embeds`` of
     `transformers.CLIPVisionModelWithProjection` (projected, not normalised).
 
@@ -154,21 +155,6 @@ class CLIPImageEmbedder:
         """D, the width of the embeddings (the projection dimension)."""
         return int(self.model.config.projection_dim)
 
-    @property
-    def device(self) -> torch.device:
-        return next(self.model.parameters()).device
-
-    @property
-    def dtype(self) -> torch.dtype:
-        return next(self.model.parameters()).dtype
-
-    def to(
-        self, device: torch.device | str | None = None, dtype: torch.dtype | str | None = None
-    ) -> CLIPImageEmbedder:
-        """Moves the model; returns `self`."""
-        self.model.to(device=device, dtype=resolve_dtype(dtype))  # type: ignore[call-arg]
-        return self
-
     def embed(self, images: Sequence[Image.Image]) -> np.ndarray:
         """Returns the projected image embeddings as float32, shape (len(images), D)."""
         return embed_batches(
@@ -178,10 +164,4 @@ class CLIPImageEmbedder:
             parameter=next(self.model.parameters()),
             batch_size=self.batch_size,
             dim=self.embedding_dim,
-        )
-
-    def __repr__(self) -> str:
-        return (
-            f"{type(self).__name__}(D={self.embedding_dim}, device={self.device}, "
-            f"dtype={self.dtype}, batch_size={self.batch_size}, preprocess={self.preprocess!r})"
         )

@@ -12,6 +12,7 @@ import torch
 from PIL import Image
 
 from consistent_char.embedders._preprocess import (
+    ModelEmbedder,
     Preprocess,
     ResizeCropNormalize,
     as_preprocess,
@@ -31,7 +32,7 @@ logger = logging.getLogger(__name__)
 __all__ = ["DINOEmbedder"]
 
 
-class DINOEmbedder:
+class DINOEmbedder(ModelEmbedder):
     """Embeds images as the CLS token of a DINO (v1) `transformers.ViTModel`.
 
     The CLS token is ``last_hidden_state[:, 0]``, after the final layer norm; the ViT pooler
@@ -134,21 +135,6 @@ class DINOEmbedder:
         """D, the width of the embeddings (the model's hidden size)."""
         return int(self.model.config.hidden_size)
 
-    @property
-    def device(self) -> torch.device:
-        return next(self.model.parameters()).device
-
-    @property
-    def dtype(self) -> torch.dtype:
-        return next(self.model.parameters()).dtype
-
-    def to(
-        self, device: torch.device | str | None = None, dtype: torch.dtype | str | None = None
-    ) -> DINOEmbedder:
-        """Moves the model; returns `self`."""
-        self.model.to(device=device, dtype=resolve_dtype(dtype))  # type: ignore[call-arg]
-        return self
-
     def embed(self, images: Sequence[Image.Image]) -> np.ndarray:
         """Returns the CLS embeddings of `images` as float32, shape (len(images), D)."""
         return embed_batches(
@@ -158,10 +144,4 @@ class DINOEmbedder:
             parameter=next(self.model.parameters()),
             batch_size=self.batch_size,
             dim=self.embedding_dim,
-        )
-
-    def __repr__(self) -> str:
-        return (
-            f"{type(self).__name__}(D={self.embedding_dim}, device={self.device}, "
-            f"dtype={self.dtype}, batch_size={self.batch_size}, preprocess={self.preprocess!r})"
         )

@@ -12,6 +12,7 @@ import torch
 from PIL import Image
 
 from consistent_char.embedders._preprocess import (
+    ModelEmbedder,
     Preprocess,
     ResizeCropNormalize,
     as_preprocess,
@@ -31,7 +32,7 @@ logger = logging.getLogger(__name__)
 __all__ = ["DINOv2Embedder"]
 
 
-class DINOv2Embedder:
+class DINOv2Embedder(ModelEmbedder):
     """Embeds images as the CLS token of a `transformers.Dinov2Model`.
 
     The CLS token is taken from ``last_hidden_state[:, 0]``, i.e. after the final layer norm, as
@@ -137,21 +138,6 @@ class DINOv2Embedder:
         """D, the width of the embeddings (the model's hidden size)."""
         return int(self.model.config.hidden_size)
 
-    @property
-    def device(self) -> torch.device:
-        return next(self.model.parameters()).device
-
-    @property
-    def dtype(self) -> torch.dtype:
-        return next(self.model.parameters()).dtype
-
-    def to(
-        self, device: torch.device | str | None = None, dtype: torch.dtype | str | None = None
-    ) -> DINOv2Embedder:
-        """Moves the model; returns `self`."""
-        self.model.to(device=device, dtype=resolve_dtype(dtype))  # type: ignore[call-arg]
-        return self
-
     def embed(self, images: Sequence[Image.Image]) -> np.ndarray:
         """Returns the CLS embeddings of `images` as float32, shape (len(images), D)."""
         return embed_batches(
@@ -161,10 +147,4 @@ class DINOv2Embedder:
             parameter=next(self.model.parameters()),
             batch_size=self.batch_size,
             dim=self.embedding_dim,
-        )
-
-    def __repr__(self) -> str:
-        return (
-            f"{type(self).__name__}(D={self.embedding_dim}, device={self.device}, "
-            f"dtype={self.dtype}, batch_size={self.batch_size}, preprocess={self.preprocess!r})"
         )
