@@ -104,7 +104,8 @@ class _ProgressPrinter:
             )
             p.console.print(
                 f"iteration {r.iteration}: spread {r.spread:.4f} "
-                f"(threshold {r.threshold:.4f}) → {chosen}"
+                f"(threshold {r.threshold:.4f}) → {chosen}",
+                soft_wrap=True,
             )
 
 
