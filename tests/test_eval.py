@@ -525,3 +525,18 @@ def test_estimate_cli_on_tiny_models(models):
     assert "per image-step" in result.output and "estimated total" in result.output
     bad = CliRunner().invoke(app, ["eval", "toy", "--preset", "huge"])
     assert bad.exit_code == 2 and "unknown --preset 'huge'" in bad.output
+
+
+def test_quick_benchmark_on_the_shipped_toyworld(tmp_path):
+    """`eval toy --quick` as a user runs it: the shipped ToyWorld weights, every method and
+    ablation at the quick size (about 2 minutes on a 2-core CPU)."""
+    out = tmp_path / "quick"
+    result = CliRunner().invoke(app, ["eval", "toy", "--quick", "--out", str(out)])
+    assert result.exit_code == 0, result.output
+    data = json.loads((out / "results.json").read_text())
+    assert data["preset"] == "quick" and data["reduced"]
+    assert list(data["methods"]) == list(METHODS)
+    assert (out / "results.md").is_file() and (out / "scatter.png").is_file()
+    for method in data["methods"].values():
+        assert 0.0 <= method["mean"]["identity_consistency"] <= 1.0
+        assert 0.0 <= method["mean"]["prompt_adherence"] <= 1.0
