@@ -15,14 +15,6 @@ import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 import torch  # noqa: E402
 from PIL import Image  # noqa: E402
-from transformers import (  # noqa: E402
-    CLIPVisionConfig,
-    CLIPVisionModelWithProjection,
-    Dinov2Config,
-    Dinov2Model,
-    ViTConfig,
-    ViTModel,
-)
 
 from consistent_char.clusterers import FaissKMeansClusterer  # noqa: E402
 from consistent_char.convergence import PairwiseDistanceCriterion  # noqa: E402
@@ -46,7 +38,13 @@ from consistent_char.testing.conformance import (  # noqa: E402
     conformance_cases,
     sample_blobs,
 )
-from consistent_char.testing.tiny import tiny_identity, tiny_sdxl_pipeline  # noqa: E402
+from consistent_char.testing.tiny import (  # noqa: E402  # noqa: E402
+    tiny_clip_vision,
+    tiny_dinov2,
+    tiny_identity,
+    tiny_sdxl_pipeline,
+    tiny_vit,
+)
 
 # ------------------------------------------------------------------ user-written stages
 # Plain classes with the protocol methods, as a user would write them: no base class.
@@ -132,49 +130,16 @@ class FixedIdentityRefiner:
 # ----------------------------------------------------------------------- our stages
 
 
-def _seeded(build: Callable[[], torch.nn.Module]) -> torch.nn.Module:
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(0)
-        return build().eval()
-
-
 def _tiny_dinov2() -> DINOv2Embedder:
-    config = Dinov2Config(
-        hidden_size=32,
-        num_hidden_layers=1,
-        num_attention_heads=4,
-        intermediate_size=64,
-        image_size=28,
-        patch_size=14,
-    )
-    return DINOv2Embedder.from_model(_seeded(lambda: Dinov2Model(config)))  # type: ignore[arg-type]
+    return DINOv2Embedder.from_model(tiny_dinov2())
 
 
 def _tiny_dino() -> DINOEmbedder:
-    config = ViTConfig(
-        hidden_size=32,
-        num_hidden_layers=1,
-        num_attention_heads=4,
-        intermediate_size=64,
-        image_size=32,
-        patch_size=16,
-    )
-    model = _seeded(lambda: ViTModel(config, add_pooling_layer=False))
-    return DINOEmbedder.from_model(model)  # type: ignore[arg-type]
+    return DINOEmbedder.from_model(tiny_vit())
 
 
 def _tiny_clip() -> CLIPImageEmbedder:
-    config = CLIPVisionConfig(
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=1,
-        num_attention_heads=4,
-        image_size=32,
-        patch_size=16,
-        projection_dim=16,
-    )
-    model = _seeded(lambda: CLIPVisionModelWithProjection(config))
-    return CLIPImageEmbedder.from_model(model)  # type: ignore[arg-type]
+    return CLIPImageEmbedder.from_model(tiny_clip_vision())
 
 
 # The tiny SDXL stages share one pipeline, as in the extractor.

@@ -16,12 +16,7 @@ from transformers import (  # noqa: E402
     BitImageProcessor,
     CLIPConfig,
     CLIPModel,
-    CLIPVisionConfig,
-    CLIPVisionModelWithProjection,
-    Dinov2Config,
     Dinov2Model,
-    ViTConfig,
-    ViTModel,
 )
 
 from consistent_char.embedders import (  # noqa: E402
@@ -37,52 +32,7 @@ from consistent_char.embedders._preprocess import (  # noqa: E402
     ResizeCropNormalize,
 )
 from consistent_char.testing.conformance import sample_images  # noqa: E402
-
-
-def _seeded(build):  # type: ignore[no-untyped-def]
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(0)
-        return build().eval()
-
-
-def tiny_dinov2() -> Dinov2Model:
-    return _seeded(
-        lambda: Dinov2Model(
-            Dinov2Config(
-                hidden_size=32,
-                num_hidden_layers=2,
-                num_attention_heads=4,
-                intermediate_size=64,
-                image_size=28,
-                patch_size=14,
-            )
-        )
-    )
-
-
-def tiny_vit() -> ViTModel:
-    config = ViTConfig(
-        hidden_size=32,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        intermediate_size=64,
-        image_size=32,
-        patch_size=16,
-    )
-    return _seeded(lambda: ViTModel(config, add_pooling_layer=False))
-
-
-def tiny_clip_vision() -> CLIPVisionModelWithProjection:
-    config = CLIPVisionConfig(
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        image_size=32,
-        patch_size=16,
-        projection_dim=16,
-    )
-    return _seeded(lambda: CLIPVisionModelWithProjection(config))
+from consistent_char.testing.tiny import tiny_clip_vision, tiny_dinov2, tiny_vit  # noqa: E402
 
 
 @pytest.fixture(scope="module")
@@ -288,7 +238,9 @@ def test_clip_embedder_reads_the_vision_half_of_a_full_clip_checkpoint(
         },
         projection_dim=12,
     )
-    full = _seeded(lambda: CLIPModel(config))
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        full = CLIPModel(config).eval()
     full.save_pretrained(tmp_path)
     embedder = CLIPImageEmbedder.from_pretrained(tmp_path)
     out = embedder.embed(images)

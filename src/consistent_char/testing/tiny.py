@@ -34,7 +34,14 @@ from transformers import (
 from consistent_char.identity import Identity
 from consistent_char.tokenizers import build_clip_tokenizer
 
-__all__ = ["TINY_WORDS", "tiny_dinov2", "tiny_identity", "tiny_sdxl_pipeline"]
+__all__ = [
+    "TINY_WORDS",
+    "tiny_clip_vision",
+    "tiny_dinov2",
+    "tiny_identity",
+    "tiny_sdxl_pipeline",
+    "tiny_vit",
+]
 
 #: Words each tiny tokenizer knows as single tokens (others split into characters).
 TINY_WORDS: tuple[str, ...] = (
@@ -256,3 +263,40 @@ def tiny_dinov2(seed: int = 0, directory: str | os.PathLike[str] | None = None) 
         return model
     model.save_pretrained(str(directory))
     return Dinov2Model.from_pretrained(str(directory)).eval()
+
+
+def tiny_vit(seed: int = 0) -> Any:
+    """A tiny random `transformers.ViTModel` without pooler (DINOv1's architecture; 32×32
+    input, width 32), for tests of `DINOEmbedder`."""
+    from transformers import ViTConfig, ViTModel
+
+    config = ViTConfig(
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        intermediate_size=64,
+        image_size=32,
+        patch_size=16,
+    )
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        return ViTModel(config, add_pooling_layer=False).eval()
+
+
+def tiny_clip_vision(seed: int = 0) -> Any:
+    """A tiny random `CLIPVisionModelWithProjection` (32×32 input, width 32, projection 16), for
+    tests of `CLIPImageEmbedder`."""
+    from transformers import CLIPVisionConfig, CLIPVisionModelWithProjection
+
+    config = CLIPVisionConfig(
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        image_size=32,
+        patch_size=16,
+        projection_dim=16,
+    )
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        return CLIPVisionModelWithProjection(config).eval()
