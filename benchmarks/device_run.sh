@@ -18,7 +18,7 @@ TIMEOUT_S="${BENCH_TIMEOUT_S:-285}"  # hard limit of the benchmark process
 BUDGET_S="${BENCH_BUDGET_S:-265}"    # optional parts (UNet variants, batch-4 training, compile) that would end later are skipped
 
 t0=$(date +%s)
-python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
+[ -d /tmp/site/diffusers ] || python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
     --target /tmp/site .whl/*.whl || { echo "device_run: wheel install failed" >&2; exit 3; }
 export PYTHONPATH="/tmp/site:$PWD/src" PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 \
     TRANSFORMERS_NO_ADVISORY_WARNINGS=1 TOKENIZERS_PARALLELISM=false

@@ -1105,6 +1105,14 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         help="seconds for the whole run; each stage gets a fixed share",
     )
     parser.add_argument(
+        "--time-shares",
+        type=_parse_shares,
+        default=None,
+        metavar="STAGE=FRACTION,...",
+        help="each named stage's share of --time-budget, e.g. vae=0.2,unet=0.5 "
+        "(default: the plan's; vae 0.14, unet 0.5, dino 0.09, probe 0.06)",
+    )
+    parser.add_argument(
         "--init-from",
         type=Path,
         default=None,
@@ -1121,7 +1129,31 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     args = parser.parse_args(argv)
     if args.scale <= 0:
         parser.error(f"--scale must be positive, got {args.scale}")
+    if args.time_shares and args.time_budget is None:
+        parser.error("--time-shares needs --time-budget")
     return args
+
+
+def _parse_shares(text: str) -> dict[str, float]:
+    """``"vae=0.2,unet=0.5"`` -> ``{"vae": 0.2, "unet": 0.5}``; each stage named once, in (0, 1]."""
+    shares: dict[str, float] = {}
+    for item in text.split(","):
+        name, sep, value = item.strip().partition("=")
+        if not sep or name not in STAGES or name in shares:
+            raise argparse.ArgumentTypeError(
+                f"expected STAGE=FRACTION with STAGE one of {', '.join(STAGES)}, each once; "
+                f"got {item!r}"
+            )
+        try:
+            share = float(value)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{name}: {value!r} is not a number") from None
+        if not 0 < share <= 1:
+            raise argparse.ArgumentTypeError(f"{name}: the share must be in (0, 1], got {share}")
+        shares[name] = share
+    if sum(shares.values()) > 1:
+        raise argparse.ArgumentTypeError(f"the shares add up to more than 1: {text}")
+    return shares
 
 
 def main(argv: Sequence[str] | None = None, *, plan: Plan | None = None) -> dict[str, Any] | None:
@@ -1142,6 +1174,8 @@ def main(argv: Sequence[str] | None = None, *, plan: Plan | None = None) -> dict
         torch.backends.cudnn.allow_tf32 = True
         torch.backends.cudnn.benchmark = True
     plan = plan or make_plan(device.type, args.scale)
+    for stage_name, share in (args.time_shares or {}).items():
+        setattr(plan, stage_name, replace(getattr(plan, stage_name), time_share=share))
     out: Path = args.out
     out.mkdir(parents=True, exist_ok=True)
     log(
