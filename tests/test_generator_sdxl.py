@@ -211,3 +211,57 @@ def test_out_of_memory_halves_an_automatic_batch(pipe, monkeypatch):
     monkeypatch.setattr(fixed, "_call_pipeline", small_memory)
     with pytest.raises(torch.cuda.OutOfMemoryError):
         fixed.generate(PROMPTS, SEEDS)
+
+
+def _merged_flags(pipe):
+    from peft.tuners.lora import LoraLayer
+
+    return [m.merged for m in pipe.unet.modules() if isinstance(m, LoraLayer)]
+
+
+def test_fused_identity_draws_the_same_images_and_restores_the_exact_weights(pipe):
+    identity = tiny_identity(pipe, "<fox>", seed=3)
+    prompts, seeds = ["a <fox> in the snow", "a <fox> at night"], [5, 6]
+    before = _pipeline_snapshot(pipe)
+    unfused = _arrays(_gen(pipe, fuse_identity=False).generate(prompts, seeds, identity=identity))
+    seen: list[list[bool]] = []
+    fused = _arrays(
+        _gen(pipe, fuse_identity=True, batch_size=1).generate(
+            prompts,
+            seeds,
+            identity=identity,
+            callback=lambda done, total: seen.append(_merged_flags(pipe)),
+        )
+    )
+    # The LoRA was merged during the call (every wrapped layer), and only rounding differs.
+    assert len(seen) == 2 and all(flags and all(flags) for flags in seen)
+    for a, b in zip(unfused, fused, strict=True):
+        assert np.abs(a - b).max() <= 2
+    _assert_same_pipeline(before, _pipeline_snapshot(pipe))
+
+
+def test_fused_identity_restores_bfloat16_weights_bit_for_bit():
+    # peft's unmerge subtracts the update again, which does not give back bfloat16 weights.
+    pipe = tiny_sdxl_pipeline(seed=1).to(dtype=torch.bfloat16)
+    identity = tiny_identity(pipe, "<fox>", seed=4, scale=2.0)
+    before = _pipeline_snapshot(pipe)
+    _gen(pipe, fuse_identity=True).generate(["a <fox>"], [0], identity=identity)
+    _assert_same_pipeline(before, _pipeline_snapshot(pipe))
+
+
+def test_no_fusing_while_another_identity_is_active(pipe):
+    other = tiny_identity(pipe, "<owl>", seed=5)
+    fox = tiny_identity(pipe, "<fox>", seed=3)
+    other.apply_to(pipe)
+    try:
+        seen: list[list[bool]] = []
+        _gen(pipe, fuse_identity=True).generate(
+            ["a <fox> and a <owl>"],
+            [1],
+            identity=fox,
+            callback=lambda done, total: seen.append(_merged_flags(pipe)),
+        )
+        # Merging the fox into peft's layers would silently switch the owl's LoRA off.
+        assert seen and not any(any(flags) for flags in seen)
+    finally:
+        other.remove_from(pipe)

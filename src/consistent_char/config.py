@@ -50,6 +50,10 @@ class GeneratorConfig(_Strict):
         None, ge=1, description="Images per pipeline call (None: chosen from free memory)."
     )
     negative_prompt: str | None = Field(None, description="Negative prompt for every image.")
+    fuse_identity: bool | None = Field(
+        None,
+        description="Merge the identity's LoRA into the UNet for each call (None: on CUDA).",
+    )
 
 
 class EmbedderConfig(_Strict):

@@ -87,17 +87,9 @@ def build_stages(
         embedder_model = resolve_model(embedder_model, kind="embedder")
 
     logger.info("loading %s on %s (%s)", model, device, dtype)
-    g = config.generator
+    # GeneratorConfig's fields are SDXLGenerator's settings, name for name.
     generator = SDXLGenerator.from_pretrained(
-        model,
-        device=device,
-        dtype=dtype,
-        num_inference_steps=g.num_inference_steps,
-        guidance_scale=g.guidance_scale,
-        height=g.height,
-        width=g.width,
-        batch_size=g.batch_size,
-        negative_prompt=g.negative_prompt,
+        model, device=device, dtype=dtype, **config.generator.model_dump()
     )
     r = config.refiner
     refiner = TextualInversionLoRARefiner.from_pipeline(

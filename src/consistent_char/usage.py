@@ -52,12 +52,11 @@ def identity_generator(
         resolve_model(base),
         device=dev,
         dtype=resolve_dtype(dtype, dev),
-        num_inference_steps=num_inference_steps or gen.num_inference_steps,
-        guidance_scale=gen.guidance_scale if guidance_scale is None else guidance_scale,
-        height=gen.height,
-        width=gen.width,
-        batch_size=gen.batch_size,
-        negative_prompt=gen.negative_prompt,
+        **{
+            **gen.model_dump(),
+            "num_inference_steps": num_inference_steps or gen.num_inference_steps,
+            "guidance_scale": gen.guidance_scale if guidance_scale is None else guidance_scale,
+        },
         lora_scale=lora_scale,
     )
     return generator

@@ -41,17 +41,11 @@ def generator_from_config(config: ExtractorConfig, *, device: str | None = None)
     from consistent_char.stages import resolve_device, resolve_dtype, resolve_model
 
     dev = resolve_device(device or config.device)
-    g = config.generator
     return SDXLGenerator.from_pretrained(
         resolve_model(config.model),
         device=dev,
         dtype=resolve_dtype(config.dtype, dev),
-        num_inference_steps=g.num_inference_steps,
-        guidance_scale=g.guidance_scale,
-        height=g.height,
-        width=g.width,
-        batch_size=g.batch_size,
-        negative_prompt=g.negative_prompt,
+        **config.generator.model_dump(),
     )
 
 

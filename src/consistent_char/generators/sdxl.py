@@ -8,12 +8,13 @@ of a seed is the same on every device.
 
 from __future__ import annotations
 
+import contextlib
 import inspect
 import logging
 import math
 import os
 import warnings
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from numbers import Integral
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -62,6 +63,13 @@ class SDXLGenerator:
             `CPU_BATCH_CAP`, on CUDA as many as the free memory is estimated to hold.
         negative_prompt: Negative prompt for every image.
         lora_scale: Strength of an identity's LoRA while it is applied (1 = as learned).
+        fuse_identity: Merge the identity's LoRA into the UNet weights for the call, and restore
+            the exact weights after it. ``None`` fuses on CUDA only. On an H200 the UNet ran
+            14% faster fused than with peft's LoRA layers (16.9 against 19.6 ms per sample at
+            1024², `benchmarks/iteration.py`). Fused images differ from unfused ones by
+            rounding, so stock diffusers' unfused loading matches the library exactly only
+            unfused. Skipped when another LoRA adapter is active: a merged peft layer would
+            stop applying it.
         show_progress: Show diffusers' per-batch denoising progress bar.
 
     Example:
@@ -84,6 +92,7 @@ class SDXLGenerator:
         batch_size: int | None = None,
         negative_prompt: str | None = None,
         lora_scale: float = 1.0,
+        fuse_identity: bool | None = None,
         show_progress: bool = False,
     ) -> None:
         _check_values(num_inference_steps, guidance_scale, height, width, batch_size)
@@ -102,6 +111,7 @@ class SDXLGenerator:
         self.batch_size = batch_size
         self.negative_prompt = negative_prompt
         self.lora_scale = float(lora_scale)
+        self.fuse_identity = fuse_identity
         self.show_progress = show_progress
 
     # ------------------------------------------------------------ constructors
@@ -216,11 +226,42 @@ class SDXLGenerator:
         if identity is not None:
             identity.apply_to(self.pipeline, scale=self.lora_scale)
         try:
-            return self._generate_batches(prompts, seed_list, callback)
+            with self._fused(identity):
+                return self._generate_batches(prompts, seed_list, callback)
         finally:
             # 3. Leave the pipeline as it was
             if identity is not None:
                 identity.remove_from(self.pipeline)
+
+    @contextlib.contextmanager
+    def _fused(self, identity: Identity | None) -> Iterator[None]:
+        """Merges the applied identity's LoRA into the UNet weights (see `fuse_identity`)."""
+        unet = self.pipeline.unet
+        fuse = self.fuse_identity
+        if fuse is None:
+            fuse = unet.device.type == "cuda"
+        if not fuse or identity is None or identity.lora is None:
+            yield
+            return
+        from peft.tuners.lora import LoraLayer
+
+        name = identity.adapter_name
+        layers = [m for m in unet.modules() if isinstance(m, LoraLayer) and name in m.lora_A]
+        others = set(self.pipeline.get_active_adapters()) - {name}
+        if not layers or others:
+            yield
+            return
+        # peft's unmerge subtracts the update again, which is not exact in bfloat16: keep the
+        # original weights and copy them back.
+        originals = [layer.get_base_layer().weight.detach().clone() for layer in layers]
+        unet.fuse_lora(adapter_names=[name])
+        try:
+            yield
+        finally:
+            unet.unfuse_lora()
+            with torch.no_grad():
+                for layer, weight in zip(layers, originals, strict=True):
+                    layer.get_base_layer().weight.copy_(weight)
 
     def _check_inputs(
         self, prompts: Sequence[str], seeds: Sequence[int]
