@@ -246,7 +246,9 @@ class SDXLGenerator:
         from peft.tuners.lora import LoraLayer
 
         name = identity.adapter_name
-        layers = [m for m in unet.modules() if isinstance(m, LoraLayer) and name in m.lora_A]
+        layers: list[Any] = [
+            m for m in unet.modules() if isinstance(m, LoraLayer) and name in m.lora_A
+        ]
         others = set(self.pipeline.get_active_adapters()) - {name}
         if not layers or others:
             yield
