@@ -92,3 +92,21 @@ def test_parse_assignment(text, expected):
 def test_parse_assignment_rejects_missing_equals():
     with pytest.raises(ConfigError, match="key=value"):
         parse_assignment("num_images")
+
+
+def test_build_stages_passes_every_generator_and_refiner_setting(monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    from consistent_char.config import ExtractorConfig
+    from consistent_char.stages import build_stages
+
+    config = ExtractorConfig.build(
+        {
+            "model": "toy",
+            "generator": {"fuse_identity": True, "negative_prompt": "blurry"},
+            "refiner": {"gradient_checkpointing": True, "batch_size": 3},
+        }
+    )
+    generator, _, _, refiner, _ = build_stages(config)
+    for name, value in config.generator.model_dump().items():
+        assert getattr(generator, name) == value, name
+    assert refiner.gradient_checkpointing is True and refiner.batch_size == 3

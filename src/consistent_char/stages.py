@@ -105,6 +105,7 @@ def build_stages(
         embedding_lr=r.embedding_lr,
         steps=r.steps,
         batch_size=r.batch_size,
+        gradient_checkpointing=r.gradient_checkpointing,
     )
     embedder = build_embedder(
         config.embedder.kind, embedder_model, device=device, batch_size=config.embedder.batch_size
