@@ -1,3 +1,4 @@
+import numpy as np
 import pytest
 
 from consistent_char.toy.evaluate import (
@@ -25,3 +26,20 @@ def test_prompt_adherence_and_distinct_identities():
     assert distinct_identities(records) == 2
     with pytest.raises(ValueError, match="records but"):
         prompt_adherence(records, ["snow"])
+
+
+def test_embedding_sensitivity_measures_each_change_against_the_same_renders():
+    from consistent_char.embedders.pixels import PixelEmbedder
+    from consistent_char.toy.evaluate import embedding_sensitivity
+
+    class Blind:
+        def embed(self, images):
+            return np.zeros((len(images), 3), dtype=np.float32)
+
+    pixels = embedding_sensitivity(PixelEmbedder(size=16), n=6, seed=1)
+    assert set(pixels) == {"shape", "color", "eyes", "scene", "context", "everything"}
+    # Every change alters some pixels, and a change of background alters most of them.
+    assert all(value > 0 for value in pixels.values())
+    assert pixels["scene"] > pixels["eyes"]
+    # An embedder that sees nothing moves by nothing, whatever changes.
+    assert set(embedding_sensitivity(Blind(), n=3).values()) == {0.0}

@@ -28,7 +28,13 @@ from consistent_char.toy.captions import full_caption
 from consistent_char.toy.models import IdentityProbe
 from consistent_char.toy.world import (
     ATTRIBUTES,
+    COLORS,
+    EYES,
     IDENTITY_ATTRIBUTES,
+    SCENES,
+    SHAPES,
+    CreatureRecord,
+    record_with,
     render,
     sample_record,
 )
@@ -37,6 +43,7 @@ __all__ = [
     "controllability",
     "distinct_identities",
     "diversity",
+    "embedding_sensitivity",
     "generate",
     "identity_consistency",
     "probe_accuracy",
@@ -191,3 +198,41 @@ def prompt_adherence(records: Sequence[Mapping[str, str]], scenes: Sequence[str 
     if not records:
         raise ValueError("prompt adherence needs at least one image")
     return float(np.mean([r["scene"] == s for r, s in zip(records, scenes, strict=True)]))
+
+
+def embedding_sensitivity(embedder: Any, n: int = 200, seed: int = 4321) -> dict[str, float]:
+    """How far an embedder moves when one thing about a render changes: mean L2 distance
+    between the embeddings of `n` random renders and the same renders with one change.
+
+    Changes: ``shape``, ``color``, ``eyes`` and ``scene`` (another value of that attribute, all
+    else kept), ``context`` (the same identity in a newly drawn scene, position and size) and
+    ``everything`` (an independent creature). For the loop to find identities, identity changes
+    must move the embedding further than ``context`` does.
+    """
+    rng = np.random.default_rng(seed)
+    base = [sample_record(rng) for _ in range(n)]
+
+    def embed(records: Sequence[CreatureRecord]) -> np.ndarray:
+        return np.asarray(embedder.embed([render(r) for r in records]), dtype=np.float64)
+
+    def another(value: str, values: Sequence[str]) -> str:
+        return str(rng.choice([v for v in values if v != value]))
+
+    changed = {
+        name: [record_with(r, **{name: another(getattr(r, name), values)}) for r in base]
+        for name, values in (
+            ("shape", SHAPES),
+            ("color", COLORS),
+            ("eyes", EYES),
+            ("scene", SCENES),
+        )
+    }
+    changed["context"] = [
+        sample_record(rng, **{a: getattr(r, a) for a in IDENTITY_ATTRIBUTES}) for r in base
+    ]
+    changed["everything"] = [sample_record(rng) for _ in base]
+    reference = embed(base)
+    return {
+        name: float(np.linalg.norm(embed(records) - reference, axis=1).mean())
+        for name, records in changed.items()
+    }
