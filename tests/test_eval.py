@@ -407,6 +407,45 @@ def test_evaluate_prompt_set_on_tiny_models(models, tiny_clip_dir):
         evaluate_prompt_set(generator, prompt_set, clip=None, dino=None, identities={"a fox": None})
 
 
+def test_eval_real_cli_scores_a_prompt_set_from_folders(models, tiny_clip_dir, tmp_path):
+    from consistent_char.eval.real import dreamsim_available
+
+    (tmp_path / "prompts.yaml").write_text(
+        "settings: [in the snow, at night]\nsubjects: [a red cat, a blue dog]\n"
+    )
+    pipe = tiny_sdxl_pipeline()
+    tiny_identity(pipe, "<tiny>").save(tmp_path / "cat")
+    args = [
+        "eval", "real", str(tmp_path / "prompts.yaml"),
+        "--model", str(models / "sdxl"),
+        "--identity", f"a red cat={tmp_path / 'cat'}",
+        "--clip", str(tiny_clip_dir),
+        "--dino", str(models / "dinov2"),
+        "--seeds-per-setting", "2", "--steps", "2", "--device", "cpu",
+        "--out", str(tmp_path / "real.json"),
+    ]  # fmt: skip
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 0, result.output
+    saved = json.loads((tmp_path / "real.json").read_text())
+    assert saved["with_identity"] == ["a red cat"] and saved["identities"] == {
+        "a red cat": "<tiny>"
+    }
+    assert {s: v["n_images"] for s, v in saved["subjects"].items()} == {
+        "a red cat": 4,
+        "a blue dog": 4,
+    }
+    assert -1.0 <= saved["mean"]["clip_t"] <= 1.0
+    assert (saved["mean"]["dreamsim_similarity"] is None) == (not dreamsim_available())
+    assert "a red cat" in result.output and "mean" in result.output
+
+    unknown = CliRunner().invoke(
+        app, [*args[:5], "--identity", f"a fox={tmp_path / 'cat'}", *args[7:]]
+    )
+    assert unknown.exit_code == 2 and "not in" in unknown.output
+    malformed = CliRunner().invoke(app, [*args[:5], "--identity", "no-equals-sign", *args[7:]])
+    assert malformed.exit_code == 2 and "SUBJECT=IDENTITY_DIR" in malformed.output
+
+
 # ------------------------------------------------------- presets, estimate, outputs
 
 

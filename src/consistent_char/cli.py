@@ -525,6 +525,118 @@ def eval_toy(
     )
 
 
+@eval_app.command("real")
+def eval_real(
+    prompt_set: Annotated[
+        Path, typer.Argument(help="Prompt-set file (YAML/JSON): subjects × settings.")
+    ],
+    model: Annotated[str, typer.Option(help="SDXL hub id or local diffusers folder.")],
+    identity: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--identity",
+            help="SUBJECT=IDENTITY_DIR: draw that subject with the identity (repeatable).",
+        ),
+    ] = None,
+    clip_model: Annotated[
+        str, typer.Option("--clip", help="CLIP model for CLIP-T (hub id or folder).")
+    ] = "openai/clip-vit-large-patch14",
+    dino_model: Annotated[
+        str, typer.Option("--dino", help="DINOv2 model for identity similarity.")
+    ] = "facebook/dinov2-large",
+    dreamsim: Annotated[
+        bool, typer.Option(help="Also score with DreamSim when it is installed.")
+    ] = True,
+    seeds_per_setting: Annotated[
+        int, typer.Option("--seeds-per-setting", min=1, max=1000, help="Images per setting.")
+    ] = 1,
+    seed: Annotated[int, typer.Option(help="The first seed.")] = 0,
+    steps: Annotated[int | None, typer.Option(min=1, help="Denoising steps per image.")] = None,
+    guidance: Annotated[float | None, typer.Option(min=0.0, help="Guidance scale.")] = None,
+    out: Annotated[Path | None, typer.Option("--out", help="Write the result as JSON.")] = None,
+    device: Annotated[str, typer.Option(help="auto, cpu, cuda, ...")] = "auto",
+    verbose: Annotated[bool, typer.Option("--verbose", "-v")] = False,
+) -> None:
+    """Score CLIP-T and identity similarity over a prompt set on a real (SDXL-class) model."""
+    _setup_logging(verbose)
+    from consistent_char.config import GeneratorConfig
+    from consistent_char.embedders.dinov2 import DINOv2Embedder
+    from consistent_char.eval.real import (
+        CLIPScorer,
+        DreamSimEmbedder,
+        PromptSet,
+        dreamsim_available,
+        evaluate_prompt_set,
+    )
+    from consistent_char.generators.sdxl import SDXLGenerator
+    from consistent_char.identity import Identity, IdentityError
+    from consistent_char.rundir import write_json_atomic
+    from consistent_char.stages import resolve_device, resolve_dtype, resolve_model
+
+    try:
+        prompts = PromptSet.from_file(prompt_set)
+        identities: dict[str, Identity] = {}
+        for item in identity or []:
+            subject, sep, folder = item.rpartition("=")
+            if not sep or not subject.strip() or not folder:
+                raise ValueError(f"--identity takes SUBJECT=IDENTITY_DIR, got {item!r}")
+            identities[subject.strip()] = Identity.load(folder)
+        unknown = sorted(set(identities) - {s.name for s in prompts.subjects})
+        if unknown:
+            raise ValueError(f"--identity names subjects not in {prompt_set}: {unknown}")
+        dev = resolve_device(device)
+        settings = GeneratorConfig().model_dump()
+        if steps is not None:
+            settings["num_inference_steps"] = steps
+        if guidance is not None:
+            settings["guidance_scale"] = guidance
+        generator = SDXLGenerator.from_pretrained(
+            resolve_model(model), device=dev, dtype=resolve_dtype("auto", dev), **settings
+        )
+        clip = CLIPScorer.from_pretrained(clip_model, device=dev)
+        dino = DINOv2Embedder.from_pretrained(dino_model, device=dev)
+        second = (
+            DreamSimEmbedder.from_pretrained(device=str(dev))
+            if dreamsim and dreamsim_available()
+            else None
+        )
+        result = evaluate_prompt_set(
+            generator,
+            prompts,
+            clip=clip,
+            dino=dino,
+            dreamsim=second,
+            identities=identities,
+            seeds_per_setting=seeds_per_setting,
+            seed=seed,
+        )
+    except (IdentityError, FileNotFoundError, ValueError, ConfigError) as err:
+        _fail(str(err))
+        return
+
+    def cell(value: float | None) -> str:
+        return "-" if value is None else f"{value:.3f}"
+
+    console.print(f"{'subject':<40} {'identity':>8} {'CLIP-T':>7} {'DINOv2':>7} {'DreamSim':>8}")
+    for name, score in result["subjects"].items():
+        marked = "yes" if name in identities else "no"
+        console.print(
+            f"{name[:40]:<40} {marked:>8} {cell(score['clip_t']):>7} "
+            f"{cell(score['dino_similarity']):>7} {cell(score['dreamsim_similarity']):>8}"
+        )
+    mean = result["mean"]
+    console.print(
+        f"{'mean':<40} {'':>8} {cell(mean['clip_t']):>7} {cell(mean['dino_similarity']):>7} "
+        f"{cell(mean['dreamsim_similarity']):>8}"
+    )
+    if out is not None:
+        result["prompt_set"] = str(prompt_set)
+        result["model"] = model
+        result["identities"] = {name: str(i.token) for name, i in identities.items()}
+        write_json_atomic(out, result)
+        console.print(f"result: {out}")
+
+
 def main() -> None:  # pragma: no cover - console entry point
     app()
 
