@@ -356,3 +356,14 @@ def test_lora_targets_that_match_nothing_are_a_clear_error(pipe, images):
         )
     _assert_same_state(before, _state(pipe))
     assert not getattr(pipe.unet, "peft_config", None)
+
+
+@pytest.mark.parametrize("steps, accumulation", [(1, 1), (3, 2)])
+def test_every_step_is_reported_once_in_order(pipe, images, steps, accumulation):
+    calls: list[tuple[int, int, float]] = []
+    identity = _refiner(pipe, steps=steps, gradient_accumulation_steps=accumulation).refine(
+        None, images, CAPTIONS, seed=0, callback=lambda s, t, loss: calls.append((s, t, loss))
+    )
+    assert [(s, t) for s, t, _ in calls] == [(s, steps) for s in range(1, steps + 1)]
+    assert all(math.isfinite(loss) and loss > 0 for _, _, loss in calls)
+    assert identity.metadata["refiner"]["final_loss"] == calls[-1][2]

@@ -318,12 +318,27 @@ class TextualInversionLoRARefiner:
         unet_dtype = self.pipeline.unet.dtype
         final_loss = math.nan
         bar = _progress(self.steps, self.show_progress)
+
+        def report(step: int, loss: torch.Tensor) -> float:
+            value = float(loss)  # waits for the device to finish that step
+            bar.update(1)
+            bar.set_postfix(loss=f"{value:.4f}")
+            if step == 1 or step == self.steps or step % 50 == 0:
+                logger.debug("refine step %d/%d: loss %.5f", step, self.steps, value)
+            if callback is not None:
+                callback(step, self.steps, value)
+            return value
+
+        # A step's loss is read (and reported) once the next step is queued: reading it waits
+        # for the device, and waiting one step late lets the host queue step k while the device
+        # still runs step k - 1. Host-to-device copies are non-blocking for the same reason.
+        pending: tuple[int, torch.Tensor] | None = None
         try:
             for step in range(1, self.steps + 1):
                 optimizer.zero_grad(set_to_none=True)
-                total = 0.0
+                total = torch.zeros((), device=latents.device)
                 for _ in range(self.gradient_accumulation_steps):
-                    idx = order.take(self.batch_size)
+                    idx = _to_device(order.take(self.batch_size), latents.device)
                     loss = self._loss(
                         state,
                         noise_scheduler,
@@ -336,18 +351,16 @@ class TextualInversionLoRARefiner:
                         unet_dtype,
                     )
                     (loss / self.gradient_accumulation_steps).backward()
-                    total += float(loss.detach()) / self.gradient_accumulation_steps
+                    total += loss.detach().float() / self.gradient_accumulation_steps
                 trained = [p for group in optimizer.param_groups for p in group["params"]]
                 if self.max_grad_norm is not None:
                     torch.nn.utils.clip_grad_norm_(trained, self.max_grad_norm)
                 optimizer.step()
-                final_loss = total
-                bar.update(1)
-                bar.set_postfix(loss=f"{total:.4f}")
-                if step == 1 or step == self.steps or step % 50 == 0:
-                    logger.debug("refine step %d/%d: loss %.5f", step, self.steps, total)
-                if callback is not None:
-                    callback(step, self.steps, total)
+                if pending is not None:
+                    final_loss = report(*pending)
+                pending = (step, total)
+            if pending is not None:
+                final_loss = report(*pending)
         finally:
             bar.close()
         return final_loss
@@ -537,10 +550,11 @@ class TextualInversionLoRARefiner:
         device = latents.device
         n = latents.shape[0]
         # Drawn on the CPU generator, so a seed gives the same noise on every device.
-        noise = torch.randn(latents.shape, generator=gen).to(device)
-        timesteps = torch.randint(
-            0, noise_scheduler.config.num_train_timesteps, (n,), generator=gen
-        ).to(device)
+        noise = _to_device(torch.randn(latents.shape, generator=gen), device)
+        timesteps = _to_device(
+            torch.randint(0, noise_scheduler.config.num_train_timesteps, (n,), generator=gen),
+            device,
+        )
         noisy = noise_scheduler.add_noise(latents, noise, timesteps)
         prediction_type = noise_scheduler.config.prediction_type
         if prediction_type == "epsilon":
@@ -869,6 +883,14 @@ class _IndexStream:
             self.buffer += torch.randperm(self.n, generator=self.gen).tolist()
         out, self.buffer = self.buffer[:k], self.buffer[k:]
         return torch.tensor(out, dtype=torch.long)
+
+
+def _to_device(tensor: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """Copies a host tensor to `device`; to CUDA from pinned memory without blocking, since a
+    pageable copy waits for every kernel already queued on the stream."""
+    if device.type == "cuda":
+        return tensor.pin_memory().to(device, non_blocking=True)
+    return tensor.to(device)
 
 
 def _token_names(token: str, n: int) -> list[str]:
