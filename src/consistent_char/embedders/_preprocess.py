@@ -250,19 +250,77 @@ def _transformers_major() -> int:
 
 
 class ModelEmbedder:
-    """What the transformers-backed embedders share: device, dtype, moving, and a readable repr.
+    """What the transformers-backed embedders share: construction, wrapping a loaded model, the
+    end of loading one, batched embedding, device, dtype, moving, and a readable repr.
 
-    A mixin rather than a base class with logic: each embedder still says in its own file how it
-    loads, preprocesses and reads its embedding.
+    Each embedder says in its own file how it loads its model (`from_pretrained`), which output
+    is the embedding (`_features`) and how wide it is (`embedding_dim`).
     """
 
-    model: Any
-    preprocess: Any
-    batch_size: int
+    #: Builds the preprocessing, ``fallback(image_size=...)``, used when a checkpoint brings no
+    #: processor config and none is given: resize, center crop, ImageNet normalisation.
+    fallback_preprocess: Callable[..., Preprocess] = ResizeCropNormalize
+
+    def __init__(self, model: Any, preprocess: Preprocess, *, batch_size: int = 32) -> None:
+        self.model = model
+        self.preprocess = preprocess
+        self.batch_size = check_batch_size(batch_size)
 
     @property
     def embedding_dim(self) -> int:  # pragma: no cover - each embedder defines its own
         raise NotImplementedError
+
+    def _features(self, pixels: torch.Tensor) -> torch.Tensor:  # pragma: no cover
+        """The embedding rows of a preprocessed batch; each embedder defines its own."""
+        raise NotImplementedError
+
+    def embed(self, images: Sequence[Image.Image]) -> np.ndarray:
+        """Returns the embeddings of `images` as float32, shape (len(images), D)."""
+        return embed_batches(
+            images,
+            preprocess=self.preprocess,
+            forward=self._features,
+            parameter=next(self.model.parameters()),
+            batch_size=self.batch_size,
+            dim=self.embedding_dim,
+        )
+
+    @classmethod
+    def _wrap(
+        cls, model: Any, processor: Any | None, image_size: int | None, batch_size: int
+    ) -> Self:
+        """`from_model`: eval mode, device and dtype kept, preprocessing from `processor` or
+        the fallback at `image_size` (default: the model config's)."""
+        if image_size is None:
+            image_size = config_image_size(model)
+        preprocess = as_preprocess(
+            processor, image_size=image_size, fallback=cls.fallback_preprocess
+        )
+        model.eval()
+        return cls(model, preprocess, batch_size=batch_size)
+
+    @classmethod
+    def _loaded(
+        cls,
+        model: Any,
+        source: str,
+        *,
+        is_local: bool,
+        device: torch.device | str | None,
+        dtype: torch.dtype | str | None,
+        batch_size: int,
+        what: str,
+    ) -> Self:
+        """The end of `from_pretrained`: device and dtype (float32 by default), eval mode, and the
+        checkpoint's own preprocessing, or the fallback at the model's image size."""
+        model.to(device=device, dtype=resolve_dtype(dtype) or torch.float32)
+        model.eval()
+        fallback = as_preprocess(
+            None, image_size=config_image_size(model), fallback=cls.fallback_preprocess
+        )
+        preprocess = load_preprocess(source, is_local=is_local, fallback=fallback, what=what)
+        logger.info("loaded %s from %s (%s, %s)", cls.__name__, source, model.device, model.dtype)
+        return cls(model, preprocess, batch_size=batch_size)
 
     @property
     def device(self) -> torch.device:

@@ -2,35 +2,24 @@
 
 from __future__ import annotations
 
-import logging
 import os
-from collections.abc import Sequence
 from functools import partial
 from typing import TYPE_CHECKING, Any
 
-import numpy as np
 import torch
-from PIL import Image
 
 from consistent_char.embedders._preprocess import (
     CLIP_MEAN,
     CLIP_STD,
     ModelEmbedder,
-    Preprocess,
     ResizeCropNormalize,
-    as_preprocess,
     check_batch_size,
-    config_image_size,
-    embed_batches,
-    load_preprocess,
-    resolve_dtype,
     resolve_source,
 )
 
 if TYPE_CHECKING:
     from transformers import CLIPVisionModelWithProjection
 
-logger = logging.getLogger(__name__)
 
 __all__ = ["CLIPImageEmbedder"]
 
@@ -54,13 +43,7 @@ class CLIPImageEmbedder(ModelEmbedder):
     """
 
     DEFAULT_MODEL_ID = "openai/clip-vit-large-patch14"
-
-    def __init__(
-        self, model: CLIPVisionModelWithProjection, preprocess: Preprocess, *, batch_size: int = 32
-    ) -> None:
-        self.model = model
-        self.preprocess = preprocess
-        self.batch_size = check_batch_size(batch_size)
+    fallback_preprocess = _clip_fallback
 
     @classmethod
     def from_pretrained(
@@ -90,7 +73,6 @@ class CLIPImageEmbedder(ModelEmbedder):
         """
         source, is_local = resolve_source(id_or_dir)
         check_batch_size(batch_size)
-        torch_dtype = resolve_dtype(dtype) or torch.float32
         from transformers import AutoConfig, CLIPConfig, CLIPVisionModelWithProjection
 
         config: Any = AutoConfig.from_pretrained(source)
@@ -101,20 +83,15 @@ class CLIPImageEmbedder(ModelEmbedder):
             vision_config.projection_dim = config.projection_dim
             config = vision_config
         model = CLIPVisionModelWithProjection.from_pretrained(source, config=config)
-        model.to(device=device, dtype=torch_dtype)  # type: ignore[call-arg]
-        model.eval()
-        preprocess = load_preprocess(
+        return cls._loaded(
+            model,
             source,
             is_local=is_local,
-            fallback=as_preprocess(
-                None, image_size=config_image_size(model), fallback=_clip_fallback
-            ),
+            device=device,
+            dtype=dtype,
+            batch_size=batch_size,
             what="CLIP model",
         )
-        logger.info(
-            "loaded CLIP image embedder from %s (%s, %s)", source, model.device, model.dtype
-        )
-        return cls(model, preprocess, batch_size=batch_size)
 
     @classmethod
     def from_model(
@@ -144,24 +121,13 @@ class CLIPImageEmbedder(ModelEmbedder):
             >>> CLIPImageEmbedder.from_model(model).embedding_dim
             16
         """
-        if image_size is None:
-            image_size = config_image_size(model)
-        preprocess = as_preprocess(processor, image_size=image_size, fallback=_clip_fallback)
-        model.eval()
-        return cls(model, preprocess, batch_size=batch_size)
+        return cls._wrap(model, processor, image_size, batch_size)
 
     @property
     def embedding_dim(self) -> int:
         """D, the width of the embeddings (the projection dimension)."""
         return int(self.model.config.projection_dim)
 
-    def embed(self, images: Sequence[Image.Image]) -> np.ndarray:
-        """Returns the projected image embeddings as float32, shape (len(images), D)."""
-        return embed_batches(
-            images,
-            preprocess=self.preprocess,
-            forward=lambda pixels: self.model(pixel_values=pixels).image_embeds,
-            parameter=next(self.model.parameters()),
-            batch_size=self.batch_size,
-            dim=self.embedding_dim,
-        )
+    def _features(self, pixels: torch.Tensor) -> torch.Tensor:
+        """The projected image embeddings of a preprocessed batch."""
+        return self.model(pixel_values=pixels).image_embeds

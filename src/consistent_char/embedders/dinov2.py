@@ -2,32 +2,20 @@
 
 from __future__ import annotations
 
-import logging
 import os
-from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
-import numpy as np
 import torch
-from PIL import Image
 
 from consistent_char.embedders._preprocess import (
     ModelEmbedder,
-    Preprocess,
-    ResizeCropNormalize,
-    as_preprocess,
     check_batch_size,
-    config_image_size,
-    embed_batches,
-    load_preprocess,
-    resolve_dtype,
     resolve_source,
 )
 
 if TYPE_CHECKING:
     from transformers import Dinov2Model
 
-logger = logging.getLogger(__name__)
 
 __all__ = ["DINOv2Embedder"]
 
@@ -50,11 +38,6 @@ class DINOv2Embedder(ModelEmbedder):
     """
 
     DEFAULT_MODEL_ID = "facebook/dinov2-large"
-
-    def __init__(self, model: Dinov2Model, preprocess: Preprocess, *, batch_size: int = 32) -> None:
-        self.model = model
-        self.preprocess = preprocess
-        self.batch_size = check_batch_size(batch_size)
 
     @classmethod
     def from_pretrained(
@@ -84,22 +67,18 @@ class DINOv2Embedder(ModelEmbedder):
         """
         source, is_local = resolve_source(id_or_dir)
         check_batch_size(batch_size)
-        torch_dtype = resolve_dtype(dtype) or torch.float32
         from transformers import Dinov2Model
 
         model = Dinov2Model.from_pretrained(source)
-        model.to(device=device, dtype=torch_dtype)  # type: ignore[call-arg]
-        model.eval()
-        preprocess = load_preprocess(
+        return cls._loaded(
+            model,
             source,
             is_local=is_local,
-            fallback=as_preprocess(
-                None, image_size=config_image_size(model), fallback=ResizeCropNormalize
-            ),
+            device=device,
+            dtype=dtype,
+            batch_size=batch_size,
             what="DINOv2 model",
         )
-        logger.info("loaded DINOv2 embedder from %s (%s, %s)", source, model.device, model.dtype)
-        return cls(model, preprocess, batch_size=batch_size)
 
     @classmethod
     def from_model(
@@ -127,24 +106,13 @@ class DINOv2Embedder(ModelEmbedder):
             >>> DINOv2Embedder.from_model(model).embedding_dim
             32
         """
-        if image_size is None:
-            image_size = config_image_size(model)
-        preprocess = as_preprocess(processor, image_size=image_size, fallback=ResizeCropNormalize)
-        model.eval()
-        return cls(model, preprocess, batch_size=batch_size)
+        return cls._wrap(model, processor, image_size, batch_size)
 
     @property
     def embedding_dim(self) -> int:
         """D, the width of the embeddings (the model's hidden size)."""
         return int(self.model.config.hidden_size)
 
-    def embed(self, images: Sequence[Image.Image]) -> np.ndarray:
-        """Returns the CLS embeddings of `images` as float32, shape (len(images), D)."""
-        return embed_batches(
-            images,
-            preprocess=self.preprocess,
-            forward=lambda pixels: self.model(pixel_values=pixels).last_hidden_state[:, 0],
-            parameter=next(self.model.parameters()),
-            batch_size=self.batch_size,
-            dim=self.embedding_dim,
-        )
+    def _features(self, pixels: torch.Tensor) -> torch.Tensor:
+        """The CLS embeddings of a preprocessed batch."""
+        return self.model(pixel_values=pixels).last_hidden_state[:, 0]
