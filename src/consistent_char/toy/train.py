@@ -602,6 +602,23 @@ class Trainer:
     def time_limit(self, stage: StagePlan) -> float | None:
         return None if self.time_budget is None else self.time_budget * stage.time_share
 
+    def _train_stage(self, name: str, **loop: Any) -> dict[str, nn.Module]:
+        """`run_loop` for the stage `name` with its plan, seed, device and time share; records
+        its seconds, steps and whether time cut it short. Returns the trained modules."""
+        stage: StagePlan = getattr(self.plan, name)
+        result, trained = run_loop(
+            name,
+            stage,
+            seed=self.seed,
+            device=self.device,
+            time_limit=self.time_limit(stage),
+            **loop,
+        )
+        self.seconds[name] = result.seconds
+        self.results[f"{name}_steps"] = result.steps
+        self.results[f"{name}_cut_by_time"] = result.cut_by_time
+        return trained
+
     # -- 1. VAE
 
     def train_vae(self) -> None:
@@ -632,22 +649,15 @@ class Trainer:
             err = recon - x
             return err.pow(2).mean() + 0.5 * err.abs().mean() + plan.vae_kl_weight * kl
 
-        result, trained = run_loop(
+        trained = self._train_stage(
             "vae",
-            plan.vae,
             modules={"vae": vae},
             loss_fn=loss_fn,
             checkpoint=checkpoint,
-            seed=self.seed,
-            device=device,
-            time_limit=self.time_limit(plan.vae),
         )
         self.vae = trained["vae"].eval()
         for p in self.vae.parameters():
             p.requires_grad_(False)
-        self.seconds["vae"] = result.seconds
-        self.results["vae_steps"] = result.steps
-        self.results["vae_cut_by_time"] = result.cut_by_time
         # Latents of unit variance, as SDXL's 0.13025 does for its VAE.
         sample = self.images()[: min(4096, self.images().shape[0])]
         latents = self.encode(sample, scaled=False)
@@ -749,21 +759,14 @@ class Trainer:
             weight = snr.clamp(max=plan.min_snr_gamma) / snr
             return (weight * per_sample).mean()
 
-        result, trained = run_loop(
+        trained = self._train_stage(
             "unet",
-            plan.unet,
             modules={"text_encoder": text_encoder, "text_encoder_2": text_encoder_2, "unet": unet},
             loss_fn=loss_fn,
             checkpoint=checkpoint,
-            seed=self.seed,
-            device=device,
-            time_limit=self.time_limit(plan.unet),
             ema_modules=("text_encoder", "text_encoder_2", "unet"),
             ema_decay=plan.ema_decay,
         )
-        self.seconds["unet"] = result.seconds
-        self.results["unet_steps"] = result.steps
-        self.results["unet_cut_by_time"] = result.cut_by_time
         self.unet_parts = {**trained, "tokenizer": tokenizer, "tokenizer_2": tokenizer_2}
 
     # -- 3. DINOv2
@@ -789,19 +792,12 @@ class Trainer:
                 z = model(pixel_values=dinov2_pixels(torch.cat(views))).pooler_output.float()
             return nt_xent(z, plan.dino_temperature)
 
-        result, trained = run_loop(
+        trained = self._train_stage(
             "dino",
-            plan.dino,
             modules={"dino": model},
             loss_fn=loss_fn,
             checkpoint=checkpoint,
-            seed=self.seed,
-            device=device,
-            time_limit=self.time_limit(plan.dino),
         )
-        self.seconds["dino"] = result.seconds
-        self.results["dino_steps"] = result.steps
-        self.results["dino_cut_by_time"] = result.cut_by_time
         self.dino = trained["dino"].eval()
 
     # -- 4. probe
@@ -835,19 +831,12 @@ class Trainer:
                 start=torch.zeros((), device=device),
             )
 
-        result, trained = run_loop(
+        trained = self._train_stage(
             "probe",
-            plan.probe,
             modules={"probe": probe},
             loss_fn=loss_fn,
             checkpoint=checkpoint,
-            seed=self.seed,
-            device=device,
-            time_limit=self.time_limit(plan.probe),
         )
-        self.seconds["probe"] = result.seconds
-        self.results["probe_steps"] = result.steps
-        self.results["probe_cut_by_time"] = result.cut_by_time
         self.probe = trained["probe"].eval()
 
     # -- export + evaluation
