@@ -367,3 +367,43 @@ def test_every_step_is_reported_once_in_order(pipe, images, steps, accumulation)
     assert [(s, t) for s, t, _ in calls] == [(s, steps) for s in range(1, steps + 1)]
     assert all(math.isfinite(loss) and loss > 0 for _, _, loss in calls)
     assert identity.metadata["refiner"]["final_loss"] == calls[-1][2]
+
+
+def test_compiled_blocks_train_like_eager_and_are_given_back(pipe, images):
+    from torch._dynamo.utils import counters
+
+    blocks = [m for m in pipe.unet.modules() if type(m).__name__ in pipe.unet._repeated_blocks]
+    assert blocks, "the tiny UNet should have transformer blocks"
+    # A block the caller compiled stays compiled after refine; the others stay eager.
+    blocks[0].compile(backend="eager")
+    callers = blocks[0]._compiled_call_impl
+    eager_losses: list[float] = []
+    compiled_losses: list[float] = []
+    try:
+        torch._dynamo.reset()
+        counters.clear()
+        eager = _refiner(pipe, steps=3).refine(
+            None, images, CAPTIONS, seed=0, callback=lambda s, t, x: eager_losses.append(x)
+        )
+        eager_graphs = counters["stats"]["unique_graphs"]
+        compiled = _refiner(pipe, steps=3, compile_blocks=True).refine(
+            None, images, CAPTIONS, seed=0, callback=lambda s, t, x: compiled_losses.append(x)
+        )
+        assert counters["stats"]["unique_graphs"] > eager_graphs, "no block was compiled"
+        assert blocks[0]._compiled_call_impl is callers
+        assert all(m._compiled_call_impl is None for m in blocks[1:])
+    finally:
+        blocks[0]._compiled_call_impl = None
+    # The same training, up to the kernels' floating-point order.
+    assert compiled_losses == pytest.approx(eager_losses, rel=1e-4)
+    torch.testing.assert_close(compiled.clip_l, eager.clip_l, rtol=1e-4, atol=1e-6)
+    torch.testing.assert_close(compiled.clip_g, eager.clip_g, rtol=1e-4, atol=1e-6)
+    assert compiled.lora is not None and eager.lora is not None
+    for key, value in eager.lora.items():
+        torch.testing.assert_close(compiled.lora[key], value, rtol=1e-3, atol=1e-4)
+
+
+def test_compile_blocks_needs_named_repeated_blocks(pipe, monkeypatch):
+    monkeypatch.setattr(pipe.unet, "_repeated_blocks", [])
+    with pytest.raises(ValueError, match="compile_blocks=True needs a UNet"):
+        _refiner(pipe, compile_blocks=True)

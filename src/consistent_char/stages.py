@@ -9,7 +9,7 @@ from typing import Any
 
 import torch
 
-from consistent_char.config import TOY_MODEL, ExtractorConfig
+from consistent_char.config import TOY_MODEL, ExtractorConfig, RefinerConfig
 from consistent_char.interfaces import (
     Clusterer,
     ConvergenceCriterion,
@@ -70,6 +70,16 @@ def resolve_model(model: str, *, kind: str = "pipeline") -> str:
     return model
 
 
+def build_refiner(settings: RefinerConfig, pipeline: Any, **overrides: Any) -> Any:
+    """The default refiner on a loaded pipeline: `RefinerConfig`'s fields are
+    `TextualInversionLoRARefiner`'s settings, name for name (`overrides` replace some)."""
+    from consistent_char.refiners.ti_lora import TextualInversionLoRARefiner
+
+    return TextualInversionLoRARefiner.from_pipeline(
+        pipeline, **{**settings.model_dump(), **overrides}
+    )
+
+
 def build_stages(
     config: ExtractorConfig,
 ) -> tuple[Generator, Embedder, Clusterer, Refiner, ConvergenceCriterion]:
@@ -77,7 +87,6 @@ def build_stages(
     from consistent_char.clusterers.faiss_kmeans import FaissKMeansClusterer
     from consistent_char.convergence import PairwiseDistanceCriterion
     from consistent_char.generators.sdxl import SDXLGenerator
-    from consistent_char.refiners.ti_lora import TextualInversionLoRARefiner
 
     device = resolve_device(config.device)
     dtype = resolve_dtype(config.dtype, device)
@@ -91,22 +100,7 @@ def build_stages(
     generator = SDXLGenerator.from_pretrained(
         model, device=device, dtype=dtype, **config.generator.model_dump()
     )
-    r = config.refiner
-    refiner = TextualInversionLoRARefiner.from_pipeline(
-        generator.pipeline,
-        mode=r.mode,
-        token=r.token,
-        initializer_token=r.initializer_token,
-        num_vectors=r.num_vectors,
-        lora_rank=r.lora_rank,
-        lora_alpha=r.lora_alpha if r.lora_alpha is not None else float(r.lora_rank),
-        target_modules=list(r.target_modules),
-        lora_lr=r.lora_lr,
-        embedding_lr=r.embedding_lr,
-        steps=r.steps,
-        batch_size=r.batch_size,
-        gradient_checkpointing=r.gradient_checkpointing,
-    )
+    refiner = build_refiner(config.refiner, generator.pipeline)
     embedder = build_embedder(
         config.embedder.kind, embedder_model, device=device, batch_size=config.embedder.batch_size
     )

@@ -91,6 +91,12 @@ class TextualInversionLoRARefiner:
         mixed_precision: ``"auto"`` (bfloat16 autocast on CUDA, none on CPU), ``"bf16"`` or
             ``"no"``. Trained tensors are float32 in every case.
         gradient_checkpointing: Trade UNet compute for memory during training.
+        compile_blocks: Compile the UNet's repeated blocks (diffusers' ``_repeated_blocks``,
+            SDXL's 70 transformer blocks) with `torch.compile` while `refine` trains, and restore
+            them afterwards. At SDXL's training batch of 1 the step is bound by dispatching ops,
+            not by arithmetic (`benchmarks/README.md` counts them), and these blocks issue 96%
+            of the UNet's forward ops. The first `refine` pays the compile time; later calls
+            reuse the compiled code.
         show_progress: Show a tqdm bar over the steps.
 
     Example:
@@ -128,6 +134,7 @@ class TextualInversionLoRARefiner:
         width: int | None = None,
         mixed_precision: MixedPrecision = "auto",
         gradient_checkpointing: bool = False,
+        compile_blocks: bool = False,
         show_progress: bool = False,
     ) -> None:
         _check_settings(
@@ -175,6 +182,12 @@ class TextualInversionLoRARefiner:
         self.width = width
         self.mixed_precision: MixedPrecision = mixed_precision
         self.gradient_checkpointing = gradient_checkpointing
+        if compile_blocks and not _repeated_blocks(pipeline.unet):
+            raise ValueError(
+                "compile_blocks=True needs a UNet that names its repeated blocks (diffusers' "
+                f"_repeated_blocks); {type(pipeline.unet).__name__} has none"
+            )
+        self.compile_blocks = compile_blocks
         self.show_progress = show_progress
 
     # ------------------------------------------------------------ constructors
@@ -278,6 +291,7 @@ class TextualInversionLoRARefiner:
             _seeded(seed, device),
             self._trainable(identity, token, seed) as state,
             self._no_lora_input_cast(device),
+            _compiled(_repeated_blocks(pipe.unet) if self.compile_blocks else []),
         ):
             # 2. Encode the training images once: the VAE is frozen.
             latents = self._encode_images(images, height, width, gen)
@@ -935,6 +949,28 @@ def _seeded(seed: int, device: torch.device) -> Iterator[None]:
         yield
 
 
+def _repeated_blocks(unet: nn.Module) -> list[nn.Module]:
+    """The UNet's sub-modules whose class diffusers lists in ``_repeated_blocks``."""
+    names = set(getattr(unet, "_repeated_blocks", None) or ())
+    return [m for m in unet.modules() if type(m).__name__ in names]
+
+
+@contextlib.contextmanager
+def _compiled(blocks: Sequence[nn.Module]) -> Iterator[None]:
+    """Compiles each block's call for the duration (what `nn.Module.compile` does) and gives
+    back whatever the block had before, compiled by the caller or not."""
+    # torch.compile caches by code object, so identical blocks, and later refines with new
+    # LoRA layers of the same shapes, reuse one compiled graph instead of compiling again.
+    before = [m._compiled_call_impl for m in blocks]
+    try:
+        for m in blocks:
+            m.compile()
+        yield
+    finally:
+        for m, impl in zip(blocks, before, strict=True):
+            m._compiled_call_impl = impl
+
+
 def _progress(total: int, show: bool) -> Any:
     from tqdm.auto import tqdm
 
@@ -973,6 +1009,7 @@ def _check_known(settings: dict[str, Any]) -> None:
         )
     values = {name: settings.get(name, params[name].default) for name in known}
     values.pop("gradient_checkpointing")
+    values.pop("compile_blocks")
     values.pop("show_progress")
     _check_settings(**values)
 
