@@ -926,25 +926,11 @@ def make_generator(
     )
 
 
-def make_refiner(pipe: Any, cfg: Any, steps: int, batch_size: int | None = None) -> Any:
+def make_refiner(pipe: Any, cfg: Any, steps: int, **overrides: Any) -> Any:
     """The refiner exactly as `consistent_char.stages.build_stages` makes it, at `steps`."""
-    from consistent_char.refiners.ti_lora import TextualInversionLoRARefiner
+    from consistent_char.stages import build_refiner
 
-    r = cfg.refiner
-    return TextualInversionLoRARefiner.from_pipeline(
-        pipe,
-        mode=r.mode,
-        token=r.token,
-        initializer_token=r.initializer_token,
-        num_vectors=r.num_vectors,
-        lora_rank=r.lora_rank,
-        lora_alpha=r.lora_alpha if r.lora_alpha is not None else float(r.lora_rank),
-        target_modules=list(r.target_modules),
-        lora_lr=r.lora_lr,
-        embedding_lr=r.embedding_lr,
-        steps=steps,
-        batch_size=batch_size or r.batch_size,
-    )
+    return build_refiner(cfg.refiner, pipe, steps=steps, **overrides)
 
 
 def run_library(
@@ -1277,6 +1263,52 @@ def run_refine_batches(
             f"refine batch {batch}: {per_step:.3f}s/step, {batch / per_step:.2f} samples/s "
             f"(batch {base_batch}: {1 / base_per_sample:.2f} samples/s)"
         )
+    return out
+
+
+def run_refine_compiled(
+    models: Models, plan: Plan, device: Device, clock: Clock, library: dict[str, Any]
+) -> dict[str, Any]:
+    """The library's refiner with ``refiner.compile_blocks``: a short first refine (which
+    compiles the transformer blocks for training), then the main fit's step count, timed and
+    set against the eager per-step cost. The main fit's fixed cost is taken as the same."""
+    cfg = library_config(plan)
+    main = library["stages"]["refinement"]
+    images, captions = library["_train_images"], library["_captions"]
+    first_steps, steps = max(2, plan.warmup_train_steps), plan.library_train_steps
+    times: dict[str, float] = {}
+    graphs = compiled_graphs()
+    device.empty_cache()
+    device.reset_peak()
+    with device.timed(times, "first"):
+        make_refiner(models.pipe, cfg, first_steps, compile_blocks=True).refine(
+            None, images, captions, seed=plan.seed
+        )
+    clock.log(f"refine compiled: first refine ({first_steps} steps) {times['first']:.1f}s")
+    with device.timed(times, "timed"):
+        make_refiner(models.pipe, cfg, steps, compile_blocks=True).refine(
+            None, images, captions, seed=plan.seed
+        )
+    per_step = max(times["timed"] - main["fixed_s"], 1e-9) / steps
+    compile_s = max(0.0, times["first"] - main["fixed_s"] - first_steps * per_step)
+    out = {
+        "what": "refiner.compile_blocks: torch.compile of the UNet's BasicTransformerBlocks",
+        "first_refine_s": times["first"],
+        "first_refine_steps": first_steps,
+        "compile_s": compile_s,
+        "graphs_compiled": compiled_graphs() - graphs,
+        "timed_refine_s": times["timed"],
+        "steps": steps,
+        "s_per_step": per_step,
+        "eager_s_per_step": main["s_per_unit"],
+        "per_step_speedup_vs_eager": main["s_per_unit"] / per_step,
+        "refinement_s_at_defaults": main["fixed_s"] + plan.train_steps_at_defaults * per_step,
+        "peak_gib": device.peak_gib(),
+    }
+    clock.log(
+        f"refine compiled: {per_step:.3f}s/step (eager {main['s_per_unit']:.3f}), "
+        f"compile {compile_s:.1f}s"
+    )
     return out
 
 
@@ -1636,6 +1668,16 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         else:
             result["skipped"].append({"part": "refine_batches", "reason": "time budget"})
             clock.log("refine batches skipped (time budget)")
+    if args.compile and library is not None:
+        # Before run_compiled, which leaves the UNet channels_last with its blocks compiled.
+        if clock.allows(est["refine_compiled"]):
+            result["refine_compiled"] = part(
+                "refine_compiled",
+                lambda: run_refine_compiled(models, plan, device, clock, library),
+            )
+        else:
+            result["skipped"].append({"part": "refine_compiled", "reason": "time budget"})
+            clock.log("refine compiled skipped (time budget)")
     if args.compile:
         result["compiled"] = "started"  # what a run killed while compiling leaves behind
         write_json(args.out, result)
@@ -1667,7 +1709,12 @@ def optional_estimates(
     The compile estimate assumes 60 s of compilation (regional compile of SDXL's transformer
     blocks: not measured here before; the part records what it took)."""
     if not device.is_cuda or not library or "stages" not in library:
-        return {"unet_variants": 5.0, "refine_batches": 5.0, "compile": 30.0}
+        return {
+            "unet_variants": 5.0,
+            "refine_batches": 5.0,
+            "refine_compiled": 30.0,
+            "compile": 30.0,
+        }
     unet = library["unet"]
     s_per_sample = unet["seconds_inside_unet"] / max(1, unet["samples"])
     refine = library["stages"]["refinement"]
@@ -1680,6 +1727,11 @@ def optional_estimates(
         "unet_variants": (len(VARIANTS) + 2) * 3 * batch * s_per_sample + 15.0,
         # At worst batch 4 costs 4x a batch-1 step.
         "refine_batches": refine["fixed_s"] + short * 4 * refine["s_per_unit"] + 5.0,
+        # Compiling the blocks for training (forward and backward) is assumed at 90 s; the two
+        # refines at no better than the eager rate.
+        "refine_compiled": 90.0
+        + 2 * refine["fixed_s"]
+        + (max(2, plan.warmup_train_steps) + plan.library_train_steps) * refine["s_per_unit"],
         "compile": 60.0 + 4 * batch * s_per_sample + (batch // passes) * per_image,
     }
 

@@ -29,15 +29,13 @@ def _numbers(value: Any, path: str = "") -> list[tuple[str, float]]:
     return []
 
 
-@pytest.fixture(scope="module")
-def tiny_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[dict[str, Any], dict[str, Any]]:
-    out = tmp_path_factory.mktemp("bench") / "iteration.json"
+def _run_tiny(out: Path, *flags: str) -> tuple[dict[str, Any], dict[str, Any]]:
     env = {
         **os.environ,
         "PYTHONPATH": os.pathsep.join([str(ROOT / "src"), os.environ.get("PYTHONPATH", "")]),
     }
     proc = subprocess.run(
-        [sys.executable, str(SCRIPT), "--tiny", "--no-compile", "--out", str(out)],
+        [sys.executable, str(SCRIPT), "--tiny", *flags, "--out", str(out)],
         capture_output=True,
         text=True,
         timeout=240,
@@ -48,6 +46,11 @@ def tiny_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[dict[str, Any], 
     printed = json.loads(proc.stdout)
     written = json.loads(out.read_text())
     return printed, written
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[dict[str, Any], dict[str, Any]]:
+    return _run_tiny(tmp_path_factory.mktemp("bench") / "iteration.json", "--no-compile")
 
 
 def test_prints_and_writes_the_same_complete_result(tiny_run: Any) -> None:
@@ -104,3 +107,40 @@ def test_every_number_is_finite_and_not_negative(tiny_run: Any) -> None:
     assert len(numbers) > 50
     bad = [(p, v) for p, v in numbers if not math.isfinite(v) or v < 0]
     assert not bad, bad
+
+
+def test_compile_parts_time_the_compiled_refiner_and_generation(tmp_path: Path) -> None:
+    result, _ = _run_tiny(
+        tmp_path / "compiled.json", "--compile", "--skip-naive", "--no-variants",
+        "--no-refine-batches",
+    )  # fmt: skip
+    assert result["complete"] is True and result["errors"] == [], result["errors"]
+    assert not {"compile", "refine_compiled"} & {s["part"] for s in result["skipped"]}
+    refine = result["refine_compiled"]
+    assert refine["graphs_compiled"] >= 1  # the refiner compiled its blocks for training
+    assert refine["s_per_step"] > 0 and refine["eager_s_per_step"] > 0
+    assert refine["per_step_speedup_vs_eager"] > 0 and refine["compile_s"] >= 0
+    assert refine["refinement_s_at_defaults"] > 0
+    compiled = result["compiled"]
+    assert compiled["compiled_blocks"] >= 1 and compiled["unet_forward"]["ms_per_sample"] > 0
+
+
+def test_refine_ops_counts_a_training_step_on_the_meta_device() -> None:
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    try:
+        import refine_ops
+    finally:
+        sys.path.remove(str(ROOT / "benchmarks"))
+    result = refine_ops.main(["--tiny"])
+    plain, lora = result["runs"]
+    assert plain["lora_tensors"] == 0 and lora["lora_tensors"] > 0
+    assert lora["repeated_blocks"] >= 1
+    # The LoRA adds ops in both directions, and the counts add up.
+    assert lora["forward_ops"] > plain["forward_ops"] > 0
+    assert lora["backward_ops"] > plain["backward_ops"] > 0
+    assert lora["step_ops"] == lora["forward_ops"] + lora["backward_ops"]
+    assert result["lora_extra_ops_per_step"] == lora["step_ops"] - plain["step_ops"]
+    assert 0 < lora["forward_ops_in_repeated_blocks"] < lora["forward_ops"]
+    assert result["forward_share_in_repeated_blocks"] == pytest.approx(
+        lora["forward_ops_in_repeated_blocks"] / lora["forward_ops"]
+    )
