@@ -1640,44 +1640,29 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     est = optional_estimates(library, batch, plan, device)
     per_image = (library or {}).get("stages", {}).get("generation", {}).get("s_per_unit", 1.0)
     result["optional_estimates_s"] = est
+
+    def optional(name: str, fn: Callable[[], Any]) -> None:
+        if clock.allows(est[name]):
+            result[name] = part(name, fn)
+        else:
+            result["skipped"].append({"part": name, "reason": "time budget"})
+            clock.log(f"{name} skipped (time budget)")
+
     if args.variants:
-        if clock.allows(est["unet_variants"]):
-            variants = part(
-                "unet_variants",
-                lambda: run_unet_variants(
-                    models,
-                    plan,
-                    device,
-                    clock,
-                    flops,
-                    peak_tflops,
-                    batch,
-                    (library or {}).get("_identity"),
-                ),
-            )
-            result["unet_variants"] = variants
-        else:
-            result["skipped"].append({"part": "unet_variants", "reason": "time budget"})
-            clock.log("unet variants skipped (time budget)")
+        identity = (library or {}).get("_identity")
+        optional(
+            "unet_variants",
+            lambda: run_unet_variants(
+                models, plan, device, clock, flops, peak_tflops, batch, identity
+            ),
+        )
     if args.refine_batches and library is not None:
-        if clock.allows(est["refine_batches"]):
-            result["refine_batches"] = part(
-                "refine_batches",
-                lambda: run_refine_batches(models, plan, device, clock, library),
-            )
-        else:
-            result["skipped"].append({"part": "refine_batches", "reason": "time budget"})
-            clock.log("refine batches skipped (time budget)")
+        optional("refine_batches", lambda: run_refine_batches(models, plan, device, clock, library))
     if args.compile and library is not None:
         # Before run_compiled, which leaves the UNet channels_last with its blocks compiled.
-        if clock.allows(est["refine_compiled"]):
-            result["refine_compiled"] = part(
-                "refine_compiled",
-                lambda: run_refine_compiled(models, plan, device, clock, library),
-            )
-        else:
-            result["skipped"].append({"part": "refine_compiled", "reason": "time budget"})
-            clock.log("refine compiled skipped (time budget)")
+        optional(
+            "refine_compiled", lambda: run_refine_compiled(models, plan, device, clock, library)
+        )
     if args.compile:
         result["compiled"] = "started"  # what a run killed while compiling leaves behind
         write_json(args.out, result)
