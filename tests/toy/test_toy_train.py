@@ -1,3 +1,4 @@
+import argparse
 import json
 import math
 
@@ -11,6 +12,7 @@ from consistent_char.toy.train import (
     Checkpoint,
     Plan,
     StagePlan,
+    _parse_shares,
     main,
     make_plan,
     nt_xent,
@@ -111,3 +113,49 @@ def test_nt_xent_prefers_matching_pairs():
     z = torch.randn(8, 16)
     assert nt_xent(torch.cat([z, z]), 0.1) < nt_xent(torch.cat([z, torch.randn(8, 16)]), 0.1)
     assert np.isfinite(float(nt_xent(torch.cat([z, z]), 0.1)))
+
+
+def test_init_from_continues_one_stage_and_keeps_the_rest(tmp_path):
+    first = tmp_path / "first"
+    argv = ["--device", "cpu", "--workers", "1"]
+    assert main(["--out", str(first), *argv], plan=_tiny_plan()) is not None
+    # A scaling factor no run would compute: the continued UNet must see the export's.
+    vae_config = first / "pipeline" / "vae" / "config.json"
+    config = json.loads(vae_config.read_text())
+    vae_config.write_text(json.dumps({**config, "scaling_factor": 0.5}))
+
+    second = tmp_path / "second"
+    metrics = main(
+        ["--out", str(second), *argv, "--stage", "unet", "--init-from", str(first)],
+        plan=_tiny_plan(),
+    )
+    assert metrics is not None and metrics["vae"]["scaling_factor"] == 0.5
+    assert json.loads((second / "pipeline" / "vae" / "config.json").read_text())[
+        "scaling_factor"
+    ] == pytest.approx(0.5)
+    ckpt = second / "checkpoints"
+    assert Checkpoint(ckpt, "unet").state()["step"] == 2  # trained on: the tiny plan's 2 steps
+    for stage in ("vae", "dino", "probe"):
+        assert Checkpoint(ckpt, stage).state()["step"] == 0  # taken as finished
+    for folder, name in (("probe", "model.safetensors"), ("dinov2", "model.safetensors")):
+        from safetensors.torch import load_file
+
+        before, after = load_file(first / folder / name), load_file(second / folder / name)
+        assert before.keys() == after.keys()
+        assert all(torch.equal(before[k].float(), after[k].float()) for k in before)
+
+
+@pytest.mark.parametrize(
+    "text", ["unet=two", "unet=0", "unet=1.5", "gpu=0.1", "unet=0.5,unet=0.2", "vae=0.6,unet=0.6"]
+)
+def test_bad_time_shares_are_clear_errors(text):
+    with pytest.raises(
+        argparse.ArgumentTypeError, match="STAGE=FRACTION|share|not a number|add up"
+    ):
+        _parse_shares(text)
+
+
+def test_time_shares_parse_and_need_a_budget():
+    assert _parse_shares("vae=0.2, unet=0.5") == {"vae": 0.2, "unet": 0.5}
+    with pytest.raises(SystemExit):
+        main(["--out", "unused", "--time-shares", "unet=0.5"])

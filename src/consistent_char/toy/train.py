@@ -658,6 +658,13 @@ class Trainer:
         self.vae = trained["vae"].eval()
         for p in self.vae.parameters():
             p.requires_grad_(False)
+        exported = (checkpoint.state() or {}).get("scaling_factor")
+        if exported is not None:
+            # A VAE taken as finished from an export keeps the scaling that the exported UNet
+            # was trained with: one computed on this run's images would differ slightly.
+            self.scaling_factor = float(exported)
+            log("vae", f"scaling_factor {self.scaling_factor:.4f} (from the export)")
+            return
         # Latents of unit variance, as SDXL's 0.13025 does for its VAE.
         sample = self.images()[: min(4096, self.images().shape[0])]
         latents = self.encode(sample, scaled=False)
@@ -1248,10 +1255,10 @@ def seed_from_export(weights: Path, ckpt_dir: Path, continue_stages: Sequence[st
             if stage == "unet":  # the UNet stage keeps EMA copies of its three modules
                 tensors.update({f"ema/{key}/{k}": v.clone() for k, v in state.items()})
         done = stage not in continue_stages
-        Checkpoint(ckpt_dir, stage).save(
-            tensors,
-            {"stage": stage, "step": 0, "seconds": 0.0, "loss": float("nan"), "done": done},
-        )
+        state = {"stage": stage, "step": 0, "seconds": 0.0, "loss": float("nan"), "done": done}
+        if stage == "vae" and done:
+            state["scaling_factor"] = float(parts["vae"].config.scaling_factor)
+        Checkpoint(ckpt_dir, stage).save(tensors, state)
         log("setup", f"{stage}: {'loaded as finished' if done else 'continues'} from {weights}")
 
 
