@@ -1237,8 +1237,9 @@ def seed_from_export(weights: Path, ckpt_dir: Path, continue_stages: Sequence[st
     from consistent_char.toy.models import IdentityProbe
 
     pipe = weights / "pipeline"
+    vae = AutoencoderKL.from_pretrained(pipe / "vae")
     modules: dict[str, dict[str, nn.Module]] = {
-        "vae": {"vae": AutoencoderKL.from_pretrained(pipe / "vae")},
+        "vae": {"vae": vae},
         "unet": {
             "text_encoder": CLIPTextModel.from_pretrained(pipe / "text_encoder"),
             "text_encoder_2": CLIPTextModelWithProjection.from_pretrained(pipe / "text_encoder_2"),
@@ -1257,7 +1258,7 @@ def seed_from_export(weights: Path, ckpt_dir: Path, continue_stages: Sequence[st
         done = stage not in continue_stages
         state = {"stage": stage, "step": 0, "seconds": 0.0, "loss": float("nan"), "done": done}
         if stage == "vae" and done:
-            state["scaling_factor"] = float(parts["vae"].config.scaling_factor)
+            state["scaling_factor"] = float(vae.config.scaling_factor)
         Checkpoint(ckpt_dir, stage).save(tensors, state)
         log("setup", f"{stage}: {'loaded as finished' if done else 'continues'} from {weights}")
 
