@@ -418,6 +418,7 @@ class TextualInversionLoRARefiner:
             latents = self._encode_images(images, height, width, gen)
             ids_1, ids_2 = state.tokenize(captions)
             time_ids = _time_ids(height, width, len(images), device)
+            autocast, unet_dtype = self._autocast(device), pipe.unet.dtype  # once, as in refine
             for _ in range(repeats):
                 loss = self._loss(
                     state,
@@ -427,8 +428,8 @@ class TextualInversionLoRARefiner:
                     ids_2,
                     time_ids,
                     gen,
-                    self._autocast(device),
-                    self.pipeline.unet.dtype,
+                    autocast,
+                    unet_dtype,
                 )
                 losses.append(float(loss))
         return sum(losses) / len(losses)
