@@ -1,0 +1,97 @@
+"""How much of one cluster's identity a single refinement captures, for given refiner settings.
+
+    python docs/refiner_screen.py runs/demo --iteration 3 --set lora_lr=2e-3 [--set steps=200]
+
+Takes the cluster that the run chose at `--iteration`, trains a fresh identity on it (one
+`refine` call from nothing, with the run's refiner settings and the `--set` overrides), draws that
+identity in the 5 scenes x 8 seeds, and scores the images with the probe as
+`consistent-char eval run` does. It also prints `hit`: the fraction of those images whose five
+identity attributes are the ones the probe reads on most of the cluster.
+
+A pure cluster and a refiner that captures it should give a `hit` near 1. This isolates the
+refiner from the rest of the loop, at about 35 s per setting on a 2-core CPU instead of minutes
+per loop.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+
+from consistent_char.config import ExtractorConfig, parse_assignment
+from consistent_char.eval.run import generator_from_config, load_probe
+from consistent_char.eval.toy import render_identity_in_scenes, score_toy
+from consistent_char.rundir import RunDirectory
+from consistent_char.stages import build_refiner
+from consistent_char.toy.world import IDENTITY_ATTRIBUTES
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("run", type=Path, help="a ToyWorld run directory")
+    parser.add_argument("--iteration", type=int, required=True, help="whose chosen cluster")
+    parser.add_argument(
+        "--set", action="append", default=[], metavar="KEY=VALUE", help="refiner setting"
+    )
+    parser.add_argument("--seeds-per-scene", type=int, default=8)
+    parser.add_argument("--seed", type=int, default=123, help="the refinement's seed")
+    args = parser.parse_args()
+
+    run = RunDirectory(args.run)
+    config = ExtractorConfig.from_file(run.config_path)
+    state = run.read_state()
+    if (
+        args.iteration >= len(state.history)
+        or state.history[args.iteration].get("chosen_cluster") is None
+    ):
+        raise SystemExit(f"{args.run} chose no cluster at iteration {args.iteration}")
+    overrides = dict(parse_assignment(text) for text in args.set)
+
+    # The chosen cluster's images, and the identity most of them show.
+    images = run.load_images(args.iteration, len(state.history[args.iteration]["seeds"]))
+    labels = np.asarray(run.load_clusters(args.iteration)["labels"])
+    chosen = state.history[args.iteration]["chosen_cluster"]
+    members = [images[j] for j in np.flatnonzero(labels == chosen)]
+    probe = load_probe(None)
+    read = [tuple(r[a] for a in IDENTITY_ATTRIBUTES) for r in probe.predict(members)]
+    target, count = Counter(read).most_common(1)[0]
+
+    # One refinement from nothing, then the identity in every scene.
+    generator = generator_from_config(config)
+    refiner = build_refiner(config.refiner, generator.pipeline, **overrides)
+    caption = config.identity_prompt_template.format(token=refiner.token, prompt=state.prompt)
+    t0 = time.perf_counter()
+    identity = refiner.refine(None, members, [caption] * len(members), seed=args.seed)
+    seconds = time.perf_counter() - t0
+    drawn = render_identity_in_scenes(
+        generator, identity, state.prompt, seeds_per_scene=args.seeds_per_scene
+    )
+    score = score_toy(drawn, probe, base_prompt=state.prompt)
+    got = [tuple(r[a] for a in IDENTITY_ATTRIBUTES) for r in probe.predict([i for _, i in drawn])]
+    print(
+        json.dumps(
+            {
+                "iteration": args.iteration,
+                "set": overrides,
+                "cluster": len(members),
+                "cluster_identity": dict(zip(IDENTITY_ATTRIBUTES, target, strict=True)),
+                "cluster_share": round(count / len(members), 3),
+                "refine_seconds": round(seconds, 1),
+                "identity_consistency": round(score["identity_consistency"], 3),
+                "prompt_adherence": round(score["prompt_adherence"], 3),
+                "hit": round(sum(g == target for g in got) / len(got), 3),
+                "attribute_agreement": {
+                    k: round(v, 3) for k, v in score["attribute_agreement"].items()
+                },
+            }
+        )
+    )
+
+
+if __name__ == "__main__":
+    main()
