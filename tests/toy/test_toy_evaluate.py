@@ -37,7 +37,7 @@ def test_embedding_sensitivity_measures_each_change_against_the_same_renders():
             return np.zeros((len(images), 3), dtype=np.float32)
 
     pixels = embedding_sensitivity(PixelEmbedder(size=16), n=6, seed=1)
-    assert set(pixels) == {"shape", "color", "eyes", "scene", "context", "everything"}
+    assert set(pixels) == {"shape", "color", "eyes", "scene", "hat", "context", "everything"}
     # Every change alters some pixels, and a change of background alters most of them.
     assert all(value > 0 for value in pixels.values())
     assert pixels["scene"] > pixels["eyes"]

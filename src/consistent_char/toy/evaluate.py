@@ -30,6 +30,8 @@ from consistent_char.toy.world import (
     ATTRIBUTES,
     COLORS,
     EYES,
+    HAT_COLORS,
+    HATS,
     IDENTITY_ATTRIBUTES,
     SCENES,
     SHAPES,
@@ -205,9 +207,10 @@ def embedding_sensitivity(embedder: Any, n: int = 200, seed: int = 4321) -> dict
     between the embeddings of `n` random renders and the same renders with one change.
 
     Changes: ``shape``, ``color``, ``eyes`` and ``scene`` (another value of that attribute, all
-    else kept), ``context`` (the same identity in a newly drawn scene, position and size) and
-    ``everything`` (an independent creature). For the loop to find identities, identity changes
-    must move the embedding further than ``context`` does.
+    else kept), ``hat`` (another type, a hat where there was none or none where there was one;
+    the hat colour is kept where both have a hat), ``context`` (the same identity in a newly
+    drawn scene, position and size) and ``everything`` (an independent creature). For the loop
+    to find identities, identity changes must move the embedding further than ``context`` does.
     """
     rng = np.random.default_rng(seed)
     base = [sample_record(rng) for _ in range(n)]
@@ -217,6 +220,13 @@ def embedding_sensitivity(embedder: Any, n: int = 200, seed: int = 4321) -> dict
 
     def another(value: str, values: Sequence[str]) -> str:
         return str(rng.choice([v for v in values if v != value]))
+
+    def another_hat(record: CreatureRecord) -> CreatureRecord:
+        hat = another(record.hat, HATS)
+        if hat == "none":
+            return record_with(record, hat="none", hat_color="none")
+        color = record.hat_color if record.hat_color != "none" else another("none", HAT_COLORS)
+        return record_with(record, hat=hat, hat_color=color)
 
     changed = {
         name: [record_with(r, **{name: another(getattr(r, name), values)}) for r in base]
@@ -231,6 +241,8 @@ def embedding_sensitivity(embedder: Any, n: int = 200, seed: int = 4321) -> dict
         sample_record(rng, **{a: getattr(r, a) for a in IDENTITY_ATTRIBUTES}) for r in base
     ]
     changed["everything"] = [sample_record(rng) for _ in base]
+    # Drawn last, so the other changes draw the same random values as before it was added.
+    changed["hat"] = [another_hat(r) for r in base]
     reference = embed(base)
     return {
         name: float(np.linalg.norm(embed(records) - reference, axis=1).mean())
