@@ -25,10 +25,16 @@ import numpy as np
 
 from consistent_char.config import ExtractorConfig, parse_assignment
 from consistent_char.eval.run import generator_from_config, load_probe
-from consistent_char.eval.toy import render_identity_in_scenes, score_toy
+from consistent_char.eval.toy import render_identity_in_scenes, score_records
+from consistent_char.interfaces import IterationRecord
 from consistent_char.rundir import RunDirectory
 from consistent_char.stages import build_refiner
 from consistent_char.toy.world import IDENTITY_ATTRIBUTES
+
+
+def _identities(records: list[dict[str, str]]) -> list[tuple[str, ...]]:
+    """The five identity attributes of each probe record, as a tuple to compare and count."""
+    return [tuple(r[a] for a in IDENTITY_ATTRIBUTES) for r in records]
 
 
 def main() -> None:
@@ -45,21 +51,21 @@ def main() -> None:
     run = RunDirectory(args.run)
     config = ExtractorConfig.from_file(run.config_path)
     state = run.read_state()
-    if (
-        args.iteration >= len(state.history)
-        or state.history[args.iteration].get("chosen_cluster") is None
-    ):
+    record = (
+        IterationRecord.from_dict(state.history[args.iteration])
+        if args.iteration < len(state.history)
+        else None
+    )
+    if record is None or record.chosen_cluster is None:
         raise SystemExit(f"{args.run} chose no cluster at iteration {args.iteration}")
     overrides = dict(parse_assignment(text) for text in args.set)
 
     # The chosen cluster's images, and the identity most of them show.
-    images = run.load_images(args.iteration, len(state.history[args.iteration]["seeds"]))
+    images = run.load_images(args.iteration, len(record.seeds))
     labels = np.asarray(run.load_clusters(args.iteration)["labels"])
-    chosen = state.history[args.iteration]["chosen_cluster"]
-    members = [images[j] for j in np.flatnonzero(labels == chosen)]
+    members = [images[j] for j in np.flatnonzero(labels == record.chosen_cluster)]
     probe = load_probe(None)
-    read = [tuple(r[a] for a in IDENTITY_ATTRIBUTES) for r in probe.predict(members)]
-    target, count = Counter(read).most_common(1)[0]
+    target, count = Counter(_identities(probe.predict(members))).most_common(1)[0]
 
     # One refinement from nothing, then the identity in every scene.
     generator = generator_from_config(config)
@@ -71,8 +77,10 @@ def main() -> None:
     drawn = render_identity_in_scenes(
         generator, identity, state.prompt, seeds_per_scene=args.seeds_per_scene
     )
-    score = score_toy(drawn, probe, base_prompt=state.prompt)
-    got = [tuple(r[a] for a in IDENTITY_ATTRIBUTES) for r in probe.predict([i for _, i in drawn])]
+    # Read once with the probe: the same records give the scores and the hits.
+    records = probe.predict([image for _, image in drawn])
+    score = score_records(records, [scene for scene, _ in drawn], base_prompt=state.prompt)
+    got = _identities(records)
     print(
         json.dumps(
             {
