@@ -103,11 +103,16 @@ def test_build_stages_passes_every_generator_and_refiner_setting(monkeypatch):
         {
             "model": "toy",
             "generator": {"fuse_identity": True, "negative_prompt": "blurry"},
-            "refiner": {"gradient_checkpointing": True, "compile_blocks": True, "batch_size": 3},
+            "refiner": {
+                "gradient_checkpointing": True,
+                "compile_blocks": True,
+                "batch_size": 3,
+                "max_timestep": 700,
+            },
         }
     )
     generator, _, _, refiner, _ = build_stages(config)
     for name, value in config.generator.model_dump().items():
         assert getattr(generator, name) == value, name
     assert refiner.gradient_checkpointing is True and refiner.batch_size == 3
-    assert refiner.compile_blocks is True
+    assert refiner.compile_blocks is True and refiner.max_timestep == 700

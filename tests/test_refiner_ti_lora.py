@@ -232,6 +232,27 @@ def test_v_prediction_trains_against_the_velocity(images, monkeypatch):
     assert len(calls) == 2 and all(math.isfinite(x) for x in losses)
 
 
+def test_max_timestep_bounds_the_training_timesteps(pipe, images, monkeypatch):
+    from diffusers import DDPMScheduler
+
+    seen: list[torch.Tensor] = []
+    original = DDPMScheduler.add_noise
+
+    def spy(self, sample, noise, timesteps):
+        seen.append(timesteps.detach().cpu())
+        return original(self, sample, noise, timesteps)
+
+    monkeypatch.setattr(DDPMScheduler, "add_noise", spy)
+    _refiner(pipe, steps=20, batch_size=4, max_timestep=50).refine(None, images, CAPTIONS, seed=0)
+    bounded = torch.cat(seen)
+    seen.clear()
+    _refiner(pipe, steps=20, batch_size=4).refine(None, images, CAPTIONS, seed=0)
+    unbounded = torch.cat(seen)
+    assert len(bounded) == 80 and int(bounded.max()) < 50
+    # Without the bound the same seed draws over the whole schedule.
+    assert int(unbounded.max()) >= 50
+
+
 def test_training_conditioning_is_the_inference_conditioning(pipe, images):
     """What refine trains through (its own encoding and LoRA) equals what apply_to + the
     pipeline's encode_prompt and UNet use at generation time."""
@@ -326,6 +347,7 @@ def test_identity_of_another_model_is_a_clear_error(pipe, images):
         ({"num_vectors": 0}, "num_vectors must be an int >= 1"),
         ({"token": "two words"}, "token must be a non-empty word without spaces"),
         ({"mixed_precision": "fp8"}, "mixed_precision must be"),
+        ({"max_timestep": 0}, "max_timestep must be None or an int >= 1"),
     ],
 )
 def test_bad_settings_are_clear_errors(pipe, settings, message):

@@ -99,6 +99,11 @@ class RefinerConfig(_Strict):
     embedding_lr: float = Field(5e-3, gt=0, description="Learning rate of the new token rows.")
     steps: int = Field(500, ge=0, description="Optimisation steps per iteration.")
     batch_size: int = Field(1, ge=1, description="Images per training step.")
+    max_timestep: int | None = Field(
+        None,
+        ge=1,
+        description="Train on timesteps below this only (None: all of them).",
+    )
     gradient_checkpointing: bool = Field(
         False, description="Recompute UNet activations in the backward pass (less memory, slower)."
     )

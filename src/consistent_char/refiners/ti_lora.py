@@ -86,6 +86,9 @@ class TextualInversionLoRARefiner:
         batch_size: Images per micro-batch.
         gradient_accumulation_steps: Micro-batches per optimisation step.
         max_grad_norm: Gradient clipping norm over the trained tensors (``None``: no clipping).
+        max_timestep: Train on timesteps below this only (``None``: all of the scheduler's
+            ``num_train_timesteps``). The noisiest steps carry the least of a character's
+            look, and they are where the layout and background are decided.
         height: Training image height; ``None`` is the first image's height.
         width: Training image width; ``None`` is the first image's width.
         mixed_precision: ``"auto"`` (bfloat16 autocast on CUDA, none on CPU), ``"bf16"`` or
@@ -130,6 +133,7 @@ class TextualInversionLoRARefiner:
         batch_size: int = 1,
         gradient_accumulation_steps: int = 1,
         max_grad_norm: float | None = 1.0,
+        max_timestep: int | None = None,
         height: int | None = None,
         width: int | None = None,
         mixed_precision: MixedPrecision = "auto",
@@ -152,6 +156,7 @@ class TextualInversionLoRARefiner:
             batch_size=batch_size,
             gradient_accumulation_steps=gradient_accumulation_steps,
             max_grad_norm=max_grad_norm,
+            max_timestep=max_timestep,
             height=height,
             width=width,
             mixed_precision=mixed_precision,
@@ -178,6 +183,7 @@ class TextualInversionLoRARefiner:
         self.batch_size = batch_size
         self.gradient_accumulation_steps = gradient_accumulation_steps
         self.max_grad_norm = max_grad_norm
+        self.max_timestep = max_timestep
         self.height = height
         self.width = width
         self.mixed_precision: MixedPrecision = mixed_precision
@@ -566,10 +572,10 @@ class TextualInversionLoRARefiner:
         n = latents.shape[0]
         # Drawn on the CPU generator, so a seed gives the same noise on every device.
         noise = _to_device(torch.randn(latents.shape, generator=gen), device)
-        timesteps = _to_device(
-            torch.randint(0, noise_scheduler.config.num_train_timesteps, (n,), generator=gen),
-            device,
-        )
+        high = noise_scheduler.config.num_train_timesteps
+        if self.max_timestep is not None:
+            high = min(high, self.max_timestep)
+        timesteps = _to_device(torch.randint(0, high, (n,), generator=gen), device)
         noisy = noise_scheduler.add_noise(latents, noise, timesteps)
         prediction_type = noise_scheduler.config.prediction_type
         if prediction_type == "epsilon":
@@ -660,6 +666,7 @@ class TextualInversionLoRARefiner:
             "batch_size": self.batch_size,
             "gradient_accumulation_steps": self.gradient_accumulation_steps,
             "max_grad_norm": self.max_grad_norm,
+            "max_timestep": self.max_timestep,
             "mixed_precision": self.mixed_precision,
         }
 
@@ -1031,6 +1038,7 @@ def _check_settings(
     batch_size: int,
     gradient_accumulation_steps: int,
     max_grad_norm: float | None,
+    max_timestep: int | None,
     height: int | None,
     width: int | None,
     mixed_precision: str,
@@ -1062,6 +1070,10 @@ def _check_settings(
         not isinstance(max_grad_norm, (int, float)) or max_grad_norm <= 0
     ):
         raise ValueError(f"max_grad_norm must be None or a number > 0, got {max_grad_norm!r}")
+    if max_timestep is not None and (
+        isinstance(max_timestep, bool) or not isinstance(max_timestep, int) or max_timestep < 1
+    ):
+        raise ValueError(f"max_timestep must be None or an int >= 1, got {max_timestep!r}")
     if isinstance(target_modules, str) or not list(target_modules):
         raise ValueError(
             f"target_modules must be a non-empty list of module names, got {target_modules!r}"
