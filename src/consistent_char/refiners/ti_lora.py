@@ -86,9 +86,10 @@ class TextualInversionLoRARefiner:
         batch_size: Images per micro-batch.
         gradient_accumulation_steps: Micro-batches per optimisation step.
         max_grad_norm: Gradient clipping norm over the trained tensors (``None``: no clipping).
-        max_timestep: Train on timesteps below this only (``None``: all of the scheduler's
-            ``num_train_timesteps``). The noisiest steps carry the least of a character's
-            look, and they are where the layout and background are decided.
+        max_timestep: Train (and measure `denoising_loss`) on timesteps below this only
+            (``None``: all of the scheduler's ``num_train_timesteps``). The noisiest steps are
+            where the layout and the background are decided; on ToyWorld, leaving out those
+            above 800 did not stop the loop drifting into one scene (docs/toyworld.md).
         height: Training image height; ``None`` is the first image's height.
         width: Training image width; ``None`` is the first image's width.
         mixed_precision: ``"auto"`` (bfloat16 autocast on CUDA, none on CPU), ``"bf16"`` or
