@@ -27,6 +27,7 @@ from PIL import Image
 from consistent_char.config import ExtractorConfig
 from consistent_char.eval.run import generator_from_config, load_probe
 from consistent_char.identity import Identity
+from consistent_char.refiners.ti_lora import _initial_rows
 from consistent_char.rundir import RunDirectory
 
 
@@ -70,11 +71,6 @@ def main() -> None:
     n = identity.num_vectors
     word = str(config.refiner.initializer_token)
 
-    def word_rows(tokenizer: object, encoder: torch.nn.Module) -> torch.Tensor:
-        ids = tokenizer.convert_tokens_to_ids(tokenizer.tokenize(word))  # type: ignore[attr-defined]
-        weight = encoder.get_input_embeddings().weight  # type: ignore[operator]
-        return weight[ids[:1]].detach().float().repeat(n, 1)
-
     lora = identity.lora or {}
     variants: dict[str, Identity | None] = {
         "identity": identity,
@@ -84,8 +80,11 @@ def main() -> None:
         ),
         "LoRA only": dataclasses.replace(
             identity,
-            clip_l=word_rows(pipe.tokenizer, pipe.text_encoder),
-            clip_g=word_rows(pipe.tokenizer_2, pipe.text_encoder_2),
+            # The rows a new identity starts from (the refiner's own initialisation).
+            clip_l=_initial_rows(pipe.tokenizer, pipe.text_encoder.get_input_embeddings(), word, n),
+            clip_g=_initial_rows(
+                pipe.tokenizer_2, pipe.text_encoder_2.get_input_embeddings(), word, n
+            ),
         ),
         "no identity": None,
     }
