@@ -48,7 +48,8 @@ def main() -> None:
 
     run = RunDirectory(args.run)
     config = ExtractorConfig.from_file(run.config_path)
-    history = run.read_state().history
+    state = run.read_state()
+    history = state.history
     if not 0 <= args.iteration < len(history) - 1:
         raise SystemExit(f"{args.run} has no iteration after {args.iteration}")
     probe = load_probe(None)
@@ -91,7 +92,7 @@ def main() -> None:
     following = history[args.iteration + 1]
     seeds = list(following["seeds"])
     for name, variant in variants.items():
-        prompt = following["prompt"] if variant is not None else run.read_state().prompt
+        prompt = following["prompt"] if variant is not None else state.prompt
         images = generator.generate([prompt] * len(seeds), seeds, variant)
         records = probe.predict(images)
         print(f"{name:>12}: {_scenes(records)}; brightness {_brightness(images):.0f}")
