@@ -108,6 +108,8 @@ def test_build_stages_passes_every_generator_and_refiner_setting(monkeypatch):
                 "compile_blocks": True,
                 "batch_size": 3,
                 "max_timestep": 700,
+                "row_norm_cap": 1.5,
+                "lr_decay": 0.8,
             },
         }
     )
@@ -116,3 +118,4 @@ def test_build_stages_passes_every_generator_and_refiner_setting(monkeypatch):
         assert getattr(generator, name) == value, name
     assert refiner.gradient_checkpointing is True and refiner.batch_size == 3
     assert refiner.compile_blocks is True and refiner.max_timestep == 700
+    assert refiner.row_norm_cap == 1.5 and refiner.lr_decay == 0.8

@@ -253,6 +253,43 @@ def test_max_timestep_bounds_the_training_timesteps(pipe, images, monkeypatch):
     assert int(unbounded.max()) >= 50
 
 
+def test_lr_decay_scales_the_learning_rates_of_each_warm_start(pipe, images, monkeypatch):
+    from consistent_char.refiners import ti_lora
+
+    rates: list[tuple[float, float]] = []
+    original = ti_lora._TrainingState.optimizer
+
+    def spy(self, embedding_lr, lora_lr, weight_decay, mode):
+        rates.append((embedding_lr, lora_lr))
+        return original(self, embedding_lr, lora_lr, weight_decay, mode)
+
+    monkeypatch.setattr(ti_lora._TrainingState, "optimizer", spy)
+    refiner = _refiner(pipe, steps=1, lr_decay=0.5)
+    first = refiner.refine(None, images, CAPTIONS, seed=0)
+    second = refiner.refine(first, images, CAPTIONS, seed=1)
+    refiner.refine(second, images, CAPTIONS, seed=2)
+    lr_e, lr_l = FAST["embedding_lr"], FAST["lora_lr"]
+    expected = [lr_e, lr_l, lr_e / 2, lr_l / 2, lr_e / 4, lr_l / 4]
+    assert [r for pair in rates for r in pair] == pytest.approx(expected)
+    assert second.metadata["refiner"]["lr_decay"] == 0.5
+
+
+def test_row_norm_cap_bounds_the_new_rows(pipe, images):
+    """At a learning rate that lets the rows grow, the cap holds each row to its multiple of the
+    mean norm of the encoder's own rows, and the uncapped rows do outgrow it."""
+    fast = {"steps": 10, "embedding_lr": 0.5, "mode": "ti"}
+    capped = _refiner(pipe, row_norm_cap=1.0, **fast).refine(None, images, CAPTIONS, seed=0)
+    free = _refiner(pipe, **fast).refine(None, images, CAPTIONS, seed=0)
+    encoders = (pipe.text_encoder, pipe.text_encoder_2)
+    for encoder, rows, free_rows in zip(
+        encoders, (capped.clip_l, capped.clip_g), (free.clip_l, free.clip_g), strict=True
+    ):
+        mean = float(encoder.get_input_embeddings().weight.detach().norm(dim=-1).mean())
+        assert float(rows.norm(dim=-1).max()) <= mean * (1 + 1e-5)
+        assert float(free_rows.norm(dim=-1).max()) > 1.5 * mean
+    assert capped.metadata["refiner"]["row_norm_cap"] == 1.0
+
+
 def test_training_conditioning_is_the_inference_conditioning(pipe, images):
     """What refine trains through (its own encoding and LoRA) equals what apply_to + the
     pipeline's encode_prompt and UNet use at generation time."""
@@ -348,6 +385,8 @@ def test_identity_of_another_model_is_a_clear_error(pipe, images):
         ({"token": "two words"}, "token must be a non-empty word without spaces"),
         ({"mixed_precision": "fp8"}, "mixed_precision must be"),
         ({"max_timestep": 0}, "max_timestep must be None or an int >= 1"),
+        ({"row_norm_cap": 0.0}, "row_norm_cap must be None or a number > 0"),
+        ({"lr_decay": 1.5}, "lr_decay must be a number in"),
     ],
 )
 def test_bad_settings_are_clear_errors(pipe, settings, message):

@@ -104,6 +104,19 @@ class RefinerConfig(_Strict):
         ge=1,
         description="Train on timesteps below this only (None: all of them).",
     )
+    lr_decay: float = Field(
+        1.0,
+        gt=0,
+        le=1,
+        description="Learning rates times lr_decay**k when warm-starting an identity refined "
+        "k times already (1: no decay).",
+    )
+    row_norm_cap: float | None = Field(
+        None,
+        gt=0,
+        description="Cap on each new token row's norm, as a multiple of the mean norm of the "
+        "encoder's own rows (None: no cap).",
+    )
     gradient_checkpointing: bool = Field(
         False, description="Recompute UNet activations in the backward pass (less memory, slower)."
     )

@@ -90,6 +90,13 @@ class TextualInversionLoRARefiner:
             (``None``: all of the scheduler's ``num_train_timesteps``). The noisiest steps are
             where the layout and the background are decided; on ToyWorld, leaving out those
             above 800 did not stop the loop drifting into one scene (docs/toyworld.md).
+        lr_decay: Both learning rates are multiplied by ``lr_decay ** k`` when warm-starting
+            an identity that `refine` has already trained ``k`` times (``1.0``: no decay), so
+            that later iterations of the loop settle the identity rather than keep moving it.
+        row_norm_cap: After every step, scale down any new token row whose L2 norm exceeds
+            this multiple of the mean norm of the encoder's own rows (``None``: no cap). Rows
+            trained at a high learning rate grow far longer than any word's, and such a token
+            then outweighs the rest of the prompt.
         height: Training image height; ``None`` is the first image's height.
         width: Training image width; ``None`` is the first image's width.
         mixed_precision: ``"auto"`` (bfloat16 autocast on CUDA, none on CPU), ``"bf16"`` or
@@ -135,6 +142,8 @@ class TextualInversionLoRARefiner:
         gradient_accumulation_steps: int = 1,
         max_grad_norm: float | None = 1.0,
         max_timestep: int | None = None,
+        lr_decay: float = 1.0,
+        row_norm_cap: float | None = None,
         height: int | None = None,
         width: int | None = None,
         mixed_precision: MixedPrecision = "auto",
@@ -158,6 +167,8 @@ class TextualInversionLoRARefiner:
             gradient_accumulation_steps=gradient_accumulation_steps,
             max_grad_norm=max_grad_norm,
             max_timestep=max_timestep,
+            lr_decay=lr_decay,
+            row_norm_cap=row_norm_cap,
             height=height,
             width=width,
             mixed_precision=mixed_precision,
@@ -185,6 +196,8 @@ class TextualInversionLoRARefiner:
         self.gradient_accumulation_steps = gradient_accumulation_steps
         self.max_grad_norm = max_grad_norm
         self.max_timestep = max_timestep
+        self.lr_decay = lr_decay
+        self.row_norm_cap = row_norm_cap
         self.height = height
         self.width = width
         self.mixed_precision: MixedPrecision = mixed_precision
@@ -307,8 +320,17 @@ class TextualInversionLoRARefiner:
             time_ids = _time_ids(height, width, len(images), device)
 
             # 4. Optimise the new rows and the LoRA with SDXL's denoising loss
+            earlier = int(identity.metadata.get("refine_count", 0)) if identity is not None else 0
             final_loss = self._optimise(
-                state, latents, ids_1, ids_2, time_ids, gen, autocast, callback
+                state,
+                latents,
+                ids_1,
+                ids_2,
+                time_ids,
+                gen,
+                autocast,
+                callback,
+                lr_scale=self.lr_decay**earlier,
             )
 
             # 5. Read the identity out before the pipeline is restored
@@ -327,12 +349,17 @@ class TextualInversionLoRARefiner:
         gen: torch.Generator,
         autocast: contextlib.AbstractContextManager[Any],
         callback: StepCallback | None,
+        *,
+        lr_scale: float = 1.0,
     ) -> float:
-        """Runs `steps` optimisation steps; returns the last step's loss (NaN for 0 steps)."""
+        """Runs `steps` optimisation steps at `lr_scale` times the learning rates; returns the
+        last step's loss (NaN for 0 steps)."""
         from diffusers import DDPMScheduler
 
         noise_scheduler = DDPMScheduler.from_config(self.pipeline.scheduler.config)
-        optimizer = state.optimizer(self.embedding_lr, self.lora_lr, self.weight_decay, self.mode)
+        optimizer = state.optimizer(
+            self.embedding_lr * lr_scale, self.lora_lr * lr_scale, self.weight_decay, self.mode
+        )
         order = _IndexStream(latents.shape[0], gen)
         # diffusers' ModelMixin.dtype walks every module of the UNet (LoRA layers included): read
         # once here, not four times a step (that was 11% of a ToyWorld refine on the CPU).
@@ -377,6 +404,8 @@ class TextualInversionLoRARefiner:
                 if self.max_grad_norm is not None:
                     torch.nn.utils.clip_grad_norm_(trained, self.max_grad_norm)
                 optimizer.step()
+                if self.row_norm_cap is not None:
+                    state.cap_rows(self.row_norm_cap)
                 if pending is not None:
                     final_loss = report(*pending)
                 pending = (step, total)
@@ -668,6 +697,8 @@ class TextualInversionLoRARefiner:
             "gradient_accumulation_steps": self.gradient_accumulation_steps,
             "max_grad_norm": self.max_grad_norm,
             "max_timestep": self.max_timestep,
+            "lr_decay": self.lr_decay,
+            "row_norm_cap": self.row_norm_cap,
             "mixed_precision": self.mixed_precision,
         }
 
@@ -835,6 +866,14 @@ class _TrainingState:
         # SDXL is over a thousand small tensors.
         fused = self.rows[0].device.type == "cuda"
         return torch.optim.AdamW(groups, weight_decay=weight_decay, fused=fused or None)
+
+    @torch.no_grad()
+    def cap_rows(self, ratio: float) -> None:
+        """Scales each new row down to `ratio` times the mean norm of its encoder's own rows."""
+        for wrapper, rows in zip(self.wrappers, self.rows, strict=True):
+            cap = ratio * float(wrapper.base.weight.float().norm(dim=-1).mean())
+            norms = rows.norm(dim=-1, keepdim=True)
+            rows.mul_(torch.clamp(cap / norms.clamp(min=1e-12), max=1.0))
 
     def tokenize(self, captions: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
         device = self.rows[0].device
@@ -1040,6 +1079,8 @@ def _check_settings(
     gradient_accumulation_steps: int,
     max_grad_norm: float | None,
     max_timestep: int | None,
+    lr_decay: float,
+    row_norm_cap: float | None,
     height: int | None,
     width: int | None,
     mixed_precision: str,
@@ -1075,6 +1116,16 @@ def _check_settings(
         isinstance(max_timestep, bool) or not isinstance(max_timestep, int) or max_timestep < 1
     ):
         raise ValueError(f"max_timestep must be None or an int >= 1, got {max_timestep!r}")
+    if isinstance(lr_decay, bool) or not isinstance(lr_decay, (int, float)):
+        raise ValueError(f"lr_decay must be a number in (0, 1], got {lr_decay!r}")
+    if not 0 < lr_decay <= 1:
+        raise ValueError(f"lr_decay must be a number in (0, 1], got {lr_decay!r}")
+    if row_norm_cap is not None and (
+        isinstance(row_norm_cap, bool)
+        or not isinstance(row_norm_cap, (int, float))
+        or not row_norm_cap > 0
+    ):
+        raise ValueError(f"row_norm_cap must be None or a number > 0, got {row_norm_cap!r}")
     if isinstance(target_modules, str) or not list(target_modules):
         raise ValueError(
             f"target_modules must be a non-empty list of module names, got {target_modules!r}"
