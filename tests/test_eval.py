@@ -199,6 +199,30 @@ def test_eval_run_cli_scores_identity_and_vanilla(models, tiny_run, tmp_path):
         assert data["seconds"][name] > 0
 
 
+def test_eval_run_draws_at_the_guidance_scale_asked_for(models, tiny_run, monkeypatch):
+    from consistent_char.eval.run import evaluate_run
+
+    used: list[float] = []
+    original = SDXLGenerator.generate
+
+    def spy(self, prompts, seeds, identity=None):
+        used.append(self.guidance_scale)
+        return original(self, prompts, seeds, identity)
+
+    monkeypatch.setattr(SDXLGenerator, "generate", spy)
+    own = ExtractorConfig.from_file(tiny_run / "config.yaml").generator.guidance_scale
+    probe = str(models / "probe")
+    result = evaluate_run(tiny_run, seeds_per_scene=1, probe=probe, guidance_scale=2.5)
+    assert used == [2.5, 2.5] and result["guidance_scale"] == 2.5
+    used.clear()
+    assert evaluate_run(tiny_run, seeds_per_scene=1, probe=probe)["guidance_scale"] == own
+    assert used == [own, own] and own != 2.5
+    with pytest.raises(ValueError, match="guidance_scale must be a number > 0"):
+        evaluate_run(tiny_run, probe=probe, guidance_scale=0.0)
+    with pytest.raises(ValueError, match="not both"):
+        evaluate_run(tiny_run, probe=probe, guidance_scale=2.0, generator=object())
+
+
 def test_eval_run_cli_rejects_a_folder_that_is_not_a_finished_run(tmp_path):
     result = CliRunner().invoke(app, ["eval", "run", str(tmp_path)])
     assert result.exit_code == 2 and "is not a run directory" in result.output

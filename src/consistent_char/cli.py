@@ -356,6 +356,13 @@ def eval_run(
         Path | None, typer.Option(help="Identity probe folder (default: ToyWorld's).")
     ] = None,
     device: Annotated[str | None, typer.Option(help="Override the run's device.")] = None,
+    guidance_scale: Annotated[
+        float | None,
+        typer.Option(
+            "--guidance-scale",
+            help="Draw at this guidance scale (> 0) instead of the run's own.",
+        ),
+    ] = None,
     verbose: Annotated[bool, typer.Option("--verbose", "-v")] = False,
 ) -> None:
     """Score RUN_DIR's identity beside its prompt without identity (ToyWorld probe)."""
@@ -366,7 +373,12 @@ def eval_run(
 
     try:
         result = evaluate_run(
-            run_dir, seeds_per_scene=seeds_per_scene, seed=seed, probe=probe, device=device
+            run_dir,
+            seeds_per_scene=seeds_per_scene,
+            seed=seed,
+            probe=probe,
+            device=device,
+            guidance_scale=guidance_scale,
         )
     except (IdentityError, FileNotFoundError, ValueError, ConfigError) as err:
         _fail(str(err))
@@ -374,7 +386,8 @@ def eval_run(
     console.print(
         f"{result['prompt']!r}: {result['iterations']} iterations, "
         f"{'converged' if result['converged'] else 'not converged'}; "
-        f"{len(result['scenes'])} scenes × {seeds_per_scene} seeds"
+        f"{len(result['scenes'])} scenes × {seeds_per_scene} seeds, "
+        f"guidance {result['guidance_scale']}"
     )
     console.print("             identity consistency   prompt adherence")
     for name in ("identity", "vanilla"):

@@ -30,22 +30,28 @@ __all__ = ["evaluate_run", "generator_from_config", "load_probe"]
 logger = logging.getLogger(__name__)
 
 
-def generator_from_config(config: ExtractorConfig, *, device: str | None = None) -> Any:
+def generator_from_config(
+    config: ExtractorConfig, *, device: str | None = None, guidance_scale: float | None = None
+) -> Any:
     """The `SDXLGenerator` a run with `config` drew its images with (model and settings).
 
     Args:
         config: A run's config (``config.yaml``).
         device: Overrides the config's device (``"cpu"``, ``"cuda"``, ``"auto"``).
+        guidance_scale: Overrides the config's classifier-free guidance scale.
     """
     from consistent_char.generators.sdxl import SDXLGenerator
     from consistent_char.stages import resolve_device, resolve_dtype, resolve_model
 
     dev = resolve_device(device or config.device)
+    settings = config.generator.model_dump()
+    if guidance_scale is not None:
+        settings["guidance_scale"] = guidance_scale
     return SDXLGenerator.from_pretrained(
         resolve_model(config.model),
         device=dev,
         dtype=resolve_dtype(config.dtype, dev),
-        **config.generator.model_dump(),
+        **settings,
     )
 
 
@@ -68,6 +74,7 @@ def evaluate_run(
     probe: Probe | str | os.PathLike[str] | None = None,
     device: str | None = None,
     generator: Any = None,
+    guidance_scale: float | None = None,
 ) -> dict[str, Any]:
     """Scores a finished run's identity and its vanilla prompt side by side on ToyWorld.
 
@@ -84,6 +91,10 @@ def evaluate_run(
         device: Overrides the run's device.
         generator: A ready generator to use instead of rebuilding the run's (it must be the
             run's model for the numbers to mean anything).
+        guidance_scale: Draw both at this guidance scale instead of the run's own. The loop
+            may use a low scale to keep its images diverse, while a user draws the finished
+            identity at the model's usual one (on ToyWorld the preset's loop uses 3; 7.5 is
+            the paper's).
 
     Returns:
         ``{"run_dir", "prompt", "token", "model", "iterations", "converged", "scenes",
@@ -92,7 +103,19 @@ def evaluate_run(
 
     Raises:
         FileNotFoundError: `run_dir` is not a run directory, or the run has no final identity.
+        ValueError: Both `generator` and `guidance_scale` are given, or `guidance_scale` is
+            not a number > 0.
     """
+    if guidance_scale is not None:
+        if generator is not None:
+            raise ValueError(
+                "pass guidance_scale or a ready generator, not both: the generator's own "
+                "guidance scale would be used"
+            )
+        if isinstance(guidance_scale, bool) or not isinstance(guidance_scale, int | float):
+            raise ValueError(f"guidance_scale must be a number > 0, got {guidance_scale!r}")
+        if not guidance_scale > 0:
+            raise ValueError(f"guidance_scale must be a number > 0, got {guidance_scale!r}")
     # 1. Check the run before any model loads
     run = RunDirectory(run_dir)
     if not run.exists() or not run.config_path.is_file():
@@ -118,7 +141,7 @@ def evaluate_run(
         )
     scorer = load_probe(probe)
     if generator is None:
-        generator = generator_from_config(config, device=device)
+        generator = generator_from_config(config, device=device, guidance_scale=guidance_scale)
 
     # 3. Draw and score the identity, then the prompt without it, with the same seeds
     result: dict[str, Any] = {
@@ -131,6 +154,7 @@ def evaluate_run(
         "scenes": list(scenes),
         "seeds_per_scene": seeds_per_scene,
         "seed": seed,
+        "guidance_scale": getattr(generator, "guidance_scale", None),
     }
     seconds: dict[str, float] = {}
     for name, which in (("identity", identity), ("vanilla", None)):
