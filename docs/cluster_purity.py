@@ -1,6 +1,6 @@
 """Does the most cohesive cluster hold one identity? Cohesion against the probe, per iteration.
 
-    python docs/cluster_purity.py runs/demo [--split ITERATION]
+    python docs/cluster_purity.py runs/demo [--split ITERATION] [--embedder DIR]
 
 For every iteration of a finished ToyWorld run, the probe reads the five identity attributes of
 all its images. The script prints how many images show the most common identity and how many
@@ -11,7 +11,10 @@ and the three identities it holds most often follow.
 
 With ``--split I`` it also runs the run's own k-means again inside the cluster chosen at
 iteration I, with 2, 3 and 4 clusters, to see whether a finer split of the embeddings finds a
-purer subset. The probe is the evaluation's judge; the loop never sees its answers.
+purer subset. With ``--embedder DIR`` every iteration's images are embedded again with that
+DINOv2 folder and clustered again as the loop clusters (the run's k, seed and `d_min_c`), to see
+which cluster another embedder would have chosen from the same images. The probe is the
+evaluation's judge; the loop never sees its answers.
 """
 
 from __future__ import annotations
@@ -23,7 +26,11 @@ from pathlib import Path
 import numpy as np
 
 from consistent_char.clusterers import FaissKMeansClusterer
+from consistent_char.clusterers.selection import choose_cluster
+from consistent_char.config import ExtractorConfig
+from consistent_char.embedders.dinov2 import DINOv2Embedder
 from consistent_char.eval.run import load_probe
+from consistent_char.extractor import stage_seed
 from consistent_char.rundir import RunDirectory
 from consistent_char.toy.world import IDENTITY_ATTRIBUTES
 
@@ -48,14 +55,20 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("run", type=Path, help="a finished ToyWorld run directory")
     parser.add_argument("--split", type=int, help="re-cluster the cluster chosen at this iteration")
+    parser.add_argument("--embedder", help="embed and cluster again with this DINOv2 folder")
     args = parser.parse_args()
 
     run = RunDirectory(args.run)
     history = run.read_state().history
+    config = ExtractorConfig.from_file(run.config_path)
     probe = load_probe(None)
+    embedder = None
+    if args.embedder is not None:
+        embedder = DINOv2Embedder.from_pretrained(args.embedder, device="cpu")
     chosen: dict[int, tuple[np.ndarray, np.ndarray, list[dict[str, str]]]] = {}
     for i, entry in enumerate(history):
-        records = probe.predict(run.load_images(i, len(entry["seeds"])))
+        images = run.load_images(i, len(entry["seeds"]))
+        records = probe.predict(images)
         counts = Counter(_identity(r) for r in records)
         line = (
             f"iteration {i}: spread {entry['spread']:.2f}; the most common identity on "
@@ -64,6 +77,14 @@ def main() -> None:
         if entry.get("chosen_cluster") is not None:
             labels = np.asarray(run.load_clusters(i)["labels"])
             embeddings = run.load_embeddings(i)
+            if embedder is not None:
+                embeddings = embedder.embed(images)
+                clusterer = FaissKMeansClusterer(**config.clusterer.model_dump())
+                labels, centroids = clusterer.cluster(
+                    embeddings, config.num_clusters, stage_seed(config.seed, i, "cluster")
+                )
+                index = choose_cluster(embeddings, labels, centroids, config.d_min_c).index
+                entry = {**entry, "chosen_cluster": index}
             parts = []
             for k in range(int(labels.max()) + 1):
                 members = np.flatnonzero(labels == k)
