@@ -21,8 +21,8 @@ demo: $(STAMP)
 	$(BIN)/consistent-char extract "a creature" --model toy --out runs/demo
 
 lint: $(STAMP)
-	$(BIN)/ruff check src tests benchmarks examples
-	$(BIN)/ruff format --check src tests benchmarks examples
+	$(BIN)/ruff check src tests benchmarks examples docs/*.py
+	$(BIN)/ruff format --check src tests benchmarks examples docs/*.py
 
 typecheck: $(STAMP)
 	$(BIN)/mypy src
