@@ -747,6 +747,7 @@ class _TrainingState:
     lora_alpha: float = 4.0
     target_modules: list[str] = field(default_factory=list)
     has_lora: bool = False
+    mean_row_norms: list[torch.Tensor] = field(default_factory=list)
 
     @classmethod
     def build(
@@ -870,10 +871,12 @@ class _TrainingState:
     @torch.no_grad()
     def cap_rows(self, ratio: float) -> None:
         """Scales each new row down to `ratio` times the mean norm of its encoder's own rows."""
-        for wrapper, rows in zip(self.wrappers, self.rows, strict=True):
-            cap = ratio * float(wrapper.base.weight.float().norm(dim=-1).mean())
-            norms = rows.norm(dim=-1, keepdim=True)
-            rows.mul_(torch.clamp(cap / norms.clamp(min=1e-12), max=1.0))
+        if not self.mean_row_norms:
+            # Once per refine, kept on the device: reading it back every step would wait on it.
+            self.mean_row_norms = [w.base.weight.float().norm(dim=-1).mean() for w in self.wrappers]
+        for mean, rows in zip(self.mean_row_norms, self.rows, strict=True):
+            norms = rows.norm(dim=-1, keepdim=True).clamp(min=1e-12)
+            rows.mul_(torch.clamp(ratio * mean / norms, max=1.0))
 
     def tokenize(self, captions: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
         device = self.rows[0].device
