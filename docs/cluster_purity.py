@@ -11,7 +11,8 @@ and the three identities it holds most often follow.
 
 With ``--split I`` it also runs the run's own k-means again inside the cluster chosen at
 iteration I, with 2, 3 and 4 clusters, to see whether a finer split of the embeddings finds a
-purer subset. With ``--embedder DIR`` every iteration's images are embedded again with that
+purer subset, and how many of its images the probe reads each attribute of with a confidence
+below 0.9. With ``--embedder DIR`` every iteration's images are embedded again with that
 DINOv2 folder and clustered again as the loop clusters (the run's k, seed and `d_min_c`), to see
 which cluster another embedder would have chosen from the same images. The probe is the
 evaluation's judge; the loop never sees its answers.
@@ -24,6 +25,7 @@ from collections import Counter
 from pathlib import Path
 
 import numpy as np
+import torch
 
 from consistent_char.clusterers import FaissKMeansClusterer
 from consistent_char.clusterers.selection import choose_cluster
@@ -111,6 +113,14 @@ def main() -> None:
                 if np.any(labels == c)
             ]
             print(f"  k={k}: " + "; ".join(parts))
+        # Is the judge unsure, or the embedding? The probe's own confidence on those images.
+        images = run.load_images(args.split, len(history[args.split]["seeds"]))
+        with torch.no_grad():
+            logits = probe(probe.to_pixels([images[j] for j in members]))
+        for attribute in IDENTITY_ATTRIBUTES:
+            top = torch.softmax(logits[attribute], dim=-1).max(dim=-1).values
+            unsure = int((top < 0.9).sum())
+            print(f"  the probe's confidence in {attribute} is below 0.9 on {unsure} of {len(top)}")
 
 
 if __name__ == "__main__":
