@@ -92,11 +92,12 @@ class TextualInversionLoRARefiner:
             above 800 did not stop the loop drifting into one scene (docs/toyworld.md).
         lr_decay: Both learning rates are multiplied by ``lr_decay ** k`` when warm-starting
             an identity that `refine` has already trained ``k`` times (``1.0``: no decay), so
-            that later iterations of the loop settle the identity rather than keep moving it.
+            later iterations of the loop move the identity less. On ToyWorld, 0.7 did not
+            raise the identity's consistency (docs/toyworld.md).
         row_norm_cap: After every step, scale down any new token row whose L2 norm exceeds
             this multiple of the mean norm of the encoder's own rows (``None``: no cap). Rows
-            trained at a high learning rate grow far longer than any word's, and such a token
-            then outweighs the rest of the prompt.
+            trained at a high learning rate can grow far longer than any word's, and such a
+            token can then outweigh the rest of the prompt.
         height: Training image height; ``None`` is the first image's height.
         width: Training image width; ``None`` is the first image's width.
         mixed_precision: ``"auto"`` (bfloat16 autocast on CUDA, none on CPU), ``"bf16"`` or
