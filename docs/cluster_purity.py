@@ -26,9 +26,10 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from PIL import Image
 
 from consistent_char.clusterers import FaissKMeansClusterer
-from consistent_char.clusterers.selection import choose_cluster
+from consistent_char.clusterers.selection import choose_cluster, cohesion
 from consistent_char.config import ExtractorConfig
 from consistent_char.embedders.dinov2 import DINOv2Embedder
 from consistent_char.eval.run import load_probe
@@ -41,16 +42,27 @@ def _identity(record: dict[str, str]) -> tuple[str, ...]:
     return tuple(record[a] for a in IDENTITY_ATTRIBUTES)
 
 
-def _describe(members: np.ndarray, embeddings: np.ndarray, records: list[dict[str, str]]) -> str:
-    points = embeddings[members]
-    cohesion = float(np.linalg.norm(points - points.mean(axis=0), axis=1).mean())
-    counts = Counter(_identity(records[j]) for j in members)
-    purity = counts.most_common(1)[0][1] / len(members)
-    scenes = len({records[j]["scene"] for j in members})
-    return (
-        f"{len(members)} (cohesion {cohesion:.2f}, purity {purity:.2f}, "
-        f"{scenes} scene{'' if scenes == 1 else 's'})"
-    )
+def _describe(
+    embeddings: np.ndarray,
+    labels: np.ndarray,
+    centroids: np.ndarray,
+    records: list[dict[str, str]],
+    members: np.ndarray,
+) -> dict[int, str]:
+    """Per non-empty cluster label, a line: size, cohesion (as the loop measures it), purity."""
+    cohesions = cohesion(embeddings, labels, centroids)
+    lines = {}
+    for k in range(len(centroids)):
+        inside = members[labels == k]
+        if len(inside):
+            counts = Counter(_identity(records[j]) for j in inside)
+            purity = counts.most_common(1)[0][1] / len(inside)
+            scenes = len({records[j]["scene"] for j in inside})
+            lines[k] = (
+                f"{len(inside)} (cohesion {cohesions[k]:.2f}, purity {purity:.2f}, "
+                f"{scenes} scene{'' if scenes == 1 else 's'})"
+            )
+    return lines
 
 
 def main() -> None:
@@ -67,54 +79,48 @@ def main() -> None:
     embedder = None
     if args.embedder is not None:
         embedder = DINOv2Embedder.from_pretrained(args.embedder, device="cpu")
-    chosen: dict[int, tuple[np.ndarray, np.ndarray, list[dict[str, str]]]] = {}
+    clusterer = FaissKMeansClusterer(**config.clusterer.model_dump())
+    chosen: dict[int, tuple[np.ndarray, np.ndarray, list[Image.Image], list[dict[str, str]]]] = {}
     for i, entry in enumerate(history):
         images = run.load_images(i, len(entry["seeds"]))
         records = probe.predict(images)
         counts = Counter(_identity(r) for r in records)
-        line = (
+        print(
             f"iteration {i}: spread {entry['spread']:.2f}; the most common identity on "
             f"{counts.most_common(1)[0][1]} of {len(records)} images, {len(counts)} identities"
         )
-        if entry.get("chosen_cluster") is not None:
-            labels = np.asarray(run.load_clusters(i)["labels"])
+        if entry.get("chosen_cluster") is None:
+            continue
+        if embedder is None:
+            saved = run.load_clusters(i)
             embeddings = run.load_embeddings(i)
-            if embedder is not None:
-                embeddings = embedder.embed(images)
-                clusterer = FaissKMeansClusterer(**config.clusterer.model_dump())
-                labels, centroids = clusterer.cluster(
-                    embeddings, config.num_clusters, stage_seed(config.seed, i, "cluster")
-                )
-                index = choose_cluster(embeddings, labels, centroids, config.d_min_c).index
-                entry = {**entry, "chosen_cluster": index}
-            parts = []
-            for k in range(int(labels.max()) + 1):
-                members = np.flatnonzero(labels == k)
-                if len(members):
-                    mark = "*" if k == entry["chosen_cluster"] else " "
-                    parts.append(f"{mark}{_describe(members, embeddings, records)}")
-            line += "\n    " + "\n    ".join(parts)
-            members = np.flatnonzero(labels == entry["chosen_cluster"])
-            chosen[i] = (members, embeddings, records)
-            common = Counter(_identity(records[j]) for j in members).most_common(3)
-            line += "\n    chosen: " + "; ".join(f"{n} {' '.join(ident)}" for ident, n in common)
-        print(line)
+            labels = np.asarray(saved["labels"])
+            centroids = np.asarray(saved["centroids"], dtype=np.float32)
+            index = int(entry["chosen_cluster"])
+        else:
+            embeddings = embedder.embed(images)
+            labels, centroids = clusterer.cluster(
+                embeddings, config.num_clusters, stage_seed(config.seed, i, "cluster")
+            )
+            index = choose_cluster(embeddings, labels, centroids, config.d_min_c).index
+        everyone = np.arange(len(images))
+        for k, line in _describe(embeddings, labels, centroids, records, everyone).items():
+            print(f"    {'*' if k == index else ' '}{line}")
+        members = np.flatnonzero(labels == index)
+        chosen[i] = (members, embeddings, images, records)
+        common = Counter(_identity(records[j]) for j in members).most_common(3)
+        print("    chosen: " + "; ".join(f"{n} {' '.join(ident)}" for ident, n in common))
 
     if args.split is not None:
         if args.split not in chosen:
             raise SystemExit(f"{args.run} chose no cluster at iteration {args.split}")
-        members, embeddings, records = chosen[args.split]
+        members, embeddings, images, records = chosen[args.split]
         print(f"\nthe cluster chosen at iteration {args.split}, split again:")
         for k in (2, 3, 4):
-            labels, _ = FaissKMeansClusterer().cluster(embeddings[members], k, seed=0)
-            parts = [
-                _describe(members[labels == c], embeddings, records)
-                for c in range(k)
-                if np.any(labels == c)
-            ]
-            print(f"  k={k}: " + "; ".join(parts))
+            labels, centroids = clusterer.cluster(embeddings[members], k, seed=0)
+            parts = _describe(embeddings[members], labels, centroids, records, members)
+            print(f"  k={k}: " + "; ".join(parts.values()))
         # Is the judge unsure, or the embedding? The probe's own confidence on those images.
-        images = run.load_images(args.split, len(history[args.split]["seeds"]))
         with torch.no_grad():
             logits = probe(probe.to_pixels([images[j] for j in members]))
         for attribute in IDENTITY_ATTRIBUTES:
