@@ -112,9 +112,11 @@ def evaluate_run(
                 "pass guidance_scale or a ready generator, not both: the generator's own "
                 "guidance scale would be used"
             )
-        if isinstance(guidance_scale, bool) or not isinstance(guidance_scale, int | float):
-            raise ValueError(f"guidance_scale must be a number > 0, got {guidance_scale!r}")
-        if not guidance_scale > 0:
+        if (
+            isinstance(guidance_scale, bool)
+            or not isinstance(guidance_scale, int | float)
+            or not guidance_scale > 0
+        ):
             raise ValueError(f"guidance_scale must be a number > 0, got {guidance_scale!r}")
     # 1. Check the run before any model loads
     run = RunDirectory(run_dir)

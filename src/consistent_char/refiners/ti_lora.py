@@ -321,17 +321,8 @@ class TextualInversionLoRARefiner:
             time_ids = _time_ids(height, width, len(images), device)
 
             # 4. Optimise the new rows and the LoRA with SDXL's denoising loss
-            earlier = int(identity.metadata.get("refine_count", 0)) if identity is not None else 0
             final_loss = self._optimise(
-                state,
-                latents,
-                ids_1,
-                ids_2,
-                time_ids,
-                gen,
-                autocast,
-                callback,
-                lr_scale=self.lr_decay**earlier,
+                state, latents, ids_1, ids_2, time_ids, gen, autocast, callback
             )
 
             # 5. Read the identity out before the pipeline is restored
@@ -350,17 +341,16 @@ class TextualInversionLoRARefiner:
         gen: torch.Generator,
         autocast: contextlib.AbstractContextManager[Any],
         callback: StepCallback | None,
-        *,
-        lr_scale: float = 1.0,
     ) -> float:
-        """Runs `steps` optimisation steps at `lr_scale` times the learning rates; returns the
-        last step's loss (NaN for 0 steps)."""
+        """Runs `steps` optimisation steps; returns the last step's loss (NaN for 0 steps)."""
         from diffusers import DDPMScheduler
 
         noise_scheduler = DDPMScheduler.from_config(self.pipeline.scheduler.config)
+        scale = self.lr_decay**state.earlier_refines
         optimizer = state.optimizer(
-            self.embedding_lr * lr_scale, self.lora_lr * lr_scale, self.weight_decay, self.mode
+            self.embedding_lr * scale, self.lora_lr * scale, self.weight_decay, self.mode
         )
+        row_caps = None if self.row_norm_cap is None else state.row_caps(self.row_norm_cap)
         order = _IndexStream(latents.shape[0], gen)
         # diffusers' ModelMixin.dtype walks every module of the UNet (LoRA layers included): read
         # once here, not four times a step (that was 11% of a ToyWorld refine on the CPU).
@@ -405,8 +395,8 @@ class TextualInversionLoRARefiner:
                 if self.max_grad_norm is not None:
                     torch.nn.utils.clip_grad_norm_(trained, self.max_grad_norm)
                 optimizer.step()
-                if self.row_norm_cap is not None:
-                    state.cap_rows(self.row_norm_cap)
+                if row_caps is not None:
+                    state.cap_rows(row_caps)
                 if pending is not None:
                     final_loss = report(*pending)
                 pending = (step, total)
@@ -748,7 +738,8 @@ class _TrainingState:
     lora_alpha: float = 4.0
     target_modules: list[str] = field(default_factory=list)
     has_lora: bool = False
-    mean_row_norms: list[torch.Tensor] = field(default_factory=list)
+    #: How many times `refine` trained the warm-start identity before (0 for a new one).
+    earlier_refines: int = 0
 
     @classmethod
     def build(
@@ -796,6 +787,7 @@ class _TrainingState:
             rows=rows,
             train_rows=train_rows,
             pipe=pipe,
+            earlier_refines=int(identity.metadata.get("refine_count", 0)) if identity else 0,
         )
 
     def add_lora(
@@ -870,14 +862,17 @@ class _TrainingState:
         return torch.optim.AdamW(groups, weight_decay=weight_decay, fused=fused or None)
 
     @torch.no_grad()
-    def cap_rows(self, ratio: float) -> None:
-        """Scales each new row down to `ratio` times the mean norm of its encoder's own rows."""
-        if not self.mean_row_norms:
-            # Once per refine, kept on the device: reading it back every step would wait on it.
-            self.mean_row_norms = [w.base.weight.float().norm(dim=-1).mean() for w in self.wrappers]
-        for mean, rows in zip(self.mean_row_norms, self.rows, strict=True):
+    def row_caps(self, ratio: float) -> list[torch.Tensor]:
+        """`ratio` times the mean norm of each encoder's own rows, kept on the device (a
+        read-back at every step would wait for the device)."""
+        return [ratio * w.base.weight.float().norm(dim=-1).mean() for w in self.wrappers]
+
+    @torch.no_grad()
+    def cap_rows(self, caps: list[torch.Tensor]) -> None:
+        """Scales each new row whose norm exceeds its encoder's cap down to the cap."""
+        for cap, rows in zip(caps, self.rows, strict=True):
             norms = rows.norm(dim=-1, keepdim=True).clamp(min=1e-12)
-            rows.mul_(torch.clamp(ratio * mean / norms, max=1.0))
+            rows.mul_(torch.clamp(cap / norms, max=1.0))
 
     def tokenize(self, captions: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
         device = self.rows[0].device
@@ -1120,9 +1115,11 @@ def _check_settings(
         isinstance(max_timestep, bool) or not isinstance(max_timestep, int) or max_timestep < 1
     ):
         raise ValueError(f"max_timestep must be None or an int >= 1, got {max_timestep!r}")
-    if isinstance(lr_decay, bool) or not isinstance(lr_decay, (int, float)):
-        raise ValueError(f"lr_decay must be a number in (0, 1], got {lr_decay!r}")
-    if not 0 < lr_decay <= 1:
+    if (
+        isinstance(lr_decay, bool)
+        or not isinstance(lr_decay, (int, float))
+        or not 0 < lr_decay <= 1
+    ):
         raise ValueError(f"lr_decay must be a number in (0, 1], got {lr_decay!r}")
     if row_norm_cap is not None and (
         isinstance(row_norm_cap, bool)
