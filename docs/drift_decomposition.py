@@ -6,8 +6,10 @@ Takes the identity the run learned at `--iteration` and draws the next iteration
 (``"<cc-char> a creature"``) on the next iteration's own seeds four ways: the identity as the loop
 used it, its token rows alone (LoRA zeroed), its LoRA alone (rows reset to the initializer word)
 and the plain prompt without identity. The probe reads each image's scene; the script prints
-the scene counts and the mean brightness of each set. With the same seeds, the differences come
-from the identity's parts, not from sampling.
+the scene counts, the mean brightness of each set, how many images show its most common identity
+(of how many distinct ones) and its sharpness: the mean absolute Laplacian of the grey image,
+apart for night images and the others, since a night sky has fewer edges than a city. With the
+same seeds, the differences come from the identity's parts, not from sampling.
 
 The chosen cluster of every iteration is also shown next to all of that iteration's images,
 so a cluster that is richer in one scene than the images it came from stands out.
@@ -29,10 +31,26 @@ from consistent_char.eval.run import generator_from_config, load_probe
 from consistent_char.identity import Identity
 from consistent_char.refiners.ti_lora import _initial_rows
 from consistent_char.rundir import RunDirectory
+from consistent_char.toy.world import IDENTITY_ATTRIBUTES
 
 
 def _brightness(images: list[Image.Image]) -> float:
     return float(np.mean([np.asarray(im, dtype=np.float32).mean() for im in images]))
+
+
+def _sharpness(images: list[Image.Image]) -> float:
+    """Mean absolute 4-neighbour Laplacian of the grey image in [0, 1]: outlines and eyes."""
+    values = []
+    for im in images:
+        x = np.asarray(im.convert("L"), dtype=np.float64) / 255
+        lap = 4 * x[1:-1, 1:-1] - x[:-2, 1:-1] - x[2:, 1:-1] - x[1:-1, :-2] - x[1:-1, 2:]
+        values.append(np.abs(lap).mean())
+    return float(np.mean(values)) if values else float("nan")
+
+
+def _identities(records: list[dict[str, str]]) -> str:
+    counts = Counter(tuple(r[a] for a in IDENTITY_ATTRIBUTES) for r in records)
+    return f"top identity {counts.most_common(1)[0][1]} of {len(records)} ({len(counts)} distinct)"
 
 
 def _scenes(records: list[dict[str, str]]) -> str:
@@ -95,7 +113,13 @@ def main() -> None:
         prompt = following["prompt"] if variant is not None else state.prompt
         images = generator.generate([prompt] * len(seeds), seeds, variant)
         records = probe.predict(images)
-        print(f"{name:>12}: {_scenes(records)}; brightness {_brightness(images):.0f}")
+        night = [im for im, r in zip(images, records, strict=True) if r["scene"] == "night"]
+        day = [im for im, r in zip(images, records, strict=True) if r["scene"] != "night"]
+        print(
+            f"{name:>12}: {_scenes(records)}; brightness {_brightness(images):.0f}; "
+            f"{_identities(records)}; sharpness at night {_sharpness(night):.4f}, "
+            f"elsewhere {_sharpness(day):.4f}"
+        )
 
 
 if __name__ == "__main__":
