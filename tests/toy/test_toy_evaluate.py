@@ -1,5 +1,6 @@
 import numpy as np
 import pytest
+from PIL import Image
 
 from consistent_char.toy.evaluate import (
     distinct_identities,
@@ -43,3 +44,28 @@ def test_embedding_sensitivity_measures_each_change_against_the_same_renders():
     assert pixels["scene"] > pixels["eyes"]
     # An embedder that sees nothing moves by nothing, whatever changes.
     assert set(embedding_sensitivity(Blind(), n=3).values()) == {0.0}
+
+
+def test_embedding_sensitivity_draws_every_set_with_the_given_draw():
+    from consistent_char.embedders.pixels import PixelEmbedder
+    from consistent_char.toy.evaluate import embedding_sensitivity
+    from consistent_char.toy.world import render
+
+    calls = []
+
+    def draw(records):
+        calls.append(len(records))
+        return [render(r) for r in records]
+
+    embedder = PixelEmbedder(size=16)
+    # Drawing with the renderer itself gives the default's figures: the same records are drawn.
+    assert embedding_sensitivity(embedder, n=4, seed=2, draw=draw) == embedding_sensitivity(
+        embedder, n=4, seed=2
+    )
+    assert calls == [4] * 8  # the base set and its seven changes
+
+    def flat(records):
+        return [Image.new("RGB", (64, 64), "grey") for _ in records]
+
+    # What draw returns is what gets embedded: identical images move the embedding by nothing.
+    assert set(embedding_sensitivity(embedder, n=3, draw=flat).values()) == {0.0}

@@ -16,7 +16,7 @@ Example:
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from itertools import combinations
 from typing import Any
 
@@ -202,7 +202,13 @@ def prompt_adherence(records: Sequence[Mapping[str, str]], scenes: Sequence[str 
     return float(np.mean([r["scene"] == s for r, s in zip(records, scenes, strict=True)]))
 
 
-def embedding_sensitivity(embedder: Any, n: int = 200, seed: int = 4321) -> dict[str, float]:
+def embedding_sensitivity(
+    embedder: Any,
+    n: int = 200,
+    seed: int = 4321,
+    *,
+    draw: Callable[[Sequence[CreatureRecord]], Sequence[Image.Image]] | None = None,
+) -> dict[str, float]:
     """How far an embedder moves when one thing about a render changes: mean L2 distance
     between the embeddings of `n` random renders and the same renders with one change.
 
@@ -211,12 +217,17 @@ def embedding_sensitivity(embedder: Any, n: int = 200, seed: int = 4321) -> dict
     the hat colour is kept where both have a hat), ``context`` (the same identity in a newly
     drawn scene, position and size) and ``everything`` (an independent creature). For the loop
     to find identities, identity changes must move the embedding further than ``context`` does.
+
+    `draw` turns the `n` records of each set into images (default: `render`). A generator
+    drawing each record's caption with the same seed for the same position in every set
+    measures the embedder on generated images instead.
     """
     rng = np.random.default_rng(seed)
     base = [sample_record(rng) for _ in range(n)]
 
     def embed(records: Sequence[CreatureRecord]) -> np.ndarray:
-        return np.asarray(embedder.embed([render(r) for r in records]), dtype=np.float64)
+        images = draw(records) if draw is not None else [render(r) for r in records]
+        return np.asarray(embedder.embed(images), dtype=np.float64)
 
     def another(value: str, values: Sequence[str]) -> str:
         return str(rng.choice([v for v in values if v != value]))
