@@ -35,11 +35,8 @@ from consistent_char.embedders.dinov2 import DINOv2Embedder
 from consistent_char.eval.run import load_probe
 from consistent_char.extractor import stage_seed
 from consistent_char.rundir import RunDirectory
+from consistent_char.toy.evaluate import identity_key
 from consistent_char.toy.world import IDENTITY_ATTRIBUTES
-
-
-def _identity(record: dict[str, str]) -> tuple[str, ...]:
-    return tuple(record[a] for a in IDENTITY_ATTRIBUTES)
 
 
 def _describe(
@@ -55,7 +52,7 @@ def _describe(
     for k in range(len(centroids)):
         inside = members[labels == k]
         if len(inside):
-            counts = Counter(_identity(records[j]) for j in inside)
+            counts = Counter(identity_key(records[j]) for j in inside)
             purity = counts.most_common(1)[0][1] / len(inside)
             scenes = len({records[j]["scene"] for j in inside})
             lines[k] = (
@@ -84,7 +81,7 @@ def main() -> None:
     for i, entry in enumerate(history):
         images = run.load_images(i, len(entry["seeds"]))
         records = probe.predict(images)
-        counts = Counter(_identity(r) for r in records)
+        counts = Counter(identity_key(r) for r in records)
         print(
             f"iteration {i}: spread {entry['spread']:.2f}; the most common identity on "
             f"{counts.most_common(1)[0][1]} of {len(records)} images, {len(counts)} identities"
@@ -108,7 +105,7 @@ def main() -> None:
             print(f"    {'*' if k == index else ' '}{line}")
         members = np.flatnonzero(labels == index)
         chosen[i] = (members, embeddings, images, records)
-        common = Counter(_identity(records[j]) for j in members).most_common(3)
+        common = Counter(identity_key(records[j]) for j in members).most_common(3)
         print("    chosen: " + "; ".join(f"{n} {' '.join(ident)}" for ident, n in common))
 
     if args.split is not None:

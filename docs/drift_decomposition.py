@@ -31,7 +31,7 @@ from consistent_char.eval.run import generator_from_config, load_probe
 from consistent_char.identity import Identity
 from consistent_char.refiners.ti_lora import _initial_rows
 from consistent_char.rundir import RunDirectory
-from consistent_char.toy.world import IDENTITY_ATTRIBUTES
+from consistent_char.toy.evaluate import identity_key
 
 
 def _brightness(images: list[Image.Image]) -> float:
@@ -49,7 +49,7 @@ def _sharpness(images: list[Image.Image]) -> float:
 
 
 def _identities(records: list[dict[str, str]]) -> str:
-    counts = Counter(tuple(r[a] for a in IDENTITY_ATTRIBUTES) for r in records)
+    counts = Counter(map(identity_key, records))
     return f"top identity {counts.most_common(1)[0][1]} of {len(records)} ({len(counts)} distinct)"
 
 

@@ -29,12 +29,8 @@ from consistent_char.eval.toy import render_identity_in_scenes, score_records
 from consistent_char.interfaces import IterationRecord
 from consistent_char.rundir import RunDirectory
 from consistent_char.stages import build_refiner
+from consistent_char.toy.evaluate import identity_key
 from consistent_char.toy.world import IDENTITY_ATTRIBUTES
-
-
-def _identities(records: list[dict[str, str]]) -> list[tuple[str, ...]]:
-    """The five identity attributes of each probe record, as a tuple to compare and count."""
-    return [tuple(r[a] for a in IDENTITY_ATTRIBUTES) for r in records]
 
 
 def main() -> None:
@@ -65,7 +61,7 @@ def main() -> None:
     labels = np.asarray(run.load_clusters(args.iteration)["labels"])
     members = [images[j] for j in np.flatnonzero(labels == record.chosen_cluster)]
     probe = load_probe(None)
-    target, count = Counter(_identities(probe.predict(members))).most_common(1)[0]
+    target, count = Counter(map(identity_key, probe.predict(members))).most_common(1)[0]
 
     # One refinement from nothing, then the identity in every scene.
     generator = generator_from_config(config)
@@ -80,7 +76,7 @@ def main() -> None:
     # Read once with the probe: the same records give the scores and the hits.
     records = probe.predict([image for _, image in drawn])
     score = score_records(records, [scene for scene, _ in drawn], base_prompt=state.prompt)
-    got = _identities(records)
+    got = [identity_key(r) for r in records]
     print(
         json.dumps(
             {

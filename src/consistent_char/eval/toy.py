@@ -29,7 +29,11 @@ from PIL import Image
 from consistent_char.identity import Identity
 from consistent_char.interfaces import Generator
 from consistent_char.toy.captions import parse_caption, scene_phrase
-from consistent_char.toy.evaluate import identity_consistency, prompt_adherence
+from consistent_char.toy.evaluate import (
+    distinct_identities,
+    identity_consistency,
+    prompt_adherence,
+)
 from consistent_char.toy.world import IDENTITY_ATTRIBUTES, SCENES
 from consistent_char.usage import prompt_with_identity
 
@@ -180,7 +184,7 @@ def score_records(
         "prompt_adherence": prompt_adherence(records, scenes),
         "n_images": len(records),
         "attribute_agreement": {a: agree[a] / pairs for a in IDENTITY_ATTRIBUTES},
-        "distinct_identities": len({tuple(r[a] for a in IDENTITY_ATTRIBUTES) for r in records}),
+        "distinct_identities": distinct_identities(records),
     }
     if base_prompt is not None:
         checks = _base_prompt_checks(base_prompt)

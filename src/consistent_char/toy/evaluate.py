@@ -48,6 +48,7 @@ __all__ = [
     "embedding_sensitivity",
     "generate",
     "identity_consistency",
+    "identity_key",
     "probe_accuracy",
     "prompt_adherence",
 ]
@@ -135,9 +136,15 @@ def controllability(
     return result
 
 
+def identity_key(record: Mapping[str, str]) -> tuple[str, ...]:
+    """The identity attributes of a probe record, in `IDENTITY_ATTRIBUTES` order: two images
+    show the same creature when their keys are equal."""
+    return tuple(record[a] for a in IDENTITY_ATTRIBUTES)
+
+
 def distinct_identities(records: Sequence[Mapping[str, str]]) -> int:
     """Number of distinct identity-attribute tuples among probe records."""
-    return len({tuple(r[a] for a in IDENTITY_ATTRIBUTES) for r in records})
+    return len({identity_key(r) for r in records})
 
 
 def diversity(
