@@ -189,12 +189,13 @@ def identity_consistency(
     """
     if contexts is not None and len(contexts) != len(records):
         raise ValueError(f"got {len(records)} records but {len(contexts)} contexts")
+    keys = [identity_key(r) for r in records]  # once per image, not once per pair
     agree = total = 0
     for i, j in combinations(range(len(records)), 2):
         if contexts is not None and contexts[i] == contexts[j]:
             continue
         total += 1
-        agree += all(records[i][a] == records[j][a] for a in IDENTITY_ATTRIBUTES)
+        agree += keys[i] == keys[j]
     if total == 0:
         raise ValueError("identity consistency needs at least one pair of images")
     return agree / total
