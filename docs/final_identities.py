@@ -1,0 +1,87 @@
+"""What each finished ToyWorld run converged on: the last iteration's most common identity.
+
+    python docs/final_identities.py runs/trials/*/ [--iterations]
+
+For every run directory given, the probe reads all images of the run's last iteration (drawn
+with the identity it returns, from ``"<cc-char> a creature"``). The script prints the most
+common identity, how many of the images show it, their most common scene, and the share of
+images the probe reads as having no hat and as having sleepy eyes (the thinnest eyes, and what
+faded eyes are read as). Runs whose last iteration is iteration 0 are skipped. With
+``--iterations`` it also prints, for every iteration of each run, how many of its images show
+sleepy eyes and no hat, and their sharpness away from night (the mean absolute Laplacian, as
+`docs/drift_decomposition.py` measures it). The counts at the
+end show which identities the runs ended on most often, and a check of the probe: what it reads
+on 200 renders drawn with no eyes at all.
+"""
+
+from __future__ import annotations
+
+import argparse
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+from drift_decomposition import _sharpness
+
+from consistent_char.eval.run import load_probe
+from consistent_char.rundir import RunDirectory
+from consistent_char.toy import world
+from consistent_char.toy.evaluate import identity_key
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("runs", type=Path, nargs="+", help="finished ToyWorld run directories")
+    parser.add_argument("--iterations", action="store_true", help="every iteration's counts")
+    args = parser.parse_args()
+    probe = load_probe(None)
+    endings: Counter[tuple[str, ...]] = Counter()
+    for path in args.runs:
+        run = RunDirectory(path)
+        if not run.state_path.exists():
+            continue
+        history = run.read_state().history
+        if len(history) < 2:
+            continue
+        last = len(history) - 1
+        if args.iterations:
+            steps = []
+            for i, record in enumerate(history):
+                images = run.load_images(i, len(record["seeds"]))
+                read = probe.predict(images)
+                day = [im for im, r in zip(images, read, strict=True) if r["scene"] != "night"]
+                sleepy = sum(r["eyes"] == "sleepy" for r in read)
+                hatless = sum(r["hat"] == "none" for r in read)
+                steps.append(f"{i}: {sleepy} / {hatless}, {_sharpness(day):.4f}")
+            print(
+                f"{path.name}: sleepy eyes / no hat, sharpness away from night: {'; '.join(steps)}"
+            )
+        records = probe.predict(run.load_images(last, len(history[last]["seeds"])))
+        top, count = Counter(map(identity_key, records)).most_common(1)[0]
+        scene, at = Counter(r["scene"] for r in records).most_common(1)[0]
+        no_hat = sum(r["hat"] == "none" for r in records) / len(records)
+        sleepy = sum(r["eyes"] == "sleepy" for r in records) / len(records)
+        endings[top[:3]] += 1
+        print(
+            f"{path.name}: iteration {last}: {' '.join(top)} on {count} of {len(records)}; "
+            f"{scene} {at}; no hat {no_hat:.2f}, sleepy eyes {sleepy:.2f}"
+        )
+    print("\nmost common (shape, colour, hat) at the end:")
+    for key, n in endings.most_common():
+        print(f"  {n:3d}  {' '.join(key)}")
+
+    # Renders whose eyes are left out: what the probe calls eyes that have faded away.
+    rng = np.random.default_rng(0)
+    records = [world.sample_record(rng) for _ in range(200)]
+    draw_eyes = world._draw_eyes
+    world._draw_eyes = lambda *args, **kwargs: None
+    try:
+        read = probe.predict([world.render(r) for r in records])
+    finally:
+        world._draw_eyes = draw_eyes
+    counts = Counter(r["eyes"] for r in read)
+    print(f"\neyes the probe reads on {len(records)} renders drawn without eyes: {dict(counts)}")
+
+
+if __name__ == "__main__":
+    main()
