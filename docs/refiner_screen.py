@@ -6,7 +6,9 @@ Takes the cluster that the run chose at `--iteration`, trains a fresh identity o
 `refine` call from nothing, with the run's refiner settings and the `--set` overrides), draws that
 identity in the 5 scenes x 8 seeds, and scores the images with the probe as
 `consistent-char eval run` does. It also prints `hit`: the fraction of those images whose five
-identity attributes are the ones the probe reads on most of the cluster.
+identity attributes are the ones the probe reads on most of the cluster, and the shares of the
+cluster and of the drawn images with sleepy eyes and with no hat (what faded eyes and hats are
+read as, `docs/final_identities.py`).
 
 A pure cluster and a refiner that captures it should give a `hit` near 1. This isolates the
 refiner from the rest of the loop, at about 35 s per setting on a 2-core CPU instead of minutes
@@ -61,7 +63,8 @@ def main() -> None:
     labels = np.asarray(run.load_clusters(args.iteration)["labels"])
     members = [images[j] for j in np.flatnonzero(labels == record.chosen_cluster)]
     probe = load_probe(None)
-    target, count = Counter(map(identity_key, probe.predict(members))).most_common(1)[0]
+    member_records = probe.predict(members)
+    target, count = Counter(map(identity_key, member_records)).most_common(1)[0]
 
     # One refinement from nothing, then the identity in every scene.
     generator = generator_from_config(config)
@@ -89,12 +92,24 @@ def main() -> None:
                 "identity_consistency": round(score["identity_consistency"], 3),
                 "prompt_adherence": round(score["prompt_adherence"], 3),
                 "hit": round(sum(g == target for g in got) / len(got), 3),
+                "sleepy_eyes": {
+                    "cluster": _share(member_records, "eyes", "sleepy"),
+                    "drawn": _share(records, "eyes", "sleepy"),
+                },
+                "no_hat": {
+                    "cluster": _share(member_records, "hat", "none"),
+                    "drawn": _share(records, "hat", "none"),
+                },
                 "attribute_agreement": {
                     k: round(v, 3) for k, v in score["attribute_agreement"].items()
                 },
             }
         )
     )
+
+
+def _share(records: list[dict[str, str]], attribute: str, value: str) -> float:
+    return round(sum(r[attribute] == value for r in records) / len(records), 3)
 
 
 if __name__ == "__main__":

@@ -1,0 +1,87 @@
+"""Does one refinement on creatures that differ in their eyes and hats erase them?
+
+    python docs/mixed_details.py [--size 16] [--set KEY=VALUE ...]
+
+Builds four training sets of ToyWorld renders (ground truth, in random scenes, positions and
+sizes), each trained into a fresh identity by one `refine` call with the ToyWorld preset's
+refiner settings (and the `--set` overrides):
+
+- *one identity*: a blue round creature with big eyes and a red crown, `--size` times;
+- *eyes and hat shared*: big eyes and a red crown on random shapes and colours;
+- *shape and colour shared*: blue and round, with random eyes and hats;
+- *nothing shared*: random creatures.
+
+No training image has sleepy eyes or no hat: where the eyes and hats are random they are drawn
+from the other styles, so an identity that draws sleepy eyes or no hat has not learned them.
+
+Each identity then draws ``"<cc-char> a creature"`` on the same 64 seeds, and the probe reads
+the images. The script prints, for each set and for the plain prompt: how many of the 64 show
+the shared values (blue, round, big eyes, a crown) and how many show sleepy eyes or no hat,
+which is what the probe reads where eyes or a hat have faded (`docs/final_identities.py`).
+"""
+
+from __future__ import annotations
+
+import argparse
+from collections.abc import Callable
+from typing import Any
+
+import numpy as np
+
+from consistent_char.config import ExtractorConfig, parse_assignment, toy_preset
+from consistent_char.eval.run import generator_from_config, load_probe
+from consistent_char.stages import build_refiner
+from consistent_char.toy import render, sample_record
+
+SHARED = {"shape": "round", "color": "blue", "hat": "crown", "hat_color": "red", "eyes": "big"}
+SETS: dict[str, tuple[str, ...]] = {
+    "one identity": ("shape", "color", "hat", "hat_color", "eyes"),
+    "eyes and hat shared": ("hat", "hat_color", "eyes"),
+    "shape and colour shared": ("shape", "color"),
+    "nothing shared": (),
+}
+COUNTED: dict[str, Callable[[dict[str, str]], bool]] = {
+    "blue": lambda r: r["color"] == "blue",
+    "round": lambda r: r["shape"] == "round",
+    "big eyes": lambda r: r["eyes"] == "big",
+    "crown": lambda r: r["hat"] == "crown",
+    "sleepy eyes": lambda r: r["eyes"] == "sleepy",
+    "no hat": lambda r: r["hat"] == "none",
+}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--size", type=int, default=16, help="renders per training set")
+    parser.add_argument(
+        "--set", action="append", default=[], metavar="KEY=VALUE", help="refiner setting"
+    )
+    args = parser.parse_args()
+    config = ExtractorConfig.from_overrides(toy_preset())
+    overrides: dict[str, Any] = dict(parse_assignment(text) for text in args.set)
+    generator = generator_from_config(config)
+    refiner = build_refiner(config.refiner, generator.pipeline, **overrides)
+    probe = load_probe(None)
+    caption = config.identity_prompt_template.format(token=refiner.token, prompt="a creature")
+    seeds = list(range(1000, 1064))
+
+    def report(name: str, records: list[dict[str, str]]) -> None:
+        counts = ", ".join(f"{k} {sum(map(f, records))}" for k, f in COUNTED.items())
+        print(f"{name:>24}: of {len(records)}: {counts}", flush=True)
+
+    report("plain prompt", probe.predict(generator.generate(["a creature"] * 64, seeds)))
+    for name, shared in SETS.items():
+        rng = np.random.default_rng(7)
+        pinned = {k: SHARED[k] for k in shared}
+        records: list[Any] = []
+        while len(records) < args.size:
+            record = sample_record(rng, **pinned)
+            if record.eyes != "sleepy" and record.hat != "none":
+                records.append(record)
+        images = [render(record) for record in records]
+        identity = refiner.refine(None, images, [caption] * len(images), seed=0)
+        report(name, probe.predict(generator.generate([caption] * 64, seeds, identity)))
+
+
+if __name__ == "__main__":
+    main()
