@@ -1,9 +1,10 @@
-"""What each finished ToyWorld run converged on: the last iteration's most common identity.
+"""What each finished ToyWorld run ended on: the last iteration's most common identity.
 
     python docs/final_identities.py runs/trials/*/ [--iterations]
 
 For every run directory given, the probe reads all images of the run's last iteration (drawn
-with the identity it returns, from ``"<cc-char> a creature"``). The script prints the most
+with the identity learned at the iteration before, which for a converged run is the identity it
+returns, from the run's prompt with the token). The script prints the most
 common identity, how many of the images show it, their most common scene, and the share of
 images the probe reads as having no hat and as having sleepy eyes (the thinnest eyes, and what
 faded eyes are read as). Runs whose last iteration is iteration 0 are skipped. With

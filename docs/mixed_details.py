@@ -31,7 +31,7 @@ import numpy as np
 from consistent_char.config import ExtractorConfig, parse_assignment, toy_preset
 from consistent_char.eval.run import generator_from_config, load_probe
 from consistent_char.stages import build_refiner
-from consistent_char.toy import render, sample_record
+from consistent_char.toy import CreatureRecord, render, sample_record
 
 SHARED = {"shape": "round", "color": "blue", "hat": "crown", "hat_color": "red", "eyes": "big"}
 SETS: dict[str, tuple[str, ...]] = {
@@ -73,7 +73,7 @@ def main() -> None:
     for name, shared in SETS.items():
         rng = np.random.default_rng(7)
         pinned = {k: SHARED[k] for k in shared}
-        records: list[Any] = []
+        records: list[CreatureRecord] = []
         while len(records) < args.size:
             record = sample_record(rng, **pinned)
             if record.eyes != "sleepy" and record.hat != "none":
