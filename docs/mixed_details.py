@@ -1,6 +1,6 @@
 """Does one refinement on creatures that differ in their eyes and hats erase them?
 
-    python docs/mixed_details.py [--size 16] [--set KEY=VALUE ...]
+    python docs/mixed_details.py [--size 16] [--blur RADIUS] [--set KEY=VALUE ...]
 
 Builds four training sets of ToyWorld renders (ground truth, in random scenes, positions and
 sizes), each trained into a fresh identity by one `refine` call with the ToyWorld preset's
@@ -11,7 +11,9 @@ refiner settings (and the `--set` overrides):
 - *shape and colour shared*: blue and round, with random eyes and hats;
 - *nothing shared*: random creatures.
 
-No training image has sleepy eyes or no hat: where the eyes and hats are random they are drawn
+With ``--blur`` the renders are softened by a Gaussian blur of that radius (in pixels) before
+training: the model's own images are a little softer than renders. No training image has
+sleepy eyes or no hat: where the eyes and hats are random they are drawn
 from the other styles, so an identity that draws sleepy eyes or no hat has not learned them.
 
 Each identity then draws ``"<cc-char> a creature"`` on the same 64 seeds, and the probe reads
@@ -27,6 +29,7 @@ from collections.abc import Callable
 from typing import Any
 
 import numpy as np
+from PIL import ImageFilter
 
 from consistent_char.config import ExtractorConfig, parse_assignment, toy_preset
 from consistent_char.eval.run import generator_from_config, load_probe
@@ -53,6 +56,7 @@ COUNTED: dict[str, Callable[[dict[str, str]], bool]] = {
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--size", type=int, default=16, help="renders per training set")
+    parser.add_argument("--blur", type=float, default=0.0, help="Gaussian blur radius, pixels")
     parser.add_argument(
         "--set", action="append", default=[], metavar="KEY=VALUE", help="refiner setting"
     )
@@ -79,6 +83,8 @@ def main() -> None:
             if record.eyes != "sleepy" and record.hat != "none":
                 records.append(record)
         images = [render(record) for record in records]
+        if args.blur > 0:
+            images = [image.filter(ImageFilter.GaussianBlur(args.blur)) for image in images]
         identity = refiner.refine(None, images, [caption] * len(images), seed=0)
         report(name, probe.predict(generator.generate([caption] * 64, seeds, identity)))
 
