@@ -1,6 +1,6 @@
 """Does one refinement on creatures that differ in their eyes and hats erase them?
 
-    python docs/mixed_details.py [--size 16] [--blur RADIUS] [--set KEY=VALUE ...]
+    python docs/mixed_details.py [--size 16] [--blur R | --generated {full,shared}] [--set K=V]
 
 Builds four training sets of ToyWorld renders (ground truth, in random scenes, positions and
 sizes), each trained into a fresh identity by one `refine` call with the ToyWorld preset's
@@ -11,10 +11,16 @@ refiner settings (and the `--set` overrides):
 - *shape and colour shared*: blue and round, with random eyes and hats;
 - *nothing shared*: random creatures.
 
-With ``--blur`` the renders are softened by a Gaussian blur of that radius (in pixels) before
-training: the model's own images are a little softer than renders. No training image has
-sleepy eyes or no hat: where the eyes and hats are random they are drawn
-from the other styles, so an identity that draws sleepy eyes or no hat has not learned them.
+No record has sleepy eyes or no hat: where the eyes and hats are random they are drawn from
+the other styles, so an identity trained on renders that draws sleepy eyes or no hat has not
+learned them. With ``--blur`` the renders are softened by a Gaussian blur of that radius (in
+pixels) before training: the model's own images are a little softer than renders. With
+``--generated full`` each training image is drawn by the model instead, from a caption that names
+all five identity attributes of its record (the scene left to the model): the same creatures in
+the model's own drawing. ``--generated shared`` names only what the set shares ("a blue round
+creature", or "a creature" for the set that shares nothing), so the model chooses the rest, as it
+does for the loop's prompt. The script reads these training sets with the probe too
+(``training set`` in the output).
 
 Each identity then draws ``"<cc-char> a creature"`` on the same 64 seeds, and the probe reads
 the images. The script prints, for each set and for the plain prompt: how many of the 64 show
@@ -35,6 +41,8 @@ from consistent_char.config import ExtractorConfig, parse_assignment, toy_preset
 from consistent_char.eval.run import generator_from_config, load_probe
 from consistent_char.stages import build_refiner
 from consistent_char.toy import CreatureRecord, render, sample_record
+from consistent_char.toy import caption as describe
+from consistent_char.toy.world import IDENTITY_ATTRIBUTES
 
 SHARED = {"shape": "round", "color": "blue", "hat": "crown", "hat_color": "red", "eyes": "big"}
 SETS: dict[str, tuple[str, ...]] = {
@@ -57,6 +65,11 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--size", type=int, default=16, help="renders per training set")
     parser.add_argument("--blur", type=float, default=0.0, help="Gaussian blur radius, pixels")
+    parser.add_argument(
+        "--generated",
+        choices=("full", "shared"),
+        help="train on the model's drawings, from full or shared-only captions",
+    )
     parser.add_argument(
         "--set", action="append", default=[], metavar="KEY=VALUE", help="refiner setting"
     )
@@ -82,9 +95,16 @@ def main() -> None:
             record = sample_record(rng, **pinned)
             if record.eyes != "sleepy" and record.hat != "none":
                 records.append(record)
-        images = [render(record) for record in records]
+        if args.generated:
+            named = IDENTITY_ATTRIBUTES if args.generated == "full" else shared
+            prompts = [describe(record, named) for record in records]
+            images = generator.generate(prompts, list(range(2000, 2000 + len(prompts))))
+        else:
+            images = [render(record) for record in records]
         if args.blur > 0:
             images = [image.filter(ImageFilter.GaussianBlur(args.blur)) for image in images]
+        if args.generated:
+            report(f"{name}, training set", probe.predict(images))
         identity = refiner.refine(None, images, [caption] * len(images), seed=0)
         report(name, probe.predict(generator.generate([caption] * 64, seeds, identity)))
 
