@@ -45,27 +45,28 @@ def main() -> None:
         if len(history) < 2:
             continue
         last = len(history) - 1
-        if args.iterations:
-            steps = []
-            for i, record in enumerate(history):
-                images = run.load_images(i, len(record["seeds"]))
-                read = probe.predict(images)
-                day = [im for im, r in zip(images, read, strict=True) if r["scene"] != "night"]
-                sleepy = sum(r["eyes"] == "sleepy" for r in read)
-                hatless = sum(r["hat"] == "none" for r in read)
+        # Each iteration's images are read once; the last iteration's reading is the summary's.
+        shown = range(len(history)) if args.iterations else [last]
+        steps = []
+        for i in shown:
+            images = run.load_images(i, len(history[i]["seeds"]))
+            records = probe.predict(images)
+            if args.iterations:
+                day = [im for im, r in zip(images, records, strict=True) if r["scene"] != "night"]
+                sleepy, hatless = _faded(records)
                 steps.append(f"{i}: {sleepy} / {hatless}, {_sharpness(day):.4f}")
+        if args.iterations:
             print(
                 f"{path.name}: sleepy eyes / no hat, sharpness away from night: {'; '.join(steps)}"
             )
-        records = probe.predict(run.load_images(last, len(history[last]["seeds"])))
         top, count = Counter(map(identity_key, records)).most_common(1)[0]
         scene, at = Counter(r["scene"] for r in records).most_common(1)[0]
-        no_hat = sum(r["hat"] == "none" for r in records) / len(records)
-        sleepy = sum(r["eyes"] == "sleepy" for r in records) / len(records)
+        sleepy, hatless = _faded(records)
         endings[top[:3]] += 1
         print(
             f"{path.name}: iteration {last}: {' '.join(top)} on {count} of {len(records)}; "
-            f"{scene} {at}; no hat {no_hat:.2f}, sleepy eyes {sleepy:.2f}"
+            f"{scene} {at}; no hat {hatless / len(records):.2f}, "
+            f"sleepy eyes {sleepy / len(records):.2f}"
         )
     print("\nmost common (shape, colour, hat) at the end:")
     for key, n in endings.most_common():
@@ -82,6 +83,11 @@ def main() -> None:
         world._draw_eyes = draw_eyes
     counts = Counter(r["eyes"] for r in read)
     print(f"\neyes the probe reads on {len(records)} renders drawn without eyes: {dict(counts)}")
+
+
+def _faded(records: list[dict[str, str]]) -> tuple[int, int]:
+    """How many records have sleepy eyes, and how many no hat."""
+    return sum(r["eyes"] == "sleepy" for r in records), sum(r["hat"] == "none" for r in records)
 
 
 if __name__ == "__main__":

@@ -64,8 +64,9 @@ COUNTED: dict[str, Callable[[dict[str, str]], bool]] = {
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--size", type=int, default=16, help="renders per training set")
-    parser.add_argument("--blur", type=float, default=0.0, help="Gaussian blur radius, pixels")
-    parser.add_argument(
+    source = parser.add_mutually_exclusive_group()
+    source.add_argument("--blur", type=float, default=0.0, help="Gaussian blur radius, pixels")
+    source.add_argument(
         "--generated",
         choices=("full", "shared"),
         help="train on the model's drawings, from full or shared-only captions",
@@ -99,12 +100,11 @@ def main() -> None:
             named = IDENTITY_ATTRIBUTES if args.generated == "full" else shared
             prompts = [describe(record, named) for record in records]
             images = generator.generate(prompts, list(range(2000, 2000 + len(prompts))))
+            report(f"{name}, training set", probe.predict(images))
         else:
             images = [render(record) for record in records]
-        if args.blur > 0:
-            images = [image.filter(ImageFilter.GaussianBlur(args.blur)) for image in images]
-        if args.generated:
-            report(f"{name}, training set", probe.predict(images))
+            if args.blur > 0:
+                images = [image.filter(ImageFilter.GaussianBlur(args.blur)) for image in images]
         identity = refiner.refine(None, images, [caption] * len(images), seed=0)
         report(name, probe.predict(generator.generate([caption] * 64, seeds, identity)))
 
