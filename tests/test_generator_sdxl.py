@@ -158,11 +158,44 @@ def test_bad_inputs_are_clear_errors(pipe, prompts, seeds, message):
         ({"guidance_scale": -1.0}, "guidance_scale must be a number >= 0"),
         ({"batch_size": 0}, "batch_size must be None"),
         ({"height": 30}, "height must be None or a positive multiple of 8"),
+        ({"scheduler": "NoSuchScheduler"}, "name of a diffusers scheduler class"),
+        ({"scheduler": "StableDiffusionXLPipeline"}, "name of a diffusers scheduler class"),
     ],
 )
 def test_bad_settings_are_clear_errors(pipe, settings, message):
     with pytest.raises(ValueError, match=message):
         SDXLGenerator.from_pipeline(pipe, **settings)
+
+
+def test_another_scheduler_samples_for_the_call_only_and_keeps_images_per_seed(pipe):
+    own = pipe.scheduler
+    plain = _arrays(_gen(pipe).generate(PROMPTS, SEEDS))
+    gen = _gen(pipe, scheduler="EulerAncestralDiscreteScheduler", batch_size=4)
+    ancestral = _arrays(gen.generate(PROMPTS, SEEDS))
+    assert pipe.scheduler is own
+    assert type(gen._scheduler).__name__ == "EulerAncestralDiscreteScheduler"
+    # The same noise schedule, sampled another way: other images from the same seeds.
+    assert gen._scheduler.config.beta_end == own.config.beta_end
+    assert all(np.abs(a - b).max() > 0 for a, b in zip(plain, ancestral, strict=True))
+    # The sampler's fresh noise comes from each image's own generator: same seed, same image,
+    # whatever the batch.
+    one_by_one = _gen(pipe, scheduler="EulerAncestralDiscreteScheduler", batch_size=1)
+    for a, b in zip(ancestral, _arrays(one_by_one.generate(PROMPTS, SEEDS)), strict=True):
+        assert np.abs(a - b).max() <= 1
+
+
+def test_scheduler_is_restored_when_generation_fails(pipe, monkeypatch):
+    own = pipe.scheduler
+    gen = _gen(pipe, scheduler="EulerAncestralDiscreteScheduler")
+
+    def fail(*args, **kwargs):
+        assert pipe.scheduler is gen._scheduler
+        raise RuntimeError("boom")
+
+    monkeypatch.setattr(type(pipe), "__call__", fail)
+    with pytest.raises(RuntimeError, match="boom"):
+        gen.generate(PROMPTS[:1], SEEDS[:1])
+    assert pipe.scheduler is own
 
 
 def test_from_pretrained_missing_local_dir_fails_before_loading(tmp_path):
@@ -176,6 +209,8 @@ def test_from_pretrained_missing_local_dir_fails_before_loading(tmp_path):
         SDXLGenerator.from_pretrained(tmp_path / "empty", num_steps=3)
     with pytest.raises(ValueError, match="num_inference_steps"):
         SDXLGenerator.from_pretrained(tmp_path / "empty", num_inference_steps=0)
+    with pytest.raises(ValueError, match="scheduler"):
+        SDXLGenerator.from_pretrained(tmp_path / "empty", scheduler="Euler")
 
 
 def test_from_pretrained_loads_a_saved_pipeline(tmp_path, pipe):

@@ -54,6 +54,11 @@ class GeneratorConfig(_Strict):
         None,
         description="Merge the identity's LoRA into the UNet for each call (None: on CUDA).",
     )
+    scheduler: str | None = Field(
+        None,
+        description="A diffusers scheduler class to sample with, e.g. "
+        "EulerAncestralDiscreteScheduler (None: the model's own).",
+    )
 
 
 class EmbedderConfig(_Strict):

@@ -71,6 +71,12 @@ class SDXLGenerator:
             unfused. Skipped when another LoRA adapter is active: a merged peft layer would
             stop applying it.
         show_progress: Show diffusers' per-batch denoising progress bar.
+        scheduler: The name of a diffusers scheduler class to sample with instead of the
+            pipeline's own, e.g. ``"EulerAncestralDiscreteScheduler"``. It is built from the
+            pipeline's scheduler config (same noise schedule) and swapped in for each call only,
+            so a shared pipeline keeps its own. A stochastic ("ancestral" or SDE) sampler draws
+            its fresh noise from each image's own generator, so image j still depends only on
+            its prompt and seed.
 
     Example:
         >>> from consistent_char.generators.sdxl import SDXLGenerator
@@ -94,8 +100,10 @@ class SDXLGenerator:
         lora_scale: float = 1.0,
         fuse_identity: bool | None = None,
         show_progress: bool = False,
+        scheduler: str | None = None,
     ) -> None:
         _check_values(num_inference_steps, guidance_scale, height, width, batch_size)
+        scheduler_class = _scheduler_class(scheduler)
         for name in ("unet", "vae", "text_encoder", "text_encoder_2", "tokenizer", "tokenizer_2"):
             if getattr(pipeline, name, None) is None:
                 raise ValueError(
@@ -113,6 +121,12 @@ class SDXLGenerator:
         self.lora_scale = float(lora_scale)
         self.fuse_identity = fuse_identity
         self.show_progress = show_progress
+        self.scheduler = scheduler
+        self._scheduler: Any = (
+            None
+            if scheduler_class is None
+            else scheduler_class.from_config(pipeline.scheduler.config)
+        )
 
     # ------------------------------------------------------------ constructors
 
@@ -178,6 +192,7 @@ class SDXLGenerator:
             values["width"],
             values["batch_size"],
         )
+        _scheduler_class(values["scheduler"])
 
     # -------------------------------------------------------------- generate
 
@@ -329,16 +344,22 @@ class SDXLGenerator:
         # One generator per image: diffusers draws image j's starting noise from generator[j].
         generators = [torch.Generator(device="cpu").manual_seed(s) for s in seeds]
         negative = [self.negative_prompt] * len(prompts) if self.negative_prompt else None
-        out = self.pipeline(
-            prompt=prompts,
-            negative_prompt=negative,
-            num_inference_steps=self.num_inference_steps,
-            guidance_scale=self.guidance_scale,
-            height=height,
-            width=width,
-            generator=generators,
-            output_type="pil",
-        )
+        own = self.pipeline.scheduler
+        if self._scheduler is not None:
+            self.pipeline.scheduler = self._scheduler
+        try:
+            out = self.pipeline(
+                prompt=prompts,
+                negative_prompt=negative,
+                num_inference_steps=self.num_inference_steps,
+                guidance_scale=self.guidance_scale,
+                height=height,
+                width=width,
+                generator=generators,
+                output_type="pil",
+            )
+        finally:
+            self.pipeline.scheduler = own
         return [im.convert("RGB") for im in out.images]
 
     # --------------------------------------------------------------- helpers
@@ -387,6 +408,22 @@ def _check_values(
     for name, value in (("height", height), ("width", width)):
         if value is not None and (not isinstance(value, int) or value < 8 or value % 8):
             raise ValueError(f"{name} must be None or a positive multiple of 8, got {value!r}")
+
+
+def _scheduler_class(name: str | None) -> Any:
+    """The diffusers scheduler class called `name` (``None`` stays ``None``)."""
+    if name is None:
+        return None
+    import diffusers
+    from diffusers import SchedulerMixin
+
+    found = getattr(diffusers, name, None) if isinstance(name, str) else None
+    if not (isinstance(found, type) and issubclass(found, SchedulerMixin)):
+        raise ValueError(
+            f"scheduler must be None or the name of a diffusers scheduler class, e.g. "
+            f"'EulerAncestralDiscreteScheduler' or 'DPMSolverMultistepScheduler'; got {name!r}"
+        )
+    return found
 
 
 def load_sdxl_pipeline(
