@@ -1,6 +1,7 @@
 """Does one refinement on creatures that differ in their eyes and hats erase them?
 
-    python docs/mixed_details.py [--size 16] [--blur R | --generated {full,shared}] [--set K=V]
+    python docs/mixed_details.py [--size 16] [--blur R | --generated {full,shared}]
+        [--draw-guidance G] [--only SET] [--set K=V]
 
 Builds four training sets of ToyWorld renders (ground truth, in random scenes, positions and
 sizes), each trained into a fresh identity by one `refine` call with the ToyWorld preset's
@@ -19,8 +20,10 @@ pixels) before training: the model's own images are a little softer than renders
 all five identity attributes of its record (the scene left to the model): the same creatures in
 the model's own drawing. ``--generated shared`` names only what the set shares ("a blue round
 creature", or "a creature" for the set that shares nothing), so the model chooses the rest, as it
-does for the loop's prompt. The script reads these training sets with the probe too
-(``training set`` in the output).
+does for the loop's prompt. ``--draw-guidance`` draws those training images at another
+guidance scale than the preset's (the identity is still drawn at the preset's). The script reads
+these training sets with the probe too (``training set`` in the output). ``--only`` keeps one set
+(by its name below), since each takes about a minute.
 
 Each identity then draws ``"<cc-char> a creature"`` on the same 64 seeds, and the probe reads
 the images. The script prints, for each set and for the plain prompt: how many of the 64 show
@@ -72,12 +75,23 @@ def main() -> None:
         help="train on the model's drawings, from full or shared-only captions",
     )
     parser.add_argument(
+        "--draw-guidance", type=float, help="guidance of the generated training images"
+    )
+    parser.add_argument("--only", choices=tuple(SETS), help="train this set only")
+    parser.add_argument(
         "--set", action="append", default=[], metavar="KEY=VALUE", help="refiner setting"
     )
     args = parser.parse_args()
+    if args.draw_guidance is not None and not args.generated:
+        parser.error("--draw-guidance needs --generated")
     config = ExtractorConfig.from_overrides(toy_preset())
     overrides: dict[str, Any] = dict(parse_assignment(text) for text in args.set)
     generator = generator_from_config(config)
+    drawer = (
+        generator
+        if args.draw_guidance is None
+        else generator_from_config(config, guidance_scale=args.draw_guidance)
+    )
     refiner = build_refiner(config.refiner, generator.pipeline, **overrides)
     probe = load_probe(None)
     caption = config.identity_prompt_template.format(token=refiner.token, prompt="a creature")
@@ -89,6 +103,8 @@ def main() -> None:
 
     report("plain prompt", probe.predict(generator.generate(["a creature"] * 64, seeds)))
     for name, shared in SETS.items():
+        if args.only not in (None, name):
+            continue
         rng = np.random.default_rng(7)
         pinned = {k: SHARED[k] for k in shared}
         records: list[CreatureRecord] = []
@@ -99,7 +115,7 @@ def main() -> None:
         if args.generated:
             named = IDENTITY_ATTRIBUTES if args.generated == "full" else shared
             prompts = [describe(record, named) for record in records]
-            images = generator.generate(prompts, list(range(2000, 2000 + len(prompts))))
+            images = drawer.generate(prompts, list(range(2000, 2000 + len(prompts))))
             report(f"{name}, training set", probe.predict(images))
         else:
             images = [render(record) for record in records]
