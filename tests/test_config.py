@@ -68,6 +68,9 @@ def test_toy_preset_under_user_overrides():
     assert cfg.refiner.steps == 3
     assert cfg.refiner.initializer_token == "creature"
     assert cfg.embedder.model == "toy"
+    assert cfg.generator.scheduler == "EulerAncestralDiscreteScheduler"
+    plain = ExtractorConfig.from_overrides({"model": "toy", "generator.scheduler": None})
+    assert plain.generator.scheduler is None
 
 
 def test_differences_names_dotted_fields():
