@@ -1,7 +1,7 @@
 """Does one refinement on creatures that differ in their eyes and hats erase them?
 
     python docs/mixed_details.py [--size 16] [--blur R | --generated {full,shared}]
-        [--draw-guidance G] [--only SET] [--set K=V]
+        [--draw-guidance G] [--scheduler NAME] [--only SET] [--set K=V]
 
 Builds four training sets of ToyWorld renders (ground truth, in random scenes, positions and
 sizes), each trained into a fresh identity by one `refine` call with the ToyWorld preset's
@@ -22,8 +22,10 @@ the model's own drawing. ``--generated shared`` names only what the set shares (
 creature", or "a creature" for the set that shares nothing), so the model chooses the rest, as it
 does for the loop's prompt. ``--draw-guidance`` draws those training images at another
 guidance scale than the preset's (the identity is still drawn at the preset's). The script reads
-these training sets with the probe too (``training set`` in the output). ``--only`` keeps one set
-(by its name below), since each takes about a minute.
+these training sets with the probe too (``training set`` in the output). ``--scheduler`` samples
+every image with another diffusers scheduler than the preset's (``model``: the model's own,
+deterministic Euler). ``--only`` keeps one set (by its name below), since each takes about a
+minute.
 
 Each identity then draws ``"<cc-char> a creature"`` on the same 64 seeds, and the probe reads
 the images. The script prints, for each set and for the plain prompt: how many of the 64 show
@@ -77,6 +79,9 @@ def main() -> None:
     parser.add_argument(
         "--draw-guidance", type=float, help="guidance of the generated training images"
     )
+    parser.add_argument(
+        "--scheduler", help="diffusers scheduler class to sample with; 'model': the model's own"
+    )
     parser.add_argument("--only", choices=tuple(SETS), help="train this set only")
     parser.add_argument(
         "--set", action="append", default=[], metavar="KEY=VALUE", help="refiner setting"
@@ -85,6 +90,8 @@ def main() -> None:
     if args.draw_guidance is not None and not args.generated:
         parser.error("--draw-guidance needs --generated")
     config = ExtractorConfig.from_overrides(toy_preset())
+    if args.scheduler is not None:
+        config.generator.scheduler = None if args.scheduler == "model" else args.scheduler
     overrides: dict[str, Any] = dict(parse_assignment(text) for text in args.set)
     generator = generator_from_config(config)
     drawer = (
