@@ -44,6 +44,7 @@ from PIL import ImageFilter
 
 from consistent_char.config import ExtractorConfig, parse_assignment, toy_preset
 from consistent_char.eval.run import generator_from_config, load_probe
+from consistent_char.generators import SDXLGenerator
 from consistent_char.stages import build_refiner
 from consistent_char.toy import CreatureRecord, render, sample_record
 from consistent_char.toy import caption as describe
@@ -97,7 +98,10 @@ def main() -> None:
     drawer = (
         generator
         if args.draw_guidance is None
-        else generator_from_config(config, guidance_scale=args.draw_guidance)
+        else SDXLGenerator.from_pipeline(
+            generator.pipeline,
+            **{**config.generator.model_dump(), "guidance_scale": args.draw_guidance},
+        )
     )
     refiner = build_refiner(config.refiner, generator.pipeline, **overrides)
     probe = load_probe(None)

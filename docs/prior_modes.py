@@ -17,6 +17,7 @@ from pathlib import Path
 
 from consistent_char.config import ExtractorConfig
 from consistent_char.eval.run import generator_from_config, load_probe
+from consistent_char.generators import SDXLGenerator
 from consistent_char.rundir import RunDirectory
 
 ATTRIBUTES = ("shape", "color", "hat", "eyes", "scene")
@@ -37,9 +38,11 @@ def main() -> None:
     args = parser.parse_args()
     probe = load_probe(None)
     seeds = list(range(1000, 1000 + args.images))
+    config = ExtractorConfig.build({"model": "toy"})
+    pipeline = generator_from_config(config).pipeline
     for guidance in args.guidance:
-        config = ExtractorConfig.build({"model": "toy", "generator": {"guidance_scale": guidance}})
-        generator = generator_from_config(config)
+        settings = {**config.generator.model_dump(), "guidance_scale": guidance}
+        generator = SDXLGenerator.from_pipeline(pipeline, **settings)
         for prompt in ("", "a creature"):
             images = generator.generate([prompt] * args.images, seeds)
             _print_counts(

@@ -241,12 +241,23 @@ class SDXLGenerator:
         if identity is not None:
             identity.apply_to(self.pipeline, scale=self.lora_scale)
         try:
-            with self._fused(identity):
+            with self._fused(identity), self._sampler():
                 return self._generate_batches(prompts, seed_list, callback)
         finally:
             # 3. Leave the pipeline as it was
             if identity is not None:
                 identity.remove_from(self.pipeline)
+
+    @contextlib.contextmanager
+    def _sampler(self) -> Iterator[None]:
+        """Swaps in the `scheduler` setting's sampler for the call, and the pipeline's own back."""
+        own = self.pipeline.scheduler
+        if self._scheduler is not None:
+            self.pipeline.scheduler = self._scheduler
+        try:
+            yield
+        finally:
+            self.pipeline.scheduler = own
 
     @contextlib.contextmanager
     def _fused(self, identity: Identity | None) -> Iterator[None]:
@@ -344,22 +355,16 @@ class SDXLGenerator:
         # One generator per image: diffusers draws image j's starting noise from generator[j].
         generators = [torch.Generator(device="cpu").manual_seed(s) for s in seeds]
         negative = [self.negative_prompt] * len(prompts) if self.negative_prompt else None
-        own = self.pipeline.scheduler
-        if self._scheduler is not None:
-            self.pipeline.scheduler = self._scheduler
-        try:
-            out = self.pipeline(
-                prompt=prompts,
-                negative_prompt=negative,
-                num_inference_steps=self.num_inference_steps,
-                guidance_scale=self.guidance_scale,
-                height=height,
-                width=width,
-                generator=generators,
-                output_type="pil",
-            )
-        finally:
-            self.pipeline.scheduler = own
+        out = self.pipeline(
+            prompt=prompts,
+            negative_prompt=negative,
+            num_inference_steps=self.num_inference_steps,
+            guidance_scale=self.guidance_scale,
+            height=height,
+            width=width,
+            generator=generators,
+            output_type="pil",
+        )
         return [im.convert("RGB") for im in out.images]
 
     # --------------------------------------------------------------- helpers
