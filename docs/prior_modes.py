@@ -1,12 +1,12 @@
 """What the toy model draws when told nothing, beside where the loops end.
 
-    python docs/prior_modes.py [--images 32] [--guidance 1 3] [RUN ...]
+    python docs/prior_modes.py [--images 32] [--guidance 1 3] [--prompts P ...] [RUN ...]
 
-Draws `--images` images from the empty prompt and from "a creature" at each `--guidance`, with
-the ToyWorld preset's generator and the same seeds, and prints how often the probe reads each
-value of each attribute and the scene. With RUN folders (loop runs), it also prints what the
-probe reads on each run's last iteration, so that the values the loops end on can be set beside
-the ones the model draws most often unprompted.
+Draws `--images` images from each of `--prompts` (by default the empty prompt and "a creature")
+at each `--guidance`, with the ToyWorld preset's generator and the same seeds, and prints how
+often the probe reads each value of each attribute and the scene. With RUN folders (loop runs),
+it also prints what the probe reads on each run's last iteration, so that the values the loops
+end on can be set beside the ones the model draws most often unprompted.
 """
 
 from __future__ import annotations
@@ -35,6 +35,7 @@ def main() -> None:
     parser.add_argument("runs", type=Path, nargs="*", help="loop runs to read the ends of")
     parser.add_argument("--images", type=int, default=32)
     parser.add_argument("--guidance", type=float, nargs="+", default=[1.0, 3.0])
+    parser.add_argument("--prompts", nargs="+", default=["", "a creature"])
     args = parser.parse_args()
     probe = load_probe(None)
     seeds = list(range(1000, 1000 + args.images))
@@ -43,7 +44,7 @@ def main() -> None:
     for guidance in args.guidance:
         settings = {**config.generator.model_dump(), "guidance_scale": guidance}
         generator = SDXLGenerator.from_pipeline(pipeline, **settings)
-        for prompt in ("", "a creature"):
+        for prompt in args.prompts:
             images = generator.generate([prompt] * args.images, seeds)
             _print_counts(
                 f"{prompt or 'the empty prompt'!r}, guidance {guidance}", probe.predict(images)

@@ -5,7 +5,8 @@
 Takes the cluster that the run chose at `--iteration`, trains a fresh identity on it (one
 `refine` call from nothing, with the run's refiner settings and the `--set` overrides), draws that
 identity in the 5 scenes x 8 seeds, and scores the images with the probe as
-`consistent-char eval run` does. It also prints `hit`: the fraction of those images whose five
+`consistent-char eval run` does (`--generator KEY=VALUE` changes how it is drawn, e.g.
+`--generator num_inference_steps=50`). It also prints `hit`: the fraction of those images whose five
 identity attributes are the ones the probe reads on most of the cluster, and the shares of the
 cluster and of the drawn images with sleepy eyes and with no hat (what faded eyes and hats are
 read as, `docs/final_identities.py`).
@@ -42,6 +43,13 @@ def main() -> None:
     parser.add_argument(
         "--set", action="append", default=[], metavar="KEY=VALUE", help="refiner setting"
     )
+    parser.add_argument(
+        "--generator",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="generator setting, for the drawing after the refinement",
+    )
     parser.add_argument("--seeds-per-scene", type=int, default=8)
     parser.add_argument("--seed", type=int, default=123, help="the refinement's seed")
     args = parser.parse_args()
@@ -57,6 +65,8 @@ def main() -> None:
     if record is None or record.chosen_cluster is None:
         raise SystemExit(f"{args.run} chose no cluster at iteration {args.iteration}")
     overrides = dict(parse_assignment(text) for text in args.set)
+    drawing = dict(parse_assignment(text) for text in args.generator)
+    config = config.model_copy(update={"generator": config.generator.model_copy(update=drawing)})
 
     # The chosen cluster's images, and the identity most of them show.
     images = run.load_images(args.iteration, len(record.seeds))
@@ -85,6 +95,7 @@ def main() -> None:
             {
                 "iteration": args.iteration,
                 "set": overrides,
+                "generator": drawing,
                 "cluster": len(members),
                 "cluster_identity": dict(zip(IDENTITY_ATTRIBUTES, target, strict=True)),
                 "cluster_share": round(count / len(members), 3),
