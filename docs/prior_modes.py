@@ -1,12 +1,14 @@
 """What the toy model draws when told nothing, beside where the loops end.
 
-    python docs/prior_modes.py [--images 32] [--guidance 1 3] [--prompts P ...] [RUN ...]
+    python docs/prior_modes.py [--images 32] [--guidance 1 3] [--prompts P ...] [--model DIR]
+        [RUN ...]
 
 Draws `--images` images from each of `--prompts` (by default the empty prompt and "a creature")
 at each `--guidance`, with the ToyWorld preset's generator and the same seeds, and prints how
 often the probe reads each value of each attribute and the scene. With RUN folders (loop runs),
 it also prints what the probe reads on each run's last iteration, so that the values the loops
-end on can be set beside the ones the model draws most often unprompted.
+end on can be set beside the ones the model draws most often unprompted. `--model` draws with
+other weights (a diffusers folder) and the same preset.
 """
 
 from __future__ import annotations
@@ -36,10 +38,13 @@ def main() -> None:
     parser.add_argument("--images", type=int, default=32)
     parser.add_argument("--guidance", type=float, nargs="+", default=[1.0, 3.0])
     parser.add_argument("--prompts", nargs="+", default=["", "a creature"])
+    parser.add_argument("--model", help="a diffusers folder instead of the shipped weights")
     args = parser.parse_args()
     probe = load_probe(None)
     seeds = list(range(1000, 1000 + args.images))
     config = ExtractorConfig.build({"model": "toy"})
+    if args.model is not None:
+        config = config.model_copy(update={"model": args.model})
     pipeline = generator_from_config(config).pipeline
     for guidance in args.guidance:
         settings = {**config.generator.model_dump(), "guidance_scale": guidance}
