@@ -17,7 +17,7 @@ import argparse
 from collections import Counter
 from pathlib import Path
 
-from consistent_char.config import ExtractorConfig
+from consistent_char.config import ExtractorConfig, toy_preset
 from consistent_char.eval.run import generator_from_config, load_probe
 from consistent_char.generators import SDXLGenerator
 from consistent_char.rundir import RunDirectory
@@ -42,9 +42,8 @@ def main() -> None:
     args = parser.parse_args()
     probe = load_probe(None)
     seeds = list(range(1000, 1000 + args.images))
-    config = ExtractorConfig.build({"model": "toy"})
-    if args.model is not None:
-        config = config.model_copy(update={"model": args.model})
+    # The preset's settings either way; only the weights differ with --model.
+    config = ExtractorConfig.build({**toy_preset(), "model": args.model or "toy"})
     pipeline = generator_from_config(config).pipeline
     for guidance in args.guidance:
         settings = {**config.generator.model_dump(), "guidance_scale": guidance}

@@ -66,7 +66,10 @@ def main() -> None:
         raise SystemExit(f"{args.run} chose no cluster at iteration {args.iteration}")
     overrides = dict(parse_assignment(text) for text in args.set)
     drawing = dict(parse_assignment(text) for text in args.generator)
-    config = config.model_copy(update={"generator": config.generator.model_copy(update=drawing)})
+    generator_settings = {**config.generator.model_dump(), **drawing}
+    config = config.model_copy(
+        update={"generator": type(config.generator).model_validate(generator_settings)}
+    )
 
     # The chosen cluster's images, and the identity most of them show.
     images = run.load_images(args.iteration, len(record.seeds))
