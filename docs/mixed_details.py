@@ -44,7 +44,6 @@ from PIL import ImageFilter
 
 from consistent_char.config import ExtractorConfig, parse_assignment, toy_preset
 from consistent_char.eval.run import generator_from_config, load_probe
-from consistent_char.generators import SDXLGenerator
 from consistent_char.stages import build_refiner
 from consistent_char.toy import CreatureRecord, render, sample_record
 from consistent_char.toy import caption as describe
@@ -98,9 +97,8 @@ def main() -> None:
     drawer = (
         generator
         if args.draw_guidance is None
-        else SDXLGenerator.from_pipeline(
-            generator.pipeline,
-            **{**config.generator.model_dump(), "guidance_scale": args.draw_guidance},
+        else generator_from_config(
+            config, guidance_scale=args.draw_guidance, pipeline=generator.pipeline
         )
     )
     refiner = build_refiner(config.refiner, generator.pipeline, **overrides)

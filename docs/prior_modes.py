@@ -19,7 +19,6 @@ from pathlib import Path
 
 from consistent_char.config import ExtractorConfig, toy_preset
 from consistent_char.eval.run import generator_from_config, load_probe
-from consistent_char.generators import SDXLGenerator
 from consistent_char.rundir import RunDirectory
 
 ATTRIBUTES = ("shape", "color", "hat", "eyes", "scene")
@@ -46,8 +45,7 @@ def main() -> None:
     config = ExtractorConfig.build({**toy_preset(), "model": args.model or "toy"})
     pipeline = generator_from_config(config).pipeline
     for guidance in args.guidance:
-        settings = {**config.generator.model_dump(), "guidance_scale": guidance}
-        generator = SDXLGenerator.from_pipeline(pipeline, **settings)
+        generator = generator_from_config(config, guidance_scale=guidance, pipeline=pipeline)
         for prompt in args.prompts:
             images = generator.generate([prompt] * args.images, seeds)
             _print_counts(

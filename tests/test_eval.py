@@ -603,3 +603,17 @@ def test_quick_benchmark_on_the_shipped_toyworld(tmp_path):
     for method in data["methods"].values():
         assert 0.0 <= method["mean"]["identity_consistency"] <= 1.0
         assert 0.0 <= method["mean"]["prompt_adherence"] <= 1.0
+
+
+def test_generator_from_config_wraps_a_loaded_pipeline():
+    from consistent_char.eval.run import generator_from_config
+
+    pipe = tiny_sdxl_pipeline(seed=0)
+    config = ExtractorConfig.from_overrides(
+        {"generator.num_inference_steps": 3, "generator.guidance_scale": 2.0}
+    )
+    generator = generator_from_config(config, guidance_scale=6.0, pipeline=pipe)
+    assert generator.pipeline is pipe  # shared, not loaded again
+    assert generator.guidance_scale == 6.0
+    assert generator.num_inference_steps == 3
+    assert generator_from_config(config, pipeline=pipe).guidance_scale == 2.0

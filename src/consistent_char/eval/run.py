@@ -31,7 +31,11 @@ logger = logging.getLogger(__name__)
 
 
 def generator_from_config(
-    config: ExtractorConfig, *, device: str | None = None, guidance_scale: float | None = None
+    config: ExtractorConfig,
+    *,
+    device: str | None = None,
+    guidance_scale: float | None = None,
+    pipeline: Any = None,
 ) -> Any:
     """The `SDXLGenerator` a run with `config` drew its images with (model and settings).
 
@@ -39,14 +43,19 @@ def generator_from_config(
         config: A run's config (``config.yaml``).
         device: Overrides the config's device (``"cpu"``, ``"cuda"``, ``"auto"``).
         guidance_scale: Overrides the config's classifier-free guidance scale.
+        pipeline: An already loaded pipeline of ``config.model`` to wrap (shared, not copied)
+            instead of loading the model again, e.g. to draw at several guidance scales;
+            `device` is then the pipeline's own.
     """
     from consistent_char.generators.sdxl import SDXLGenerator
     from consistent_char.stages import resolve_device, resolve_dtype, resolve_model
 
-    dev = resolve_device(device or config.device)
     settings = config.generator.model_dump()
     if guidance_scale is not None:
         settings["guidance_scale"] = guidance_scale
+    if pipeline is not None:
+        return SDXLGenerator.from_pipeline(pipeline, **settings)
+    dev = resolve_device(device or config.device)
     return SDXLGenerator.from_pretrained(
         resolve_model(config.model),
         device=dev,
