@@ -9,7 +9,9 @@ identity in the 5 scenes x 8 seeds, and scores the images with the probe as
 `--generator num_inference_steps=50`). It also prints `hit`: the fraction of those images whose five
 identity attributes are the ones the probe reads on most of the cluster, and the shares of the
 cluster and of the drawn images with sleepy eyes and with no hat (what faded eyes and hats are
-read as, `docs/final_identities.py`).
+read as, `docs/final_identities.py`). `--nearest N` trains on only the N members nearest the
+cluster's centroid in the run's own embeddings, and `--sheet PATH` saves the members and then the
+drawn images (a scene to a row) as one picture.
 
 A pure cluster and a refiner that captures it should give a `hit` near 1. This isolates the
 refiner from the rest of the loop, at about 35 s per setting on a 2-core CPU instead of minutes
@@ -25,6 +27,7 @@ from collections import Counter
 from pathlib import Path
 
 import numpy as np
+from PIL import Image
 
 from consistent_char.config import ExtractorConfig, parse_assignment
 from consistent_char.eval.run import generator_from_config, load_probe
@@ -52,6 +55,12 @@ def main() -> None:
     )
     parser.add_argument("--seeds-per-scene", type=int, default=8)
     parser.add_argument("--seed", type=int, default=123, help="the refinement's seed")
+    parser.add_argument(
+        "--nearest",
+        type=int,
+        help="train on only this many members, those nearest the cluster's centroid",
+    )
+    parser.add_argument("--sheet", type=Path, help="save the members and the drawn images here")
     args = parser.parse_args()
 
     run = RunDirectory(args.run)
@@ -73,8 +82,15 @@ def main() -> None:
 
     # The chosen cluster's images, and the identity most of them show.
     images = run.load_images(args.iteration, len(record.seeds))
-    labels = np.asarray(run.load_clusters(args.iteration)["labels"])
-    members = [images[j] for j in np.flatnonzero(labels == record.chosen_cluster)]
+    clusters = run.load_clusters(args.iteration)
+    labels = np.asarray(clusters["labels"])
+    chosen = np.flatnonzero(labels == record.chosen_cluster)
+    if args.nearest is not None:
+        embeddings = run.load_embeddings(args.iteration)[chosen]
+        centroid = np.asarray(clusters["centroids"])[record.chosen_cluster]
+        order = np.argsort(np.linalg.norm(embeddings - centroid, axis=1), kind="stable")
+        chosen = chosen[order[: args.nearest]]
+    members = [images[j] for j in chosen]
     probe = load_probe(None)
     member_records = probe.predict(members)
     target, count = Counter(map(identity_key, member_records)).most_common(1)[0]
@@ -89,6 +105,8 @@ def main() -> None:
     drawn = render_identity_in_scenes(
         generator, identity, state.prompt, seeds_per_scene=args.seeds_per_scene
     )
+    if args.sheet is not None:
+        _save_sheet(args.sheet, members, [image for _, image in drawn])
     # Read once with the probe: the same records give the scores and the hits.
     records = probe.predict([image for _, image in drawn])
     score = score_records(records, [scene for scene, _ in drawn], base_prompt=state.prompt)
@@ -120,6 +138,18 @@ def main() -> None:
             }
         )
     )
+
+
+def _save_sheet(path: Path, members: list[Image.Image], drawn: list[Image.Image]) -> None:
+    """The members on the first row(s), then the drawn images, 8 to a row, at 2x."""
+    rows = [members[i : i + 8] for i in range(0, len(members), 8)]
+    rows += [drawn[i : i + 8] for i in range(0, len(drawn), 8)]
+    size = 128
+    sheet = Image.new("RGB", (8 * size, len(rows) * size), "white")
+    for r, row in enumerate(rows):
+        for c, image in enumerate(row):
+            sheet.paste(image.resize((size, size), Image.NEAREST), (c * size, r * size))
+    sheet.save(path)
 
 
 def _share(records: list[dict[str, str]], attribute: str, value: str) -> float:
