@@ -39,6 +39,7 @@ def main() -> None:
 
     config = ExtractorConfig.build(toy_preset())
     pipe = generator_from_config(config).pipeline
+    # The preset's sampler, built from the model's scheduler config as SDXLGenerator builds it.
     sampler = config.generator.scheduler
     if sampler is not None:
         pipe.scheduler = getattr(diffusers, sampler).from_config(pipe.scheduler.config)

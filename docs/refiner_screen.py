@@ -62,6 +62,8 @@ def main() -> None:
     )
     parser.add_argument("--sheet", type=Path, help="save the members and the drawn images here")
     args = parser.parse_args()
+    if args.nearest is not None and args.nearest < 1:
+        parser.error(f"--nearest must be at least 1, got {args.nearest}")
 
     run = RunDirectory(args.run)
     config = ExtractorConfig.from_file(run.config_path)
