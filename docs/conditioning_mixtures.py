@@ -16,7 +16,6 @@ from __future__ import annotations
 import argparse
 from collections import Counter
 
-import diffusers
 import torch
 
 from consistent_char.config import ExtractorConfig, toy_preset
@@ -38,11 +37,8 @@ def main() -> None:
         pairs.append((parts[0].strip(), parts[1].strip()))
 
     config = ExtractorConfig.build(toy_preset())
-    pipe = generator_from_config(config).pipeline
-    # The preset's sampler, built from the model's scheduler config as SDXLGenerator builds it.
-    sampler = config.generator.scheduler
-    if sampler is not None:
-        pipe.scheduler = getattr(diffusers, sampler).from_config(pipe.scheduler.config)
+    generator = generator_from_config(config, guidance_scale=args.guidance)
+    pipe = generator.pipeline
     pipe.set_progress_bar_config(disable=True)
     probe = load_probe(None)
     n = args.images
@@ -59,17 +55,18 @@ def main() -> None:
     for a, b in pairs:
         (hidden_a, pooled_a), (hidden_b, pooled_b) = encode(a), encode(b)
         for w in args.weights:
-            out = pipe(
-                prompt_embeds=((1 - w) * hidden_a + w * hidden_b).expand(n, -1, -1),
-                pooled_prompt_embeds=((1 - w) * pooled_a + w * pooled_b).expand(n, -1),
-                negative_prompt_embeds=empty_hidden.expand(n, -1, -1),
-                negative_pooled_prompt_embeds=empty_pooled.expand(n, -1),
-                num_inference_steps=config.generator.num_inference_steps,
-                guidance_scale=args.guidance,
-                generator=[torch.Generator().manual_seed(s) for s in seeds],
-                height=config.generator.height,
-                width=config.generator.width,
-            )
+            with generator.sampler():  # the preset's sampler, as generate() draws with it
+                out = pipe(
+                    prompt_embeds=((1 - w) * hidden_a + w * hidden_b).expand(n, -1, -1),
+                    pooled_prompt_embeds=((1 - w) * pooled_a + w * pooled_b).expand(n, -1),
+                    negative_prompt_embeds=empty_hidden.expand(n, -1, -1),
+                    negative_pooled_prompt_embeds=empty_pooled.expand(n, -1),
+                    num_inference_steps=generator.num_inference_steps,
+                    guidance_scale=generator.guidance_scale,
+                    generator=[torch.Generator().manual_seed(s) for s in seeds],
+                    height=generator.height,
+                    width=generator.width,
+                )
             records = probe.predict(out.images)
             counts = []
             for name in ("eyes", "hat", "color"):

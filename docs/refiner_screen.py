@@ -11,7 +11,7 @@ identity attributes are the ones the probe reads on most of the cluster, and the
 cluster and of the drawn images with sleepy eyes and with no hat (what faded eyes and hats are
 read as, `docs/final_identities.py`). `--nearest N` trains on only the N members nearest the
 cluster's centroid in the run's own embeddings, and `--sheet PATH` saves the members and then the
-drawn images (a scene to a row) as one picture.
+drawn images (a scene to a row) as one picture, each captioned with what the probe reads.
 
 A pure cluster and a refiner that captures it should give a `hit` near 1. This isolates the
 refiner from the rest of the loop, at about 35 s per setting on a 2-core CPU instead of minutes
@@ -35,6 +35,7 @@ from consistent_char.eval.toy import render_identity_in_scenes, score_records
 from consistent_char.interfaces import IterationRecord
 from consistent_char.rundir import RunDirectory
 from consistent_char.stages import build_refiner
+from consistent_char.story import contact_sheet
 from consistent_char.toy.evaluate import identity_key
 from consistent_char.toy.world import IDENTITY_ATTRIBUTES
 
@@ -77,9 +78,8 @@ def main() -> None:
         raise SystemExit(f"{args.run} chose no cluster at iteration {args.iteration}")
     overrides = dict(parse_assignment(text) for text in args.set)
     drawing = dict(parse_assignment(text) for text in args.generator)
-    generator_settings = {**config.generator.model_dump(), **drawing}
-    config = config.model_copy(
-        update={"generator": type(config.generator).model_validate(generator_settings)}
+    config = ExtractorConfig.from_overrides(
+        {f"generator.{key}": value for key, value in drawing.items()}, base=config.to_dict()
     )
 
     # The chosen cluster's images, and the identity most of them show.
@@ -107,10 +107,10 @@ def main() -> None:
     drawn = render_identity_in_scenes(
         generator, identity, state.prompt, seeds_per_scene=args.seeds_per_scene
     )
-    if args.sheet is not None:
-        _save_sheet(args.sheet, members, [image for _, image in drawn])
-    # Read once with the probe: the same records give the scores and the hits.
+    # Read once with the probe: the same records give the scores, the hits and the sheet.
     records = probe.predict([image for _, image in drawn])
+    if args.sheet is not None:
+        _save_sheet(args.sheet, members, member_records, [image for _, image in drawn], records)
     score = score_records(records, [scene for scene, _ in drawn], base_prompt=state.prompt)
     got = [identity_key(r) for r in records]
     print(
@@ -142,16 +142,27 @@ def main() -> None:
     )
 
 
-def _save_sheet(path: Path, members: list[Image.Image], drawn: list[Image.Image]) -> None:
-    """The members on the first row(s), then the drawn images, 8 to a row, at 2x."""
-    rows = [members[i : i + 8] for i in range(0, len(members), 8)]
-    rows += [drawn[i : i + 8] for i in range(0, len(drawn), 8)]
-    size = 128
-    sheet = Image.new("RGB", (8 * size, len(rows) * size), "white")
-    for r, row in enumerate(rows):
-        for c, image in enumerate(row):
-            sheet.paste(image.resize((size, size), Image.NEAREST), (c * size, r * size))
-    sheet.save(path)
+def _save_sheet(
+    path: Path,
+    members: list[Image.Image],
+    member_records: list[dict[str, str]],
+    drawn: list[Image.Image],
+    records: list[dict[str, str]],
+) -> None:
+    """The members, then the drawn images from a new row (8 to a row: a scene each), each
+    captioned with what the probe reads."""
+    gap = -len(members) % 8
+    images = [*members, *[Image.new("RGB", members[0].size, "white")] * gap, *drawn]
+    captions = [
+        *(f"member: {_reading(r)}" for r in member_records),
+        *[""] * gap,
+        *(f"{r['scene']}: {_reading(r)}" for r in records),
+    ]
+    contact_sheet(images, captions, columns=8, cell_size=128).save(path)
+
+
+def _reading(record: dict[str, str]) -> str:
+    return " ".join(record[name] for name in ("color", "shape", "eyes", "hat"))
 
 
 def _share(records: list[dict[str, str]], attribute: str, value: str) -> float:

@@ -300,3 +300,13 @@ def test_no_fusing_while_another_identity_is_active(pipe):
         assert seen and not any(any(flags) for flags in seen)
     finally:
         other.remove_from(pipe)
+
+
+def test_sampler_swaps_the_scheduler_for_direct_pipeline_calls(pipe):
+    own = pipe.scheduler
+    gen = _gen(pipe, scheduler="EulerAncestralDiscreteScheduler")
+    with gen.sampler():
+        assert type(pipe.scheduler).__name__ == "EulerAncestralDiscreteScheduler"
+    assert pipe.scheduler is own
+    with _gen(pipe).sampler():  # no scheduler setting: the pipeline's own stays
+        assert pipe.scheduler is own

@@ -241,7 +241,7 @@ class SDXLGenerator:
         if identity is not None:
             identity.apply_to(self.pipeline, scale=self.lora_scale)
         try:
-            with self._fused(identity), self._sampler():
+            with self._fused(identity), self.sampler():
                 return self._generate_batches(prompts, seed_list, callback)
         finally:
             # 3. Leave the pipeline as it was
@@ -249,8 +249,16 @@ class SDXLGenerator:
                 identity.remove_from(self.pipeline)
 
     @contextlib.contextmanager
-    def _sampler(self) -> Iterator[None]:
-        """Swaps in the `scheduler` setting's sampler for the call, and the pipeline's own back."""
+    def sampler(self) -> Iterator[None]:
+        """Swaps in the `scheduler` setting's sampler, and puts the pipeline's own back after.
+
+        `generate` samples inside it; use it to call ``self.pipeline`` directly (e.g. with
+        ``prompt_embeds``) with the sampler this generator draws with.
+
+        Example:
+            >>> with generator.sampler():  # doctest: +SKIP
+            ...     images = generator.pipeline(prompt_embeds=embeds, ...).images
+        """
         own = self.pipeline.scheduler
         if self._scheduler is not None:
             self.pipeline.scheduler = self._scheduler
