@@ -75,3 +75,39 @@ class MeanColourRefiner:
             lora_rank=2,
             lora_alpha=2.0,
         )
+
+
+class FakeCUDAGraph:
+    """Stands in for `torch.cuda.CUDAGraph` on the CPU: `replay` runs the step again and
+    writes its result into the output the capture handed out, as a replay writes graph
+    memory. (What it cannot stand in for: a replay re-running the *recorded kernels*, so a
+    step that took a per-step value from Python instead of its input tensors would pass here.)"""
+
+    def __init__(self, step, output: torch.Tensor) -> None:
+        self.step, self.output, self.replays = step, output, 0
+
+    def replay(self) -> None:
+        self.replays += 1
+        self.output.copy_(self.step())
+
+
+def fake_cuda_graphs(monkeypatch, calls: list[str] | None = None) -> None:
+    """Lets `TextualInversionLoRARefiner(cuda_graphs=True)` run on the CPU: the device check
+    passes, warm-up steps run on the current stream and the capture returns a `FakeCUDAGraph`
+    (a capture records the step without running it)."""
+    from consistent_char.refiners import ti_lora
+
+    log = calls if calls is not None else []
+
+    def warmup(self):
+        log.append("warmup")
+        return self.step()
+
+    def capture(self):
+        log.append("capture")
+        output = torch.zeros(())
+        return FakeCUDAGraph(self.step, output), output
+
+    monkeypatch.setattr(ti_lora._StepRunner, "check_device", staticmethod(lambda device: None))
+    monkeypatch.setattr(ti_lora._StepRunner, "_on_side_stream", warmup)
+    monkeypatch.setattr(ti_lora._StepRunner, "_capture", capture)

@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "benchmarks" / "iteration.py"
@@ -94,7 +95,8 @@ def test_reports_device_ceiling_flops_and_targets(tiny_run: Any) -> None:
     for target in ("iteration_speedup", "unet_fraction_of_peak"):
         assert isinstance(summary["targets"][target]["met"], bool)
         assert summary["targets"][target]["best"] > 0
-    assert {s["part"] for s in result["skipped"]} == {"compile"}
+    skipped = {s["part"]: s["reason"] for s in result["skipped"]}
+    assert skipped == {"compile": "--no-compile", "refine_graphed": "needs CUDA"}
     variants = result["unet_variants"]["variants"]
     assert set(variants) >= {"eager", "channels_last", "identity_lora", "identity_lora_fused"}
     assert all("error" not in v for v in variants.values()), variants
@@ -144,3 +146,37 @@ def test_refine_ops_counts_a_training_step_on_the_meta_device() -> None:
     assert result["forward_share_in_repeated_blocks"] == pytest.approx(
         lora["forward_ops_in_repeated_blocks"] / lora["forward_ops"]
     )
+
+
+def test_graphed_refine_part_with_a_fake_graph(tmp_path: Path, monkeypatch: Any) -> None:
+    # The part runs on CUDA only; here a fake graph (tests/fakes.py) stands in, so what is
+    # checked is the part's own code: two refines, the fit, the summary and the check against
+    # the main fit, which on the CPU must agree exactly.
+    from fakes import fake_cuda_graphs
+
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    try:
+        import iteration
+    finally:
+        sys.path.remove(str(ROOT / "benchmarks"))
+    fake_cuda_graphs(monkeypatch)
+    monkeypatch.setattr(iteration, "graphs_possible", lambda device: True)
+    threads = torch.get_num_threads()
+    try:
+        result = iteration.main(
+            ["--tiny", "--no-variants", "--no-refine-batches", "--no-compile",
+             "--out", str(tmp_path / "graphed.json")]
+        )  # fmt: skip
+    finally:
+        torch.set_num_threads(threads)
+    assert result["complete"] is True and result["errors"] == [], result["errors"]
+    graphed = result["refine_graphed"]
+    assert graphed["captured"] is True
+    assert any("captured the training step" in m for m in graphed["refiner_log"])
+    assert graphed["against_eager_fit"] == {"rows_max_relative": 0.0, "lora_max_relative": 0.0}
+    assert graphed["steps"] > graphed["short_refine_steps"] > graphed["eager_warmup_steps"]
+    assert graphed["s_per_step"] > 0 and graphed["capture_s"] >= 0
+    assert graphed["refinement_s_at_defaults"] > 0
+    summary = result["summary"]
+    assert summary["graphed_iteration_s_at_defaults"] > 0
+    assert summary["graphed_iteration_speedup"] > 0

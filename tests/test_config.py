@@ -32,6 +32,10 @@ def test_defaults_follow_the_design():
         ({"embedder.kind": "resnet"}, r"embedder.kind = \"resnet\": Input should be 'dinov2'"),
         ({"identity_prompt_template": "{prompt}"}, r"must contain \{token\}"),
         ({"refiner.token": "two words"}, r"one word"),
+        (
+            {"refiner.cuda_graphs": True, "refiner.compile_blocks": True},
+            r"at most one of cuda_graphs and compile_blocks",
+        ),
         ({"generator.height": 100}, r"generator.height = 100: .*multiple of 8"),
         ({"seed": -1}, r"seed = -1"),
     ],

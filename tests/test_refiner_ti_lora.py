@@ -6,6 +6,7 @@ import math
 
 import pytest
 import torch
+from fakes import fake_cuda_graphs
 
 from consistent_char.identity import Identity, IdentityError
 from consistent_char.interfaces import Refiner
@@ -259,9 +260,9 @@ def test_lr_decay_scales_the_learning_rates_of_each_warm_start(pipe, images, mon
     rates: list[tuple[float, float]] = []
     original = ti_lora._TrainingState.optimizer
 
-    def spy(self, embedding_lr, lora_lr, weight_decay, mode):
+    def spy(self, embedding_lr, lora_lr, weight_decay, mode, **kwargs):
         rates.append((embedding_lr, lora_lr))
-        return original(self, embedding_lr, lora_lr, weight_decay, mode)
+        return original(self, embedding_lr, lora_lr, weight_decay, mode, **kwargs)
 
     monkeypatch.setattr(ti_lora._TrainingState, "optimizer", spy)
     refiner = _refiner(pipe, steps=1, lr_decay=0.5)
@@ -468,3 +469,177 @@ def test_compile_blocks_needs_named_repeated_blocks(pipe, monkeypatch):
     monkeypatch.setattr(pipe.unet, "_repeated_blocks", [])
     with pytest.raises(ValueError, match="compile_blocks=True needs a UNet"):
         _refiner(pipe, compile_blocks=True)
+
+
+# ------------------------------------------------------------------------- CUDA graphs
+
+# Ops that read a device value on the host (a synchronisation), which a CUDA graph cannot
+# capture: `float(t)`, `bool(t)`, `t.item()`, boolean-mask indexing and the like.
+HOST_READS = {
+    "aten::_local_scalar_dense",
+    "aten::item",
+    "aten::is_nonzero",
+    "aten::equal",
+    "aten::nonzero",
+    "aten::masked_select",
+    "aten::repeat_interleave",
+    "aten::_unique2",
+    "aten::unique_consecutive",
+}
+
+
+class _OpRecorder(torch.utils._python_dispatch.TorchDispatchMode):
+    """Records the name of every aten op dispatched while `active`."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.active = True
+        self.ops: list[str] = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if self.active:
+            self.ops.append(func._schema.name)
+        return func(*args, **(kwargs or {}))
+
+
+def _record_step_ops(monkeypatch, run) -> _OpRecorder:
+    """Runs `run()` with every training step (what `cuda_graphs` captures) under an
+    `_OpRecorder`, paused inside `optimizer.step` (AdamW is capturable on CUDA by its own flag,
+    which the CPU does not support)."""
+    from torch.optim.optimizer import (
+        register_optimizer_step_post_hook,
+        register_optimizer_step_pre_hook,
+    )
+
+    from consistent_char.refiners import ti_lora
+
+    recorder = _OpRecorder()
+    original = ti_lora._StepRunner.__call__
+
+    def recorded(self):
+        with recorder:
+            return original(self)
+
+    def pause(*_args):
+        recorder.active = False
+
+    def resume(*_args):
+        recorder.active = True
+
+    monkeypatch.setattr(ti_lora._StepRunner, "__call__", recorded)
+    handles = [register_optimizer_step_pre_hook(pause), register_optimizer_step_post_hook(resume)]
+    try:
+        run()
+    finally:
+        for handle in handles:
+            handle.remove()
+    return recorder
+
+
+@pytest.mark.parametrize(
+    "settings",
+    [
+        {},
+        {"batch_size": 2, "gradient_accumulation_steps": 2, "row_norm_cap": 0.5},
+        {"mode": "ti", "max_timestep": 500},
+        {"mixed_precision": "bf16", "max_grad_norm": None},
+    ],
+    ids=["defaults", "accumulation-caps", "ti", "bf16-autocast"],
+)
+def test_training_step_reads_nothing_back_from_the_device(pipe, images, monkeypatch, settings):
+    # What `cuda_graphs` captures is one call of the step: forward of both text encoders and
+    # the UNet, the loss, backward, clipping and the row caps. A host read in there would fail
+    # the capture on CUDA; on the CPU it shows up as one of these ops.
+    recorder = _record_step_ops(
+        monkeypatch,
+        lambda: _refiner(pipe, steps=2, **settings).refine(None, images, CAPTIONS, seed=0),
+    )
+    assert len(recorder.ops) > 500, "the step's ops were not recorded"
+    assert "aten::convolution" in recorder.ops and "aten::mse_loss" in recorder.ops
+    reads = sorted({op for op in recorder.ops if op in HOST_READS})
+    assert reads == [], f"the training step reads device values on the host: {reads}"
+
+
+def test_op_recorder_sees_a_host_read(pipe, images, monkeypatch):
+    # The check above is only as good as the recorder: a step that reads its loss on the host
+    # must be caught.
+    from consistent_char.refiners import ti_lora
+
+    original = ti_lora.TextualInversionLoRARefiner._loss
+
+    def reading_loss(self, *args, **kwargs):
+        loss = original(self, *args, **kwargs)
+        float(loss)
+        return loss
+
+    monkeypatch.setattr(ti_lora.TextualInversionLoRARefiner, "_loss", reading_loss)
+    recorder = _record_step_ops(
+        monkeypatch, lambda: _refiner(pipe, steps=1).refine(None, images, CAPTIONS, seed=0)
+    )
+    assert "aten::_local_scalar_dense" in recorder.ops
+
+
+def test_step_runner_warms_up_captures_once_then_replays(monkeypatch):
+    from consistent_char.refiners import ti_lora
+
+    calls: list[str] = []
+    fake_cuda_graphs(monkeypatch, calls)
+    counter = {"n": 0}
+
+    def step():
+        counter["n"] += 1
+        return torch.tensor(float(counter["n"]))
+
+    runner = ti_lora._StepRunner(step, graphed=True, warmup=3)
+    outputs = [runner() for _ in range(6)]
+    assert calls == ["warmup"] * 3 + ["capture"]
+    assert runner.graph.replays == 3
+    assert [float(x) for x in outputs] == [1, 2, 3, 4, 5, 6]
+    # Each step's result is a copy: the next replay must not change an earlier step's loss.
+    assert all(x is not runner.output for x in outputs)
+
+
+def test_graphed_refine_trains_like_eager(pipe, images, monkeypatch, caplog):
+    # With the graph faked, this checks what the refiner does around it: the warm-up count,
+    # the capture, the copies of each step's loss and the inputs refilled before each replay.
+    eager_losses: list[float] = []
+    graphed_losses: list[float] = []
+    settings = {"steps": 6, "batch_size": 2, "gradient_accumulation_steps": 2}
+    eager = _refiner(pipe, **settings).refine(
+        None, images, CAPTIONS, seed=0, callback=lambda s, t, x: eager_losses.append(x)
+    )
+    calls: list[str] = []
+    fake_cuda_graphs(monkeypatch, calls)
+    with caplog.at_level("INFO", logger="consistent_char.refiners.ti_lora"):
+        graphed = _refiner(pipe, cuda_graphs=True, **settings).refine(
+            None, images, CAPTIONS, seed=0, callback=lambda s, t, x: graphed_losses.append(x)
+        )
+    assert calls == ["warmup"] * 3 + ["capture"]
+    assert "captured the training step in a CUDA graph" in caplog.text
+    assert graphed_losses == eager_losses
+    assert _same_identity(graphed, eager)
+
+
+def test_step_runner_goes_on_eagerly_when_the_capture_fails(monkeypatch, caplog):
+    from consistent_char.refiners import ti_lora
+
+    def capture(self):
+        raise RuntimeError("operation not permitted when stream is capturing")
+
+    fake_cuda_graphs(monkeypatch)
+    monkeypatch.setattr(ti_lora._StepRunner, "_capture", capture)
+    values = iter(range(1, 10))
+    runner = ti_lora._StepRunner(lambda: torch.tensor(float(next(values))), graphed=True, warmup=1)
+    with caplog.at_level("WARNING", logger=ti_lora.__name__):
+        outputs = [float(runner()) for _ in range(4)]
+    assert outputs == [1, 2, 3, 4]
+    assert runner.graphed is False and runner.graph is None
+    assert "could not capture the training step in a CUDA graph" in caplog.text
+    assert "operation not permitted" in caplog.text
+
+
+def test_cuda_graphs_need_cuda_and_exclude_compiled_blocks(pipe, images):
+    with pytest.raises(ValueError, match="cuda_graphs=True needs the pipeline on a CUDA device"):
+        _refiner(pipe, steps=1, cuda_graphs=True).refine(None, images, CAPTIONS, seed=0)
+    with pytest.raises(ValueError, match="choose one"):
+        _refiner(pipe, cuda_graphs=True, compile_blocks=True)

@@ -130,11 +130,22 @@ class RefinerConfig(_Strict):
         description="torch.compile the UNet's repeated transformer blocks while training "
         "(fewer ops dispatched per step; the first refine pays the compile time).",
     )
+    cuda_graphs: bool = Field(
+        False,
+        description="Capture the training step in a CUDA graph after 3 eager steps and replay "
+        "it (CUDA only; one launch per step instead of tens of thousands of ops).",
+    )
 
     @model_validator(mode="after")
     def _token_is_one_word(self) -> RefinerConfig:
         if any(c.isspace() for c in self.token):
             raise ValueError(f"token must be one word without spaces, got {self.token!r}")
+        return self
+
+    @model_validator(mode="after")
+    def _one_way_to_cut_host_work(self) -> RefinerConfig:
+        if self.cuda_graphs and self.compile_blocks:
+            raise ValueError("set at most one of cuda_graphs and compile_blocks")
         return self
 
 

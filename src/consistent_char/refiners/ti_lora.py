@@ -28,6 +28,7 @@ import copy
 import logging
 import math
 import os
+import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from numbers import Integral
@@ -58,6 +59,8 @@ MAX_SEED = 2**63
 DEFAULT_TARGET_MODULES = ("to_q", "to_k", "to_v", "to_out.0")
 #: Images per VAE encoder call when the training latents are computed.
 ENCODE_BATCH = 8
+#: Eager steps (on a side stream) before `cuda_graphs` captures the training step.
+CUDA_GRAPH_WARMUP_STEPS = 3
 
 
 class TextualInversionLoRARefiner:
@@ -109,6 +112,12 @@ class TextualInversionLoRARefiner:
             not by arithmetic (`benchmarks/README.md` counts them), and these blocks issue 96%
             of the UNet's forward ops. The first `refine` pays the compile time; later calls
             reuse the compiled code.
+        cuda_graphs: Capture the training step (forward, backward, clipping, optimizer) in a
+            CUDA graph after `CUDA_GRAPH_WARMUP_STEPS` (3) eager warm-up steps and replay it
+            for the rest of each `refine`, so the host issues one launch per step instead of
+            tens of thousands of ops. CUDA only; not with `compile_blocks`. Each `refine`
+            captures anew (its LoRA and rows are new tensors); if the capture fails, the refine
+            goes on eagerly and logs a warning. Off by default until a GPU run shows it pays.
         show_progress: Show a tqdm bar over the steps.
 
     Example:
@@ -150,6 +159,7 @@ class TextualInversionLoRARefiner:
         mixed_precision: MixedPrecision = "auto",
         gradient_checkpointing: bool = False,
         compile_blocks: bool = False,
+        cuda_graphs: bool = False,
         show_progress: bool = False,
     ) -> None:
         _check_settings(
@@ -209,6 +219,12 @@ class TextualInversionLoRARefiner:
                 f"_repeated_blocks); {type(pipeline.unet).__name__} has none"
             )
         self.compile_blocks = compile_blocks
+        if cuda_graphs and compile_blocks:
+            raise ValueError(
+                "cuda_graphs=True and compile_blocks=True are two ways of cutting the step's "
+                "host work: choose one"
+            )
+        self.cuda_graphs = cuda_graphs
         self.show_progress = show_progress
 
     # ------------------------------------------------------------ constructors
@@ -305,7 +321,10 @@ class TextualInversionLoRARefiner:
         height, width = self._training_size(images)
         pipe = self.pipeline
         device = pipe.unet.device
-        autocast = self._autocast(device)
+        if self.cuda_graphs:
+            _StepRunner.check_device(device)
+        # A captured step must not keep autocast's cast weights past its own call.
+        autocast = self._autocast(device, cache=not self.cuda_graphs)
         gen = torch.Generator(device="cpu").manual_seed(seed)
 
         with (
@@ -348,7 +367,12 @@ class TextualInversionLoRARefiner:
         noise_scheduler = DDPMScheduler.from_config(self.pipeline.scheduler.config)
         scale = self.lr_decay**state.earlier_refines
         optimizer = state.optimizer(
-            self.embedding_lr * scale, self.lora_lr * scale, self.weight_decay, self.mode
+            self.embedding_lr * scale,
+            self.lora_lr * scale,
+            self.weight_decay,
+            self.mode,
+            # The step count on the device, which a replayed step needs (CUDA only).
+            capturable=self.cuda_graphs and latents.device.type == "cuda",
         )
         row_caps = None if self.row_norm_cap is None else state.row_caps(self.row_norm_cap)
         order = _IndexStream(latents.shape[0], gen)
@@ -368,35 +392,56 @@ class TextualInversionLoRARefiner:
                 callback(step, self.steps, value)
             return value
 
+        # One optimisation step on the device, reading its random draws from `inputs`: the same
+        # tensors every step, refilled from the host, so that a CUDA graph captured from this
+        # function can replay it (`cuda_graphs`). It must not read a device value on the host.
+        inputs = _StepInputs.allocate(
+            self.gradient_accumulation_steps, self.batch_size, latents.shape[1:], latents.device
+        )
+        accumulation = self.gradient_accumulation_steps
+        trained = [p for group in optimizer.param_groups for p in group["params"]]
+
+        def device_step() -> torch.Tensor:
+            optimizer.zero_grad(set_to_none=True)
+            total = torch.zeros((), device=latents.device)
+            for k in range(accumulation):
+                idx = inputs.indices[k]
+                loss = self._loss(
+                    state,
+                    noise_scheduler,
+                    latents[idx],
+                    ids_1[idx],
+                    ids_2[idx],
+                    time_ids[idx],
+                    inputs.noise[k],
+                    inputs.timesteps[k],
+                    autocast,
+                    unet_dtype,
+                )
+                (loss / accumulation).backward()
+                total += loss.detach().float() / accumulation
+            if self.max_grad_norm is not None:
+                torch.nn.utils.clip_grad_norm_(trained, self.max_grad_norm)
+            optimizer.step()
+            if row_caps is not None:
+                state.cap_rows(row_caps)
+            return total
+
+        run_step = _StepRunner(device_step, graphed=self.cuda_graphs)
+        high = self._timestep_limit(noise_scheduler)
         # A step's loss is read (and reported) once the next step is queued: reading it waits
         # for the device, and waiting one step late lets the host queue step k while the device
         # still runs step k - 1. Host-to-device copies are non-blocking for the same reason.
         pending: tuple[int, torch.Tensor] | None = None
         try:
             for step in range(1, self.steps + 1):
-                optimizer.zero_grad(set_to_none=True)
-                total = torch.zeros((), device=latents.device)
-                for _ in range(self.gradient_accumulation_steps):
-                    idx = _to_device(order.take(self.batch_size), latents.device)
-                    loss = self._loss(
-                        state,
-                        noise_scheduler,
-                        latents[idx],
-                        ids_1[idx],
-                        ids_2[idx],
-                        time_ids[idx],
-                        gen,
-                        autocast,
-                        unet_dtype,
-                    )
-                    (loss / self.gradient_accumulation_steps).backward()
-                    total += loss.detach().float() / self.gradient_accumulation_steps
-                trained = [p for group in optimizer.param_groups for p in group["params"]]
-                if self.max_grad_norm is not None:
-                    torch.nn.utils.clip_grad_norm_(trained, self.max_grad_norm)
-                optimizer.step()
-                if row_caps is not None:
-                    state.cap_rows(row_caps)
+                # Drawn on the host in the same order as ever: indices, then the noise and the
+                # timesteps of each micro-batch.
+                for k in range(accumulation):
+                    indices = order.take(self.batch_size)
+                    noise, timesteps = _draw_noise(gen, inputs.noise.shape[1:], high)
+                    inputs.fill(k, indices, noise, timesteps)
+                total = run_step()
                 if pending is not None:
                     final_loss = report(*pending)
                 pending = (step, total)
@@ -446,7 +491,9 @@ class TextualInversionLoRARefiner:
             ids_1, ids_2 = state.tokenize(captions)
             time_ids = _time_ids(height, width, len(images), device)
             autocast, unet_dtype = self._autocast(device), pipe.unet.dtype  # once, as in refine
+            high = self._timestep_limit(noise_scheduler)
             for _ in range(repeats):
+                noise, timesteps = _draw_noise(gen, latents.shape, high)
                 loss = self._loss(
                     state,
                     noise_scheduler,
@@ -454,7 +501,8 @@ class TextualInversionLoRARefiner:
                     ids_1,
                     ids_2,
                     time_ids,
-                    gen,
+                    _to_device(noise, device),
+                    _to_device(timesteps, device),
                     autocast,
                     unet_dtype,
                 )
@@ -521,10 +569,12 @@ class TextualInversionLoRARefiner:
             )
         return height, width
 
-    def _autocast(self, device: torch.device) -> contextlib.AbstractContextManager[Any]:
+    def _autocast(
+        self, device: torch.device, *, cache: bool = True
+    ) -> contextlib.AbstractContextManager[Any]:
         if not self._uses_autocast(device):
             return contextlib.nullcontext()
-        return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
+        return torch.autocast(device_type=device.type, dtype=torch.bfloat16, cache_enabled=cache)
 
     def _uses_autocast(self, device: torch.device) -> bool:
         return self.mixed_precision == "bf16" or (
@@ -576,6 +626,11 @@ class TextualInversionLoRARefiner:
             return (latents - mean_t) * config.scaling_factor / std_t
         return latents * config.scaling_factor
 
+    def _timestep_limit(self, noise_scheduler: Any) -> int:
+        """Timesteps are drawn below this: the scheduler's count, or `max_timestep` if lower."""
+        high = int(noise_scheduler.config.num_train_timesteps)
+        return high if self.max_timestep is None else min(high, self.max_timestep)
+
     def _loss(
         self,
         state: _TrainingState,
@@ -584,19 +639,14 @@ class TextualInversionLoRARefiner:
         ids_1: torch.Tensor,
         ids_2: torch.Tensor,
         time_ids: torch.Tensor,
-        gen: torch.Generator,
+        noise: torch.Tensor,
+        timesteps: torch.Tensor,
         autocast: contextlib.AbstractContextManager[Any],
         dtype: torch.dtype,
     ) -> torch.Tensor:
+        """SDXL's denoising loss of `latents` noised with `noise` at `timesteps` (all on the
+        device): device work only, as a CUDA graph needs."""
         unet = self.pipeline.unet
-        device = latents.device
-        n = latents.shape[0]
-        # Drawn on the CPU generator, so a seed gives the same noise on every device.
-        noise = _to_device(torch.randn(latents.shape, generator=gen), device)
-        high = noise_scheduler.config.num_train_timesteps
-        if self.max_timestep is not None:
-            high = min(high, self.max_timestep)
-        timesteps = _to_device(torch.randint(0, high, (n,), generator=gen), device)
         noisy = noise_scheduler.add_noise(latents, noise, timesteps)
         prediction_type = noise_scheduler.config.prediction_type
         if prediction_type == "epsilon":
@@ -847,7 +897,13 @@ class _TrainingState:
         self.has_lora = True
 
     def optimizer(
-        self, embedding_lr: float, lora_lr: float, weight_decay: float, mode: str
+        self,
+        embedding_lr: float,
+        lora_lr: float,
+        weight_decay: float,
+        mode: str,
+        *,
+        capturable: bool = False,
     ) -> torch.optim.Optimizer:
         groups: list[dict[str, Any]] = []
         if self.train_rows:
@@ -859,7 +915,9 @@ class _TrainingState:
         # One fused kernel for all tensors on CUDA: a LoRA on every attention projection of
         # SDXL is over a thousand small tensors.
         fused = self.rows[0].device.type == "cuda"
-        return torch.optim.AdamW(groups, weight_decay=weight_decay, fused=fused or None)
+        return torch.optim.AdamW(
+            groups, weight_decay=weight_decay, fused=fused or None, capturable=capturable
+        )
 
     @torch.no_grad()
     def row_caps(self, ratio: float) -> list[torch.Tensor]:
@@ -944,6 +1002,129 @@ class _IndexStream:
             self.buffer += torch.randperm(self.n, generator=self.gen).tolist()
         out, self.buffer = self.buffer[:k], self.buffer[k:]
         return torch.tensor(out, dtype=torch.long)
+
+
+def _draw_noise(
+    gen: torch.Generator, shape: Sequence[int], high: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """A micro-batch's noise and timesteps, drawn on the CPU generator so that a seed gives the
+    same draws on every device."""
+    noise = torch.randn(tuple(shape), generator=gen)
+    timesteps = torch.randint(0, high, (shape[0],), generator=gen)
+    return noise, timesteps
+
+
+@dataclass
+class _StepInputs:
+    """The device tensors a training step reads its random draws from, one row per micro-batch.
+
+    They are allocated once and refilled before every step, so the step always reads the same
+    memory: what a CUDA graph replaying the step needs."""
+
+    indices: torch.Tensor  # (accumulation, batch) image indices
+    noise: torch.Tensor  # (accumulation, batch, *latent shape)
+    timesteps: torch.Tensor  # (accumulation, batch)
+
+    @classmethod
+    def allocate(
+        cls, accumulation: int, batch: int, latent_shape: Sequence[int], device: torch.device
+    ) -> _StepInputs:
+        return cls(
+            indices=torch.zeros((accumulation, batch), dtype=torch.long, device=device),
+            noise=torch.zeros((accumulation, batch, *latent_shape), device=device),
+            timesteps=torch.zeros((accumulation, batch), dtype=torch.long, device=device),
+        )
+
+    def fill(
+        self, k: int, indices: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor
+    ) -> None:
+        for target, source in (
+            (self.indices[k], indices),
+            (self.noise[k], noise),
+            (self.timesteps[k], timesteps),
+        ):
+            cuda = target.device.type == "cuda"
+            # From pinned memory without blocking, as in `_to_device`.
+            target.copy_(source.pin_memory() if cuda else source, non_blocking=cuda)
+
+
+class _StepRunner:
+    """Runs a training step: eagerly, or (``graphed``) as a CUDA graph.
+
+    Graphed, the first `warmup` calls run eagerly on a side stream (what PyTorch asks before a
+    capture: lazy initialisation, the optimizer's state, cuBLAS workspaces). The next call
+    captures the step and replays it, and every later call only replays it. A capture that fails
+    leaves the runner eager. The step's returned tensor is graph memory that the next replay
+    overwrites, so callers get a copy.
+    """
+
+    def __init__(
+        self,
+        step: Callable[[], torch.Tensor],
+        *,
+        graphed: bool,
+        warmup: int = CUDA_GRAPH_WARMUP_STEPS,
+    ) -> None:
+        self.step = step
+        self.graphed = graphed
+        self.warmup = warmup
+        self.calls = 0
+        self.graph: Any = None
+        self.output: torch.Tensor | None = None
+        self.side: Any = None
+
+    def __call__(self) -> torch.Tensor:
+        if not self.graphed:
+            return self.step()
+        self.calls += 1
+        if self.calls <= self.warmup:
+            return self._on_side_stream()
+        if self.graph is None:
+            started = time.perf_counter()
+            try:
+                self.graph, self.output = self._capture()
+            except Exception as err:  # noqa: BLE001 - any capture failure falls back to eager
+                logger.warning(
+                    "could not capture the training step in a CUDA graph (%s: %s); "
+                    "training on without one",
+                    type(err).__name__,
+                    err,
+                )
+                self.graphed, self.graph, self.output = False, None, None
+                return self.step()
+            logger.info(
+                "captured the training step in a CUDA graph in %.2f s after %d eager steps",
+                time.perf_counter() - started,
+                self.warmup,
+            )
+        assert self.output is not None
+        self.graph.replay()
+        return self.output.clone()
+
+    @staticmethod
+    def check_device(device: torch.device) -> None:
+        if device.type != "cuda":
+            raise ValueError(
+                f"cuda_graphs=True needs the pipeline on a CUDA device; its UNet is on {device}"
+            )
+
+    def _on_side_stream(self) -> torch.Tensor:
+        if self.side is None:
+            self.side = torch.cuda.Stream()
+        main = torch.cuda.current_stream()
+        self.side.wait_stream(main)  # the inputs were filled on the main stream
+        with torch.cuda.stream(self.side):
+            output = self.step()
+        main.wait_stream(self.side)
+        # Read on the main stream: its memory must not be reused before that read.
+        output.record_stream(main)
+        return output
+
+    def _capture(self) -> tuple[Any, torch.Tensor]:
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            output = self.step()
+        return graph, output
 
 
 def _to_device(tensor: torch.Tensor, device: torch.device) -> torch.Tensor:
@@ -1057,6 +1238,7 @@ def _check_known(settings: dict[str, Any]) -> None:
     values = {name: settings.get(name, params[name].default) for name in known}
     values.pop("gradient_checkpointing")
     values.pop("compile_blocks")
+    values.pop("cuda_graphs")
     values.pop("show_progress")
     _check_settings(**values)
 
