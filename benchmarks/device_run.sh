@@ -15,7 +15,7 @@ cd "$(dirname "$0")/.."
 OUT="${OUT:-/tmp/consistent_char_bench}"
 mkdir -p "$OUT"
 TIMEOUT_S="${BENCH_TIMEOUT_S:-285}"  # hard limit of the benchmark process
-BUDGET_S="${BENCH_BUDGET_S:-265}"    # optional parts (UNet variants, batch-4 training, compile) that would end later are skipped
+BUDGET_S="${BENCH_BUDGET_S:-265}"    # optional parts (UNet variants, graphed/batch-4/compiled training, compile) that would end later are skipped
 
 t0=$(date +%s)
 [ -d /tmp/site/diffusers ] || python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \

@@ -34,6 +34,7 @@ import contextlib
 import copy
 import itertools
 import json
+import logging
 import math
 import os
 import platform
@@ -50,6 +51,8 @@ from typing import Any
 
 import numpy as np
 import torch
+
+from consistent_char.refiners.ti_lora import CUDA_GRAPH_WARMUP_STEPS
 
 SCHEMA_VERSION = 1
 
@@ -175,8 +178,8 @@ def make_plan(args: argparse.Namespace) -> Plan:
     if args.tiny:
         plan = Plan(
             mode="tiny", device=args.device or "cpu", resolution=64, num_inference_steps=2,
-            guidance_scale=7.5, images_at_defaults=8, train_steps_at_defaults=8,
-            library_images=4, naive_images=2, library_train_steps=4,
+            guidance_scale=7.5, images_at_defaults=8, train_steps_at_defaults=12,
+            library_images=4, naive_images=2, library_train_steps=7,
             library_train_steps_short=2, naive_train_steps=3, warmup_train_steps=1,
             num_clusters=2, train_images_at_defaults=4, overrides=overrides,
         )  # fmt: skip
@@ -1312,6 +1315,109 @@ def run_refine_compiled(
     return out
 
 
+def run_refine_graphed(
+    models: Models, plan: Plan, device: Device, clock: Clock, library: dict[str, Any]
+) -> dict[str, Any]:
+    """The library's refiner with ``refiner.cuda_graphs``: three eager warm-up steps, one
+    capture, then replays. Two refines of different lengths: their difference is the per-step
+    replay cost; the rest of the shorter one, beyond the main fit's fixed cost and the eager
+    steps, is the capture. The longer one has the main fit's images, seed and steps, so its
+    identity is set against the main fit's: a graph that replayed stale inputs would drift."""
+    cfg = library_config(plan)
+    graphed = {"cuda_graphs": True, "compile_blocks": False}
+    main = library["stages"]["refinement"]
+    images, captions = library["_train_images"], library["_captions"]
+    steps = plan.library_train_steps
+    short = min(steps - 1, max(CUDA_GRAPH_WARMUP_STEPS + 2, plan.library_train_steps_short or 0))
+    times: dict[str, float] = {}
+    device.empty_cache()
+    device.reset_peak()
+    with logged("consistent_char.refiners.ti_lora") as messages:
+        with device.timed(times, "short"):
+            make_refiner(models.pipe, cfg, short, **graphed).refine(
+                None, images, captions, seed=plan.seed
+            )
+        clock.log(f"refine graphed: short refine ({short} steps) {times['short']:.1f}s")
+        with device.timed(times, "timed"):
+            identity = make_refiner(models.pipe, cfg, steps, **graphed).refine(
+                None, images, captions, seed=plan.seed
+            )
+    per_step = max(times["timed"] - times["short"], 1e-9) / (steps - short)
+    eager_step = main["s_per_unit"]
+    # The short run: fixed cost + warm-up steps (eager) + capture + replays.
+    capture_s = max(
+        0.0,
+        times["short"] - main["fixed_s"] - CUDA_GRAPH_WARMUP_STEPS * eager_step
+        - (short - CUDA_GRAPH_WARMUP_STEPS) * per_step,
+    )  # fmt: skip
+    at_defaults = (
+        main["fixed_s"]
+        + capture_s
+        + CUDA_GRAPH_WARMUP_STEPS * eager_step
+        + (plan.train_steps_at_defaults - CUDA_GRAPH_WARMUP_STEPS) * per_step
+    )
+    out = {
+        "what": "refiner.cuda_graphs: the training step captured in a CUDA graph and replayed",
+        "short_refine_s": times["short"],
+        "short_refine_steps": short,
+        "timed_refine_s": times["timed"],
+        "steps": steps,
+        "eager_warmup_steps": CUDA_GRAPH_WARMUP_STEPS,
+        "s_per_step": per_step,
+        "eager_s_per_step": eager_step,
+        "per_step_speedup_vs_eager": eager_step / per_step,
+        "capture_s": capture_s,
+        "refinement_s_at_defaults": at_defaults,
+        "refinement_speedup_vs_eager": main["s_at_defaults"] / at_defaults,
+        "peak_gib": device.peak_gib(),
+        "refiner_log": messages,
+        "captured": any("captured the training step" in m for m in messages),
+        "against_eager_fit": identity_difference(identity, library["_identity"]),
+    }
+    clock.log(
+        f"refine graphed: {per_step:.3f}s/step (eager {eager_step:.3f}), capture {capture_s:.1f}s, "
+        f"captured {out['captured']}"
+    )
+    return out
+
+
+def graphs_possible(device: Device) -> bool:
+    """CUDA graphs need CUDA (the tests stand a fake graph in on the CPU)."""
+    return device.is_cuda
+
+
+@contextlib.contextmanager
+def logged(name: str) -> Iterator[list[str]]:
+    """The messages (INFO and up) that logger `name` emits inside the block."""
+    messages: list[str] = []
+
+    class Collect(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            messages.append(f"{record.levelname}: {record.getMessage()}")
+
+    log = logging.getLogger(name)
+    handler, level = Collect(logging.INFO), log.level
+    log.addHandler(handler)
+    log.setLevel(logging.INFO)
+    try:
+        yield messages
+    finally:
+        log.removeHandler(handler)
+        log.setLevel(level)
+
+
+def identity_difference(a: Any, b: Any) -> dict[str, float]:
+    """How far two identities trained on the same data and seed are apart: the largest
+    difference of a token row, and of a LoRA tensor, relative to that tensor's largest value."""
+
+    def relative(x: torch.Tensor, y: torch.Tensor) -> float:
+        return float((x - y).abs().max() / y.abs().max().clamp(min=1e-12))
+
+    rows = max(relative(a.clip_l, b.clip_l), relative(a.clip_g, b.clip_g))
+    lora = max((relative(a.lora[k], b.lora[k]) for k in b.lora), default=0.0) if b.lora else 0.0
+    return {"rows_max_relative": rows, "lora_max_relative": lora}
+
+
 def compiled_graphs() -> int:
     from torch._dynamo.utils import counters
 
@@ -1427,6 +1533,26 @@ def summarize(result: dict[str, Any]) -> None:
                 naive["iteration_s_at_defaults"] / compiled_iteration
             )
         summary["compile_s"] = compiled["compile_s"]
+    graphed = result.get("refine_graphed")
+    if isinstance(graphed, dict) and lib and "iteration_s_at_defaults" in lib and naive:
+        graphed_iteration = (
+            lib["iteration_s_at_defaults"]
+            - lib["stages"]["refinement"]["s_at_defaults"]
+            + graphed["refinement_s_at_defaults"]
+        )
+        summary["graphed_iteration_s_at_defaults"] = graphed_iteration
+        if "iteration_s_at_defaults" in naive:
+            summary["graphed_iteration_speedup"] = (
+                naive["iteration_s_at_defaults"] / graphed_iteration
+            )
+        if "compiled_iteration_s_at_defaults" in summary:
+            # Compiled generation and graphed training change different stages.
+            both = graphed_iteration - lib["iteration_s_at_defaults"] + compiled_iteration
+            summary["compiled_graphed_iteration_s_at_defaults"] = both
+            if "iteration_s_at_defaults" in naive:
+                summary["compiled_graphed_iteration_speedup"] = (
+                    naive["iteration_s_at_defaults"] / both
+                )
     fractions = {}
     if lib and "unet" in lib:
         fractions["library_eager"] = lib["unet"]["fraction_of_matmul_peak"]
@@ -1534,6 +1660,9 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--variants", action=argparse.BooleanOptionalAction, default=True,
                    help="measure the UNet under candidate settings (channels_last, fused QKV, "
                         "cuDNN autotuning)")  # fmt: skip
+    p.add_argument("--cuda-graphs", action=argparse.BooleanOptionalAction, default=True,
+                   help="measure the library's refiner with refiner.cuda_graphs (CUDA "
+                        "only)")  # fmt: skip
     p.add_argument("--refine-batches", action=argparse.BooleanOptionalAction, default=True,
                    help="measure the library's refiner at training batch 4 too")  # fmt: skip
     p.add_argument("--skip-naive", action="store_true", help="library path only")
@@ -1656,6 +1785,13 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
                 models, plan, device, clock, flops, peak_tflops, batch, identity
             ),
         )
+    if args.cuda_graphs and library is not None:
+        if graphs_possible(device):
+            optional(
+                "refine_graphed", lambda: run_refine_graphed(models, plan, device, clock, library)
+            )
+        else:
+            result["skipped"].append({"part": "refine_graphed", "reason": "needs CUDA"})
     if args.refine_batches and library is not None:
         optional("refine_batches", lambda: run_refine_batches(models, plan, device, clock, library))
     if args.compile and library is not None:
@@ -1698,6 +1834,7 @@ def optional_estimates(
             "unet_variants": 5.0,
             "refine_batches": 5.0,
             "refine_compiled": 30.0,
+            "refine_graphed": 30.0,
             "compile": 30.0,
         }
     unet = library["unet"]
@@ -1717,6 +1854,11 @@ def optional_estimates(
         "refine_compiled": 90.0
         + 2 * refine["fixed_s"]
         + (max(2, plan.warmup_train_steps) + plan.library_train_steps) * refine["s_per_unit"],
+        # Two refines at no better than the eager rate, and 20 s for the captures.
+        "refine_graphed": 20.0
+        + 2 * refine["fixed_s"]
+        + (max(CUDA_GRAPH_WARMUP_STEPS + 2, short) + plan.library_train_steps)
+        * refine["s_per_unit"],
         "compile": 60.0 + 4 * batch * s_per_sample + (batch // passes) * per_image,
     }
 
