@@ -1315,16 +1315,33 @@ def run_refine_compiled(
     return out
 
 
-def run_refine_graphed(
-    models: Models, plan: Plan, device: Device, clock: Clock, library: dict[str, Any]
+#: Refiner settings measured against the library's default training step (optional parts, each
+#: two refines). With a bf16 pipeline, ``mixed_precision="no"`` trains without autocast: the
+#: frozen model computes in bf16 throughout (as shared/bench's reference step does), where
+#: autocast runs every norm and the loss in fp32 and casts around them.
+REFINE_VARIANTS: dict[str, dict[str, Any]] = {
+    "refine_graphed": {"cuda_graphs": True},
+    "refine_no_autocast": {"mixed_precision": "no"},
+    "refine_graphed_no_autocast": {"cuda_graphs": True, "mixed_precision": "no"},
+}
+
+
+def run_refine_variant(
+    models: Models,
+    plan: Plan,
+    device: Device,
+    clock: Clock,
+    library: dict[str, Any],
+    name: str,
 ) -> dict[str, Any]:
-    """The library's refiner with ``refiner.cuda_graphs``: three eager warm-up steps, one
-    capture, then replays. Two refines of different lengths: their difference is the per-step
-    replay cost; the rest of the shorter one, beyond the main fit's fixed cost and the eager
-    steps, is the capture. The longer one has the main fit's images, seed and steps, so its
-    identity is set against the main fit's: a graph that replayed stale inputs would drift."""
+    """The library's refiner with the settings `REFINE_VARIANTS[name]`, fitted as the main fit
+    is: two refines of different lengths, whose difference is the per-step cost; the rest of
+    the shorter one is the fixed cost, which with ``cuda_graphs`` includes the eager warm-up
+    steps and the capture (both runs capture, so the short one is longer than the warm-up). The
+    longer one has the main fit's images, seed and steps, so its identity is set against the
+    main fit's: a graph that replayed stale inputs would drift far from it."""
+    settings = {**REFINE_VARIANTS[name], "compile_blocks": False}
     cfg = library_config(plan)
-    graphed = {"cuda_graphs": True, "compile_blocks": False}
     main = library["stages"]["refinement"]
     images, captions = library["_train_images"], library["_captions"]
     steps = plan.library_train_steps
@@ -1334,49 +1351,39 @@ def run_refine_graphed(
     device.reset_peak()
     with logged("consistent_char.refiners.ti_lora") as messages:
         with device.timed(times, "short"):
-            make_refiner(models.pipe, cfg, short, **graphed).refine(
+            make_refiner(models.pipe, cfg, short, **settings).refine(
                 None, images, captions, seed=plan.seed
             )
-        clock.log(f"refine graphed: short refine ({short} steps) {times['short']:.1f}s")
         with device.timed(times, "timed"):
-            identity = make_refiner(models.pipe, cfg, steps, **graphed).refine(
+            identity = make_refiner(models.pipe, cfg, steps, **settings).refine(
                 None, images, captions, seed=plan.seed
             )
     per_step = max(times["timed"] - times["short"], 1e-9) / (steps - short)
-    eager_step = main["s_per_unit"]
-    # The short run: fixed cost + warm-up steps (eager) + capture + replays.
-    capture_s = max(
-        0.0,
-        times["short"] - main["fixed_s"] - CUDA_GRAPH_WARMUP_STEPS * eager_step
-        - (short - CUDA_GRAPH_WARMUP_STEPS) * per_step,
-    )  # fmt: skip
-    at_defaults = (
-        main["fixed_s"]
-        + capture_s
-        + CUDA_GRAPH_WARMUP_STEPS * eager_step
-        + (plan.train_steps_at_defaults - CUDA_GRAPH_WARMUP_STEPS) * per_step
-    )
-    out = {
-        "what": "refiner.cuda_graphs: the training step captured in a CUDA graph and replayed",
+    fixed = max(0.0, times["short"] - short * per_step)
+    at_defaults = fixed + plan.train_steps_at_defaults * per_step
+    out: dict[str, Any] = {
+        "settings": settings,
         "short_refine_s": times["short"],
         "short_refine_steps": short,
         "timed_refine_s": times["timed"],
         "steps": steps,
-        "eager_warmup_steps": CUDA_GRAPH_WARMUP_STEPS,
         "s_per_step": per_step,
-        "eager_s_per_step": eager_step,
-        "per_step_speedup_vs_eager": eager_step / per_step,
-        "capture_s": capture_s,
+        "fixed_s": fixed,
+        "main_fit_s_per_step": main["s_per_unit"],
+        "main_fit_fixed_s": main["fixed_s"],
+        "per_step_speedup_vs_main_fit": main["s_per_unit"] / per_step,
         "refinement_s_at_defaults": at_defaults,
-        "refinement_speedup_vs_eager": main["s_at_defaults"] / at_defaults,
+        "refinement_speedup_vs_main_fit": main["s_at_defaults"] / at_defaults,
         "peak_gib": device.peak_gib(),
         "refiner_log": messages,
-        "captured": any("captured the training step" in m for m in messages),
-        "against_eager_fit": identity_difference(identity, library["_identity"]),
+        "against_main_fit": identity_difference(identity, library["_identity"]),
     }
+    if settings.get("cuda_graphs"):
+        out["eager_warmup_steps"] = CUDA_GRAPH_WARMUP_STEPS
+        out["captured"] = any("captured the training step" in m for m in messages)
     clock.log(
-        f"refine graphed: {per_step:.3f}s/step (eager {eager_step:.3f}), capture {capture_s:.1f}s, "
-        f"captured {out['captured']}"
+        f"{name}: {per_step:.3f}s/step (main fit {main['s_per_unit']:.3f}), fixed {fixed:.1f}s "
+        f"(main fit {main['fixed_s']:.1f}s), captured {out.get('captured', '-')}"
     )
     return out
 
@@ -1533,26 +1540,27 @@ def summarize(result: dict[str, Any]) -> None:
                 naive["iteration_s_at_defaults"] / compiled_iteration
             )
         summary["compile_s"] = compiled["compile_s"]
-    graphed = result.get("refine_graphed")
-    if isinstance(graphed, dict) and lib and "iteration_s_at_defaults" in lib and naive:
-        graphed_iteration = (
+    # Each refiner variant swaps its refinement into the library iteration (and, when the
+    # compiled generation was measured, that generation too: they change different stages).
+    variants: dict[str, Any] = {}
+    for name in REFINE_VARIANTS:
+        part = result.get(name)
+        if not (isinstance(part, dict) and lib and naive and "iteration_s_at_defaults" in lib):
+            continue
+        iteration = (
             lib["iteration_s_at_defaults"]
             - lib["stages"]["refinement"]["s_at_defaults"]
-            + graphed["refinement_s_at_defaults"]
+            + part["refinement_s_at_defaults"]
         )
-        summary["graphed_iteration_s_at_defaults"] = graphed_iteration
+        entry = {"iteration_s_at_defaults": iteration}
         if "iteration_s_at_defaults" in naive:
-            summary["graphed_iteration_speedup"] = (
-                naive["iteration_s_at_defaults"] / graphed_iteration
-            )
-        if "compiled_iteration_s_at_defaults" in summary:
-            # Compiled generation and graphed training change different stages.
-            both = graphed_iteration - lib["iteration_s_at_defaults"] + compiled_iteration
-            summary["compiled_graphed_iteration_s_at_defaults"] = both
-            if "iteration_s_at_defaults" in naive:
-                summary["compiled_graphed_iteration_speedup"] = (
-                    naive["iteration_s_at_defaults"] / both
-                )
+            entry["iteration_speedup"] = naive["iteration_s_at_defaults"] / iteration
+            if "compiled_iteration_s_at_defaults" in summary:
+                both = iteration - lib["iteration_s_at_defaults"] + compiled_iteration
+                entry["with_compiled_generation_speedup"] = naive["iteration_s_at_defaults"] / both
+        variants[name] = entry
+    if variants:
+        summary["refine_variants"] = variants
     fractions = {}
     if lib and "unet" in lib:
         fractions["library_eager"] = lib["unet"]["fraction_of_matmul_peak"]
@@ -1560,6 +1568,7 @@ def summarize(result: dict[str, Any]) -> None:
         fractions["library_compiled"] = gen["unet"]["fraction_of_matmul_peak"]
     summary["unet_fraction_of_peak"] = fractions
     speedups = [v for k, v in summary.items() if k.endswith("iteration_speedup")]
+    speedups += [v for entry in variants.values() for k, v in entry.items() if "speedup" in k]
     best_speedup = max(speedups, default=None)
     best_fraction = max(fractions.values(), default=None)
     summary["targets"] = {
@@ -1660,9 +1669,9 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--variants", action=argparse.BooleanOptionalAction, default=True,
                    help="measure the UNet under candidate settings (channels_last, fused QKV, "
                         "cuDNN autotuning)")  # fmt: skip
-    p.add_argument("--cuda-graphs", action=argparse.BooleanOptionalAction, default=True,
-                   help="measure the library's refiner with refiner.cuda_graphs (CUDA "
-                        "only)")  # fmt: skip
+    p.add_argument("--refine-variants", action=argparse.BooleanOptionalAction, default=True,
+                   help="measure the library's refiner with the settings of REFINE_VARIANTS "
+                        "(refiner.cuda_graphs, CUDA only; no autocast)")  # fmt: skip
     p.add_argument("--refine-batches", action=argparse.BooleanOptionalAction, default=True,
                    help="measure the library's refiner at training batch 4 too")  # fmt: skip
     p.add_argument("--skip-naive", action="store_true", help="library path only")
@@ -1764,7 +1773,8 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     write_json(args.out, result)
 
     # 5. Optional parts, each only if its estimate (from what the library path measured) fits
-    #    the budget: the UNet under candidate settings, training at batch 4, regional compile.
+    #    the budget: refiner variants, the UNet under candidate settings, training at batch 4,
+    #    compiled training, regional compile.
     batch = (library or {}).get("unet", {}).get("max_batch") or 2
     est = optional_estimates(library, batch, plan, device)
     per_image = (library or {}).get("stages", {}).get("generation", {}).get("s_per_unit", 1.0)
@@ -1777,6 +1787,18 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
             result["skipped"].append({"part": name, "reason": "time budget"})
             clock.log(f"{name} skipped (time budget)")
 
+    # The refiner variants first: the most likely gain, and before unet_variants, whose fused
+    # and unfused identity LoRA leaves the UNet's weights a rounding error away from the main
+    # fit's, which each variant's identity is checked against.
+    if args.refine_variants and library is not None:
+        for name, settings in REFINE_VARIANTS.items():
+            if settings.get("cuda_graphs") and not graphs_possible(device):
+                result["skipped"].append({"part": name, "reason": "needs CUDA"})
+                continue
+            optional(
+                name,
+                lambda name=name: run_refine_variant(models, plan, device, clock, library, name),
+            )
     if args.variants:
         identity = (library or {}).get("_identity")
         optional(
@@ -1785,13 +1807,6 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
                 models, plan, device, clock, flops, peak_tflops, batch, identity
             ),
         )
-    if args.cuda_graphs and library is not None:
-        if graphs_possible(device):
-            optional(
-                "refine_graphed", lambda: run_refine_graphed(models, plan, device, clock, library)
-            )
-        else:
-            result["skipped"].append({"part": "refine_graphed", "reason": "needs CUDA"})
     if args.refine_batches and library is not None:
         optional("refine_batches", lambda: run_refine_batches(models, plan, device, clock, library))
     if args.compile and library is not None:
@@ -1834,7 +1849,7 @@ def optional_estimates(
             "unet_variants": 5.0,
             "refine_batches": 5.0,
             "refine_compiled": 30.0,
-            "refine_graphed": 30.0,
+            **dict.fromkeys(REFINE_VARIANTS, 30.0),
             "compile": 30.0,
         }
     unet = library["unet"]
@@ -1854,11 +1869,14 @@ def optional_estimates(
         "refine_compiled": 90.0
         + 2 * refine["fixed_s"]
         + (max(2, plan.warmup_train_steps) + plan.library_train_steps) * refine["s_per_unit"],
-        # Two refines at no better than the eager rate, and 20 s for the captures.
-        "refine_graphed": 20.0
-        + 2 * refine["fixed_s"]
-        + (max(CUDA_GRAPH_WARMUP_STEPS + 2, short) + plan.library_train_steps)
-        * refine["s_per_unit"],
+        # Two refines each at no better than the main fit's rate, and 20 s for any captures.
+        **dict.fromkeys(
+            REFINE_VARIANTS,
+            20.0
+            + 2 * refine["fixed_s"]
+            + (max(CUDA_GRAPH_WARMUP_STEPS + 2, short) + plan.library_train_steps)
+            * refine["s_per_unit"],
+        ),
         "compile": 60.0 + 4 * batch * s_per_sample + (batch // passes) * per_image,
     }
 

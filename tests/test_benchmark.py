@@ -96,7 +96,16 @@ def test_reports_device_ceiling_flops_and_targets(tiny_run: Any) -> None:
         assert isinstance(summary["targets"][target]["met"], bool)
         assert summary["targets"][target]["best"] > 0
     skipped = {s["part"]: s["reason"] for s in result["skipped"]}
-    assert skipped == {"compile": "--no-compile", "refine_graphed": "needs CUDA"}
+    assert skipped == {
+        "compile": "--no-compile",
+        "refine_graphed": "needs CUDA",
+        "refine_graphed_no_autocast": "needs CUDA",
+    }
+    # Without autocast on the CPU is the CPU's default: the same training.
+    assert result["refine_no_autocast"]["against_main_fit"] == {
+        "rows_max_relative": 0.0,
+        "lora_max_relative": 0.0,
+    }
     variants = result["unet_variants"]["variants"]
     assert set(variants) >= {"eager", "channels_last", "identity_lora", "identity_lora_fused"}
     assert all("error" not in v for v in variants.values()), variants
@@ -148,10 +157,10 @@ def test_refine_ops_counts_a_training_step_on_the_meta_device() -> None:
     )
 
 
-def test_graphed_refine_part_with_a_fake_graph(tmp_path: Path, monkeypatch: Any) -> None:
-    # The part runs on CUDA only; here a fake graph (tests/fakes.py) stands in, so what is
-    # checked is the part's own code: two refines, the fit, the summary and the check against
-    # the main fit, which on the CPU must agree exactly.
+def test_refine_variants_with_a_fake_graph(tmp_path: Path, monkeypatch: Any) -> None:
+    # The graphed variants run on CUDA only; here a fake graph (tests/fakes.py) stands in, so
+    # what is checked is the parts' own code: two refines, the fit, the summary and the check
+    # against the main fit, which on the CPU must agree exactly.
     from fakes import fake_cuda_graphs
 
     sys.path.insert(0, str(ROOT / "benchmarks"))
@@ -165,18 +174,20 @@ def test_graphed_refine_part_with_a_fake_graph(tmp_path: Path, monkeypatch: Any)
     try:
         result = iteration.main(
             ["--tiny", "--no-variants", "--no-refine-batches", "--no-compile",
-             "--out", str(tmp_path / "graphed.json")]
+             "--out", str(tmp_path / "variants.json")]
         )  # fmt: skip
     finally:
         torch.set_num_threads(threads)
     assert result["complete"] is True and result["errors"] == [], result["errors"]
-    graphed = result["refine_graphed"]
-    assert graphed["captured"] is True
-    assert any("captured the training step" in m for m in graphed["refiner_log"])
-    assert graphed["against_eager_fit"] == {"rows_max_relative": 0.0, "lora_max_relative": 0.0}
-    assert graphed["steps"] > graphed["short_refine_steps"] > graphed["eager_warmup_steps"]
-    assert graphed["s_per_step"] > 0 and graphed["capture_s"] >= 0
-    assert graphed["refinement_s_at_defaults"] > 0
-    summary = result["summary"]
-    assert summary["graphed_iteration_s_at_defaults"] > 0
-    assert summary["graphed_iteration_speedup"] > 0
+    assert result["skipped"] == [{"part": "compile", "reason": "--no-compile"}]
+    for name in iteration.REFINE_VARIANTS:
+        part = result[name]
+        assert part["against_main_fit"] == {"rows_max_relative": 0.0, "lora_max_relative": 0.0}
+        assert part["steps"] > part["short_refine_steps"] > iteration.CUDA_GRAPH_WARMUP_STEPS
+        assert part["s_per_step"] > 0 and part["refinement_s_at_defaults"] > 0
+        assert result["summary"]["refine_variants"][name]["iteration_speedup"] > 0
+        if "graphed" in name:
+            assert part["captured"] is True
+            assert any("captured the training step" in m for m in part["refiner_log"])
+        else:
+            assert "captured" not in part and part["refiner_log"] == []
