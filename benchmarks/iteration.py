@@ -178,8 +178,8 @@ def make_plan(args: argparse.Namespace) -> Plan:
     if args.tiny:
         plan = Plan(
             mode="tiny", device=args.device or "cpu", resolution=64, num_inference_steps=2,
-            guidance_scale=7.5, images_at_defaults=8, train_steps_at_defaults=12,
-            library_images=4, naive_images=2, library_train_steps=7,
+            guidance_scale=7.5, images_at_defaults=8, train_steps_at_defaults=16,
+            library_images=4, naive_images=2, library_train_steps=12,
             library_train_steps_short=2, naive_train_steps=3, warmup_train_steps=1,
             num_clusters=2, train_images_at_defaults=4, overrides=overrides,
         )  # fmt: skip
@@ -689,6 +689,19 @@ def training_subset(
 # ---------------------------------------------------------------------------- naive path
 
 
+def naive_image(pipe: Any, plan: Plan, seed: int, steps: int) -> Any:
+    """One image from a plain pipeline call, the prompt encoded inside it."""
+    return pipe(
+        prompt=PROMPT,
+        num_inference_steps=steps,
+        guidance_scale=plan.guidance_scale,
+        height=plan.resolution,
+        width=plan.resolution,
+        generator=torch.Generator("cpu").manual_seed(seed),
+        output_type="pil",
+    ).images[0]
+
+
 def run_naive(
     models: Models, plan: Plan, device: Device, clock: Clock, flops: float, peak: float
 ) -> dict[str, Any]:
@@ -697,7 +710,7 @@ def run_naive(
 
     from consistent_char.embedders._preprocess import ResizeCropNormalize
 
-    pipe, res = models.pipe, plan.resolution
+    pipe = models.pipe
     out: dict[str, Any] = {"dtype_generation": str(pipe.unet.dtype).removeprefix("torch.")}
     stages: dict[str, Any] = {}
     out["stages"] = stages
@@ -707,15 +720,7 @@ def run_naive(
     times: dict[str, float] = {}
 
     def one_image(seed: int, steps: int) -> Any:
-        return pipe(
-            prompt=PROMPT,
-            num_inference_steps=steps,
-            guidance_scale=plan.guidance_scale,
-            height=res,
-            width=res,
-            generator=torch.Generator("cpu").manual_seed(seed),
-            output_type="pil",
-        ).images[0]
+        return naive_image(pipe, plan, seed, steps)
 
     # 1. Generation: one pipeline call per image, the prompt encoded each time.
     with device.timed(times, "warmup"):
@@ -936,6 +941,19 @@ def make_refiner(pipe: Any, cfg: Any, steps: int, **overrides: Any) -> Any:
     return build_refiner(cfg.refiner, pipe, steps=steps, **overrides)
 
 
+def fit_steps(
+    short_steps: int, short_s: float, long_steps: int, long_s: float
+) -> tuple[float, float, str]:
+    """(seconds per step, fixed seconds, how) from two refines of different lengths: their
+    difference is the per-step cost, the rest of the short one the fixed cost. Timing noise can
+    beat the difference (on tiny models): then the longer run's total / steps, with no fixed
+    cost."""
+    slope = (long_s - short_s) / (long_steps - short_steps)
+    if slope > 0 and short_s - short_steps * slope >= 0 and slope >= 0.2 * long_s / long_steps:
+        return slope, short_s - short_steps * slope, "two runs"
+    return long_s / long_steps, 0.0, "total / steps"
+
+
 def run_library(
     models: Models, plan: Plan, device: Device, clock: Clock, flops: float, peak: float
 ) -> dict[str, Any]:
@@ -1044,13 +1062,13 @@ def run_library(
     out["refinement_breakdown"] = training_breakdown(
         probe.summary(), times["refine"], long_steps, flops
     )
-    per_step, fixed, fit = times["refine"] / long_steps, 0.0, "total / steps"
     if short_steps:
         out["refinement_short_run"] = {"steps": short_steps, "seconds": times["refine_short"]}
-        slope = (times["refine"] - times["refine_short"]) / (long_steps - short_steps)
-        # Timing noise can beat the difference on tiny models: then fall back to total / steps.
-        if slope > 0 and times["refine_short"] - short_steps * slope >= 0:
-            per_step, fixed, fit = slope, times["refine_short"] - short_steps * slope, "two runs"
+        per_step, fixed, fit = fit_steps(
+            short_steps, times["refine_short"], long_steps, times["refine"]
+        )
+    else:
+        per_step, fixed, fit = times["refine"] / long_steps, 0.0, "total / steps"
     out["refinement_fit"] = fit
     stages["refinement"] = stage(
         times["refine"],
@@ -1075,6 +1093,82 @@ def run_library(
     )
     # For the optional training-batch part; keys starting with "_" are never written.
     out["_train_images"], out["_captions"], out["_identity"] = train_images, captions, identity
+    return out
+
+
+# ------------------------------------------------------------- optional: the naive path, checked
+
+
+def run_naive_check(
+    models: Models, plan: Plan, device: Device, clock: Clock, naive: dict[str, Any]
+) -> dict[str, Any]:
+    """Is the naive path's generation as fast as shared/bench's reference measured it?
+
+    The reference script passed precomputed prompt embeddings and called the pipeline under
+    `torch.inference_mode`; the naive path encodes the prompt in every call, under the
+    pipeline's own `no_grad`. Here both, in fp16 and in one process, on a few images at the
+    plan's steps, and the UNet alone at batch 2 (one image with guidance) under each grad mode.
+    A faster reference style means the naive path's generation, and so the iteration speedup,
+    is flattered; `summary.iteration_speedup_reference_style_naive` has the speedup with it.
+    """
+    pipe = models.pipe
+    unet_dtype, dino_dtype = pipe.unet.dtype, models.dino.dtype
+    half = torch.float16 if device.is_cuda else torch.float32
+    n = 1 if plan.mode == "tiny" else 2
+    seeds = seeds_for(plan, n)
+    out: dict[str, Any] = {"images": n, "dtype": str(half).removeprefix("torch.")}
+    try:
+        set_dtype(models, half, dino_dtype)
+        with torch.no_grad():
+            embeds = pipe.encode_prompt(
+                PROMPT, device=device.torch_device, num_images_per_prompt=1,
+                do_classifier_free_guidance=plan.guidance_scale > 1,
+            )  # fmt: skip
+        prompt, negative, pooled, negative_pooled = embeds
+
+        def reference_style(steps: int) -> None:
+            with torch.inference_mode():
+                pipe(
+                    prompt_embeds=prompt, negative_prompt_embeds=negative,
+                    pooled_prompt_embeds=pooled, negative_pooled_prompt_embeds=negative_pooled,
+                    num_inference_steps=steps, guidance_scale=plan.guidance_scale,
+                    height=plan.resolution, width=plan.resolution, output_type="pil",
+                )  # fmt: skip
+
+        times: dict[str, float] = {}
+        reference_style(2)  # warm-up
+        with device.timed(times, "reference_style"):
+            for _ in seeds:
+                reference_style(plan.num_inference_steps)
+        naive_image(pipe, plan, seeds[0], 2)  # warm-up
+        with device.timed(times, "naive_style"):
+            for seed in seeds:
+                naive_image(pipe, plan, seed, plan.num_inference_steps)
+        out["reference_style_s_per_image"] = times["reference_style"] / n
+        out["naive_style_s_per_image"] = times["naive_style"] / n
+        out["naive_path_s_per_image"] = naive["stages"]["generation"]["s_per_unit"]
+        out["naive_style_over_reference_style"] = times["naive_style"] / times["reference_style"]
+        args, kwargs = unet_inputs(pipe, 2, plan.resolution)
+        for name, mode in (("no_grad", torch.no_grad), ("inference_mode", torch.inference_mode)):
+            marks = []
+            with mode():
+                pipe.unet(*args, **kwargs)
+                for _ in range(5):
+                    start = device.mark()
+                    pipe.unet(*args, **kwargs)
+                    marks.append((start, device.mark()))
+            device.sync()
+            out[f"unet_batch2_ms_{name}"] = 1e3 * statistics.median(
+                Device.seconds(a, b) for a, b in marks
+            )
+    finally:
+        set_dtype(models, unet_dtype, dino_dtype)
+    clock.log(
+        f"naive check: {out['naive_style_s_per_image']:.2f} s/image as the naive path calls the "
+        f"pipeline, {out['reference_style_s_per_image']:.2f} as the reference did; UNet batch 2 "
+        f"{out['unet_batch2_ms_no_grad']:.1f} ms (no_grad), "
+        f"{out['unet_batch2_ms_inference_mode']:.1f} ms (inference_mode)"
+    )
     return out
 
 
@@ -1358,8 +1452,7 @@ def run_refine_variant(
             identity = make_refiner(models.pipe, cfg, steps, **settings).refine(
                 None, images, captions, seed=plan.seed
             )
-    per_step = max(times["timed"] - times["short"], 1e-9) / (steps - short)
-    fixed = max(0.0, times["short"] - short * per_step)
+    per_step, fixed, fit = fit_steps(short, times["short"], steps, times["timed"])
     at_defaults = fixed + plan.train_steps_at_defaults * per_step
     out: dict[str, Any] = {
         "settings": settings,
@@ -1369,6 +1462,7 @@ def run_refine_variant(
         "steps": steps,
         "s_per_step": per_step,
         "fixed_s": fixed,
+        "fit": fit,
         "main_fit_s_per_step": main["s_per_unit"],
         "main_fit_fixed_s": main["fixed_s"],
         "per_step_speedup_vs_main_fit": main["s_per_unit"] / per_step,
@@ -1540,6 +1634,17 @@ def summarize(result: dict[str, Any]) -> None:
                 naive["iteration_s_at_defaults"] / compiled_iteration
             )
         summary["compile_s"] = compiled["compile_s"]
+    check = result.get("naive_check")
+    if isinstance(check, dict) and "iteration_speedup" in summary:
+        assert lib is not None and naive is not None
+        reference_style = (
+            naive["iteration_s_at_defaults"]
+            - naive["stages"]["generation"]["s_at_defaults"]
+            + check["reference_style_s_per_image"] * result["plan"]["images_at_defaults"]
+        )
+        summary["iteration_speedup_reference_style_naive"] = (
+            reference_style / lib["iteration_s_at_defaults"]
+        )
     # Each refiner variant swaps its refinement into the library iteration (and, when the
     # compiled generation was measured, that generation too: they change different stages).
     variants: dict[str, Any] = {}
@@ -1669,6 +1774,9 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--variants", action=argparse.BooleanOptionalAction, default=True,
                    help="measure the UNet under candidate settings (channels_last, fused QKV, "
                         "cuDNN autotuning)")  # fmt: skip
+    p.add_argument("--naive-check", action=argparse.BooleanOptionalAction, default=True,
+                   help="time the naive generation as shared/bench's reference called the "
+                        "pipeline too (precomputed prompt, inference_mode)")  # fmt: skip
     p.add_argument("--refine-variants", action=argparse.BooleanOptionalAction, default=True,
                    help="measure the library's refiner with the settings of REFINE_VARIANTS "
                         "(refiner.cuda_graphs, CUDA only; no autocast)")  # fmt: skip
@@ -1773,10 +1881,11 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     write_json(args.out, result)
 
     # 5. Optional parts, each only if its estimate (from what the library path measured) fits
-    #    the budget: refiner variants, the UNet under candidate settings, training at batch 4,
-    #    compiled training, regional compile.
+    #    the budget: refiner variants, the naive path checked against the reference's way of
+    #    calling the pipeline, the UNet under candidate settings, training at batch 4, compiled
+    #    training, regional compile.
     batch = (library or {}).get("unet", {}).get("max_batch") or 2
-    est = optional_estimates(library, batch, plan, device)
+    est = optional_estimates(library, batch, plan, device, result["paths"].get("naive"))
     per_image = (library or {}).get("stages", {}).get("generation", {}).get("s_per_unit", 1.0)
     result["optional_estimates_s"] = est
 
@@ -1799,6 +1908,10 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
                 name,
                 lambda name=name: run_refine_variant(models, plan, device, clock, library, name),
             )
+    # After the refiner variants: its round trip through fp16 moves the weights by rounding.
+    naive = result["paths"].get("naive")
+    if args.naive_check and naive is not None:
+        optional("naive_check", lambda: run_naive_check(models, plan, device, clock, naive))
     if args.variants:
         identity = (library or {}).get("_identity")
         optional(
@@ -1838,7 +1951,11 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
 
 
 def optional_estimates(
-    library: dict[str, Any] | None, batch: int, plan: Plan, device: Device
+    library: dict[str, Any] | None,
+    batch: int,
+    plan: Plan,
+    device: Device,
+    naive: dict[str, Any] | None = None,
 ) -> dict[str, float]:
     """Seconds each optional part should take, from the library path's own measurements.
 
@@ -1850,6 +1967,7 @@ def optional_estimates(
             "refine_batches": 5.0,
             "refine_compiled": 30.0,
             **dict.fromkeys(REFINE_VARIANTS, 30.0),
+            "naive_check": 10.0,
             "compile": 30.0,
         }
     unet = library["unet"]
@@ -1857,6 +1975,8 @@ def optional_estimates(
     refine = library["stages"]["refinement"]
     short = plan.library_train_steps_short or max(2, plan.library_train_steps // 4)
     per_image = library["stages"]["generation"]["s_per_unit"]
+    naive_per_image = (naive or {}).get("stages", {}).get("generation", {}).get("s_per_unit")
+    naive_per_image = naive_per_image or 4 * per_image
     passes = 2 if plan.guidance_scale > 1 else 1
     return {
         # Each variant (+2 with the identity's LoRA): one first call and two timed forwards;
@@ -1869,6 +1989,8 @@ def optional_estimates(
         "refine_compiled": 90.0
         + 2 * refine["fixed_s"]
         + (max(2, plan.warmup_train_steps) + plan.library_train_steps) * refine["s_per_unit"],
+        # Four images at the naive path's rate (two timed, each with a warm-up), the UNet 12 times.
+        "naive_check": 4 * naive_per_image + 12 * 2 * s_per_sample + 10.0,
         # Two refines each at no better than the main fit's rate, and 20 s for any captures.
         **dict.fromkeys(
             REFINE_VARIANTS,

@@ -101,6 +101,11 @@ def test_reports_device_ceiling_flops_and_targets(tiny_run: Any) -> None:
         "refine_graphed": "needs CUDA",
         "refine_graphed_no_autocast": "needs CUDA",
     }
+    check = result["naive_check"]
+    for key in ("reference_style_s_per_image", "naive_style_s_per_image"):
+        assert check[key] > 0
+    assert check["unet_batch2_ms_no_grad"] > 0 and check["unet_batch2_ms_inference_mode"] > 0
+    assert summary["iteration_speedup_reference_style_naive"] > 0
     # Without autocast on the CPU is the CPU's default: the same training.
     assert result["refine_no_autocast"]["against_main_fit"] == {
         "rows_max_relative": 0.0,
