@@ -310,3 +310,36 @@ def test_sampler_swaps_the_scheduler_for_direct_pipeline_calls(pipe):
     assert pipe.scheduler is own
     with _gen(pipe).sampler():  # no scheduler setting: the pipeline's own stays
         assert pipe.scheduler is own
+
+
+@pytest.mark.parametrize(
+    ("n", "cap", "expected"),
+    [(16, 13, 8), (128, 13, 13), (64, 8, 8), (20, 8, 7), (3, 8, 3), (1, 64, 1), (5, 1, 1)],
+)
+def test_automatic_batches_split_evenly(n, cap, expected):
+    from consistent_char.generators.sdxl import _even_batch_size
+
+    batch = _even_batch_size(n, cap)
+    assert batch == expected
+    # No more calls than the cap needs, and no call over the cap.
+    assert -(-n // batch) == -(-n // cap) and batch <= cap
+
+
+def test_cuda_batch_counts_memory_the_allocator_caches_as_free(pipe, monkeypatch):
+    from consistent_char.generators import sdxl
+
+    gib = 2**30
+    side = 128 * pipe.vae_scale_factor  # 128 x 128 latent pixels, as SDXL's 1024² has
+    gen = _gen(pipe, guidance_scale=7.5)
+    # 2 passes x 128 x 128 latent pixels x 131,072 bytes: 4 GiB an image.
+    monkeypatch.setattr(type(pipe), "device", property(lambda self: torch.device("cuda", 0)))
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (40 * gib, 80 * gib))
+    monkeypatch.setattr(torch.cuda, "memory_allocated", lambda device=None: 10 * gib)
+    monkeypatch.setattr(torch.cuda, "memory_reserved", lambda device=None: 10 * gib)
+    # 0.8 x 40 GiB / 4 GiB: 8 a batch, and 16 images go as 8 + 8.
+    assert gen._auto_batch_size(16, side, side) == 8
+    # 20 GiB cached by the allocator but in no tensor (e.g. the refiner's activations): free too.
+    monkeypatch.setattr(torch.cuda, "memory_reserved", lambda device=None: 30 * gib)
+    assert sdxl._cuda_free_bytes(torch.device("cuda", 0)) == 60 * gib
+    # 0.8 x 60 / 4 = 12 a batch; 16 images go as 8 + 8 either way, 24 as 12 + 12.
+    assert gen._auto_batch_size(24, side, side) == 12
