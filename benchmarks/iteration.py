@@ -1783,6 +1783,9 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--refine-batches", action=argparse.BooleanOptionalAction, default=True,
                    help="measure the library's refiner at training batch 4 too")  # fmt: skip
     p.add_argument("--skip-naive", action="store_true", help="library path only")
+    p.add_argument("--memory-cap-gib", type=float,
+                   help="run as on a smaller card: cap this process's CUDA memory "
+                        "(torch.cuda.set_per_process_memory_fraction)")  # fmt: skip
     p.add_argument("--library-images", type=int)
     p.add_argument("--naive-images", type=int)
     p.add_argument("--library-train-steps", type=int)
@@ -1793,6 +1796,22 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
                    help="ExtractorConfig override for the library path, e.g. "
                         "refiner.batch_size=4 (repeatable)")  # fmt: skip
     return p.parse_args(argv)
+
+
+def memory_cap(device: Device, gib: float | None) -> dict[str, float] | None:
+    """Caps this process's CUDA memory at `gib`, so that the run shows what a smaller card
+    would (the allocator raises out-of-memory past the cap; the generator sizes its batches
+    within it)."""
+    if gib is None:
+        return None
+    if not device.is_cuda:
+        raise SystemExit("--memory-cap-gib needs a CUDA device")
+    total = torch.cuda.get_device_properties(device.torch_device).total_memory
+    if not 0 < gib * 2**30 <= total:
+        raise SystemExit(f"--memory-cap-gib must be in (0, {total / 2**30:.1f}], got {gib}")
+    fraction = gib * 2**30 / total
+    torch.cuda.set_per_process_memory_fraction(fraction, device.torch_device)
+    return {"gib": gib, "fraction_of_card": fraction}
 
 
 def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
@@ -1807,6 +1826,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         torch.set_num_threads(1)
     if device.is_cuda:
         torch.backends.cuda.matmul.allow_tf32 = True
+    cap = memory_cap(device, args.memory_cap_gib)
     result: dict[str, Any] = {
         "schema_version": SCHEMA_VERSION,
         "complete": False,
@@ -1814,6 +1834,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         "extrapolated": plan.extrapolated,
         "plan": asdict(plan),
         "time_budget_s": args.time_budget_s,
+        "memory_cap": cap,
         "paths": {},
         "skipped": [],
         "errors": [],

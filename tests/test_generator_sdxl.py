@@ -336,6 +336,7 @@ def test_cuda_batch_counts_memory_the_allocator_caches_as_free(pipe, monkeypatch
     monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (40 * gib, 80 * gib))
     monkeypatch.setattr(torch.cuda, "memory_allocated", lambda device=None: 10 * gib)
     monkeypatch.setattr(torch.cuda, "memory_reserved", lambda device=None: 10 * gib)
+    monkeypatch.setattr(torch.cuda, "get_per_process_memory_fraction", lambda device=None: 1.0)
     # 0.8 x 40 GiB / 4 GiB: 8 a batch, and 16 images go as 8 + 8.
     assert gen._auto_batch_size(16, side, side) == 8
     # 20 GiB cached by the allocator but in no tensor (e.g. the refiner's activations): free too.
@@ -343,3 +344,7 @@ def test_cuda_batch_counts_memory_the_allocator_caches_as_free(pipe, monkeypatch
     assert sdxl._cuda_free_bytes(torch.device("cuda", 0)) == 60 * gib
     # 0.8 x 60 / 4 = 12 a batch; 16 images go as 8 + 8 either way, 24 as 12 + 12.
     assert gen._auto_batch_size(24, side, side) == 12
+    # A process capped at 30% of the 80 GiB card (24 GiB) with 10 GiB in tensors has 14 left.
+    monkeypatch.setattr(torch.cuda, "get_per_process_memory_fraction", lambda device=None: 0.3)
+    assert sdxl._cuda_free_bytes(torch.device("cuda", 0)) == int(0.3 * 80 * gib) - 10 * gib
+    assert gen._auto_batch_size(24, side, side) == 2  # 0.8 x 14 / 4 = 2.8

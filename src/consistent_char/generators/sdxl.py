@@ -418,10 +418,15 @@ def _even_batch_size(n: int, cap: int) -> int:
 def _cuda_free_bytes(device: torch.device) -> int:
     """Bytes this process can still allocate on `device`: what the driver reports free, plus
     what PyTorch's caching allocator holds without a tensor in it (the refiner's activations,
-    an earlier batch's), which the allocator releases when an allocation needs it."""
-    free, _ = torch.cuda.mem_get_info(device)
-    cached = torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)
-    return int(free + max(0, cached))
+    an earlier batch's), which the allocator releases when an allocation needs it; at most what
+    `torch.cuda.set_per_process_memory_fraction` leaves this process."""
+    free, total = torch.cuda.mem_get_info(device)
+    allocated = torch.cuda.memory_allocated(device)
+    free += max(0, torch.cuda.memory_reserved(device) - allocated)
+    fraction = getattr(torch.cuda, "get_per_process_memory_fraction", None)
+    if fraction is not None:  # torch >= 2.8
+        free = min(free, int(fraction(device) * total) - allocated)
+    return max(0, int(free))
 
 
 def _check_values(
