@@ -1206,7 +1206,13 @@ def unet_setting(pipe: Any, name: str) -> Iterator[bool]:
     unet = pipe.unet
     cudnn_before = torch.backends.cudnn.benchmark
     names = set(name.split("+"))
+    attention = contextlib.ExitStack()
     try:
+        for setting, backend in ATTENTION_BACKENDS.items():
+            if setting in names:
+                from torch.nn.attention import SDPBackend, sdpa_kernel
+
+                attention.enter_context(sdpa_kernel([getattr(SDPBackend, backend)]))
         if "channels_last" in names:
             unet.to(memory_format=torch.channels_last)
         if "fused_qkv" in names:
@@ -1225,10 +1231,18 @@ def unet_setting(pipe: Any, name: str) -> Iterator[bool]:
         if "channels_last" in names:
             unet.to(memory_format=torch.contiguous_format)
         torch.backends.cudnn.benchmark = cudnn_before
+        attention.close()
 
 
 VARIANTS = ("eager", "channels_last", "fused_qkv", "cudnn_benchmark",
             "channels_last+fused_qkv+cudnn_benchmark")  # fmt: skip
+#: Attention variants (CUDA only): `scaled_dot_product_attention` held to one backend. Eager
+#: lets PyTorch choose (flash attention for these shapes on an H200, as far as is known).
+ATTENTION_BACKENDS = {
+    "flash_attention": "FLASH_ATTENTION",
+    "cudnn_attention": "CUDNN_ATTENTION",
+    "efficient_attention": "EFFICIENT_ATTENTION",
+}
 
 
 def run_unet_variants(
@@ -1246,7 +1260,7 @@ def run_unet_variants(
     (as every iteration after the first generates), unfused and fused into the weights."""
     repeats = 2 if device.is_cuda else 1
     out: dict[str, Any] = {"batch": batch, "repeats": repeats, "variants": {}}
-    for name in VARIANTS:
+    for name in VARIANTS + (tuple(ATTENTION_BACKENDS) if device.is_cuda else ()):
         try:
             with unet_setting(models.pipe, name) as channels_last:
                 first, per_call = time_unet(
@@ -2002,7 +2016,8 @@ def optional_estimates(
     return {
         # Each variant (+2 with the identity's LoRA): one first call and two timed forwards;
         # cuDNN autotuning and applying/removing the identity on top.
-        "unet_variants": (len(VARIANTS) + 2) * 3 * batch * s_per_sample + 15.0,
+        "unet_variants": (len(VARIANTS) + len(ATTENTION_BACKENDS) + 2) * 3 * batch * s_per_sample
+        + 15.0,
         # At worst batch 4 costs 4x a batch-1 step.
         "refine_batches": refine["fixed_s"] + short * 4 * refine["s_per_unit"] + 5.0,
         # Compiling the blocks for training (forward and backward) is assumed at 90 s; the two
