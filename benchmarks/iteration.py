@@ -1780,14 +1780,15 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--out", help="also write the JSON here (after every part)")
     p.add_argument("--device", help="torch device (default: cuda; cpu with --tiny)")
     p.add_argument("--time-budget-s", type=float, default=None,
-                   help="skip the optional parts (UNet variants, compile) that would end past "
-                        "this many seconds; recorded in the JSON")  # fmt: skip
+                   help="skip the optional parts (refiner variants, naive check, UNet "
+                        "variants, batch-4 and compiled training, compile) that would end "
+                        "past this many seconds; recorded in the JSON")  # fmt: skip
     p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=False,
                    help="also measure regional torch.compile of the UNet (compile time, "
                         "UNet rate, one compiled generation batch)")  # fmt: skip
     p.add_argument("--variants", action=argparse.BooleanOptionalAction, default=True,
                    help="measure the UNet under candidate settings (channels_last, fused QKV, "
-                        "cuDNN autotuning)")  # fmt: skip
+                        "cuDNN autotuning; on CUDA each attention backend)")  # fmt: skip
     p.add_argument("--naive-check", action=argparse.BooleanOptionalAction, default=True,
                    help="time the naive generation as shared/bench's reference called the "
                         "pipeline too (precomputed prompt, inference_mode)")  # fmt: skip
