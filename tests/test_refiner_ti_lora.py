@@ -489,17 +489,42 @@ HOST_READS = {
 
 
 class _OpRecorder(torch.utils._python_dispatch.TorchDispatchMode):
-    """Records the name of every aten op dispatched while `active`."""
+    """Records what a CUDA graph of the training step depends on, step by step, while `active`:
+    every aten op's name, the ops given an explicit `generator` (a CPU generator's draws are
+    host work, which a replay would not redo), and each step's *external* inputs: the storages
+    an op reads that no op of the same step produced (parameters, buffers, the step's input
+    tensors). A replay reads exactly the external storages its capture saw."""
 
     def __init__(self) -> None:
         super().__init__()
         self.active = True
         self.ops: list[str] = []
+        self.seeded_ops: list[str] = []
+        self.external: list[set[int]] = []
+        self._produced: set[int] = set()
+
+    def begin_step(self) -> None:
+        self.external.append(set())
+        self._produced = set()
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
         if self.active:
             self.ops.append(func._schema.name)
-        return func(*args, **(kwargs or {}))
+            if kwargs.get("generator") is not None:
+                self.seeded_ops.append(func._schema.name)
+            for ptr in _storages((args, kwargs)):
+                if ptr not in self._produced:
+                    self.external[-1].add(ptr)
+        out = func(*args, **kwargs)
+        self._produced |= _storages(out)
+        return out
+
+
+def _storages(tree) -> set[int]:
+    leaves = torch.utils._pytree.tree_leaves(tree)
+    ptrs = {t.untyped_storage().data_ptr() for t in leaves if isinstance(t, torch.Tensor)}
+    return ptrs - {0}
 
 
 def _record_step_ops(monkeypatch, run) -> _OpRecorder:
@@ -517,6 +542,7 @@ def _record_step_ops(monkeypatch, run) -> _OpRecorder:
     original = ti_lora._StepRunner.__call__
 
     def recorded(self):
+        recorder.begin_step()
         with recorder:
             return original(self)
 
@@ -536,6 +562,20 @@ def _record_step_ops(monkeypatch, run) -> _OpRecorder:
     return recorder
 
 
+def _graph_safety_problems(recorder: _OpRecorder) -> list[str]:
+    """What would break a CUDA graph of the step: host reads, host RNG, and external inputs a
+    replay (step 5 on) reads that the capture (step 4, after 3 warm-up steps) did not."""
+    problems = [f"host read: {op}" for op in sorted({o for o in recorder.ops if o in HOST_READS})]
+    problems += [f"seeded draw: {op}" for op in sorted(set(recorder.seeded_ops))]
+    capture = recorder.external[3]
+    for step, external in enumerate(recorder.external[4:], start=5):
+        if external - capture:
+            problems.append(
+                f"step {step} reads {len(external - capture)} tensor(s) new since the capture"
+            )
+    return problems
+
+
 @pytest.mark.parametrize(
     "settings",
     [
@@ -546,37 +586,49 @@ def _record_step_ops(monkeypatch, run) -> _OpRecorder:
     ],
     ids=["defaults", "accumulation-caps", "ti", "bf16-autocast"],
 )
-def test_training_step_reads_nothing_back_from_the_device(pipe, images, monkeypatch, settings):
+def test_training_step_is_safe_to_capture(pipe, images, monkeypatch, settings):
     # What `cuda_graphs` captures is one call of the step: forward of both text encoders and
-    # the UNet, the loss, backward, clipping and the row caps. A host read in there would fail
-    # the capture on CUDA; on the CPU it shows up as one of these ops.
+    # the UNet, the loss, backward, clipping and the row caps. On the CPU the recorder shows
+    # what would break a capture or a replay on CUDA.
     recorder = _record_step_ops(
         monkeypatch,
-        lambda: _refiner(pipe, steps=2, **settings).refine(None, images, CAPTIONS, seed=0),
+        lambda: _refiner(pipe, steps=6, **settings).refine(None, images, CAPTIONS, seed=0),
     )
-    assert len(recorder.ops) > 500, "the step's ops were not recorded"
-    assert "aten::convolution" in recorder.ops and "aten::mse_loss" in recorder.ops
-    reads = sorted({op for op in recorder.ops if op in HOST_READS})
-    assert reads == [], f"the training step reads device values on the host: {reads}"
+    assert len(recorder.external) == 6
+    assert len(recorder.ops) > 6 * 500, "the step's ops were not recorded"
+    assert "aten::convolution_backward" in recorder.ops and "aten::mse_loss" in recorder.ops
+    assert _graph_safety_problems(recorder) == []
 
 
-def test_op_recorder_sees_a_host_read(pipe, images, monkeypatch):
-    # The check above is only as good as the recorder: a step that reads its loss on the host
-    # must be caught.
+def test_graph_safety_check_catches_each_kind_of_problem(pipe, images, monkeypatch):
+    # The check above is only as good as the recorder: a step that reads its loss on the host,
+    # draws on a CPU generator, or reads a tensor made anew for each step must be caught.
     from consistent_char.refiners import ti_lora
 
-    original = ti_lora.TextualInversionLoRARefiner._loss
+    original_loss = ti_lora.TextualInversionLoRARefiner._loss
+    original_fill = ti_lora._StepInputs.fill
+    kept: list[torch.Tensor] = []  # no address reused: each new tensor is told apart
 
-    def reading_loss(self, *args, **kwargs):
-        loss = original(self, *args, **kwargs)
+    def bad_loss(self, *args, **kwargs):
+        loss = original_loss(self, *args, **kwargs)
         float(loss)
+        torch.randn(2, generator=torch.Generator().manual_seed(0))
         return loss
 
-    monkeypatch.setattr(ti_lora.TextualInversionLoRARefiner, "_loss", reading_loss)
+    def fresh_noise(self, k, indices, noise, timesteps):
+        kept.append(self.noise)
+        self.noise = torch.empty_like(self.noise)
+        original_fill(self, k, indices, noise, timesteps)
+
+    monkeypatch.setattr(ti_lora.TextualInversionLoRARefiner, "_loss", bad_loss)
+    monkeypatch.setattr(ti_lora._StepInputs, "fill", fresh_noise)
     recorder = _record_step_ops(
-        monkeypatch, lambda: _refiner(pipe, steps=1).refine(None, images, CAPTIONS, seed=0)
+        monkeypatch, lambda: _refiner(pipe, steps=6).refine(None, images, CAPTIONS, seed=0)
     )
-    assert "aten::_local_scalar_dense" in recorder.ops
+    problems = _graph_safety_problems(recorder)
+    assert "host read: aten::_local_scalar_dense" in problems
+    assert "seeded draw: aten::randn" in problems
+    assert any(p.startswith("step 5 reads") for p in problems), problems
 
 
 def test_step_runner_warms_up_captures_once_then_replays(monkeypatch):
