@@ -29,6 +29,7 @@ import logging
 import math
 import os
 import time
+import warnings
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from numbers import Integral
@@ -1113,7 +1114,9 @@ class _StepRunner:
             self.side = torch.cuda.Stream()
         main = torch.cuda.current_stream()
         self.side.wait_stream(main)  # the inputs were filled on the main stream
-        with torch.cuda.stream(self.side):
+        with torch.cuda.stream(self.side), warnings.catch_warnings():
+            # AdamW warns that a capturable optimizer runs uncaptured: here it must, to warm up.
+            warnings.filterwarnings("ignore", message=".*capturable=True.*")
             output = self.step()
         main.wait_stream(self.side)
         # Read on the main stream: its memory must not be reused before that read.
