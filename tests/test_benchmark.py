@@ -95,6 +95,8 @@ def test_reports_device_ceiling_flops_and_targets(tiny_run: Any) -> None:
     for target in ("iteration_speedup", "unet_fraction_of_peak"):
         assert isinstance(summary["targets"][target]["met"], bool)
         assert summary["targets"][target]["best"] > 0
+        # Which configuration the best figure came from: the default path, or one to switch on.
+        assert isinstance(summary["targets"][target]["best_from"], str)
     skipped = {s["part"]: s["reason"] for s in result["skipped"]}
     assert skipped == {
         "compile": "--no-compile",
