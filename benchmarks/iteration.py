@@ -719,15 +719,12 @@ def run_naive(
     seeds = seeds_for(plan, n)
     times: dict[str, float] = {}
 
-    def one_image(seed: int, steps: int) -> Any:
-        return naive_image(pipe, plan, seed, steps)
-
     # 1. Generation: one pipeline call per image, the prompt encoded each time.
     with device.timed(times, "warmup"):
-        one_image(seeds[0], 2)
+        naive_image(pipe, plan, seeds[0], 2)
     clock.log(f"naive: warm-up image {times['warmup']:.1f}s; generating {n} images")
     with generation_spans(device, pipe) as probe, device.timed(times, "generation"):
-        images = [one_image(s, plan.num_inference_steps) for s in seeds]
+        images = [naive_image(pipe, plan, s, plan.num_inference_steps) for s in seeds]
     spans = probe.summary()
     stages["generation"] = stage(times["generation"], n, "image", plan.images_at_defaults)
     out["generation_warmup_s"] = times["warmup"]
@@ -1148,19 +1145,9 @@ def run_naive_check(
         out["naive_style_s_per_image"] = times["naive_style"] / n
         out["naive_path_s_per_image"] = naive["stages"]["generation"]["s_per_unit"]
         out["naive_style_over_reference_style"] = times["naive_style"] / times["reference_style"]
-        args, kwargs = unet_inputs(pipe, 2, plan.resolution)
         for name, mode in (("no_grad", torch.no_grad), ("inference_mode", torch.inference_mode)):
-            marks = []
-            with mode():
-                pipe.unet(*args, **kwargs)
-                for _ in range(5):
-                    start = device.mark()
-                    pipe.unet(*args, **kwargs)
-                    marks.append((start, device.mark()))
-            device.sync()
-            out[f"unet_batch2_ms_{name}"] = 1e3 * statistics.median(
-                Device.seconds(a, b) for a, b in marks
-            )
+            _, per_call = time_unet(pipe, device, 2, plan.resolution, 5, False, mode)
+            out[f"unet_batch2_ms_{name}"] = 1e3 * per_call
     finally:
         set_dtype(models, unet_dtype, dino_dtype)
     clock.log(
@@ -1176,15 +1163,21 @@ def run_naive_check(
 
 
 def time_unet(
-    pipe: Any, device: Device, batch: int, resolution: int, repeats: int, channels_last: bool
+    pipe: Any,
+    device: Device,
+    batch: int,
+    resolution: int,
+    repeats: int,
+    channels_last: bool,
+    grad_mode: Callable[[], Any] = torch.no_grad,
 ) -> tuple[float, float]:
     """(first call seconds, median seconds per later call) of one UNet forward at `batch`."""
     args, kwargs = unet_inputs(pipe, batch, resolution)
     if channels_last:
         args = (args[0].contiguous(memory_format=torch.channels_last), *args[1:])
-    # no_grad, not inference_mode: the pipeline runs under no_grad, and compiled code guards on
-    # the grad mode (a mismatch recompiles inside the timed generation).
-    with torch.no_grad():
+    # no_grad by default, not inference_mode: the pipeline runs under no_grad, and compiled code
+    # guards on the grad mode (a mismatch recompiles inside the timed generation).
+    with grad_mode():
         t0 = time.perf_counter()
         pipe.unet(*args, **kwargs)
         device.sync()
