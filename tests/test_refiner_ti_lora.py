@@ -254,6 +254,35 @@ def test_max_timestep_bounds_the_training_timesteps(pipe, images, monkeypatch):
     assert int(unbounded.max()) >= 50
 
 
+def test_large_images_are_encoded_a_few_at_a_time(pipe, images, monkeypatch):
+    """`ENCODE_PIXELS` bounds each VAE encoder call (its activations grow with the pixels); the
+    latents, and so the loss, do not depend on how the images are split."""
+    from consistent_char.refiners import ti_lora
+
+    calls: list[int] = []
+    original = type(pipe.vae).encode
+
+    def spy(self, x, *args, **kwargs):
+        calls.append(x.shape[0])
+        return original(self, x, *args, **kwargs)
+
+    monkeypatch.setattr(type(pipe.vae), "encode", spy)
+    six = images + images[:2]
+    captions = [CAPTIONS[0]] * 6
+    refiner = _refiner(pipe, steps=0)
+    whole = refiner.denoising_loss(None, six, captions, seed=0)
+    assert calls == [6]  # 32x32 images: all six under ENCODE_BATCH and ENCODE_PIXELS
+    calls.clear()
+    monkeypatch.setattr(ti_lora, "ENCODE_PIXELS", 4 * 32 * 32)
+    split = refiner.denoising_loss(None, six, captions, seed=0)
+    assert calls == [4, 2]
+    assert split == pytest.approx(whole, rel=1e-5)
+    calls.clear()
+    monkeypatch.setattr(ti_lora, "ENCODE_PIXELS", 100)  # less than one image: still one a call
+    refiner.denoising_loss(None, six, captions, seed=0)
+    assert calls == [1] * 6
+
+
 def test_lr_decay_scales_the_learning_rates_of_each_warm_start(pipe, images, monkeypatch):
     from consistent_char.refiners import ti_lora
 

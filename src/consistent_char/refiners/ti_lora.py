@@ -58,8 +58,12 @@ MODES: tuple[str, ...] = ("ti_lora", "ti", "lora")
 TRAIN_ADAPTER = "consistent_char_refine"
 MAX_SEED = 2**63
 DEFAULT_TARGET_MODULES = ("to_q", "to_k", "to_v", "to_out.0")
-#: Images per VAE encoder call when the training latents are computed.
+#: At most this many images per VAE encoder call when the training latents are computed...
 ENCODE_BATCH = 8
+#: ...and at most this many pixels (one 1024² image). The encoder's activations grow with the
+#: pixels: eight 1024² images at once took an estimated 10 GiB above the weights, more than
+#: a training step's activations (benchmarks/memory.py), for a once-per-refine cost.
+ENCODE_PIXELS = 1024 * 1024
 #: Eager steps (on a side stream) before `cuda_graphs` captures the training step.
 CUDA_GRAPH_WARMUP_STEPS = 3
 
@@ -605,10 +609,11 @@ class TextualInversionLoRARefiner:
         upcast = original_dtype == torch.float16 and getattr(vae.config, "force_upcast", False)
         if upcast:
             vae.to(torch.float32)
+        per_call = _encode_batch(height, width)
         try:
             chunks = []
-            for start in range(0, len(images), ENCODE_BATCH):
-                batch = pixels[start : start + ENCODE_BATCH].to(vae.device, vae.dtype)
+            for start in range(0, len(images), per_call):
+                batch = pixels[start : start + per_call].to(vae.device, vae.dtype)
                 # The posterior mean, not a sample: the UNet learned the distribution of clean
                 # latents, and a VAE with a wide posterior (ToyWorld's: std 0.24 against a
                 # latent spread of 2.7) would otherwise teach the identity a noisy look.
@@ -1148,6 +1153,12 @@ def _initial_rows(tokenizer: Any, embedding: nn.Embedding, word: str, n: int) ->
         raise ValueError(f"initializer_token {word!r} tokenizes to nothing")
     rows = embedding.weight.detach()[torch.tensor(ids, device=embedding.weight.device)]
     return rows.float().mean(dim=0, keepdim=True).repeat(n, 1)
+
+
+def _encode_batch(height: int, width: int) -> int:
+    """Images per VAE encoder call at `height` x `width`: `ENCODE_BATCH`, fewer for large images
+    so that a call holds at most `ENCODE_PIXELS` (never fewer than one)."""
+    return max(1, min(ENCODE_BATCH, ENCODE_PIXELS // (height * width)))
 
 
 def _time_ids(height: int, width: int, n: int, device: torch.device) -> torch.Tensor:
