@@ -335,6 +335,9 @@ def as_on_cuda(
     saved: list[tuple[Any, str, Any]] = []
 
     def patch(owner: Any, name: str, value: Any) -> None:
+        # A renamed attribute must fail here, not leave the estimate silently unpatched.
+        if not hasattr(owner, name):
+            raise AttributeError(f"{owner!r} has no {name!r} to patch: update memory.py")
         saved.append((owner, name, owner.__dict__.get(name, _MISSING)))
         setattr(owner, name, value)
 
