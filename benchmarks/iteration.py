@@ -938,6 +938,23 @@ def make_refiner(pipe: Any, cfg: Any, steps: int, **overrides: Any) -> Any:
     return build_refiner(cfg.refiner, pipe, steps=steps, **overrides)
 
 
+def timed_refine(
+    models: Models,
+    plan: Plan,
+    device: Device,
+    library: dict[str, Any],
+    steps: int,
+    into: dict[str, float],
+    key: str,
+    **settings: Any,
+) -> Any:
+    """One refine of the main fit's images and seed, at `steps` and with `settings` changed,
+    its wall seconds written to ``into[key]``; returns the identity."""
+    refiner = make_refiner(models.pipe, library_config(plan), steps, **settings)
+    with device.timed(into, key):
+        return refiner.refine(None, library["_train_images"], library["_captions"], seed=plan.seed)
+
+
 def fit_steps(
     short_steps: int, short_s: float, long_steps: int, long_s: float
 ) -> tuple[float, float, str]:
@@ -1335,9 +1352,8 @@ def run_refine_batches(
     """The library's refiner at larger training batches: one short run each, its fixed cost
     taken from the main fit. The first call at a batch includes any warm-up for that shape, so
     the per-sample figure is conservative."""
-    cfg = library_config(plan)
     main = library["stages"]["refinement"]
-    base_batch = cfg.refiner.batch_size
+    base_batch = library_config(plan).refiner.batch_size
     base_per_sample = main["s_per_unit"] / base_batch
     steps = plan.library_train_steps_short or max(2, plan.library_train_steps // 4)
     out: dict[str, Any] = {
@@ -1352,9 +1368,7 @@ def run_refine_batches(
         times: dict[str, float] = {}
         device.empty_cache()
         device.reset_peak()
-        refiner = make_refiner(models.pipe, cfg, steps, batch_size=batch)
-        with device.timed(times, "refine"):
-            refiner.refine(None, library["_train_images"], library["_captions"], seed=plan.seed)
+        timed_refine(models, plan, device, library, steps, times, "refine", batch_size=batch)
         per_step = max(times["refine"] - main["fixed_s"], 1e-9) / steps
         out["batches"][str(batch)] = {
             "seconds": times["refine"],
@@ -1376,23 +1390,15 @@ def run_refine_compiled(
     """The library's refiner with ``refiner.compile_blocks``: a short first refine (which
     compiles the transformer blocks for training), then the main fit's step count, timed and
     set against the eager per-step cost. The main fit's fixed cost is taken as the same."""
-    cfg = library_config(plan)
     main = library["stages"]["refinement"]
-    images, captions = library["_train_images"], library["_captions"]
     first_steps, steps = max(2, plan.warmup_train_steps), plan.library_train_steps
     times: dict[str, float] = {}
     graphs = compiled_graphs()
     device.empty_cache()
     device.reset_peak()
-    with device.timed(times, "first"):
-        make_refiner(models.pipe, cfg, first_steps, compile_blocks=True).refine(
-            None, images, captions, seed=plan.seed
-        )
+    timed_refine(models, plan, device, library, first_steps, times, "first", compile_blocks=True)
     clock.log(f"refine compiled: first refine ({first_steps} steps) {times['first']:.1f}s")
-    with device.timed(times, "timed"):
-        make_refiner(models.pipe, cfg, steps, compile_blocks=True).refine(
-            None, images, captions, seed=plan.seed
-        )
+    timed_refine(models, plan, device, library, steps, times, "timed", compile_blocks=True)
     per_step = max(times["timed"] - main["fixed_s"], 1e-9) / steps
     compile_s = max(0.0, times["first"] - main["fixed_s"] - first_steps * per_step)
     out = {
@@ -1442,23 +1448,15 @@ def run_refine_variant(
     longer one has the main fit's images, seed and steps, so its identity is set against the
     main fit's: a graph that replayed stale inputs would drift far from it."""
     settings = {**REFINE_VARIANTS[name], "compile_blocks": False}
-    cfg = library_config(plan)
     main = library["stages"]["refinement"]
-    images, captions = library["_train_images"], library["_captions"]
     steps = plan.library_train_steps
     short = min(steps - 1, max(CUDA_GRAPH_WARMUP_STEPS + 2, plan.library_train_steps_short or 0))
     times: dict[str, float] = {}
     device.empty_cache()
     device.reset_peak()
     with logged("consistent_char.refiners.ti_lora") as messages:
-        with device.timed(times, "short"):
-            make_refiner(models.pipe, cfg, short, **settings).refine(
-                None, images, captions, seed=plan.seed
-            )
-        with device.timed(times, "timed"):
-            identity = make_refiner(models.pipe, cfg, steps, **settings).refine(
-                None, images, captions, seed=plan.seed
-            )
+        timed_refine(models, plan, device, library, short, times, "short", **settings)
+        identity = timed_refine(models, plan, device, library, steps, times, "timed", **settings)
     per_step, fixed, fit = fit_steps(short, times["short"], steps, times["timed"])
     at_defaults = fixed + plan.train_steps_at_defaults * per_step
     out: dict[str, Any] = {

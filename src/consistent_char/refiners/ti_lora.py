@@ -1044,14 +1044,9 @@ class _StepInputs:
     def fill(
         self, k: int, indices: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor
     ) -> None:
-        for target, source in (
-            (self.indices[k], indices),
-            (self.noise[k], noise),
-            (self.timesteps[k], timesteps),
-        ):
-            cuda = target.device.type == "cuda"
-            # From pinned memory without blocking, as in `_to_device`.
-            target.copy_(source.pin_memory() if cuda else source, non_blocking=cuda)
+        _copy_from_host(self.indices[k], indices)
+        _copy_from_host(self.noise[k], noise)
+        _copy_from_host(self.timesteps[k], timesteps)
 
 
 class _StepRunner:
@@ -1135,12 +1130,18 @@ class _StepRunner:
         return graph, output
 
 
+def _copy_from_host(target: torch.Tensor, source: torch.Tensor) -> None:
+    """Copies a host tensor into `target`; into CUDA from pinned memory without blocking, since
+    a pageable copy waits for every kernel already queued on the stream."""
+    cuda = target.device.type == "cuda"
+    target.copy_(source.pin_memory() if cuda else source, non_blocking=cuda)
+
+
 def _to_device(tensor: torch.Tensor, device: torch.device) -> torch.Tensor:
-    """Copies a host tensor to `device`; to CUDA from pinned memory without blocking, since a
-    pageable copy waits for every kernel already queued on the stream."""
-    if device.type == "cuda":
-        return tensor.pin_memory().to(device, non_blocking=True)
-    return tensor.to(device)
+    """A copy of a host tensor on `device`, made as `_copy_from_host` makes it."""
+    out = torch.empty_like(tensor, device=device)
+    _copy_from_host(out, tensor)
+    return out
 
 
 def _token_names(token: str, n: int) -> list[str]:
