@@ -2,7 +2,11 @@
 
 - `probe_accuracy`: the probe against ground truth on fresh renders;
 - `controllability`: images generated from fully specified prompts, attribute by attribute;
-- `diversity`: how many distinct identities one vague prompt yields;
+- `diversity`: how many distinct identities one vague prompt yields, and how often the most
+  frequent one;
+- `model_peaks`: for each prompt that names one attribute, how often the model draws its most
+  frequent identity, against the world's own share (`consistent_char.toy.prior.peaks`);
+- `validity`: the fraction of images the probe takes for ToyWorld images;
 - `identity_consistency` and `prompt_adherence`, as ``DESIGN.md`` ("Measures") defines them, on
   probe records of images drawn in several contexts.
 
@@ -24,8 +28,9 @@ import numpy as np
 import torch
 from PIL import Image
 
-from consistent_char.toy.captions import full_caption
+from consistent_char.toy.captions import caption, full_caption
 from consistent_char.toy.models import IdentityProbe
+from consistent_char.toy.prior import peaks
 from consistent_char.toy.world import (
     ATTRIBUTES,
     COLORS,
@@ -49,8 +54,11 @@ __all__ = [
     "generate",
     "identity_consistency",
     "identity_key",
+    "model_peaks",
+    "one_attribute_prompts",
     "probe_accuracy",
     "prompt_adherence",
+    "validity",
 ]
 
 
@@ -89,9 +97,10 @@ def generate(
 
 
 def probe_accuracy(probe: IdentityProbe, n: int = 2000, seed: int = 12345) -> dict[str, float]:
-    """Fraction of `n` fresh renders (seed `seed`) on which the probe reads each attribute right."""
+    """Fraction of `n` fresh renders (seed `seed`, identities drawn uniformly) on which the probe
+    reads each attribute right."""
     rng = np.random.default_rng([seed, 17])
-    records = [sample_record(rng) for _ in range(n)]
+    records = [sample_record(rng, prior="uniform") for _ in range(n)]
     predictions = probe.predict([render(r) for r in records])
     return {
         a: float(
@@ -113,9 +122,10 @@ def controllability(
 ) -> dict[str, float]:
     """Generates from `n_images` fully specified prompts (identity + scene, drawn uniformly) and
     returns, per attribute, the fraction of images where the probe agrees with the prompt, plus
-    ``"mean"`` (over attributes) and ``"all"`` (images right on every attribute)."""
+    ``"mean"`` (over attributes), ``"all"`` (images right on every attribute) and, with a
+    probe that has a validity head, ``"valid"`` (`validity`)."""
     rng = np.random.default_rng([seed, 29])
-    records = [sample_record(rng) for _ in range(n_images)]
+    records = [sample_record(rng, prior="uniform") for _ in range(n_images)]
     prompts = [full_caption(r) for r in records]
     images = generate(
         pipe,
@@ -133,7 +143,17 @@ def controllability(
     result = {a: float(h.mean()) for a, h in hits.items()}
     result["mean"] = float(np.mean([result[a] for a in ATTRIBUTES]))
     result["all"] = float(np.logical_and.reduce(list(hits.values())).mean())
+    if getattr(probe, "valid_head", None) is not None:
+        result["valid"] = validity(probe, images)
     return result
+
+
+def validity(probe: IdentityProbe, images: Sequence[Image.Image], threshold: float = 0.5) -> float:
+    """The fraction of `images` whose validity probability (`IdentityProbe.predict_validity`)
+    is at least `threshold`: images the probe takes for ToyWorld images."""
+    if len(images) == 0:
+        raise ValueError("validity needs at least one image")
+    return float((probe.predict_validity(images) >= threshold).mean())
 
 
 def identity_key(record: Mapping[str, str]) -> tuple[str, ...]:
@@ -159,7 +179,8 @@ def diversity(
     batch_size: int = 64,
 ) -> dict[str, Any]:
     """Draws `n` images of one prompt; ``"distinct_identities"`` counts the probe's distinct
-    identities among them, ``"distinct_values"`` the distinct values of each attribute."""
+    identities among them, ``"top_share"`` is the fraction of the most frequent one
+    (``"top_identity"``), ``"distinct_values"`` the distinct values of each attribute."""
     images = generate(
         pipe,
         [prompt] * n,
@@ -169,12 +190,86 @@ def diversity(
         batch_size=batch_size,
     )
     records = probe.predict(images)
+    top, count = _most_frequent(records)
     return {
         "prompt": prompt,
         "n": n,
         "distinct_identities": distinct_identities(records),
+        "top_identity": list(top),
+        "top_share": count / n,
         "distinct_values": {a: len({r[a] for r in records}) for a in ATTRIBUTES},
     }
+
+
+def _most_frequent(records: Sequence[Mapping[str, str]]) -> tuple[tuple[str, ...], int]:
+    counts: dict[tuple[str, ...], int] = {}
+    for r in records:
+        key = identity_key(r)
+        counts[key] = counts.get(key, 0) + 1
+    top = max(counts, key=lambda k: counts[k])
+    return top, counts[top]
+
+
+def one_attribute_prompts() -> dict[str, dict[str, str]]:
+    """Every prompt that names exactly one identity attribute value, with what it names:
+    ``{"a red creature": {"color": "red"}, "a creature with no hat": {"hat": "none"}, ...}``
+    (``hat_color="none"`` reads "with no hat", the same prompt as ``hat="none"``)."""
+    out: dict[str, dict[str, str]] = {}
+    for entry in peaks().values():
+        fixed = entry["fixed"]
+        if len(fixed) != 1:
+            continue
+        ((name, _),) = fixed.items()
+        top = dict(zip(IDENTITY_ATTRIBUTES, entry["top_identity"], strict=True))
+        record = CreatureRecord(**top, scene=SCENES[0])
+        out.setdefault(caption(record, [name]), fixed)
+    return out
+
+
+def model_peaks(
+    pipe: Any,
+    probe: IdentityProbe,
+    n_per_prompt: int = 64,
+    seed: int = 0,
+    *,
+    guidance_scale: float = 7.5,
+    num_inference_steps: int = 30,
+    batch_size: int = 64,
+) -> dict[str, Any]:
+    """How peaked the model's draws are for each one-attribute prompt, against the world's.
+
+    For each prompt of `one_attribute_prompts`, `n_per_prompt` images are drawn and read by the
+    probe; the share of the most frequent identity is set against the world's share of its own
+    most likely identity for the same condition (`consistent_char.toy.prior.peaks`).
+
+    Returns:
+        ``{"prompts": {prompt: {"fixed", "model_top", "model_share", "world_top",
+        "world_share", "ratio"}}, "max_ratio", "min_ratio"}``; ``ratio`` is model over world.
+    """
+    world = {tuple(sorted(e["fixed"].items())): e for e in peaks().values()}
+    out: dict[str, Any] = {}
+    for p, (prompt, fixed) in enumerate(one_attribute_prompts().items()):
+        images = generate(
+            pipe,
+            [prompt] * n_per_prompt,
+            [seed * 1_000_003 + 700_000 + 1_000 * p + j for j in range(n_per_prompt)],
+            guidance_scale=guidance_scale,
+            num_inference_steps=num_inference_steps,
+            batch_size=batch_size,
+        )
+        top, count = _most_frequent(probe.predict(images))
+        ref = world[tuple(sorted(fixed.items()))]
+        share = count / n_per_prompt
+        out[prompt] = {
+            "fixed": fixed,
+            "model_top": list(top),
+            "model_share": share,
+            "world_top": ref["top_identity"],
+            "world_share": ref["top_share"],
+            "ratio": share / ref["top_share"],
+        }
+    ratios = [v["ratio"] for v in out.values()]
+    return {"prompts": out, "max_ratio": max(ratios), "min_ratio": min(ratios)}
 
 
 def identity_consistency(

@@ -35,6 +35,7 @@ from consistent_char.toy.captions import VOCABULARY
 from consistent_char.toy.world import ATTRIBUTES, IMAGE_SIZE
 
 __all__ = [
+    "VALID",
     "DINO_MEAN",
     "DINO_STD",
     "IdentityProbe",
@@ -308,11 +309,14 @@ def dinov2_pixels(images: np.ndarray | torch.Tensor) -> torch.Tensor:
 
 PROBE_CONFIG = "config.json"
 PROBE_WEIGHTS = "model.safetensors"
+#: The key of the validity logit in the probe's outputs.
+VALID = "valid"
 
 
 @dataclass
 class ProbeConfig:
-    """The probe's classes (attribute → values, in class-index order) and its widths."""
+    """The probe's classes (attribute → values, in class-index order), its widths, and whether
+    it has a validity head (is this a ToyWorld image at all?)."""
 
     attributes: dict[str, list[str]] = field(
         default_factory=lambda: {k: list(v) for k, v in ATTRIBUTES.items()}
@@ -320,10 +324,14 @@ class ProbeConfig:
     channels: tuple[int, ...] = (32, 64, 128)
     hidden: int = 256
     image_size: int = IMAGE_SIZE
+    validity: bool = True
 
 
 class IdentityProbe(nn.Module):
-    """Classifies every ToyWorld attribute (identity and scene) of 64 px images.
+    """Classifies every ToyWorld attribute (identity and scene) of 64 px images, and tells
+    ToyWorld images from images that are not (`predict_validity`: a creature without eyes, with
+    faint eyes or a faint hat, blurred, or two creatures blended, as a loop that trains on its
+    own images may come to draw).
 
     Used by evaluation only, never by the loop. Inputs are scaled to ``[-1, 1]``.
 
@@ -357,11 +365,16 @@ class IdentityProbe(nn.Module):
         self.heads = nn.ModuleDict(
             {a: nn.Linear(self.config.hidden, len(v)) for a, v in self.config.attributes.items()}
         )
+        self.valid_head = nn.Linear(self.config.hidden, 1) if self.config.validity else None
 
     def forward(self, pixels: torch.Tensor) -> dict[str, torch.Tensor]:
-        """``(N, 3, H, W)`` in ``[-1, 1]`` → logits by attribute."""
+        """``(N, 3, H, W)`` in ``[-1, 1]`` → logits by attribute (and ``"valid"``, one logit
+        per image, when the probe has a validity head)."""
         h = self.trunk(self.features(pixels))
-        return {a: head(h) for a, head in self.heads.items()}
+        out = {a: head(h) for a, head in self.heads.items()}
+        if self.valid_head is not None:
+            out[VALID] = self.valid_head(h)[:, 0]
+        return out
 
     @staticmethod
     def to_pixels(
@@ -384,21 +397,33 @@ class IdentityProbe(nn.Module):
         return torch.from_numpy(array).permute(0, 3, 1, 2).float() / 127.5 - 1.0
 
     @torch.no_grad()
-    def predict_indices(
-        self, images: Sequence[Image.Image] | np.ndarray, *, batch_size: int = 256
+    def _outputs(
+        self, images: Sequence[Image.Image] | np.ndarray, batch_size: int
     ) -> dict[str, np.ndarray]:
-        """Class indices by attribute, each an ``(N,)`` array."""
+        """Softmax probabilities by attribute (``(N, classes)``) and the validity probability
+        (``(N,)``, under `VALID`, when the probe has the head)."""
         was_training = self.training
         self.eval()
         device = next(self.parameters()).device
-        out: dict[str, list[np.ndarray]] = {a: [] for a in self.heads}
+        out: dict[str, list[np.ndarray]] = {}
         for start in range(0, len(images), batch_size):
             chunk = images[start : start + batch_size]
             logits = self(self.to_pixels(chunk, self.config.image_size).to(device))
             for a, lg in logits.items():
-                out[a].append(lg.argmax(-1).cpu().numpy())
+                p = torch.sigmoid(lg) if a == VALID else lg.softmax(-1)
+                out.setdefault(a, []).append(p.float().cpu().numpy())
         self.train(was_training)
-        return {a: np.concatenate(v) if v else np.zeros(0, int) for a, v in out.items()}
+        if not out:
+            empty = {a: np.zeros((0, len(v))) for a, v in self.config.attributes.items()}
+            return {**empty, **({VALID: np.zeros(0)} if self.valid_head is not None else {})}
+        return {a: np.concatenate(v) for a, v in out.items()}
+
+    def predict_indices(
+        self, images: Sequence[Image.Image] | np.ndarray, *, batch_size: int = 256
+    ) -> dict[str, np.ndarray]:
+        """Class indices by attribute, each an ``(N,)`` array."""
+        probs = self._outputs(images, batch_size)
+        return {a: probs[a].argmax(-1) for a in self.heads}
 
     def predict(
         self, images: Sequence[Image.Image] | np.ndarray, *, batch_size: int = 256
@@ -407,6 +432,18 @@ class IdentityProbe(nn.Module):
         indices = self.predict_indices(images, batch_size=batch_size)
         names = self.config.attributes
         return [{a: names[a][int(indices[a][i])] for a in names} for i in range(len(images))]
+
+    def predict_validity(
+        self, images: Sequence[Image.Image] | np.ndarray, *, batch_size: int = 256
+    ) -> np.ndarray:
+        """The probability that each image is a ToyWorld image, ``(N,)``.
+
+        Raises:
+            ValueError: The probe was trained without a validity head.
+        """
+        if self.valid_head is None:
+            raise ValueError("this probe has no validity head (trained without one)")
+        return self._outputs(images, batch_size)[VALID]
 
     def save_pretrained(self, directory: str | os.PathLike[str]) -> Path:
         """Writes ``config.json`` and ``model.safetensors`` (float32)."""
@@ -435,6 +472,7 @@ class IdentityProbe(nn.Module):
             channels=tuple(data["channels"]),
             hidden=int(data["hidden"]),
             image_size=int(data.get("image_size", IMAGE_SIZE)),
+            validity=bool(data.get("validity", False)),
         )
         probe = cls(config)
         probe.load_state_dict(load_file(str(root / PROBE_WEIGHTS)))

@@ -1,12 +1,19 @@
 """ToyWorld's renderer: cartoon creatures with ground-truth attributes, drawn with PIL.
 
 A creature has **identity attributes** (body shape, body colour, hat, hat colour, eye style) and
-sits in a **context** (a background scene, a position and a size). Every image comes with its
-`CreatureRecord`, and the record alone determines the image, so `render(record)` is a pure
-function and `render_creature(rng)` is deterministic given the generator.
+sits in a **context** (a background scene, a position, a size, a small tilt and a small shade of
+its colours). Every image comes with its `CreatureRecord`, and the record alone determines the
+image, so `render(record)` is a pure function.
 
-The values are chosen to stay apart at 64×64: saturated colours far from each other and from the
-backgrounds, silhouettes that differ in outline, a black outline around body and hat.
+The drawing is made for a 64 px model whose latents are 16×16 (one latent pixel is 4×4 image
+pixels): the creature fills most of the frame, every eye is at least 2×2 latent pixels and has a
+pupil, hats are large, eyes and hat sit at the same place whatever the body shape, and the
+backgrounds are smooth, so the denoising loss is not spent on background detail. Values are far
+apart: saturated colours distinct from the backgrounds, outlines that differ, a black outline
+around body and hat.
+
+Which identity an image shows is drawn from the world's prior (`consistent_char.toy.prior`):
+a few popular archetypes and a long tail.
 
 Example:
     >>> import numpy as np
@@ -38,8 +45,10 @@ __all__ = [
     "SHAPES",
     "CreatureRecord",
     "num_identities",
+    "record_with",
     "render",
     "render_creature",
+    "render_without_eyes",
     "sample_record",
 ]
 
@@ -77,18 +86,28 @@ _RGB: dict[str, tuple[int, int, int]] = {
     "pink": (255, 125, 205),
 }
 _OUTLINE = (20, 20, 20)
+_WHITE = (255, 255, 255)
+_LID = (70, 70, 80)
 
-# Body size as a fraction of the image side (width, height) at scale 1.
-_BODY_WH: dict[str, tuple[float, float]] = {
-    "round": (0.46, 0.46),
-    "square": (0.42, 0.42),
-    "triangle": (0.52, 0.48),
-    "diamond": (0.50, 0.52),
-    "tall": (0.30, 0.52),
+# Geometry in fractions of the image side, at scale 1. Every body has the same height, so the
+# hat (on the body's top) and the eyes (a fixed distance below it) do not depend on the shape.
+_BODY_H = 0.50
+_BODY_W: dict[str, float] = {
+    "round": 0.62,
+    "square": 0.58,
+    "triangle": 0.70,  # point down: the wide side is the head
+    "diamond": 0.66,
+    "tall": 0.44,
 }
-_SCALE_RANGE = (0.88, 1.12)
-_X_RANGE = (0.34, 0.66)
-_BOTTOM_RANGE = (0.86, 0.94)
+_FEET_H = 0.05
+_EYE_Y = 0.36  # of the body height, from its top
+_EYE_DX = 0.115
+_HAT_W = 0.40
+_SCALE_RANGE = (0.92, 1.06)
+_X_RANGE = (0.45, 0.55)
+_BOTTOM_RANGE = (0.95, 0.97)
+_TILT_RANGE = (-8.0, 8.0)  # degrees, about the feet
+_SHADE_RANGE = (-1.0, 1.0)  # colours × (1 + 0.08 · shade)
 
 
 def num_identities() -> int:
@@ -107,7 +126,9 @@ class CreatureRecord:
         x: Horizontal centre of the creature, as a fraction of the width.
         bottom: Vertical position of its feet, as a fraction of the height.
         scale: Size multiplier of body and hat.
-        background: Which variant of the scene's background is drawn (trees, stars, ...).
+        background: Which variant of the scene's background is drawn.
+        tilt: Rotation of the whole creature about its feet, in degrees.
+        shade: Brightens (> 0) or darkens (< 0) body and hat colours by up to 8%.
     """
 
     shape: str
@@ -117,9 +138,11 @@ class CreatureRecord:
     eyes: str
     scene: str
     x: float = 0.5
-    bottom: float = 0.88
+    bottom: float = 0.96
     scale: float = 1.0
     background: int = 0
+    tilt: float = 0.0
+    shade: float = 0.0
 
     def __post_init__(self) -> None:
         for name, values in ATTRIBUTES.items():
@@ -150,53 +173,80 @@ class CreatureRecord:
         return cls(**{k: v for k, v in data.items() if k in names})
 
 
-def sample_record(rng: np.random.Generator, **fixed: Any) -> CreatureRecord:
-    """Draws a uniformly random identity and context; keyword arguments pin attributes.
+def sample_record(
+    rng: np.random.Generator, *, prior: str = "world", **fixed: Any
+) -> CreatureRecord:
+    """Draws an identity from `prior` and a uniformly random context; keywords pin attributes.
 
-    Hat types are uniform (a fifth of the creatures have none). Pinning ``hat="none"`` forces
-    ``hat_color="none"`` and the reverse; pinning another hat colour draws a hat.
+    Args:
+        rng: The random source; the same number of values is drawn whatever is pinned, so
+            pinning one attribute leaves the other draws unchanged.
+        prior: ``"world"`` (ToyWorld's popularity weights, `consistent_char.toy.prior`) or
+            ``"uniform"`` (every identity equally likely).
+        **fixed: Attribute values to keep (identity and context fields of `CreatureRecord`).
+            The identity is drawn among those that match the pinned identity attributes, so
+            ``hat_color="red"`` implies a hat and ``hat="none"`` implies no hat colour.
     """
+    from consistent_char.toy.prior import sample_identity
+
     unknown = set(fixed) - {f.name for f in fields(CreatureRecord)}
     if unknown:
         raise ValueError(f"unknown attributes {sorted(unknown)}; known: {list(ATTRIBUTES)}")
-    # Every value is drawn, always in the same order, so pinning one attribute leaves the
-    # others' draws unchanged.
+    for name in ATTRIBUTES:
+        if name in fixed and fixed[name] not in ATTRIBUTES[name]:
+            raise ValueError(f"{name} must be one of {list(ATTRIBUTES[name])}, got {fixed[name]!r}")
+    pinned = {a: fixed[a] for a in IDENTITY_ATTRIBUTES if a in fixed}
+    identity = dict(zip(IDENTITY_ATTRIBUTES, sample_identity(rng, prior, **pinned), strict=True))
     drawn: dict[str, Any] = {
-        "shape": SHAPES[int(rng.integers(len(SHAPES)))],
-        "color": COLORS[int(rng.integers(len(COLORS)))],
-        "hat": HATS[int(rng.integers(len(HATS)))],
-        "hat_color": COLORS[int(rng.integers(len(COLORS)))],
-        "eyes": EYES[int(rng.integers(len(EYES)))],
+        **identity,
         "scene": SCENES[int(rng.integers(len(SCENES)))],
         "x": float(rng.uniform(*_X_RANGE)),
         "bottom": float(rng.uniform(*_BOTTOM_RANGE)),
         "scale": float(rng.uniform(*_SCALE_RANGE)),
         "background": int(rng.integers(_BACKGROUND_VARIANTS)),
+        "tilt": float(rng.uniform(*_TILT_RANGE)),
+        "shade": float(rng.uniform(*_SHADE_RANGE)),
     }
-    some_hat = HATS[1 + int(rng.integers(len(HATS) - 1))]
-    drawn.update(fixed)
-    if "hat" not in fixed and fixed.get("hat_color", "none") != "none" and drawn["hat"] == "none":
-        drawn["hat"] = some_hat
-    if drawn["hat"] == "none" or fixed.get("hat_color") == "none":
-        drawn["hat"] = drawn["hat_color"] = "none"
+    drawn.update({k: v for k, v in fixed.items() if k not in IDENTITY_ATTRIBUTES})
     return CreatureRecord(**drawn)
 
 
 def render_creature(
-    rng: np.random.Generator, *, size: int = IMAGE_SIZE, **fixed: Any
+    rng: np.random.Generator, *, size: int = IMAGE_SIZE, prior: str = "world", **fixed: Any
 ) -> tuple[Image.Image, CreatureRecord]:
     """Draws a random record (see `sample_record`) and renders it."""
-    record = sample_record(rng, **fixed)
+    record = sample_record(rng, prior=prior, **fixed)
     return render(record, size=size), record
 
 
 def render(record: CreatureRecord, *, size: int = IMAGE_SIZE) -> Image.Image:
     """Renders `record` as a ``size``×``size`` RGB image (a pure function of the record)."""
+    return _render(record, size, eyes=True)
+
+
+def render_without_eyes(record: CreatureRecord, *, size: int = IMAGE_SIZE) -> Image.Image:
+    """`render` with the eyes left out: not a ToyWorld image (every creature has eyes), but
+    what a faded identity looks like; the probe learns to call it invalid."""
+    return _render(record, size, eyes=False)
+
+
+def _render(record: CreatureRecord, size: int, *, eyes: bool) -> Image.Image:
     big = size * _SUPERSAMPLE
-    image = _background(record.scene, record.background, big).copy()
-    draw = ImageDraw.Draw(image)
-    _draw_creature(draw, record, big)
-    return image.resize((size, size), Image.Resampling.BOX)
+    image = _background(record.scene, record.background, big).convert("RGBA")
+    layer = Image.new("RGBA", (big, big), (0, 0, 0, 0))
+    _draw_creature(ImageDraw.Draw(layer), record, big, eyes=eyes)
+    if record.tilt:
+        # Nearest-neighbour at 4x: the box filter below smooths the steps, at a fifth of the
+        # cost of a bicubic rotation.
+        feet = (record.x * big, record.bottom * big)
+        layer = layer.rotate(record.tilt, resample=Image.Resampling.NEAREST, center=feet)
+    image.alpha_composite(layer)
+    return image.convert("RGB").resize((size, size), Image.Resampling.BOX)
+
+
+def record_with(record: CreatureRecord, **changes: Any) -> CreatureRecord:
+    """A copy of `record` with some fields changed (validated)."""
+    return replace(record, **changes)
 
 
 # ----------------------------------------------------------------------------- backgrounds
@@ -204,6 +254,7 @@ def render(record: CreatureRecord, *, size: int = IMAGE_SIZE) -> Image.Image:
 
 @lru_cache(maxsize=len(SCENES) * _BACKGROUND_VARIANTS * 2)
 def _background(scene: str, variant: int, size: int) -> Image.Image:
+    """A smooth scene: sky, ground and a few large shapes, blurred to low frequencies."""
     rng = np.random.default_rng([SCENES.index(scene), variant, 7])
     image = Image.new("RGB", (size, size))
     draw = ImageDraw.Draw(image)
@@ -213,169 +264,125 @@ def _background(scene: str, variant: int, size: int) -> Image.Image:
         return float(rng.uniform(lo, hi)) * s
 
     if scene == "forest":
-        draw.rectangle([0, 0, s, s], fill=(150, 205, 160))
-        draw.rectangle([0, int(0.70 * s), s, s], fill=(50, 120, 40))
-        for _ in range(int(rng.integers(4, 7))):
-            cx, base, w, h = u(0, 1), u(0.66, 0.74), u(0.12, 0.2), u(0.35, 0.6)
-            draw.rectangle([cx - 0.02 * s, base - 0.1 * s, cx + 0.02 * s, base], fill=(95, 60, 30))
-            for k in range(3):
-                top = base - h + k * h * 0.25
-                bot = base - 0.08 * s - (2 - k) * h * 0.12
-                draw.polygon(
-                    [(cx, top), (cx - w * (0.6 + 0.2 * k), bot), (cx + w * (0.6 + 0.2 * k), bot)],
-                    fill=(20, 95 + 10 * k, 35),
-                )
-    elif scene == "beach":
-        draw.rectangle([0, 0, s, s], fill=(120, 200, 250))
-        horizon = u(0.45, 0.52)
-        draw.rectangle([0, horizon, s, s], fill=(20, 110, 190))
-        shore = u(0.64, 0.7)
-        draw.rectangle([0, shore, s, s], fill=(240, 215, 150))
-        for k in range(3):
-            y = horizon + (shore - horizon) * (k + 1) / 4
-            x0 = u(0, 0.6)
-            draw.line([x0, y, x0 + 0.25 * s, y], fill=(230, 245, 255), width=max(1, s // 80))
-        sx, sy, r = u(0.1, 0.9), u(0.08, 0.2), 0.08 * s
-        draw.ellipse([sx - r, sy - r, sx + r, sy + r], fill=(255, 235, 90))
-    elif scene == "night":
-        draw.rectangle([0, 0, s, s], fill=(12, 16, 48))
-        draw.rectangle([0, int(0.74 * s), s, s], fill=(25, 35, 45))
-        for _ in range(int(rng.integers(18, 28))):
-            x, y, r = u(0, 1), u(0, 0.7), max(1.0, float(rng.uniform(0.004, 0.01)) * s)
-            draw.ellipse([x - r, y - r, x + r, y + r], fill=(240, 240, 200))
-        mx, my, r = u(0.12, 0.88), u(0.08, 0.22), 0.08 * s
-        draw.ellipse([mx - r, my - r, mx + r, my + r], fill=(250, 245, 190))
-        draw.ellipse([mx - 0.5 * r, my - 1.1 * r, mx + 1.5 * r, my + 0.9 * r], fill=(12, 16, 48))
-    elif scene == "snow":
-        draw.rectangle([0, 0, s, s], fill=(200, 215, 235))
+        draw.rectangle([0, 0, s, s], fill=(170, 215, 175))
         ground = u(0.66, 0.72)
+        for _ in range(int(rng.integers(2, 4))):
+            cx, w, h = u(0, 1), u(0.18, 0.28), u(0.45, 0.6)
+            draw.polygon([(cx, ground - h), (cx - w, ground), (cx + w, ground)], fill=(25, 100, 45))
+        draw.rectangle([0, ground, s, s], fill=(60, 125, 50))
+    elif scene == "beach":
+        draw.rectangle([0, 0, s, s], fill=(135, 205, 250))
+        horizon, shore = u(0.42, 0.5), u(0.62, 0.68)
+        draw.rectangle([0, horizon, s, s], fill=(25, 110, 185))
+        draw.rectangle([0, shore, s, s], fill=(240, 215, 150))
+        sx, sy, r = u(0.1, 0.9), u(0.08, 0.16), 0.08 * s
+        draw.ellipse([sx - r, sy - r, sx + r, sy + r], fill=(255, 235, 120))
+    elif scene == "night":
+        draw.rectangle([0, 0, s, s], fill=(15, 20, 55))
+        mx, my, r = u(0.12, 0.88), u(0.1, 0.2), 0.1 * s
+        draw.ellipse([mx - r, my - r, mx + r, my + r], fill=(245, 240, 195))
+        draw.rectangle([0, u(0.72, 0.76), s, s], fill=(30, 38, 50))
+    elif scene == "snow":
+        draw.rectangle([0, 0, s, s], fill=(195, 210, 232))
+        ground = u(0.62, 0.7)
+        for _ in range(2):
+            cx, r = u(0, 1), u(0.25, 0.4)
+            draw.ellipse(
+                [cx - r, ground - 0.35 * r, cx + r, ground + 0.35 * r], fill=(250, 252, 255)
+            )
         draw.rectangle([0, ground, s, s], fill=(250, 252, 255))
-        for _ in range(3):
-            cx, r = u(0, 1), u(0.15, 0.3)
-            draw.ellipse([cx - r, ground - 0.3 * r, cx + r, ground + 0.3 * r], fill=(250, 252, 255))
-        for _ in range(int(rng.integers(25, 40))):
-            x, y, r = u(0, 1), u(0, 0.95), max(1.0, float(rng.uniform(0.006, 0.012)) * s)
-            draw.ellipse([x - r, y - r, x + r, y + r], fill=(255, 255, 255))
     elif scene == "city":
-        draw.rectangle([0, 0, s, s], fill=(165, 165, 175))
-        x = -u(0, 0.1)
+        draw.rectangle([0, 0, s, s], fill=(175, 175, 185))
+        x = -u(0, 0.15)
         while x < s:
-            w, h = u(0.14, 0.24), u(0.3, 0.6)
-            top = 0.74 * s - h
-            shade = int(rng.integers(60, 95))
-            draw.rectangle([x, top, x + w - 0.01 * s, 0.74 * s], fill=(shade, shade, shade + 10))
-            for wy in np.arange(top + 0.04 * s, 0.7 * s, 0.07 * s):
-                for wx in np.arange(x + 0.03 * s, x + w - 0.04 * s, 0.06 * s):
-                    if rng.random() < 0.6:
-                        draw.rectangle(
-                            [wx, wy, wx + 0.025 * s, wy + 0.03 * s], fill=(250, 225, 110)
-                        )
+            w, h = u(0.22, 0.34), u(0.3, 0.55)
+            shade = int(rng.integers(70, 100))
+            draw.rectangle(
+                [x, 0.74 * s - h, x + w - 0.03 * s, 0.74 * s], fill=(shade, shade, shade + 12)
+            )
             x += w
-        draw.rectangle([0, int(0.74 * s), s, s], fill=(70, 70, 75))
-        for k in range(4):
-            lx = (k + float(rng.uniform(0, 0.5))) * s / 4
-            draw.rectangle([lx, 0.86 * s, lx + 0.1 * s, 0.875 * s], fill=(235, 235, 235))
+        draw.rectangle([0, int(0.74 * s), s, s], fill=(75, 75, 80))
     else:  # pragma: no cover - guarded by CreatureRecord
         raise ValueError(scene)
-    # Soften the sharp background a touch, so the creature's crisp outline stands out.
-    return image.filter(ImageFilter.BoxBlur(max(1, size // 128)))
+    return image.filter(ImageFilter.GaussianBlur(size / 48))
 
 
 # ----------------------------------------------------------------------------- creature
 
 
-def _draw_creature(draw: ImageDraw.ImageDraw, record: CreatureRecord, s: int) -> None:
+def _shaded(rgb: tuple[int, int, int], shade: float) -> tuple[int, int, int]:
+    f = 1.0 + 0.08 * shade
+    r, g, b = (int(min(255, max(0, round(c * f)))) for c in rgb)
+    return (r, g, b)
+
+
+def _draw_creature(
+    draw: ImageDraw.ImageDraw, record: CreatureRecord, s: int, *, eyes: bool = True
+) -> None:
     k = record.scale * s
-    bw, bh = (_BODY_WH[record.shape][0] * k, _BODY_WH[record.shape][1] * k)
+    bw, bh = _BODY_W[record.shape] * k, _BODY_H * k
     cx, bottom = record.x * s, record.bottom * s
-    line = max(2, round(0.018 * s))
-    fill = _RGB[record.color]
+    line = max(2, round(0.02 * s))
+    fill = _shaded(_RGB[record.color], record.shade)
 
     # Feet first, so the body overlaps them.
-    foot_w, foot_h = 0.09 * k, 0.05 * k
-    feet_top = bottom - foot_h
+    foot_w, foot_h = 0.12 * k, _FEET_H * k
+    body_bottom = bottom - foot_h * 0.6
     for side in (-1, 1):
-        fx = cx + side * 0.22 * k
-        draw.ellipse(
-            [fx - foot_w / 2, feet_top - foot_h * 0.4, fx + foot_w / 2, bottom], fill=_OUTLINE
-        )
-    body_bottom = feet_top + foot_h * 0.2
+        fx = cx + side * 0.14 * k
+        draw.ellipse([fx - foot_w / 2, bottom - foot_h, fx + foot_w / 2, bottom], fill=_OUTLINE)
     top = body_bottom - bh
     left, right = cx - bw / 2, cx + bw / 2
+    body: dict[str, Any] = {"fill": fill, "outline": _OUTLINE, "width": line}
     if record.shape == "round":
-        draw.ellipse([left, top, right, body_bottom], fill=fill, outline=_OUTLINE, width=line)
-        hat_base, hat_span = top + 0.04 * k, bw * 0.72
+        draw.ellipse([left, top, right, body_bottom], **body)
     elif record.shape == "square":
-        draw.rounded_rectangle(
-            [left, top, right, body_bottom],
-            radius=0.03 * k,
-            fill=fill,
-            outline=_OUTLINE,
-            width=line,
-        )
-        hat_base, hat_span = top + line / 2, bw * 0.85
+        draw.rounded_rectangle([left, top, right, body_bottom], radius=0.05 * k, **body)
     elif record.shape == "triangle":
-        draw.polygon(
-            [(cx, top), (left, body_bottom), (right, body_bottom)],
-            fill=fill,
-            outline=_OUTLINE,
-            width=line,
-        )
-        hat_base, hat_span = top + 0.12 * k, bw * 0.42
+        draw.polygon([(left, top), (right, top), (cx, body_bottom)], **body)
     elif record.shape == "diamond":
         mid = top + bh * 0.5
-        draw.polygon(
-            [(cx, top), (right, mid), (cx, body_bottom), (left, mid)],
-            fill=fill,
-            outline=_OUTLINE,
-            width=line,
-        )
-        hat_base, hat_span = top + 0.11 * k, bw * 0.42
+        draw.polygon([(cx, top), (right, mid), (cx, body_bottom), (left, mid)], **body)
     else:  # tall
-        draw.rounded_rectangle(
-            [left, top, right, body_bottom],
-            radius=bw * 0.45,
-            fill=fill,
-            outline=_OUTLINE,
-            width=line,
-        )
-        hat_base, hat_span = top + 0.03 * k, bw * 0.9
+        draw.rounded_rectangle([left, top, right, body_bottom], radius=bw * 0.45, **body)
 
-    eye_y = top + bh * (0.62 if record.shape in ("triangle", "diamond") else 0.42)
-    _draw_eyes(draw, record.eyes, cx, eye_y, k, line)
+    if eyes:
+        _draw_eyes(draw, record.eyes, cx, top + _EYE_Y * bh, k, line)
     if record.hat != "none":
-        _draw_hat(draw, record.hat, _RGB[record.hat_color], cx, hat_base, hat_span, k, line)
+        hat_fill = _shaded(_RGB[record.hat_color], record.shade)
+        _draw_hat(draw, record.hat, hat_fill, cx, top + 0.02 * k, k, line)
 
 
 def _draw_eyes(
     draw: ImageDraw.ImageDraw, style: str, cx: float, cy: float, k: float, line: int
 ) -> None:
-    white = (255, 255, 255)
+    def disc(x: float, y: float, r: float, fill: tuple[int, int, int], outline: bool) -> None:
+        box = [x - r, y - r, x + r, y + r]
+        if outline:
+            draw.ellipse(box, fill=fill, outline=_OUTLINE, width=line)
+        else:
+            draw.ellipse(box, fill=fill)
+
     if style == "cyclops":
-        r = 0.085 * k
-        draw.ellipse([cx - r, cy - r, cx + r, cy + r], fill=white, outline=_OUTLINE, width=line)
-        p = 0.04 * k
-        draw.ellipse([cx - p, cy - p, cx + p, cy + p], fill=_OUTLINE)
+        disc(cx, cy, 0.13 * k, _WHITE, True)
+        disc(cx, cy + 0.01 * k, 0.06 * k, _OUTLINE, False)
         return
-    dx = 0.075 * k
-    for ex in (cx - dx, cx + dx):
+    for ex in (cx - _EYE_DX * k, cx + _EYE_DX * k):
         if style == "dots":
-            r = 0.028 * k
-            draw.ellipse([ex - r, cy - r, ex + r, cy + r], fill=_OUTLINE)
+            # Solid black eyes with a white glint as the pupil's highlight.
+            disc(ex, cy, 0.07 * k, _OUTLINE, False)
+            disc(ex + 0.022 * k, cy - 0.022 * k, 0.024 * k, _WHITE, False)
         elif style == "big":
-            r = 0.058 * k
-            draw.ellipse([ex - r, cy - r, ex + r, cy + r], fill=white, outline=_OUTLINE, width=line)
-            p = 0.026 * k
-            draw.ellipse([ex - p, cy - p + 0.01 * k, ex + p, cy + p + 0.01 * k], fill=_OUTLINE)
-        else:  # sleepy: closed lids, a thick downward arc
-            w, h = 0.05 * k, 0.03 * k
-            draw.arc(
-                [ex - w, cy - h, ex + w, cy + h],
-                start=10,
-                end=170,
-                fill=_OUTLINE,
-                width=max(line, round(0.022 * k)),
+            disc(ex, cy, 0.095 * k, _WHITE, True)
+            disc(ex, cy + 0.012 * k, 0.045 * k, _OUTLINE, False)
+        else:  # sleepy: a heavy lid over the upper half, the pupil below it
+            r = 0.085 * k
+            disc(ex, cy, r, _WHITE, True)
+            disc(ex, cy + 0.035 * k, 0.038 * k, _OUTLINE, False)
+            draw.chord(
+                [ex - r, cy - r, ex + r, cy + r], 180, 360, fill=_LID, outline=_OUTLINE, width=line
             )
+            draw.line([ex - r, cy, ex + r, cy], fill=_OUTLINE, width=line)
 
 
 def _draw_hat(
@@ -384,34 +391,28 @@ def _draw_hat(
     fill: tuple[int, int, int],
     cx: float,
     base: float,
-    span: float,
     k: float,
     line: int,
 ) -> None:
     o: dict[str, Any] = {"fill": fill, "outline": _OUTLINE, "width": line}
+    w = _HAT_W * k / 2
     if hat == "cap":
-        w = max(span, 0.24 * k) / 2
-        draw.chord([cx - w, base - 1.4 * w * 0.7, cx + w, base + 1.4 * w * 0.7], 180, 360, **o)
-        draw.rectangle([cx, base - 0.035 * k, cx + w * 1.9, base], **o)
+        h = 0.2 * k
+        draw.chord([cx - w, base - h, cx + w, base + h], 180, 360, **o)
+        draw.rectangle([cx - 0.1 * w, base - 0.05 * k, cx + w * 1.6, base], **o)
     elif hat == "crown":
-        w, h = max(span, 0.24 * k) / 2, 0.14 * k
+        h = 0.17 * k
         pts = [(cx - w, base), (cx - w, base - h)]
         for i in range(1, 7):
-            pts.append((cx - w + i * w / 3, base - (h * 0.45 if i % 2 else h)))
+            pts.append((cx - w + i * w / 3, base - (h * 0.4 if i % 2 else h)))
         pts.append((cx + w, base))
         draw.polygon(pts, **o)
     elif hat == "tophat":
-        w, h = max(span * 0.75, 0.17 * k) / 2, 0.2 * k
-        brim = w + 0.06 * k
-        draw.rectangle([cx - w, base - h, cx + w, base - 0.02 * k], **o)
-        draw.rectangle([cx - brim, base - 0.035 * k, cx + brim, base], **o)
+        h, crown_w = 0.24 * k, w * 0.7
+        draw.rectangle([cx - crown_w, base - h, cx + crown_w, base - 0.03 * k], **o)
+        draw.rectangle([cx - w * 1.05, base - 0.05 * k, cx + w * 1.05, base], **o)
     elif hat == "wizard":
-        w, h = max(span, 0.24 * k) / 2, 0.25 * k
-        draw.polygon([(cx - w, base), (cx + w * 0.2, base - h), (cx + w, base)], **o)
+        h = 0.3 * k
+        draw.polygon([(cx - w, base), (cx + w * 0.15, base - h), (cx + w, base)], **o)
     else:  # pragma: no cover - guarded by CreatureRecord
         raise ValueError(hat)
-
-
-def record_with(record: CreatureRecord, **changes: Any) -> CreatureRecord:
-    """A copy of `record` with some fields changed (validated)."""
-    return replace(record, **changes)
