@@ -80,8 +80,23 @@ def test_probe_round_trip(tmp_path):
     assert loaded.predict(images) == before
     assert set(before[0]) == set(ATTRIBUTES)
     assert all(before[0][a] in ATTRIBUTES[a] for a in ATTRIBUTES)
+    validity = loaded.predict_validity(images)
+    assert validity.shape == (6,) and np.array_equal(validity, probe.predict_validity(images))
+    assert ((validity >= 0) & (validity <= 1)).all()
     with pytest.raises(FileNotFoundError, match="not a probe directory"):
         IdentityProbe.from_pretrained(tmp_path)
+
+
+def test_a_probe_without_validity_head_says_so(tmp_path):
+    from consistent_char.toy.models import ProbeConfig
+
+    probe = IdentityProbe(ProbeConfig(validity=False)).eval()
+    image = render_creature(np.random.default_rng(0))[0]
+    assert set(probe.predict([image])[0]) == set(ATTRIBUTES)
+    with pytest.raises(ValueError, match="no validity head"):
+        probe.predict_validity([image])
+    probe.save_pretrained(tmp_path / "old")
+    assert IdentityProbe.from_pretrained(tmp_path / "old").valid_head is None
 
 
 def test_dinov2_saves_with_its_image_processor(tmp_path):

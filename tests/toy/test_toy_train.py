@@ -7,6 +7,7 @@ import pytest
 import torch
 from torch import nn
 
+from consistent_char.toy.data import INVALID_KINDS
 from consistent_char.toy.models import ToyModelConfig
 from consistent_char.toy.train import (
     Checkpoint,
@@ -28,6 +29,7 @@ def _tiny_plan() -> Plan:
         n_pairs=12,
         heldout_pairs=6,
         captions_per_image=2,
+        uniform_pairs=12,
         vae=stage(4),
         unet=stage(4),
         dino=stage(4),
@@ -39,6 +41,7 @@ def _tiny_plan() -> Plan:
         eval_guidance=(5.0,),
         eval_batch=2,
         probe_eval_images=4,
+        peak_images=2,
         # CUDA's code paths (bf16 autocast, channels_last), exercised on the CPU.
         bf16=True,
         channels_last=True,
@@ -62,6 +65,12 @@ def test_every_stage_trains_exports_and_evaluates(tmp_path, capsys):
     assert (out / "probe" / "model.safetensors").is_file()
     saved = json.loads((out / "metrics.json").read_text())
     assert set(saved["probe_accuracy"]) == {"shape", "color", "hat", "hat_color", "eyes", "scene"}
+    assert set(saved["probe_validity"]) == {"renders", *INVALID_KINDS}
+    # One entry per prompt that names one attribute value, each set against the world's share.
+    assert len(saved["peaks"]["prompts"]) == 26
+    assert all(0 < p["world_share"] <= 1 for p in saved["peaks"]["prompts"].values())
+    assert {"knn_same_identity", "knn_same_scene"} <= set(saved["dinov2"])
+    assert {"peaks_ok", "dino_object_centric_ok", "diversity_ok"} <= set(saved["targets"])
     assert math.isfinite(saved["vae"]["recon_mse"]) and saved["vae"]["scaling_factor"] > 0
     assert saved["sizes_mb"]["total"] < 60
     assert {"vae", "unet", "dino", "probe", "eval"} <= set(saved["seconds"])

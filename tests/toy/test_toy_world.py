@@ -7,8 +7,10 @@ from consistent_char.toy.world import (
     IMAGE_SIZE,
     CreatureRecord,
     num_identities,
+    record_with,
     render,
     render_creature,
+    render_without_eyes,
     sample_record,
 )
 
@@ -71,8 +73,61 @@ def test_hat_colour_is_none_exactly_without_hat():
         CreatureRecord("round", "blue", "cap", "none", "big", "forest")
 
 
-def test_thousands_of_identities_and_random_records_cover_them():
+def test_thousands_of_identities_and_uniform_records_cover_them():
     assert num_identities() >= 1000
     rng = np.random.default_rng(0)
-    identities = {sample_record(rng).identity for _ in range(2000)}
+    identities = {sample_record(rng, prior="uniform").identity for _ in range(2000)}
     assert len(identities) > 800
+
+
+def test_the_world_prior_repeats_its_archetypes():
+    from consistent_char.toy.prior import ARCHETYPES
+
+    rng = np.random.default_rng(0)
+    drawn = [sample_record(rng).identity for _ in range(1000)]
+    share = sum(d in ARCHETYPES for d in drawn) / len(drawn)
+    assert 0.5 < share < 0.7  # ARCHETYPE_MASS is 0.6
+    assert len(set(drawn)) > 200  # and the tail stays diverse
+
+
+def _footprint(a, b):
+    diff = np.abs(np.asarray(a).astype(int) - np.asarray(b).astype(int)).sum(axis=-1)
+    return diff > 60
+
+
+@pytest.mark.parametrize("eyes", ["dots", "big", "sleepy", "cyclops"])
+def test_every_eye_is_at_least_two_latent_pixels_wide(eyes):
+    record = CreatureRecord("square", "green", "none", "none", eyes, "snow")
+    mask = _footprint(render(record), render_without_eyes(record))
+    centre = round(record.x * mask.shape[1])
+    halves = [mask] if eyes == "cyclops" else [mask[:, :centre], mask[:, centre:]]
+    for half in halves:
+        ys, xs = np.nonzero(half)
+        # A latent pixel is 4x4 image pixels (the VAE downsamples 4x).
+        assert xs.max() - xs.min() + 1 >= 8 and ys.max() - ys.min() + 1 >= 8, eyes
+    if eyes == "cyclops":
+        assert not mask[:, centre - 12].any() and not mask[:, centre + 12].any()
+
+
+def test_eyes_and_hat_sit_at_the_same_place_whatever_the_shape():
+    centres, hat_bottoms = [], []
+    for shape in ("round", "square", "triangle", "diamond", "tall"):
+        record = CreatureRecord(shape, "green", "tophat", "red", "big", "snow")
+        eyes = _footprint(render(record), render_without_eyes(record))
+        centres.append(np.argwhere(eyes).mean(axis=0))
+        hat = _footprint(render(record), render(record_with(record, hat="none", hat_color="none")))
+        hat_bottoms.append(np.argwhere(hat)[:, 0].max())
+    assert np.ptp(np.array(centres), axis=0).max() <= 1.0
+    assert max(hat_bottoms) - min(hat_bottoms) <= 1
+
+
+def test_the_creature_fills_a_good_part_of_the_frame():
+    rng = np.random.default_rng(0)
+    for _ in range(10):
+        record = sample_record(rng)
+        image = render(record)
+        empty = np.asarray(render(record_with(record, scale=0.01))).astype(int)  # no creature
+        drawn = np.abs(np.asarray(image).astype(int) - empty).sum(axis=-1) > 0
+        rows, cols = np.nonzero(drawn)
+        # Over half the frame's height, over 0.4 of its width, a fifth of its pixels or more.
+        assert np.ptp(rows) > 0.5 * 64 and np.ptp(cols) > 0.4 * 64 and drawn.mean() > 0.18
