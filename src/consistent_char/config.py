@@ -16,23 +16,29 @@ import difflib
 import json
 import os
 import re
+import string
 from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from consistent_char.errors import UserError
 
 DEFAULT_MODEL = "stabilityai/stable-diffusion-xl-base-1.0"
 TOY_MODEL = "toy"
 _FLOAT = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)[eE][-+]?\d+")
 
 
-class ConfigError(ValueError):
+class ConfigError(UserError, ValueError):
     """A configuration value is unknown, of the wrong type, or impossible."""
 
 
 class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", validate_assignment=True, frozen=False)
+    # No NaN or infinity anywhere: a guidance scale of nan draws black images without an error.
+    model_config = ConfigDict(
+        extra="forbid", validate_assignment=True, frozen=False, allow_inf_nan=False
+    )
 
 
 class GeneratorConfig(_Strict):
@@ -102,7 +108,7 @@ class RefinerConfig(_Strict):
     )
     lora_lr: float = Field(3e-5, gt=0, description="Learning rate of the LoRA weights.")
     embedding_lr: float = Field(5e-3, gt=0, description="Learning rate of the new token rows.")
-    steps: int = Field(500, ge=0, description="Optimisation steps per iteration.")
+    steps: int = Field(500, ge=1, description="Optimisation steps per iteration.")
     batch_size: int = Field(1, ge=1, description="Images per training step.")
     max_timestep: int | None = Field(
         None,
@@ -135,6 +141,15 @@ class RefinerConfig(_Strict):
         description="Capture the training step in a CUDA graph after 3 eager steps and replay "
         "it (CUDA only; one launch per step instead of tens of thousands of ops).",
     )
+
+    @field_validator("target_modules", mode="before")
+    @classmethod
+    def _modules_are_a_list(cls, value: Any) -> Any:
+        if isinstance(value, str):
+            raise ValueError(
+                f"give a list of module names, e.g. [{value}], not the string {value!r}"
+            )
+        return value
 
     @model_validator(mode="after")
     def _token_is_one_word(self) -> RefinerConfig:
@@ -218,13 +233,19 @@ class ExtractorConfig(_Strict):
                 f"d_min_c = {self.d_min_c} is larger than num_images = {self.num_images}: "
                 "no cluster could ever be chosen"
             )
-        for placeholder in ("{token}", "{prompt}"):
-            if placeholder not in self.identity_prompt_template:
-                raise ValueError(
-                    f"identity_prompt_template must contain {placeholder}, got "
-                    f"{self.identity_prompt_template!r}"
-                )
+        check_prompt_template(self.identity_prompt_template)
         return self
+
+    def warnings(self) -> list[str]:
+        """Settings that are possible but almost certainly not meant, one sentence each."""
+        if self.num_clusters == 1:
+            return [
+                f"K = num_images // d_size_c = {self.num_images} // {self.d_size_c} = 1: one "
+                "cluster holds every image, so the loop learns from all of them instead of "
+                f"choosing a cohesive group; set num_images to at least {2 * self.d_size_c} or "
+                "lower d_size_c"
+            ]
+        return []
 
     # ------------------------------------------------------------ construction
 
@@ -320,15 +341,64 @@ def toy_preset() -> dict[str, Any]:
     }
 
 
+def check_prompt_template(template: str) -> str:
+    """Checks an identity prompt template: plain text with the fields ``{token}`` and
+    ``{prompt}``, each at least once, and nothing else in braces (``{{`` and ``}}`` are literal
+    braces). Attribute access, indexing, format specs and conversions are refused: the template
+    is applied with `str.format`, and ``{prompt:>999999999}`` would build a gigabyte string.
+
+    Raises:
+        ValueError: The template is malformed, names another field, or lacks one of the two.
+
+    Example:
+        >>> check_prompt_template("a photo of {token}, {prompt}")
+        'a photo of {token}, {prompt}'
+    """
+    if not isinstance(template, str):
+        raise ValueError(f"the identity prompt template must be a string, got {template!r}")
+    try:
+        parts = list(string.Formatter().parse(template))
+    except ValueError as err:
+        raise ValueError(
+            f"the identity prompt template {template!r} is malformed ({err}); write {{{{ and }}}} "
+            "for literal braces"
+        ) from None
+    seen = set()
+    for _, name, spec, conversion in parts:
+        if name is None:
+            continue
+        if name not in ("token", "prompt") or spec or conversion:
+            field = "{" + name + (f"!{conversion}" if conversion else "")
+            field += (f":{spec}" if spec else "") + "}"
+            raise ValueError(
+                f"the identity prompt template may hold only {{token}} and {{prompt}}, found "
+                f"{field} in {template!r}"
+            )
+        seen.add(name)
+    for name in ("token", "prompt"):
+        if name not in seen:
+            raise ValueError(
+                f"the identity prompt template must contain {{{name}}}, got {template!r}"
+            )
+    return template
+
+
 def load_mapping(path: str | os.PathLike[str]) -> dict[str, Any]:
     """Reads a YAML/JSON mapping with a clear error for a missing or malformed file."""
     p = Path(path)
     if not p.is_file():
+        if p.is_dir():
+            raise ConfigError(f"{p} is a folder; --config takes a YAML or JSON file")
         raise ConfigError(f"config file not found: {p}")
     try:
-        data = yaml.safe_load(p.read_text())
-    except yaml.YAMLError as err:
-        raise ConfigError(f"{p} is not valid YAML/JSON: {err}") from None
+        data = yaml.safe_load(p.read_text(encoding="utf-8"))
+    except (yaml.YAMLError, UnicodeDecodeError) as err:
+        mark = getattr(err, "problem_mark", None)
+        why = getattr(err, "problem", None) or " ".join(str(err).split())
+        where = f" (line {mark.line + 1}, column {mark.column + 1})" if mark is not None else ""
+        raise ConfigError(f"{p} is not valid YAML/JSON: {why}{where}") from None
+    except OSError as err:
+        raise ConfigError(f"cannot read config file {p}: {err.strerror or err}") from None
     if data is None:
         return {}
     if not isinstance(data, dict):
@@ -347,6 +417,9 @@ def parse_assignment(text: str) -> tuple[str, Any]:
     try:
         value = yaml.safe_load(raw) if raw.strip() else ""
     except yaml.YAMLError:
+        value = raw
+    # YAML reads "{prompt}" as a mapping with an empty value; a template is meant.
+    if isinstance(value, dict) and value and all(v is None for v in value.values()):
         value = raw
     # YAML 1.1 reads "1e-4" as a string; a learning rate is meant.
     if isinstance(value, str) and _FLOAT.fullmatch(value.strip()):
