@@ -33,7 +33,8 @@ from PIL import Image
 
 from consistent_char._version import __version__
 from consistent_char.clusterers.selection import choose_cluster
-from consistent_char.config import ConfigError, ExtractorConfig
+from consistent_char.config import ExtractorConfig
+from consistent_char.errors import InvalidValueError
 from consistent_char.identity import Identity
 from consistent_char.interfaces import (
     Clusterer,
@@ -45,7 +46,7 @@ from consistent_char.interfaces import (
     Refiner,
 )
 from consistent_char.report import build_report
-from consistent_char.rundir import RunDirectory, RunState, Step, write_text_atomic
+from consistent_char.rundir import RunDirectory, RunState, Step
 
 logger = logging.getLogger(__name__)
 
@@ -151,16 +152,43 @@ class IterativeIdentityExtractor:
         Args:
             prompt: What to draw, e.g. ``"a watercolor fox with a scarf"``.
             run_dir: Where images, embeddings, clusters, identities and the state go. Without
-                one, nothing is written and a run cannot be resumed.
-            resume: Continue the run in `run_dir` from its last finished step. Its config must
-                equal this extractor's config (the error names the fields that differ).
+                one, nothing is written and a run cannot be resumed. It must be new, empty, or
+                (with `resume`) a run; one process at a time writes it (`RunDirectory.lock`).
+            resume: Continue the run in `run_dir` from its last finished step, after checking
+                its files (`RunDirectory.verify`). Its config must equal this extractor's
+                config (the error names the fields that differ).
             callback: Called with a `ProgressEvent` at each stage start, progress and end and
                 after each iteration. An exception it raises stops the run; what was finished
                 stays on disk for `resume`.
+
+        Raises:
+            consistent_char.errors.UserError: A bad prompt or run directory, a run another
+                process is writing, or a refiner setting the models cannot take (a token
+                already in the tokenizer, an unknown LoRA module), all found before any image
+                is drawn.
         """
-        cfg = self.config
         prompt = _check_prompt(prompt)
         run = RunDirectory(run_dir) if run_dir is not None else None
+        if run is not None:
+            run.check(prompt, self.config, resume=resume)
+        # What a stage can find wrong before drawing anything (a taken token, a LoRA module the
+        # UNet lacks) would otherwise surface only after iteration 0's images.
+        check_ready = getattr(self.refiner, "check_ready", None)
+        if callable(check_ready):
+            check_ready()
+        if run is None:
+            return self._extract(prompt, None, resume, callback)
+        with run.lock():
+            return self._extract(prompt, run, resume, callback)
+
+    def _extract(
+        self,
+        prompt: str,
+        run: RunDirectory | None,
+        resume: bool,
+        callback: ProgressCallback | None,
+    ) -> ExtractionResult:
+        cfg = self.config
         state = self._open_run(run, prompt, resume)
         self._callback = callback
         history = [IterationRecord.from_dict(r) for r in state.history]
@@ -391,38 +419,7 @@ class IterativeIdentityExtractor:
             if resume:
                 raise ValueError("resume=True needs the run_dir of the run to continue")
             return RunState(prompt=prompt)
-        if resume:
-            if not run.exists():
-                raise FileNotFoundError(f"nothing to resume: {run.state_path} does not exist")
-            saved = ExtractorConfig.from_file(run.config_path)
-            diff = saved.differences(self.config)
-            if diff:
-                raise ConfigError(
-                    f"cannot resume {run.root} with a different config; differing fields: "
-                    + ", ".join(
-                        f"{d} (run: {_get(saved, d)!r}, now: {_get(self.config, d)!r})"
-                        for d in diff
-                    )
-                )
-            state = run.read_state()
-            if state.prompt != prompt:
-                raise ValueError(
-                    f"cannot resume {run.root}: it was started for prompt {state.prompt!r}, "
-                    f"not {prompt!r}"
-                )
-            if state.finished:
-                logger.info("run %s already finished; returning its identity", run.root)
-            return state
-        if run.exists():
-            raise FileExistsError(
-                f"{run.root} already holds a run; pass resume=True (--resume) to continue it, "
-                "or choose another directory"
-            )
-        run.root.mkdir(parents=True, exist_ok=True)
-        write_text_atomic(run.config_path, self.config.to_yaml())
-        state = RunState(prompt=prompt)
-        run.write_state(state)
-        return state
+        return run.open(prompt, self.config, resume=resume)
 
     def _load_last_identity(self, run: RunDirectory | None, state: RunState) -> Identity | None:
         if run is None:
@@ -526,7 +523,10 @@ def _accepts(method: Callable[..., Any], name: str) -> bool:
 
 def _check_prompt(prompt: str) -> str:
     if not isinstance(prompt, str) or not prompt.strip():
-        raise ValueError(f"prompt must be a non-empty string, got {prompt!r}")
+        raise InvalidValueError(
+            f"prompt must be a non-empty string, got {prompt!r}: say what to draw, e.g. "
+            "'a watercolor fox with a scarf'"
+        )
     return prompt.strip()
 
 
@@ -537,13 +537,6 @@ def _check_embeddings(embeddings: np.ndarray, n: int) -> np.ndarray:
     if not np.isfinite(arr).all():
         raise ValueError("embedder returned non-finite values")
     return np.ascontiguousarray(arr, dtype=np.float32)
-
-
-def _get(config: ExtractorConfig, dotted: str) -> Any:
-    node: Any = config.to_dict()
-    for part in dotted.split("."):
-        node = node.get(part) if isinstance(node, dict) else None
-    return node
 
 
 def _versions() -> dict[str, str]:

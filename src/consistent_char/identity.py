@@ -15,18 +15,23 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
+import math
 import os
 import re
-import shutil
 import tempfile
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+import safetensors
 import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
+
+from consistent_char.config import check_prompt_template
+from consistent_char.errors import OutputExistsError, UserError
+from consistent_char.rundir import TEMP_SUFFIX, check_output_dir, follow_umask
 
 if TYPE_CHECKING:
     from diffusers import StableDiffusionXLPipeline
@@ -36,12 +41,15 @@ logger = logging.getLogger(__name__)
 IDENTITY_JSON = "identity.json"
 LORA_FILE = "pytorch_lora_weights.safetensors"
 EMBEDDINGS_FILE = "embeddings.safetensors"
+#: Every file an identity folder can hold; replacing an identity moves any other file over.
+IDENTITY_FILES = frozenset({IDENTITY_JSON, LORA_FILE, EMBEDDINGS_FILE})
 FORMAT_VERSION = 1
+_SafetensorError: type[Exception] = getattr(safetensors, "SafetensorError", Exception)
 DEFAULT_ADAPTER_NAME = "consistent_char"
 
 
-class IdentityError(ValueError):
-    """An identity is malformed or does not fit the model it is applied to."""
+class IdentityError(UserError, ValueError):
+    """An identity is malformed, damaged, or does not fit the model it is applied to."""
 
 
 @dataclass
@@ -91,6 +99,34 @@ class Identity:
                 f"clip_l and clip_g must have the same number of vectors, got "
                 f"{self.clip_l.shape[0]} and {self.clip_g.shape[0]}"
             )
+        tensors = {"clip_l": self.clip_l, "clip_g": self.clip_g, **(self.lora or {})}
+        for name, t in tensors.items():
+            if not isinstance(t, torch.Tensor) or not t.is_floating_point():
+                kind = t.dtype if isinstance(t, torch.Tensor) else type(t).__name__
+                raise IdentityError(
+                    f"{name} holds {kind} values; an identity's vectors and LoRA weights are "
+                    "floating-point tensors"
+                )
+            if not bool(torch.isfinite(t).all()):
+                raise IdentityError(f"{name} holds NaN or infinite values")
+        if isinstance(self.target_modules, str) or not all(
+            isinstance(m, str) and m for m in self.target_modules
+        ):
+            raise IdentityError(
+                f"target_modules must be a list of module names, e.g. ['to_q'], got "
+                f"{self.target_modules!r}"
+            )
+        if isinstance(self.lora_rank, bool) or not isinstance(self.lora_rank, int):
+            raise IdentityError(f"lora_rank must be an int >= 1, got {self.lora_rank!r}")
+        if self.lora_rank < 1:
+            raise IdentityError(f"lora_rank must be an int >= 1, got {self.lora_rank!r}")
+        alpha = self.lora_alpha
+        if (
+            isinstance(alpha, bool)
+            or not isinstance(alpha, (int, float))
+            or not 0 < alpha < math.inf
+        ):
+            raise IdentityError(f"lora_alpha must be a finite number > 0, got {alpha!r}")
 
     @property
     def num_vectors(self) -> int:
@@ -110,92 +146,133 @@ class Identity:
     # ------------------------------------------------------------------ files
 
     def save(self, directory: str | os.PathLike[str]) -> Path:
-        """Writes the identity to `directory` atomically (a temp folder renamed into place)."""
-        from diffusers import StableDiffusionXLPipeline
+        """Writes the identity to `directory` atomically and returns `directory`.
 
+        The files are written to a temporary folder beside `directory` and renamed into place,
+        so a reader sees the old identity or the new one, never a mix. `directory` may be new,
+        an empty folder, or an identity folder (it has ``identity.json``): an identity's files
+        are replaced, and any other file in it (e.g. ``samples/``) is kept.
+
+        Raises:
+            OutputExistsError: `directory` is a file, or a folder that holds files and is not an
+                identity: nothing there is changed.
+            OutputNotWritableError: `directory` cannot be created (below a file, not writable).
+
+        Example:
+            >>> identity.save("runs/demo/my-identity")  # doctest: +SKIP
+            PosixPath('runs/demo/my-identity')
+        """
         directory = Path(directory)
+        _check_save_target(directory)
         directory.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{directory.name}.", dir=directory.parent))
+        tmp = Path(
+            tempfile.mkdtemp(prefix=f".{directory.name}.", suffix=TEMP_SUFFIX, dir=directory.parent)
+        )
         try:
-            save_file(
-                {
-                    "clip_l": self.clip_l.detach().float().cpu().contiguous(),
-                    "clip_g": self.clip_g.detach().float().cpu().contiguous(),
-                },
-                str(tmp / EMBEDDINGS_FILE),
-            )
-            if self.lora is not None:
-                # diffusers' own writer, so the file is exactly what load_lora_weights expects,
-                # with the LoRA config stored as metadata (rank, alpha, targets).
-                StableDiffusionXLPipeline.save_lora_weights(
-                    str(tmp),
-                    unet_lora_layers={
-                        k: v.detach().float().cpu().contiguous() for k, v in self.lora.items()
-                    },
-                    unet_lora_adapter_metadata=self._lora_config(),
-                )
-            info = {
-                "format_version": FORMAT_VERSION,
-                "token": self.token,
-                "num_vectors": self.num_vectors,
-                "clip_l_width": int(self.clip_l.shape[1]),
-                "clip_g_width": int(self.clip_g.shape[1]),
-                "has_lora": self.lora is not None,
-                "lora_rank": self.lora_rank,
-                "lora_alpha": self.lora_alpha,
-                "target_modules": list(self.target_modules),
-                "metadata": self.metadata,
-            }
-            (tmp / IDENTITY_JSON).write_text(json.dumps(info, indent=2, default=str))
-            if directory.exists():
-                shutil.rmtree(directory)
-            os.replace(tmp, directory)
+            follow_umask(tmp, directory=True)
+            self._write_files(tmp)
+            for path in tmp.iterdir():
+                follow_umask(path)  # diffusers writes the LoRA file 0600 whatever the umask
+            _swap_into_place(tmp, directory)
         except BaseException:
-            shutil.rmtree(tmp, ignore_errors=True)
+            if tmp.is_dir():
+                for name in IDENTITY_FILES:
+                    (tmp / name).unlink(missing_ok=True)
+                with contextlib.suppress(OSError):
+                    tmp.rmdir()
             raise
         return directory
 
+    def _write_files(self, folder: Path) -> None:
+        from diffusers import StableDiffusionXLPipeline
+
+        save_file(
+            {
+                "clip_l": self.clip_l.detach().float().cpu().contiguous(),
+                "clip_g": self.clip_g.detach().float().cpu().contiguous(),
+            },
+            str(folder / EMBEDDINGS_FILE),
+        )
+        if self.lora is not None:
+            # diffusers' own writer, so the file is exactly what load_lora_weights expects,
+            # with the LoRA config stored as metadata (rank, alpha, targets).
+            StableDiffusionXLPipeline.save_lora_weights(
+                str(folder),
+                unet_lora_layers={
+                    k: v.detach().float().cpu().contiguous() for k, v in self.lora.items()
+                },
+                unet_lora_adapter_metadata=self._lora_config(),
+            )
+        info = {
+            "format_version": FORMAT_VERSION,
+            "token": self.token,
+            "num_vectors": self.num_vectors,
+            "clip_l_width": int(self.clip_l.shape[1]),
+            "clip_g_width": int(self.clip_g.shape[1]),
+            "has_lora": self.lora is not None,
+            "lora_rank": self.lora_rank,
+            "lora_alpha": self.lora_alpha,
+            "target_modules": list(self.target_modules),
+            "metadata": self.metadata,
+        }
+        (folder / IDENTITY_JSON).write_text(json.dumps(info, indent=2, default=str))
+
     @classmethod
     def load(cls, directory: str | os.PathLike[str]) -> Identity:
-        """Reads an identity written by `save` (safetensors only, no pickle)."""
+        """Reads an identity written by `save` (safetensors only, no pickle) and checks it.
+
+        Vectors and LoRA weights stored as float16, bfloat16 or float64 are converted to
+        float32 with a logged warning; integer values, NaN or infinity, missing or extra keys,
+        and an ``identity.json`` that does not describe the files are refused.
+
+        Raises:
+            IdentityError: The folder is not an identity, or a file of it is damaged.
+
+        Example:
+            >>> identity = Identity.load("runs/demo/identity")  # doctest: +SKIP
+        """
         directory = Path(directory)
-        info_path = directory / IDENTITY_JSON
-        if not info_path.is_file():
-            raise IdentityError(f"{directory} is not an identity directory: no {IDENTITY_JSON}")
-        info = json.loads(info_path.read_text())
+        info = _read_info(directory)
         emb_path = directory / EMBEDDINGS_FILE
         if not emb_path.is_file():
-            raise IdentityError(f"{directory} has no {EMBEDDINGS_FILE}")
-        with safe_open(str(emb_path), framework="pt") as f:
-            keys = set(f.keys())
-            if keys != {"clip_l", "clip_g"}:
+            raise IdentityError(f"{directory} has no {EMBEDDINGS_FILE}: the identity is incomplete")
+        embeddings = _read_tensors(emb_path, keys={"clip_l", "clip_g"})
+        clip_l, clip_g = embeddings["clip_l"], embeddings["clip_g"]
+        for name, width_key, t in (
+            ("clip_l", "clip_l_width", clip_l),
+            ("clip_g", "clip_g_width", clip_g),
+        ):
+            rows, width = info.get("num_vectors"), info.get(width_key)
+            if t.ndim != 2 or rows not in (None, t.shape[0]) or width not in (None, t.shape[1]):
                 raise IdentityError(
-                    f"{emb_path} must hold exactly 'clip_l' and 'clip_g', found {sorted(keys)}"
+                    f"{emb_path}'s {name} has shape {tuple(t.shape)}, but {IDENTITY_JSON} says "
+                    f"({rows}, {width}): the identity is damaged"
                 )
-            clip_l, clip_g = f.get_tensor("clip_l"), f.get_tensor("clip_g")
         lora = None
         lora_path = directory / LORA_FILE
-        if info.get("has_lora", lora_path.is_file()):
+        if info["has_lora"]:
             if not lora_path.is_file():
                 raise IdentityError(f"{directory} says it has a LoRA but {LORA_FILE} is missing")
-            with safe_open(str(lora_path), framework="pt") as f:
-                prefix = "unet."
-                # safe_open is not iterable: keys() is needed (hence the noqa for ruff's SIM118).
-                lora = {
-                    k[len(prefix) :]: f.get_tensor(k)
-                    for k in f.keys()  # noqa: SIM118
-                    if k.startswith(prefix)
-                }
-        return cls(
-            token=info["token"],
-            clip_l=clip_l,
-            clip_g=clip_g,
-            lora=lora,
-            lora_rank=int(info.get("lora_rank", 4)),
-            lora_alpha=float(info.get("lora_alpha", info.get("lora_rank", 4))),
-            target_modules=list(info.get("target_modules", ["to_q", "to_k", "to_v", "to_out.0"])),
-            metadata=info.get("metadata", {}),
-        )
+            prefix = "unet."
+            lora = {
+                k[len(prefix) :]: v
+                for k, v in _read_tensors(lora_path).items()
+                if k.startswith(prefix)
+            }
+            _check_lora(lora, info["lora_rank"], lora_path)
+        try:
+            return cls(
+                token=info["token"],
+                clip_l=clip_l,
+                clip_g=clip_g,
+                lora=lora,
+                lora_rank=info["lora_rank"],
+                lora_alpha=info["lora_alpha"],
+                target_modules=info["target_modules"],
+                metadata=info["metadata"],
+            )
+        except IdentityError as err:
+            raise IdentityError(f"{directory}: {err}") from None
 
     def _lora_config(self) -> dict[str, Any]:
         return {
@@ -245,11 +322,14 @@ class Identity:
         adapter_name = adapter_name or self.adapter_name
         self.check_fits(pipe)
         for tokenizer in (pipe.tokenizer, pipe.tokenizer_2):
-            taken = [t for t in self.tokens if t in tokenizer.get_vocab()]
+            vocab = tokenizer.get_vocab()
+            # "cat</w>" is the word "cat": a token spelled like a word would hijack it.
+            taken = [t for t in self.tokens if t in vocab or f"{t}</w>" in vocab]
             if taken:
                 raise IdentityError(
-                    f"token(s) {taken} already in the pipeline's tokenizer: remove the "
-                    "identity that uses them first (Identity.remove_from)"
+                    f"token(s) {taken} already in the pipeline's tokenizer (as a token or a "
+                    "word): remove the identity that uses them first (Identity.remove_from), or "
+                    "give the identity a new token"
                 )
         if self.lora is not None and adapter_name in _adapter_names(pipe):
             raise IdentityError(
@@ -330,6 +410,160 @@ class Identity:
         if self.lora is None:
             return {}
         return {f"unet.{k}": v for k, v in self.lora.items()}
+
+
+# ------------------------------------------------------------------------------ files, checked
+
+
+def _check_save_target(directory: Path) -> None:
+    if directory.is_symlink() and not directory.exists():
+        raise OutputExistsError(f"{directory} is a broken link; remove it or choose another folder")
+    if directory.exists() and not directory.is_dir():
+        raise OutputExistsError(
+            f"{directory} is a file, not an identity folder; choose another folder (nothing was "
+            "changed)"
+        )
+    if (
+        directory.is_dir()
+        and any(directory.iterdir())
+        and not (directory / IDENTITY_JSON).is_file()
+    ):
+        raise OutputExistsError(
+            f"{directory} holds files and is not an identity folder (no {IDENTITY_JSON}); "
+            "choose a new or empty folder (nothing was changed)"
+        )
+    check_output_dir(directory.parent if directory.exists() else directory, option="folder")
+
+
+def _swap_into_place(tmp: Path, directory: Path) -> None:
+    """Puts the new identity folder `tmp` where `directory` is, keeping the user's own files."""
+    if not directory.exists():
+        os.replace(tmp, directory)
+        return
+    if not any(directory.iterdir()):
+        directory.rmdir()
+        os.replace(tmp, directory)
+        return
+    old = Path(
+        tempfile.mkdtemp(prefix=f".{directory.name}.old.", suffix=TEMP_SUFFIX, dir=directory.parent)
+    )
+    old.rmdir()  # a free name for the old folder, which a rename cannot put inside an existing one
+    os.replace(directory, old)
+    try:
+        os.replace(tmp, directory)
+    except BaseException:
+        os.replace(old, directory)
+        raise
+    for entry in old.iterdir():
+        if entry.name not in IDENTITY_FILES:
+            os.replace(entry, directory / entry.name)
+    for name in IDENTITY_FILES:
+        (old / name).unlink(missing_ok=True)
+    old.rmdir()
+
+
+def _read_info(directory: Path) -> dict[str, Any]:
+    """``identity.json``, checked field by field, with the defaults of older files filled in."""
+    info_path = directory / IDENTITY_JSON
+    if not info_path.is_file():
+        raise IdentityError(f"{directory} is not an identity directory: no {IDENTITY_JSON}")
+    try:
+        info = json.loads(info_path.read_text(encoding="utf-8"))
+    except (ValueError, OSError) as err:
+        raise IdentityError(
+            f"{info_path} is not valid JSON ({' '.join(str(err).split())}): the identity is damaged"
+        ) from None
+
+    def bad(field: str, want: str) -> IdentityError:
+        got = info.get(field, "nothing") if isinstance(info, dict) else info
+        return IdentityError(f"{info_path}: {field} must be {want}, found {got!r}")
+
+    if not isinstance(info, dict):
+        raise IdentityError(f"{info_path} must hold a JSON object, found {type(info).__name__}")
+    version = info.get("format_version", FORMAT_VERSION)
+    if not isinstance(version, int) or version < 1:
+        raise bad("format_version", "a positive int")
+    if version > FORMAT_VERSION:
+        raise IdentityError(
+            f"{info_path} has format_version {version}, newer than this library reads "
+            f"({FORMAT_VERSION}): upgrade consistent_char"
+        )
+    if not isinstance(info.get("token"), str):
+        raise bad("token", "a string")
+    info.setdefault("has_lora", (directory / LORA_FILE).is_file())
+    info.setdefault("lora_rank", 4)
+    info.setdefault("lora_alpha", info["lora_rank"])
+    info.setdefault("target_modules", ["to_q", "to_k", "to_v", "to_out.0"])
+    info.setdefault("metadata", {})
+    if not isinstance(info["has_lora"], bool):
+        raise bad("has_lora", "true or false")
+    if isinstance(info["lora_rank"], bool) or not isinstance(info["lora_rank"], int):
+        raise bad("lora_rank", "an int >= 1")
+    if isinstance(info["lora_alpha"], bool) or not isinstance(info["lora_alpha"], (int, float)):
+        raise bad("lora_alpha", "a number > 0")
+    info["lora_alpha"] = float(info["lora_alpha"])
+    modules = info["target_modules"]
+    if not isinstance(modules, list) or not all(isinstance(m, str) and m for m in modules):
+        raise bad("target_modules", "a list of module names")
+    if not isinstance(info["metadata"], dict):
+        raise bad("metadata", "an object")
+    template = info["metadata"].get("identity_prompt_template")
+    if template is not None:
+        try:
+            check_prompt_template(template)
+        except ValueError as err:
+            raise IdentityError(f"{info_path}: {err}") from None
+    for name in ("num_vectors", "clip_l_width", "clip_g_width"):
+        value = info.get(name)
+        if value is not None and (isinstance(value, bool) or not isinstance(value, int)):
+            raise bad(name, "an int")
+    return info
+
+
+def _read_tensors(path: Path, *, keys: set[str] | None = None) -> dict[str, torch.Tensor]:
+    """All tensors of a safetensors file as float32 (other float dtypes converted, with a
+    warning); a damaged file, other keys or non-float values are an `IdentityError`."""
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            found = set(f.keys())
+            if keys is not None and found != keys:
+                raise IdentityError(
+                    f"{path} must hold exactly {sorted(keys)}, found {sorted(found)}"
+                )
+            tensors = {k: f.get_tensor(k) for k in sorted(found)}
+    except IdentityError:
+        raise
+    except (_SafetensorError, OSError, ValueError, RuntimeError) as err:
+        raise IdentityError(
+            f"{path} is not a readable safetensors file ({' '.join(str(err).split())}): the "
+            "identity is damaged"
+        ) from None
+    out = {}
+    for name, t in tensors.items():
+        if not t.is_floating_point():
+            raise IdentityError(
+                f"{path}: {name} holds {t.dtype} values; an identity's vectors and LoRA weights "
+                "are floating-point"
+            )
+        if t.dtype != torch.float32:
+            logger.warning("%s: %s is %s; converting it to float32", path, name, t.dtype)
+            t = t.float()
+        if not bool(torch.isfinite(t).all()):
+            raise IdentityError(f"{path}: {name} holds NaN or infinite values")
+        out[name] = t
+    return out
+
+
+def _check_lora(lora: dict[str, torch.Tensor], rank: int, path: Path) -> None:
+    """Each LoRA weight is a matrix whose rank side is `rank` (lora_A: rows, lora_B: columns)."""
+    if not lora:
+        raise IdentityError(f"{path} holds no UNet LoRA weights (no 'unet.' keys)")
+    for key, t in lora.items():
+        if t.ndim != 2 or not key.endswith((".lora_A.weight", ".lora_B.weight")):
+            raise IdentityError(f"{path}: {key} is not a LoRA weight of a linear layer")
+        got = t.shape[0] if ".lora_A." in key else t.shape[1]
+        if got != rank:
+            raise IdentityError(f"{path}: {key} has rank {got}, but {IDENTITY_JSON} says {rank}")
 
 
 def _adapter_names(pipe: StableDiffusionXLPipeline) -> set[str]:
