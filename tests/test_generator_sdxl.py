@@ -155,7 +155,10 @@ def test_bad_inputs_are_clear_errors(pipe, prompts, seeds, message):
     ("settings", "message"),
     [
         ({"num_inference_steps": 0}, "num_inference_steps must be an int >= 1"),
-        ({"guidance_scale": -1.0}, "guidance_scale must be a number >= 0"),
+        ({"guidance_scale": -1.0}, "guidance_scale must be a finite number >= 0"),
+        ({"guidance_scale": float("nan")}, "guidance_scale must be a finite number >= 0"),
+        ({"lora_scale": float("inf")}, "lora_scale must be a finite number >= 0"),
+        ({"num_inference_steps": True}, "num_inference_steps must be an int >= 1"),
         ({"batch_size": 0}, "batch_size must be None"),
         ({"height": 30}, "height must be None or a positive multiple of 8"),
         ({"scheduler": "NoSuchScheduler"}, "name of a diffusers scheduler class"),

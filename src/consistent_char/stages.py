@@ -10,6 +10,7 @@ from typing import Any
 import torch
 
 from consistent_char.config import TOY_MODEL, ExtractorConfig, RefinerConfig
+from consistent_char.errors import InputNotFoundError, InvalidValueError
 from consistent_char.interfaces import (
     Clusterer,
     ConvergenceCriterion,
@@ -27,8 +28,52 @@ DEFAULT_EMBEDDER_MODELS = {
 }
 
 
-class ModelNotFoundError(FileNotFoundError):
+class ModelNotFoundError(InputNotFoundError):
     """A model path or id that cannot be loaded here."""
+
+
+def hub_offline() -> bool:
+    """True when Hugging Face downloads are switched off (``HF_HUB_OFFLINE=1``)."""
+    try:
+        from huggingface_hub.constants import is_offline_mode
+    except ImportError:  # older huggingface_hub
+        from huggingface_hub.constants import HF_HUB_OFFLINE
+
+        return bool(HF_HUB_OFFLINE)
+    return bool(is_offline_mode())
+
+
+def check_hub_model(
+    repo_id: str,
+    filename: str,
+    *,
+    instead: str = "pass --model with a local diffusers folder (or --model toy)",
+) -> None:
+    """Offline, a hub id must already be in the local cache: checked before anything loads, so
+    the error says what to do instead of surfacing from deep inside the loader.
+
+    Args:
+        repo_id: The hub id.
+        filename: A file every snapshot of such a model has (``model_index.json``).
+        instead: What the user can do instead of downloading, for the message.
+
+    Raises:
+        ModelNotFoundError: `filename` of `repo_id` is not cached and downloads are off.
+    """
+    if not hub_offline():
+        return
+    from huggingface_hub import try_to_load_from_cache
+
+    try:
+        found = try_to_load_from_cache(repo_id, filename)
+    except ValueError:  # not a valid repo id
+        found = None
+    if not isinstance(found, str):
+        raise ModelNotFoundError(
+            f"model {repo_id!r} is not in the local Hugging Face cache and HF_HUB_OFFLINE=1 "
+            f"forbids downloading it: download it once with network access "
+            f"(huggingface-cli download {repo_id}), unset HF_HUB_OFFLINE, or {instead}"
+        )
 
 
 def resolve_device(device: str) -> torch.device:
@@ -37,10 +82,14 @@ def resolve_device(device: str) -> torch.device:
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     try:
         dev = torch.device(device)
-    except RuntimeError as err:
-        raise ValueError(f"device {device!r} is not a torch device: {err}") from None
+    except (RuntimeError, TypeError, ValueError):
+        raise InvalidValueError(
+            f"device {device!r} is not a torch device; use auto, cpu, cuda or cuda:N"
+        ) from None
     if dev.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"device {device!r} asked for CUDA, but torch sees no CUDA device")
+        raise InvalidValueError(
+            f"device {device!r} asked for CUDA, but torch sees no CUDA device; use --device cpu"
+        )
     return dev
 
 
@@ -58,6 +107,10 @@ def resolve_model(model: str, *, kind: str = "pipeline") -> str:
     ``/``, ``.`` or ``~``, or has more than one ``/``) but does not exist is an error here,
     before anything loads. Anything else is passed on as a hub id.
     """
+    if not isinstance(model, str) or not model.strip():
+        raise InvalidValueError(
+            f"the model must be a hub id, a local folder or 'toy', got {model!r}"
+        )
     if model == TOY_MODEL:
         from consistent_char import toy
 
@@ -67,6 +120,12 @@ def resolve_model(model: str, *, kind: str = "pipeline") -> str:
         return expanded
     if model.startswith(("/", ".", "~")) or model.count("/") > 1:
         raise ModelNotFoundError(f"model folder not found: {model}")
+    if kind == "pipeline":
+        check_hub_model(model, "model_index.json")
+    else:
+        check_hub_model(
+            model, "config.json", instead="set embedder.model to a local folder of the model"
+        )
     return model
 
 
@@ -81,13 +140,19 @@ def build_refiner(settings: RefinerConfig, pipeline: Any, **overrides: Any) -> A
 
 
 def build_stages(
-    config: ExtractorConfig,
+    config: ExtractorConfig, *, warn: bool = True
 ) -> tuple[Generator, Embedder, Clusterer, Refiner, ConvergenceCriterion]:
-    """Loads the models and builds the five default stages of `config`."""
+    """Loads the models and builds the five default stages of `config`.
+
+    With `warn`, the config's `ExtractorConfig.warnings` (e.g. K = 1) are logged first; the CLI
+    prints them itself.
+    """
     from consistent_char.clusterers.faiss_kmeans import FaissKMeansClusterer
     from consistent_char.convergence import PairwiseDistanceCriterion
     from consistent_char.generators.sdxl import SDXLGenerator
 
+    for warning in config.warnings() if warn else []:
+        logger.warning(warning)
     device = resolve_device(config.device)
     dtype = resolve_dtype(config.dtype, device)
     model = resolve_model(config.model)
@@ -130,4 +195,4 @@ def build_embedder(kind: str, model: str, *, device: torch.device, batch_size: i
         from consistent_char.embedders.pixels import PixelEmbedder
 
         return PixelEmbedder()
-    raise ValueError(f"unknown embedder kind {kind!r}; known: dinov2, dino, clip, pixels")
+    raise InvalidValueError(f"unknown embedder kind {kind!r}; known: dinov2, dino, clip, pixels")

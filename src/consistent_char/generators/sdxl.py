@@ -22,6 +22,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 from PIL import Image
 
+from consistent_char.errors import InputFileError, InputNotFoundError, InvalidValueError
 from consistent_char.identity import Identity
 
 if TYPE_CHECKING:
@@ -104,7 +105,7 @@ class SDXLGenerator:
         show_progress: bool = False,
         scheduler: str | None = None,
     ) -> None:
-        _check_values(num_inference_steps, guidance_scale, height, width, batch_size)
+        _check_values(num_inference_steps, guidance_scale, height, width, batch_size, lora_scale)
         scheduler_class = _scheduler_class(scheduler)
         for name in ("unet", "vae", "text_encoder", "text_encoder_2", "tokenizer", "tokenizer_2"):
             if getattr(pipeline, name, None) is None:
@@ -193,6 +194,7 @@ class SDXLGenerator:
             values["height"],
             values["width"],
             values["batch_size"],
+            values["lora_scale"],
         )
         _scheduler_class(values["scheduler"])
 
@@ -305,24 +307,24 @@ class SDXLGenerator:
         self, prompts: Sequence[str], seeds: Sequence[int]
     ) -> tuple[list[str], list[int]]:
         if isinstance(prompts, str):
-            raise ValueError("prompts must be a sequence of strings, got a single string")
+            raise InvalidValueError("prompts must be a sequence of strings, got a single string")
         prompts = list(prompts)
         seed_list = list(seeds)
         if not prompts:
-            raise ValueError("prompts is empty: need at least one prompt")
+            raise InvalidValueError("prompts is empty: need at least one prompt")
         if len(prompts) != len(seed_list):
-            raise ValueError(
+            raise InvalidValueError(
                 f"need one seed per prompt: got {len(prompts)} prompts and {len(seed_list)} seeds"
             )
         for j, p in enumerate(prompts):
             if not isinstance(p, str):
-                raise ValueError(f"prompts[{j}] must be a str, got {type(p).__name__}")
+                raise InvalidValueError(f"prompts[{j}] must be a str, got {type(p).__name__}")
         out: list[int] = []
         for j, s in enumerate(seed_list):
             if isinstance(s, bool) or not isinstance(s, Integral):
-                raise ValueError(f"seeds[{j}] must be an int, got {type(s).__name__} {s!r}")
+                raise InvalidValueError(f"seeds[{j}] must be an int, got {type(s).__name__} {s!r}")
             if not 0 <= int(s) < MAX_SEED:
-                raise ValueError(f"seeds[{j}] must be in [0, 2**63), got {s}")
+                raise InvalidValueError(f"seeds[{j}] must be in [0, 2**63), got {s}")
             out.append(int(s))
         return prompts, out
 
@@ -435,16 +437,38 @@ def _check_values(
     height: int | None,
     width: int | None,
     batch_size: int | None,
+    lora_scale: float = 1.0,
 ) -> None:
-    if not isinstance(num_inference_steps, int) or num_inference_steps < 1:
-        raise ValueError(f"num_inference_steps must be an int >= 1, got {num_inference_steps!r}")
-    if not isinstance(guidance_scale, (int, float)) or guidance_scale < 0:
-        raise ValueError(f"guidance_scale must be a number >= 0, got {guidance_scale!r}")
-    if batch_size is not None and (not isinstance(batch_size, int) or batch_size < 1):
-        raise ValueError(f"batch_size must be None (automatic) or an int >= 1, got {batch_size!r}")
-    for name, value in (("height", height), ("width", width)):
-        if value is not None and (not isinstance(value, int) or value < 8 or value % 8):
-            raise ValueError(f"{name} must be None or a positive multiple of 8, got {value!r}")
+    if (
+        isinstance(num_inference_steps, bool)
+        or not isinstance(num_inference_steps, int)
+        or num_inference_steps < 1
+    ):
+        raise InvalidValueError(
+            f"num_inference_steps must be an int >= 1, got {num_inference_steps!r}"
+        )
+    for name, value in (("guidance_scale", guidance_scale), ("lora_scale", lora_scale)):
+        # NaN passes every comparison, and a NaN guidance scale draws black images.
+        if (
+            isinstance(value, bool)
+            or not isinstance(value, (int, float))
+            or not math.isfinite(value)
+            or value < 0
+        ):
+            raise InvalidValueError(f"{name} must be a finite number >= 0, got {value!r}")
+    if batch_size is not None and (
+        isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1
+    ):
+        raise InvalidValueError(
+            f"batch_size must be None (automatic) or an int >= 1, got {batch_size!r}"
+        )
+    for name, size in (("height", height), ("width", width)):
+        if size is not None and (
+            isinstance(size, bool) or not isinstance(size, int) or size < 8 or size % 8
+        ):
+            raise InvalidValueError(
+                f"{name} must be None or a positive multiple of 8, got {size!r}"
+            )
 
 
 def _scheduler_class(name: str | None) -> Any:
@@ -456,7 +480,7 @@ def _scheduler_class(name: str | None) -> Any:
 
     found = getattr(diffusers, name, None) if isinstance(name, str) else None
     if not (isinstance(found, type) and issubclass(found, SchedulerMixin)):
-        raise ValueError(
+        raise InvalidValueError(
             f"scheduler must be None or the name of a diffusers scheduler class, e.g. "
             f"'EulerAncestralDiscreteScheduler' or 'DPMSolverMultistepScheduler'; got {name!r}"
         )
@@ -494,11 +518,20 @@ def load_sdxl_pipeline(
     if dtype is None:
         dtype = torch.bfloat16 if torch_device.type == "cuda" else torch.float32
     logger.info("loading SDXL pipeline %s (%s on %s)", source, dtype, torch_device)
-    with warnings.catch_warnings():
-        # Newer diffusers renamed `torch_dtype` to `dtype`; the old name works on every
-        # version this library supports.
-        warnings.filterwarnings("ignore", message=".*torch_dtype.*", category=FutureWarning)
-        pipe = StableDiffusionXLPipeline.from_pretrained(source, torch_dtype=dtype, variant=variant)
+    try:
+        with warnings.catch_warnings():
+            # Newer diffusers renamed `torch_dtype` to `dtype`; the old name works on every
+            # version this library supports.
+            warnings.filterwarnings("ignore", message=".*torch_dtype.*", category=FutureWarning)
+            pipe = StableDiffusionXLPipeline.from_pretrained(
+                source, torch_dtype=dtype, variant=variant
+            )
+    except (OSError, ValueError) as err:
+        # Missing or damaged weight files, a hub id that does not exist, no network.
+        raise InputFileError(
+            f"cannot load {source} as an SDXL pipeline ({' '.join(str(err).split())[:400]}); "
+            "check the model id or folder, or pass --model with a local diffusers SDXL folder"
+        ) from err
     pipe.to(torch_device)
     return pipe
 
@@ -514,11 +547,14 @@ def _check_source(id_or_local_dir: str | os.PathLike[str]) -> str:
         or path.exists()
     )
     if not looks_local:
+        from consistent_char.stages import check_hub_model
+
+        check_hub_model(text, "model_index.json")
         return text
     if not path.is_dir():
-        raise FileNotFoundError(f"SDXL model folder not found: {text}")
+        raise InputNotFoundError(f"SDXL model folder not found: {text}")
     if not (path / "model_index.json").is_file():
-        raise FileNotFoundError(
+        raise InputNotFoundError(
             f"{text} is not a diffusers pipeline folder: no model_index.json in it"
         )
     return str(path)

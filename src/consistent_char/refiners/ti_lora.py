@@ -40,6 +40,7 @@ import torch.nn.functional as F
 from PIL import Image
 from torch import nn
 
+from consistent_char.errors import InvalidValueError
 from consistent_char.identity import Identity, IdentityError
 
 if TYPE_CHECKING:
@@ -283,6 +284,47 @@ class TextualInversionLoRARefiner:
             load_sdxl_pipeline(id_or_local_dir, device=device, dtype=dtype, variant=variant),
             **settings,
         )
+
+    # ----------------------------------------------------------------- check
+
+    def check_ready(self, identity: Identity | None = None) -> None:
+        """Raises the errors `refine` would raise about its settings, without training: the
+        token is free in both tokenizers, `initializer_token` tokenizes, and every LoRA target
+        module names a layer of the UNet that a LoRA can wrap. Cheap; the extractor calls it
+        before it draws iteration 0.
+
+        Raises:
+            InvalidValueError: One of those does not hold; the message says what to change.
+
+        Example:
+            >>> refiner.check_ready()  # doctest: +SKIP
+        """
+        token = identity.token if identity is not None else self.token
+        names = identity.tokens if identity is not None else _token_names(token, self.num_vectors)
+        self._check_tokens_free(names)
+        if identity is None:
+            for tokenizer in (self.pipeline.tokenizer, self.pipeline.tokenizer_2):
+                if not tokenizer(self.initializer_token, add_special_tokens=False).input_ids:
+                    raise InvalidValueError(
+                        f"refiner.initializer_token {self.initializer_token!r} tokenizes to "
+                        "nothing; choose an ordinary word, e.g. 'person'"
+                    )
+        warm_lora = identity is not None and identity.lora is not None
+        if self.mode != "ti" or warm_lora:
+            targets = identity.target_modules if warm_lora and identity else self.target_modules
+            _check_target_modules(self.pipeline.unet, targets)
+
+    def _check_tokens_free(self, names: Sequence[str]) -> None:
+        for tokenizer in (self.pipeline.tokenizer, self.pipeline.tokenizer_2):
+            vocab = tokenizer.get_vocab()
+            # "cat</w>" is the word "cat": a token spelled like a word would hijack it.
+            taken = [t for t in names if t in vocab or f"{t}</w>" in vocab]
+            if taken:
+                raise InvalidValueError(
+                    f"token(s) {taken} are already in the pipeline's tokenizer; choose another "
+                    "token (e.g. '<my-char>') or remove the identity that added them "
+                    "(Identity.remove_from)"
+                )
 
     # ---------------------------------------------------------------- refine
 
@@ -551,16 +593,7 @@ class TextualInversionLoRARefiner:
         if identity is not None:
             identity.check_fits(self.pipeline)
         names = identity.tokens if identity is not None else _token_names(token, self.num_vectors)
-        for tokenizer in (self.pipeline.tokenizer, self.pipeline.tokenizer_2):
-            vocab = tokenizer.get_vocab()
-            # "cat</w>" is the word "cat": a token spelled like a word would hijack it.
-            taken = [t for t in names if t in vocab or f"{t}</w>" in vocab]
-            if taken:
-                raise ValueError(
-                    f"token(s) {taken} are already in the pipeline's tokenizer; choose another "
-                    "token (e.g. '<my-char>') or remove the identity that added them "
-                    "(Identity.remove_from)"
-                )
+        self._check_tokens_free(names)
         return images, captions
 
     def _training_size(self, images: list[Image.Image]) -> tuple[int, int]:
@@ -1142,6 +1175,25 @@ def _to_device(tensor: torch.Tensor, device: torch.device) -> torch.Tensor:
     out = torch.empty_like(tensor, device=device)
     _copy_from_host(out, tensor)
     return out
+
+
+def _check_target_modules(unet: nn.Module, targets: Sequence[str]) -> None:
+    """Every name in `targets` must name (as peft matches it: the whole module path or its end
+    after a ".") at least one layer of `unet` that a LoRA can wrap."""
+    wrappable = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Embedding)
+    layers = [name for name, m in unet.named_modules() if isinstance(m, wrappable)]
+    for target in targets:
+        if not any(name == target or name.endswith("." + target) for name in layers):
+            ends = []
+            for name in layers:
+                parts = name.split(".")
+                end = ".".join(parts[-2:]) if parts[-1].isdigit() else parts[-1]
+                if end not in ends:
+                    ends.append(end)
+            raise InvalidValueError(
+                f"refiner.target_modules names {target!r}, but no layer of the UNet that a LoRA "
+                f"can wrap is called that; its layers end in {', '.join(ends[:10])}, ..."
+            )
 
 
 def _token_names(token: str, n: int) -> list[str]:
