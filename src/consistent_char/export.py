@@ -26,12 +26,17 @@ from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
 
+import safetensors
 import torch
 from safetensors import safe_open
-from safetensors.torch import save_file
+from safetensors.torch import save
 
 from consistent_char._version import __version__
+from consistent_char.errors import OutputExistsError, UserError
 from consistent_char.identity import Identity, IdentityError
+from consistent_char.rundir import check_output_file, write_bytes_atomic
+
+_SafetensorError: type[Exception] = getattr(safetensors, "SafetensorError", Exception)
 
 __all__ = ["EMBEDDING_SUFFIX", "ExportError", "embedding_path", "export_kohya", "import_kohya"]
 
@@ -42,7 +47,7 @@ EMBEDDING_SUFFIX = "_emb"
 _SDXL_UNET_CONFIG = SimpleNamespace(layers_per_block=2)
 
 
-class ExportError(ValueError):
+class ExportError(UserError, ValueError):
     """An identity or file cannot be converted (e.g. a LoRA on layers kohya keys cannot name)."""
 
 
@@ -67,6 +72,9 @@ def export_kohya(identity: Identity, out_file: str | os.PathLike[str]) -> tuple[
     Raises:
         ExportError: `out_file` does not end in ``.safetensors``, or the LoRA wraps modules whose
             kohya names would not read back to the same modules.
+        consistent_char.errors.OutputExistsError: A file to write exists and is not an earlier
+            export of this library (re-exporting over one's own files is allowed).
+        consistent_char.errors.OutputNotWritableError: The folder cannot be written.
 
     Example:
         >>> identity = Identity.load("runs/demo/identity")  # doctest: +SKIP
@@ -75,8 +83,18 @@ def export_kohya(identity: Identity, out_file: str | os.PathLike[str]) -> tuple[
     """
     out = Path(out_file)
     if out.suffix != ".safetensors":
-        raise ExportError(f"out_file must end in .safetensors, got {out.name!r}")
+        raise ExportError(
+            f"the output file must end in .safetensors, got {out.name!r}; e.g. "
+            "--out fox.safetensors"
+        )
     emb_file = embedding_path(out)
+    check_output_file(out)
+    for path in (out, emb_file) if identity.lora is not None else (emb_file,):
+        if (path.exists() or path.is_symlink()) and not _is_our_export(path):
+            raise OutputExistsError(
+                f"{path} exists and is not an earlier export of consistent-char; choose another "
+                "--out name or move that file (nothing was written)"
+            )
     meta = _metadata(identity, out.stem)
 
     # 1. Convert and check the LoRA before anything is written.
@@ -91,15 +109,16 @@ def export_kohya(identity: Identity, out_file: str | os.PathLike[str]) -> tuple[
                 f"(e.g. {lost}); target_modules={identity.target_modules}"
             )
 
-    # 2. Write: embeddings, then the LoRA.
-    out.parent.mkdir(parents=True, exist_ok=True)
-    save_file(
-        {
-            "clip_l": identity.clip_l.detach().cpu().contiguous(),
-            "clip_g": identity.clip_g.detach().cpu().contiguous(),
-        },
-        str(emb_file),
-        metadata=meta,
+    # 2. Write: embeddings, then the LoRA, each through a temporary file.
+    write_bytes_atomic(
+        emb_file,
+        save(
+            {
+                "clip_l": identity.clip_l.detach().cpu().contiguous(),
+                "clip_g": identity.clip_g.detach().cpu().contiguous(),
+            },
+            metadata=meta,
+        ),
     )
     if kohya is None:
         return None, emb_file
@@ -113,8 +132,17 @@ def export_kohya(identity: Identity, out_file: str | os.PathLike[str]) -> tuple[
         "ss_base_model_version": "sdxl_base_v1-0",
         "ss_output_name": out.stem,
     }
-    save_file(kohya, str(out), metadata=kohya_meta)
+    write_bytes_atomic(out, save(kohya, metadata=kohya_meta))
     return out, emb_file
+
+
+def _is_our_export(path: Path) -> bool:
+    """True for a safetensors file `export_kohya` wrote (its metadata names the token)."""
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            return "consistent_char_token" in (f.metadata() or {})
+    except (_SafetensorError, OSError, ValueError, RuntimeError):
+        return False
 
 
 def import_kohya(

@@ -6,7 +6,9 @@
       story.json              prompts, full prompts (with the token), seeds and file names
 
 Image j is drawn from seed ``seed + j``, so a story is reproducible and adding a line at the end
-leaves the earlier images as they were.
+leaves the earlier images as they were. The folder may hold other files: a hidden manifest
+(`consistent_char.rundir.OutputFolder`) lists the files a story wrote there, no other file is
+ever overwritten, and images of an earlier, longer story in the same folder are removed.
 """
 
 from __future__ import annotations
@@ -21,17 +23,35 @@ from typing import Any
 
 from PIL import Image, ImageDraw, ImageFont
 
+from consistent_char.errors import InputFileError, InputNotFoundError, InvalidValueError
 from consistent_char.identity import Identity
 from consistent_char.interfaces import Generator
-from consistent_char.rundir import save_png_atomic, write_text_atomic
+from consistent_char.rundir import OutputFolder, save_png_atomic, write_text_atomic
 from consistent_char.usage import prompt_with_identity
 
-__all__ = ["CONTACT_SHEET", "STORY_JSON", "contact_sheet", "illustrate", "read_prompts"]
+__all__ = [
+    "CONTACT_SHEET",
+    "STORY_JSON",
+    "contact_sheet",
+    "illustrate",
+    "output_names",
+    "read_prompts",
+]
 
 logger = logging.getLogger(__name__)
 
 CONTACT_SHEET = "contact_sheet.png"
 STORY_JSON = "story.json"
+
+
+def output_names(count: int) -> list[str]:
+    """The files `illustrate` writes for `count` prompts, in its output folder.
+
+    Example:
+        >>> output_names(2)
+        ['000.png', '001.png', 'contact_sheet.png', 'story.json']
+    """
+    return [f"{j:03d}.png" for j in range(count)] + [CONTACT_SHEET, STORY_JSON]
 
 
 def read_prompts(path: str | os.PathLike[str]) -> list[str]:
@@ -41,8 +61,22 @@ def read_prompts(path: str | os.PathLike[str]) -> list[str]:
         >>> read_prompts("story.txt")  # doctest: +SKIP
         ['{token} wakes up in a forest', '{token} meets a fox']
     """
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise InputNotFoundError(f"prompts file not found: {path}") from None
+    except IsADirectoryError:
+        raise InputFileError(
+            f"{path} is a folder; give a text file with one prompt per line"
+        ) from None
+    except UnicodeDecodeError:
+        raise InputFileError(
+            f"{path} is not UTF-8 text; give a text file with one prompt per line"
+        ) from None
+    except OSError as err:
+        raise InputFileError(f"cannot read {path}: {err.strerror or err}") from None
     prompts = []
-    for line in Path(path).read_text(encoding="utf-8").splitlines():
+    for line in text.splitlines():
         text = line.strip()
         if text and not text.startswith("#"):
             prompts.append(text)
@@ -77,35 +111,41 @@ def illustrate(
         The image paths, one per prompt, in order.
 
     Raises:
-        ValueError: No prompts.
+        ValueError: No prompts, or an empty one.
+        consistent_char.errors.OutputExistsError: `out_dir` holds a file of the user's with the
+            name of an output (checked before anything is drawn).
 
     Example:
         >>> from consistent_char.story import illustrate
         >>> identity = Identity.load("runs/demo/identity")  # doctest: +SKIP
         >>> paths = illustrate(identity, ["{token} in the snow"], "story/")  # doctest: +SKIP
     """
-    # 1. Check inputs
-    prompts = [p.strip() for p in prompts]
-    if not prompts or not all(prompts):
-        raise ValueError(f"need at least one non-empty prompt, got {list(prompts)!r}")
+    # 1. Check inputs, and that no file of the user's would be overwritten
+    prompts = [p.strip() if isinstance(p, str) else p for p in prompts]
+    if not prompts or not all(isinstance(p, str) and p for p in prompts):
+        raise InvalidValueError(f"need at least one non-empty prompt, got {list(prompts)!r}")
+    full = [prompt_with_identity(identity, p) for p in prompts]
+    seeds = [seed + j for j in range(len(prompts))]
+    files = output_names(len(prompts))
+    names = files[: len(prompts)]
+    folder = OutputFolder(out_dir)
+    folder.check(files)
     if generator is None:
         from consistent_char.usage import identity_generator
 
         generator = identity_generator(identity)
     out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
 
     # 2. One image per prompt, image j from seed + j
-    full = [prompt_with_identity(identity, p) for p in prompts]
-    seeds = [seed + j for j in range(len(prompts))]
     images = generator.generate(full, seeds, identity)
     if len(images) != len(prompts):
         raise RuntimeError(f"generator returned {len(images)} images for {len(prompts)} prompts")
 
-    # 3. Write images, the contact sheet and what made them
+    # 3. Write images, the contact sheet and what made them; drop an earlier story's extra images
+    folder.claim(files)
     paths = []
-    for j, image in enumerate(images):
-        path = out / f"{j:03d}.png"
+    for name, image in zip(names, images, strict=True):
+        path = out / name
         save_png_atomic(path, image.convert("RGB"))
         paths.append(path)
     sheet = contact_sheet(images, full, columns=columns, cell_size=cell_size)
@@ -119,6 +159,9 @@ def illustrate(
         ],
     }
     write_text_atomic(out / STORY_JSON, json.dumps(story, indent=2) + "\n")
+    stale = folder.remove_stale(files)
+    if stale:
+        logger.info("removed %d images of an earlier story in %s", len(stale), out)
     logger.info("wrote %d images and %s to %s", len(paths), CONTACT_SHEET, out)
     return paths
 
