@@ -1,12 +1,27 @@
-"""The `consistent-char` command. The library logs; only this module prints."""
+"""The `consistent-char` command. The library logs; only this module prints.
+
+Every error a user can fix ends the command with one line on stderr, ``error: ...``, and exit
+status 2: bad options (click's usage errors), bad settings and files (`consistent_char.errors`'
+`UserError`\ s, `ValueError`\ s of the library's input checks) and the operating system's
+refusals (`OSError`: a full disk, a folder without permission). They are caught in one place,
+`_Group.main`. Anything else is a bug: one line and exit 1, and the traceback with ``--verbose``.
+Ctrl-C exits 130; in `extract` it prints the command that resumes the run.
+
+User text (prompts, paths, tokens, model names) is printed literally: the console interprets no
+markup, emoji codes or highlighting.
+"""
 
 from __future__ import annotations
 
 import logging
+import math
 import os
+import shlex
 import sys
+import traceback
+from collections.abc import Callable
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated, Any, NoReturn
 
 import typer
 from rich.console import Console
@@ -18,20 +33,37 @@ from rich.progress import (
     TextColumn,
     TimeElapsedColumn,
 )
+from rich.text import Text
+from typer.core import TyperGroup
 
 from consistent_char.config import (
-    ConfigError,
+    DEFAULT_MODEL,
     ExtractorConfig,
     load_mapping,
     parse_assignment,
 )
-
-app = typer.Typer(
-    add_completion=False,
-    no_args_is_help=True,
-    help="Find a consistent character for a prompt and use it in any SDXL pipeline.",
+from consistent_char.errors import (
+    InputNotFoundError,
+    InvalidValueError,
+    OutputExistsError,
+    UserError,
+    one_line,
 )
-console = Console(stderr=True)
+
+try:  # typer vendors click from 0.20 on
+    from typer._click import exceptions as click_exceptions
+except ImportError:  # pragma: no cover - older typer
+    from click import exceptions as click_exceptions  # type: ignore[no-redef]
+
+#: The exit status of every error a user can fix.
+USER_ERROR = 2
+#: The exit status of an unexpected error (a bug).
+INTERNAL_ERROR = 1
+#: The exit status after Ctrl-C (128 + SIGINT), as shells report it.
+INTERRUPTED = 130
+
+# Markup, emoji codes (":cat:") and highlighting off: prompts and paths print as typed.
+console = Console(stderr=True, markup=False, emoji=False, highlight=False, soft_wrap=True)
 
 _STAGE_LABEL = {
     "generate": "generate",
@@ -41,18 +73,123 @@ _STAGE_LABEL = {
 }
 
 
-def _fail(message: str) -> None:
-    console.print(f"[bold red]error:[/] {message}", soft_wrap=True)
-    raise typer.Exit(code=2)
+class _State:
+    """What the error handler needs from the command that ran."""
+
+    verbose = False
+
+
+def _say(*parts: str | tuple[str, str]) -> None:
+    """Prints one line of plain text; a ``(text, style)`` part is styled, never parsed."""
+    console.print(Text.assemble(*parts))
+
+
+def _error_line(message: str) -> None:
+    _say(("error:", "bold red"), " ", one_line(message))
+
+
+def _fail(message: str) -> NoReturn:
+    raise InvalidValueError(message)
+
+
+class _Group(TyperGroup):
+    """The command group, with the one place where errors become exit statuses."""
+
+    def main(  # type: ignore[override]
+        self,
+        args: Any = None,
+        prog_name: str | None = None,
+        complete_var: str | None = None,
+        standalone_mode: bool = True,
+        **extra: Any,
+    ) -> Any:
+        code = self._run(args, prog_name, complete_var, **extra)
+        if not standalone_mode:
+            return code
+        sys.exit(code)
+
+    def _run(self, args: Any, prog_name: str | None, complete_var: str | None, **extra: Any) -> int:
+        _State.verbose = False
+        try:
+            result = super().main(
+                args=args,
+                prog_name=prog_name,
+                complete_var=complete_var,
+                standalone_mode=False,
+                **extra,
+            )
+        except click_exceptions.ClickException as err:
+            if type(err).__name__ == "NoArgsIsHelpError":
+                err.show()
+                return int(err.exit_code)
+            command = getattr(getattr(err, "ctx", None), "command_path", None)
+            hint = f" (see {command} --help)" if command else ""
+            _error_line(err.format_message().rstrip(".") + hint)
+            return int(err.exit_code)
+        except typer.Abort:
+            _error_line("aborted")
+            return INTERNAL_ERROR
+        except UserError as err:
+            return _report(err, USER_ERROR, traceback_too=False)
+        except OSError as err:
+            return _report(err, USER_ERROR, message=_os_error(err))
+        except ValueError as err:
+            return _report(err, USER_ERROR)
+        except Exception as err:
+            return _report(
+                err,
+                INTERNAL_ERROR,
+                message=f"unexpected {type(err).__name__}: {err}"
+                + ("" if _State.verbose else " (run with --verbose for the traceback)"),
+            )
+        return result if isinstance(result, int) else 0
+
+
+def _report(
+    err: BaseException, code: int, *, message: str | None = None, traceback_too: bool = True
+) -> int:
+    if _State.verbose and traceback_too:
+        console.print("".join(traceback.format_exception(err)).rstrip())
+    _error_line(message if message is not None else str(err) or type(err).__name__)
+    return code
+
+
+def _os_error(err: OSError) -> str:
+    what = err.strerror or str(err) or type(err).__name__
+    where = f": {err.filename}" if err.filename else ""
+    return f"{what}{where}"
+
+
+app = typer.Typer(
+    name="consistent-char",
+    cls=_Group,
+    add_completion=False,
+    no_args_is_help=True,
+    pretty_exceptions_show_locals=False,
+    help="Find a consistent character for a prompt and use it in any SDXL pipeline.",
+)
+
+
+@app.callback()
+def _root() -> None:
+    """Find a consistent character for a prompt and use it in any SDXL pipeline."""
+    # Before any command imports transformers or diffusers, which read these at import.
+    _quiet_environment()
+
+
+def _quiet_environment() -> None:
+    # transformers/diffusers announce every load with bars and advisory notices (a missing
+    # torchvision, embedding resizing) that have nothing to do with the user's command.
+    for name in ("TRANSFORMERS_VERBOSITY", "DIFFUSERS_VERBOSITY"):
+        os.environ.setdefault(name, "error")
+    os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
 
 
 def _setup_logging(verbose: bool) -> None:
+    _State.verbose = verbose
     if not verbose:
-        # transformers/diffusers announce every load with bars and advisory warnings (a missing
-        # torchvision, embedding resizing); the command's own progress says what matters.
-        for name in ("TRANSFORMERS_VERBOSITY", "DIFFUSERS_VERBOSITY"):
-            os.environ.setdefault(name, "error")
-        os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+        _quiet_environment()
         _quiet_libraries()
     logging.basicConfig(
         level=logging.INFO if verbose else logging.WARNING,
@@ -69,6 +206,34 @@ def _quiet_libraries() -> None:
     transformers.logging.disable_progress_bar()
     diffusers.logging.set_verbosity_error()
     diffusers.logging.disable_progress_bar()
+
+
+def _finite(minimum: float | None = None) -> Callable[[float | None], float | None]:
+    """A typer callback refusing NaN, infinity and values below `minimum` (click's FloatRange
+    lets NaN through: every comparison with it is false)."""
+
+    def check(value: float | None) -> float | None:
+        if value is None:
+            return None
+        if not math.isfinite(value) or (minimum is not None and value < minimum):
+            bound = "" if minimum is None else f" >= {minimum:g}"
+            raise typer.BadParameter(f"must be a finite number{bound}, got {value}")
+        return value
+
+    return check
+
+
+def _check_prompts(
+    prompts: list[str], what: str = "prompt", example: str = "'{token} in the snow'"
+) -> None:
+    for p in prompts:
+        if not p.strip():
+            _fail(f"the {what} is empty; say what to draw, e.g. {example}")
+
+
+def _check_seeds(seed: int, count: int) -> None:
+    if seed + count - 1 >= 2**63:
+        _fail(f"--seed {seed} leaves no room for {count} images below 2**63; choose a smaller seed")
 
 
 class _ProgressPrinter:
@@ -104,8 +269,7 @@ class _ProgressPrinter:
             )
             p.console.print(
                 f"iteration {r.iteration}: spread {r.spread:.4f} "
-                f"(threshold {r.threshold:.4f}) → {chosen}",
-                soft_wrap=True,
+                f"(threshold {r.threshold:.4f}) → {chosen}"
             )
 
 
@@ -115,7 +279,10 @@ def extract(
     out: Annotated[Path, typer.Option("--out", help="Run directory to write.")],
     model: Annotated[
         str | None,
-        typer.Option(help="SDXL hub id, local diffusers folder, or 'toy' (ToyWorld, offline)."),
+        typer.Option(
+            help="SDXL hub id, local diffusers folder, or 'toy' (ToyWorld, offline); default: "
+            f"{DEFAULT_MODEL} (with --resume: the run's own).",
+        ),
     ] = None,
     config: Annotated[Path | None, typer.Option("--config", help="YAML/JSON config file.")] = None,
     set_: Annotated[
@@ -129,29 +296,33 @@ def extract(
     """Run the iterative identity extraction (Algorithm 1) for PROMPT."""
     _setup_logging(verbose)
     from consistent_char.extractor import IterativeIdentityExtractor
+    from consistent_char.rundir import RunDirectory
+    from consistent_char.stages import build_stages
 
-    try:
-        data = load_mapping(config) if config else {}
-        if model is not None:
-            data["model"] = model
-        overrides = dict(parse_assignment(s) for s in (set_ or []))
-        if resume and not config and not overrides and model is None:
-            # Resuming without settings means: the run's own config.
-            cfg = ExtractorConfig.from_file(out / "config.yaml")
-        else:
-            cfg = ExtractorConfig.from_overrides(overrides, base=data)
-    except ConfigError as err:
-        _fail(str(err))
-        return
+    # 1. Check inputs: the prompt, the settings and the run directory, before any model loads.
+    _check_prompts([prompt], example="'a watercolor fox with a scarf'")
+    prompt = prompt.strip()
+    data = load_mapping(config) if config else {}
+    if model is not None:
+        data["model"] = model
+    overrides = dict(parse_assignment(s) for s in (set_ or []))
+    run = RunDirectory(out)
+    if resume and not config and not overrides and model is None and run.exists():
+        # Resuming without settings means: the run's own config.
+        cfg = run.read_config()
+    else:
+        cfg = ExtractorConfig.from_overrides(overrides, base=data)
+    for warning in cfg.warnings():
+        _say(("warning:", "yellow"), " ", warning)
+    run.check(prompt, cfg, resume=resume)
 
-    try:
-        extractor = IterativeIdentityExtractor.from_config(cfg)
-    except (FileNotFoundError, ValueError, OSError) as err:
-        _fail(str(err))
-        return
+    # 2. Load the models (the extractor checks the refiner's token and modules before drawing).
+    stages = build_stages(cfg, warn=False)
+    extractor = IterativeIdentityExtractor(*stages, config=cfg)
 
+    # 3. Run, with a way back after Ctrl-C.
     with Progress(
-        TextColumn("{task.description}"),
+        TextColumn("{task.description}", markup=False),
         BarColumn(),
         MofNCompleteColumn(),
         TimeElapsedColumn(),
@@ -162,15 +333,25 @@ def extract(
         printer = _ProgressPrinter(progress, cfg.max_iterations)
         try:
             result = extractor.extract(prompt, run_dir=out, resume=resume, callback=printer)
-        except (FileExistsError, FileNotFoundError, ConfigError, ValueError) as err:
+        except KeyboardInterrupt:
             progress.stop()
-            _fail(str(err))
-            return
+            _interrupted(run, prompt, out)
     state = "converged" if result.converged else "stopped at max_iterations"
-    console.print(
-        f"[bold green]done[/]: {result.iterations} iterations ({state}); "
-        f"identity token [bold]{result.identity.token}[/] in {out / 'identity'}"
+    _say(
+        ("done", "bold green"),
+        f": {result.iterations} iterations ({state}); identity token ",
+        (result.identity.token, "bold"),
+        f" in {out / 'identity'}",
     )
+
+
+def _interrupted(run: Any, prompt: str, out: Path) -> NoReturn:
+    if run.exists():
+        command = shlex.join(["consistent-char", "extract", prompt, "--out", str(out), "--resume"])
+        _say(("interrupted;", "yellow"), " continue the run with: ", command)
+    else:
+        _say(("interrupted", "yellow"), " before the run started; nothing to resume")
+    raise typer.Exit(INTERRUPTED)
 
 
 @app.command()
@@ -184,42 +365,54 @@ def generate(
     model: Annotated[
         str | None, typer.Option(help="Base model (default: the one the identity was learned on).")
     ] = None,
-    seed: Annotated[int, typer.Option(help="Seed of the first image; image j uses seed+j.")] = 0,
-    num_images: Annotated[int, typer.Option("--num-images", "-n", min=1)] = 1,
-    steps: Annotated[int | None, typer.Option(help="Denoising steps.")] = None,
-    guidance_scale: Annotated[float | None, typer.Option(help="CFG scale.")] = None,
-    scale: Annotated[float, typer.Option(help="LoRA scale.")] = 1.0,
+    seed: Annotated[
+        int, typer.Option(min=0, help="Seed of the first image; image j uses seed+j.")
+    ] = 0,
+    num_images: Annotated[
+        int, typer.Option("--num-images", "-n", min=1, help="Images per prompt.")
+    ] = 1,
+    steps: Annotated[int | None, typer.Option(min=1, help="Denoising steps.")] = None,
+    guidance_scale: Annotated[
+        float | None, typer.Option(callback=_finite(0.0), help="CFG scale (>= 0).")
+    ] = None,
+    scale: Annotated[float, typer.Option(callback=_finite(0.0), help="LoRA scale (>= 0).")] = 1.0,
     device: Annotated[str, typer.Option(help="auto, cpu, cuda, ...")] = "auto",
     verbose: Annotated[bool, typer.Option("--verbose", "-v")] = False,
 ) -> None:
     """Draw PROMPTS with a learned identity."""
     _setup_logging(verbose)
-    from consistent_char.identity import Identity, IdentityError
-    from consistent_char.usage import identity_generator, prompt_with_identity
+    from consistent_char.identity import Identity
+    from consistent_char.rundir import OutputFolder, save_png_atomic
+    from consistent_char.stages import resolve_device
+    from consistent_char.usage import base_model, identity_generator, prompt_with_identity
 
-    try:
-        identity = Identity.load(identity_dir)
-        generator = identity_generator(
-            identity,
-            model=model,
-            device=device,
-            num_inference_steps=steps,
-            guidance_scale=guidance_scale,
-            lora_scale=scale,
-        )
-    except (IdentityError, FileNotFoundError, ValueError, ConfigError) as err:
-        _fail(str(err))
-        return
-    out.mkdir(parents=True, exist_ok=True)
+    # 1. Check inputs and outputs before the model loads.
+    _check_prompts(prompts)
+    _check_seeds(seed, num_images)
+    resolve_device(device)
+    identity = Identity.load(identity_dir)
     full = [prompt_with_identity(identity, p) for p in prompts]
     jobs = [(p, seed + j) for p in full for j in range(num_images)]
-    images = generator.generate([p for p, _ in jobs], [s for _, s in jobs], identity)
-    from consistent_char.rundir import save_png_atomic
+    names = [f"{k:03d}_seed{s}.png" for k, (_, s) in enumerate(jobs)]
+    folder = OutputFolder(out)
+    folder.check(names)
+    base, why = base_model(identity, model)
+    _say(f"model: {base} ({why})")
 
-    for k, ((p, s), image) in enumerate(zip(jobs, images, strict=True)):
-        path = out / f"{k:03d}_seed{s}.png"
-        save_png_atomic(path, image)
-        console.print(f"{path}  ←  {p}")
+    # 2. Draw and write.
+    generator = identity_generator(
+        identity,
+        model=base,
+        device=device,
+        num_inference_steps=steps,
+        guidance_scale=guidance_scale,
+        lora_scale=scale,
+    )
+    images = generator.generate([p for p, _ in jobs], [s for _, s in jobs], identity)
+    folder.claim(names)
+    for name, (p, _), image in zip(names, jobs, images, strict=True):
+        save_png_atomic(out / name, image)
+        _say(f"{out / name}  ←  {p}")
 
 
 @app.command()
@@ -233,31 +426,45 @@ def report(
             "(repeatable; loads the model).",
         ),
     ] = None,
-    seed: Annotated[int, typer.Option(help="Seed of the first sample; sample j uses seed+j.")] = 0,
+    seed: Annotated[
+        int, typer.Option(min=0, help="Seed of the first sample; sample j uses seed+j.")
+    ] = 0,
     device: Annotated[str, typer.Option(help="auto, cpu, cuda, ... (for --sample)")] = "auto",
     verbose: Annotated[bool, typer.Option("--verbose", "-v")] = False,
 ) -> None:
     """(Re)build RUN_DIR/report.html: grids, clusters, spread curve, stage times, samples."""
     _setup_logging(verbose)
-    from consistent_char.identity import Identity, IdentityError
+    from consistent_char.identity import IDENTITY_JSON, Identity
     from consistent_char.report import SAMPLES_DIR, build_report
+    from consistent_char.rundir import RunDirectory, check_output_dir
 
-    if not (run_dir / "state.json").is_file():
-        _fail(f"{run_dir} is not a run directory: no state.json in it")
-        return
+    run = RunDirectory(run_dir)
+    if not run.exists():
+        raise InputNotFoundError(
+            f"{run_dir} is not a run directory: no state.json in it (extract writes one)"
+        )
+    run.read_state()
+    check_output_dir(run_dir)
     if sample:
-        from consistent_char.story import illustrate
-        from consistent_char.usage import identity_generator
+        from consistent_char.rundir import OutputFolder
+        from consistent_char.story import illustrate, output_names
+        from consistent_char.usage import base_model, identity_generator
 
-        try:
-            identity = Identity.load(run_dir / "identity")
-            generator = identity_generator(identity, device=device)
-        except (IdentityError, FileNotFoundError, ValueError, ConfigError) as err:
-            _fail(str(err))
-            return
+        _check_prompts(sample, "--sample prompt")
+        _check_seeds(seed, len(sample))
+        if not (run.identity_dir / IDENTITY_JSON).is_file():
+            raise InputNotFoundError(
+                f"{run_dir} has no final identity yet (the run has not finished); resume it "
+                "with extract --resume, then draw samples"
+            )
+        identity = Identity.load(run.identity_dir)
+        OutputFolder(run_dir / SAMPLES_DIR).check(output_names(len(sample)))
+        base, why = base_model(identity)
+        _say(f"model: {base} ({why})")
+        generator = identity_generator(identity, device=device)
         illustrate(identity, sample, run_dir / SAMPLES_DIR, generator=generator, seed=seed)
     path = build_report(run_dir)
-    console.print(f"report: {path}")
+    _say(f"report: {path}")
 
 
 @app.command()
@@ -268,41 +475,43 @@ def story(
         typer.Argument(help="One prompt per line; blank lines and # comments are skipped."),
     ],
     out: Annotated[Path, typer.Option("--out", help="Folder for the images and contact sheet.")],
-    seed: Annotated[int, typer.Option(help="Seed of the first image; image j uses seed+j.")] = 0,
+    seed: Annotated[
+        int, typer.Option(min=0, help="Seed of the first image; image j uses seed+j.")
+    ] = 0,
     model: Annotated[
         str | None, typer.Option(help="Base model (default: the one the identity was learned on).")
     ] = None,
     device: Annotated[str, typer.Option(help="auto, cpu, cuda, ...")] = "auto",
-    steps: Annotated[int | None, typer.Option(help="Denoising steps.")] = None,
-    scale: Annotated[float, typer.Option(help="LoRA scale.")] = 1.0,
+    steps: Annotated[int | None, typer.Option(min=1, help="Denoising steps.")] = None,
+    scale: Annotated[float, typer.Option(callback=_finite(0.0), help="LoRA scale (>= 0).")] = 1.0,
     verbose: Annotated[bool, typer.Option("--verbose", "-v")] = False,
 ) -> None:
     """Illustrate a story: one image per line of PROMPTS_FILE, plus contact_sheet.png."""
     _setup_logging(verbose)
-    from consistent_char.identity import Identity, IdentityError
-    from consistent_char.story import CONTACT_SHEET, illustrate, read_prompts
-    from consistent_char.usage import identity_generator
+    from consistent_char.identity import Identity
+    from consistent_char.rundir import OutputFolder
+    from consistent_char.stages import resolve_device
+    from consistent_char.story import CONTACT_SHEET, illustrate, output_names, read_prompts
+    from consistent_char.usage import base_model, identity_generator, prompt_with_identity
 
-    try:
-        prompts = read_prompts(prompts_file)
-    except OSError as err:
-        _fail(f"cannot read {prompts_file}: {err}")
-        return
+    prompts = read_prompts(prompts_file)
     if not prompts:
         _fail(f"{prompts_file} has no prompts (blank lines and # comments are skipped)")
-        return
-    try:
-        identity = Identity.load(identity_dir)
-        generator = identity_generator(
-            identity, model=model, device=device, num_inference_steps=steps, lora_scale=scale
-        )
-    except (IdentityError, FileNotFoundError, ValueError, ConfigError) as err:
-        _fail(str(err))
-        return
+    _check_seeds(seed, len(prompts))
+    resolve_device(device)
+    identity = Identity.load(identity_dir)
+    for p in prompts:
+        prompt_with_identity(identity, p)
+    OutputFolder(out).check(output_names(len(prompts)))
+    base, why = base_model(identity, model)
+    _say(f"model: {base} ({why})")
+    generator = identity_generator(
+        identity, model=base, device=device, num_inference_steps=steps, lora_scale=scale
+    )
     paths = illustrate(identity, prompts, out, generator=generator, seed=seed)
     for path, prompt in zip(paths, prompts, strict=True):
-        console.print(f"{path}  ←  {prompt}")
-    console.print(f"contact sheet: {out / CONTACT_SHEET}")
+        _say(f"{path}  ←  {prompt}")
+    _say(f"contact sheet: {out / CONTACT_SHEET}")
 
 
 @app.command()
@@ -313,25 +522,22 @@ def export(
         str,
         typer.Option("--format", help="kohya: A1111 / ComfyUI LoRA + SDXL embedding file."),
     ] = "kohya",
+    verbose: Annotated[bool, typer.Option("--verbose", "-v")] = False,
 ) -> None:
     """Export an identity for AUTOMATIC1111 and ComfyUI (LoRA + embedding file)."""
-    from consistent_char.export import ExportError, export_kohya
-    from consistent_char.identity import Identity, IdentityError
+    _setup_logging(verbose)
+    from consistent_char.export import export_kohya
+    from consistent_char.identity import Identity
 
     if format_ != "kohya":
         _fail(f"unknown --format {format_!r}; known: kohya")
-        return
-    try:
-        lora_file, emb_file = export_kohya(Identity.load(identity_dir), out)
-    except (IdentityError, ExportError, FileNotFoundError) as err:
-        _fail(str(err))
-        return
+    lora_file, emb_file = export_kohya(Identity.load(identity_dir), out)
     if lora_file is not None:
-        console.print(
+        _say(
             f"LoRA: {lora_file}  (A1111: models/Lora, <lora:{lora_file.stem}:1>; "
             "ComfyUI: models/loras)"
         )
-    console.print(
+    _say(
         f"embedding: {emb_file}  (A1111: embeddings/, write {emb_file.stem} in the prompt; "
         f"ComfyUI: models/embeddings, write embedding:{emb_file.stem})"
     )
@@ -360,6 +566,7 @@ def eval_run(
         float | None,
         typer.Option(
             "--guidance-scale",
+            callback=_finite(0.0),
             help="Draw at this guidance scale (> 0) instead of the run's own.",
         ),
     ] = None,
@@ -368,21 +575,19 @@ def eval_run(
     """Score RUN_DIR's identity beside its prompt without identity (ToyWorld probe)."""
     _setup_logging(verbose)
     from consistent_char.eval.run import evaluate_run
-    from consistent_char.identity import IdentityError
-    from consistent_char.rundir import write_json_atomic
+    from consistent_char.rundir import RunDirectory
 
-    try:
-        result = evaluate_run(
-            run_dir,
-            seeds_per_scene=seeds_per_scene,
-            seed=seed,
-            probe=probe,
-            device=device,
-            guidance_scale=guidance_scale,
-        )
-    except (IdentityError, FileNotFoundError, ValueError, ConfigError) as err:
-        _fail(str(err))
-        return
+    if not RunDirectory(run_dir).exists():
+        raise InputNotFoundError(f"{run_dir} is not a run directory: no state.json in it")
+    _check_result_file(out)
+    result = evaluate_run(
+        run_dir,
+        seeds_per_scene=seeds_per_scene,
+        seed=seed,
+        probe=probe,
+        device=device,
+        guidance_scale=guidance_scale,
+    )
     console.print(
         f"{result['prompt']!r}: {result['iterations']} iterations, "
         f"{'converged' if result['converged'] else 'not converged'}; "
@@ -396,8 +601,38 @@ def eval_run(
             f"  {name:<10} {r['identity_consistency']:>20.3f} {r['prompt_adherence']:>18.3f}"
         )
     if out is not None:
-        write_json_atomic(out, result)
-        console.print(f"result: {out}")
+        _write_result(out, result)
+
+
+def _check_result_file(out: Path | None) -> None:
+    """A result file may be new or an earlier result of this command: never a user's file."""
+    from consistent_char.rundir import check_output_file
+
+    if out is None:
+        return
+    check_output_file(out)
+    if out.exists() or out.is_symlink():
+        try:
+            import json
+
+            ours = json.loads(out.read_text(encoding="utf-8")).get("written_by") == _RESULT_MARK
+        except (OSError, ValueError, AttributeError):
+            ours = False
+        if not ours:
+            raise OutputExistsError(
+                f"{out} exists and is not a result of consistent-char eval; choose another "
+                "--out or move that file (nothing was run)"
+            )
+
+
+_RESULT_MARK = "consistent-char eval"
+
+
+def _write_result(out: Path, result: dict[str, Any]) -> None:
+    from consistent_char.rundir import write_json_atomic
+
+    write_json_atomic(out, {"written_by": _RESULT_MARK, **result})
+    _say(f"result: {out}")
 
 
 @eval_app.command("toy")
@@ -462,38 +697,29 @@ def eval_toy(
     name = "quick" if quick else preset
     if name not in PRESETS:
         _fail(f"unknown --preset {name!r}; known: {', '.join(PRESETS)}")
-        return
     if threads is not None:
         torch.set_num_threads(threads)
-    try:
-        settings = PRESETS[name]()
-        changes: dict[str, Any] = {}
-        if prompt:
-            changes["prompts"] = list(prompt)
-            changes["ablation_prompts"] = list(prompt)[:1]
-        if method:
-            changes["methods"] = list(method)
-        if seeds_per_scene is not None:
-            changes["seeds_per_scene"] = seeds_per_scene
-        if seed is not None:
-            changes["seed"] = seed
-        if not ablations:
-            changes["ablations"] = {}
-        overrides = dict(parse_assignment(s) for s in (set_ or []))
-        changes["overrides"] = {**settings.overrides, **overrides}
-        settings = dataclasses.replace(settings, **changes)
-    except (ConfigError, ValueError) as err:
-        _fail(str(err))
-        return
+    settings = PRESETS[name]()
+    changes: dict[str, Any] = {}
+    if prompt:
+        changes["prompts"] = list(prompt)
+        changes["ablation_prompts"] = list(prompt)[:1]
+    if method:
+        changes["methods"] = list(method)
+    if seeds_per_scene is not None:
+        changes["seeds_per_scene"] = seeds_per_scene
+    if seed is not None:
+        changes["seed"] = seed
+    if not ablations:
+        changes["ablations"] = {}
+    overrides = dict(parse_assignment(s) for s in (set_ or []))
+    changes["overrides"] = {**settings.overrides, **overrides}
+    settings = dataclasses.replace(settings, **changes)
     for line in reductions(settings) if settings.name != "full" else []:
         console.print(f"reduced: {line}")
 
     if estimate:
-        try:
-            costs = measure_unit_costs(settings, probe=probe, device=device)
-        except (FileNotFoundError, ValueError, ConfigError) as err:
-            _fail(str(err))
-            return
+        costs = measure_unit_costs(settings, probe=probe, device=device)
         est = estimate_seconds(settings, costs)
         console.print(
             f"unit costs ({costs.torch_threads} thread(s)): "
@@ -514,6 +740,9 @@ def eval_toy(
         return
 
     target = out or Path("bench") / f"toy-{settings.name}"
+    from consistent_char.rundir import check_output_dir
+
+    check_output_dir(target)
 
     def report(event: Any) -> None:
         what = event.method if event.group is None else f"{event.group}: {event.variant}"
@@ -525,16 +754,13 @@ def eval_toy(
             f"{e['seconds']:.1f} s{note}"
         )
 
-    try:
-        results = run_toy_benchmark(
-            settings, target, probe=probe, device=device, resume=resume, progress=report
-        )
-    except (FileNotFoundError, ValueError, ConfigError) as err:
-        _fail(str(err))
-        return
-    console.print(
-        f"[bold green]done[/] in {results['seconds_total']:.0f} s: {target / 'results.json'}, "
-        f"{target / 'results.md'}, {target / 'scatter.png'}"
+    results = run_toy_benchmark(
+        settings, target, probe=probe, device=device, resume=resume, progress=report
+    )
+    _say(
+        ("done", "bold green"),
+        f" in {results['seconds_total']:.0f} s: {target / 'results.json'}, "
+        f"{target / 'results.md'}, {target / 'scatter.png'}",
     )
 
 
@@ -565,7 +791,9 @@ def eval_real(
     ] = 1,
     seed: Annotated[int, typer.Option(help="The first seed.")] = 0,
     steps: Annotated[int | None, typer.Option(min=1, help="Denoising steps per image.")] = None,
-    guidance: Annotated[float | None, typer.Option(min=0.0, help="Guidance scale.")] = None,
+    guidance: Annotated[
+        float | None, typer.Option(callback=_finite(0.0), help="Guidance scale.")
+    ] = None,
     out: Annotated[Path | None, typer.Option("--out", help="Write the result as JSON.")] = None,
     device: Annotated[str, typer.Option(help="auto, cpu, cuda, ...")] = "auto",
     verbose: Annotated[bool, typer.Option("--verbose", "-v")] = False,
@@ -582,50 +810,53 @@ def eval_real(
         evaluate_prompt_set,
     )
     from consistent_char.generators.sdxl import SDXLGenerator
-    from consistent_char.identity import Identity, IdentityError
-    from consistent_char.rundir import write_json_atomic
+    from consistent_char.identity import Identity
     from consistent_char.stages import resolve_device, resolve_dtype, resolve_model
 
-    try:
-        prompts = PromptSet.from_file(prompt_set)
-        identities: dict[str, Identity] = {}
-        for item in identity or []:
-            subject, sep, folder = item.rpartition("=")
-            if not sep or not subject.strip() or not folder:
-                raise ValueError(f"--identity takes SUBJECT=IDENTITY_DIR, got {item!r}")
-            identities[subject.strip()] = Identity.load(folder)
-        unknown = sorted(set(identities) - {s.name for s in prompts.subjects})
-        if unknown:
-            raise ValueError(f"--identity names subjects not in {prompt_set}: {unknown}")
-        dev = resolve_device(device)
-        settings = GeneratorConfig().model_dump()
-        if steps is not None:
-            settings["num_inference_steps"] = steps
-        if guidance is not None:
-            settings["guidance_scale"] = guidance
-        generator = SDXLGenerator.from_pretrained(
-            resolve_model(model), device=dev, dtype=resolve_dtype("auto", dev), **settings
-        )
-        clip = CLIPScorer.from_pretrained(clip_model, device=dev)
-        dino = DINOv2Embedder.from_pretrained(dino_model, device=dev)
-        second = (
-            DreamSimEmbedder.from_pretrained(device=str(dev))
-            if dreamsim and dreamsim_available()
-            else None
-        )
-        result = evaluate_prompt_set(
-            generator,
-            prompts,
-            clip=clip,
-            dino=dino,
-            dreamsim=second,
-            identities=identities,
-            seeds_per_setting=seeds_per_setting,
-            seed=seed,
-        )
-    except (IdentityError, FileNotFoundError, ValueError, ConfigError) as err:
-        _fail(str(err))
-        return
+    # 1. Check inputs and outputs before any model loads.
+    prompts = PromptSet.from_file(prompt_set)
+    identities: dict[str, Identity] = {}
+    for item in identity or []:
+        subject, sep, folder = item.rpartition("=")
+        if not sep or not subject.strip() or not folder:
+            _fail(f"--identity takes SUBJECT=IDENTITY_DIR, got {item!r}")
+        identities[subject.strip()] = Identity.load(folder)
+    unknown = sorted(set(identities) - {s.name for s in prompts.subjects})
+    if unknown:
+        _fail(f"--identity names subjects not in {prompt_set}: {unknown}")
+    _check_result_file(out)
+    dev = resolve_device(device)
+    settings = GeneratorConfig().model_dump()
+    if steps is not None:
+        settings["num_inference_steps"] = steps
+    if guidance is not None:
+        settings["guidance_scale"] = guidance
+    SDXLGenerator._check_settings(settings)
+    sdxl = resolve_model(model)
+    clip_source = resolve_model(clip_model, kind="embedder")
+    dino_source = resolve_model(dino_model, kind="embedder")
+
+    # 2. Load and score.
+    generator = SDXLGenerator.from_pretrained(
+        sdxl, device=dev, dtype=resolve_dtype("auto", dev), **settings
+    )
+    clip = CLIPScorer.from_pretrained(clip_source, device=dev)
+    dino = DINOv2Embedder.from_pretrained(dino_source, device=dev)
+    second = (
+        DreamSimEmbedder.from_pretrained(device=str(dev))
+        if dreamsim and dreamsim_available()
+        else None
+    )
+    result = evaluate_prompt_set(
+        generator,
+        prompts,
+        clip=clip,
+        dino=dino,
+        dreamsim=second,
+        identities=identities,
+        seeds_per_setting=seeds_per_setting,
+        seed=seed,
+    )
 
     def cell(value: float | None) -> str:
         return "-" if value is None else f"{value:.3f}"
@@ -646,8 +877,7 @@ def eval_real(
         result["prompt_set"] = str(prompt_set)
         result["model"] = model
         result["identities"] = {name: str(i.token) for name, i in identities.items()}
-        write_json_atomic(out, result)
-        console.print(f"result: {out}")
+        _write_result(out, result)
 
 
 def main() -> None:  # pragma: no cover - console entry point
