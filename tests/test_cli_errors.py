@@ -474,6 +474,17 @@ CLI_CASES: list[CliCase] = [
         setup=run_with("state.json", '{"prompt": "a creature", "iteration": 0, "step": "drawn"}'),
     ),
     cli(
+        "--resume, state.json with a bad record",
+        'extract "a creature" --out run --resume',
+        f"run/state.json is not a valid run state (history[0] has spread 'x'): {RUN_HINT}",
+        setup=run_with(
+            "state.json",
+            '{"prompt": "a creature", "iteration": 0, "step": "embedded", "history": '
+            '[{"iteration": 0, "prompt": "a creature", "seeds": [], "spread": "x", '
+            '"threshold": 1.0, "converged": false}]}',
+        ),
+    ),
+    cli(
         "--resume, config.yaml damaged",
         'extract "a creature" --out run --resume',
         "run/config.yaml is not this run's valid config (invalid configuration: num_images = -4: "

@@ -27,7 +27,7 @@ import threading
 from collections.abc import Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import MISSING, dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
@@ -272,6 +272,10 @@ class RunState:
         history = data.get("history", [])
         if not isinstance(history, list) or not all(isinstance(r, dict) for r in history):
             raise bad("history is not a list of records")
+        for index, record in enumerate(history):
+            problem = _record_problem(record, index)
+            if problem:
+                raise bad(f"history[{index}] {problem}")
         for name in ("finished", "converged"):
             if not isinstance(data.get(name, False), bool):
                 raise bad(f"{name} is {data[name]!r}")
@@ -281,6 +285,26 @@ class RunState:
         ):
             raise bad("checksums is not a mapping of file names to digests")
         return cls(**data)
+
+
+def _record_problem(record: dict[str, Any], index: int) -> str | None:
+    """What is wrong with one saved `IterationRecord`, or None."""
+    from consistent_char.interfaces import IterationRecord
+
+    fields = IterationRecord.__dataclass_fields__
+    required = {
+        n for n, f in fields.items() if f.default is MISSING and f.default_factory is MISSING
+    }
+    if set(record) - set(fields) or required - set(record):
+        unknown, missing = sorted(set(record) - set(fields)), sorted(required - set(record))
+        return f"has unknown keys {unknown} or lacks {missing}"
+    if record["iteration"] != index:
+        return f"is iteration {record['iteration']!r}"
+    for name in ("spread", "threshold"):
+        value = record[name]
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or value != value:
+            return f"has {name} {value!r}"
+    return None
 
 
 # ------------------------------------------------------------------------------------- the lock

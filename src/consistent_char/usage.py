@@ -87,11 +87,10 @@ def identity_generator(
     from consistent_char.generators.sdxl import SDXLGenerator
     from consistent_char.stages import resolve_device, resolve_dtype, resolve_model
 
-    saved = identity.metadata.get("config") or {}
+    saved = identity.metadata.get("config")
+    saved = saved if isinstance(saved, dict) else {}
     try:
-        gen = GeneratorConfig.model_validate(
-            saved.get("generator", {}) if isinstance(saved, dict) else {}
-        )
+        gen = GeneratorConfig.model_validate(saved.get("generator", {}))
     except ValidationError as err:
         raise IdentityError(
             f"identity {identity.token!r} has invalid generator settings in its identity.json "
