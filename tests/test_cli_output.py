@@ -224,3 +224,24 @@ def test_saving_over_an_identity_keeps_the_users_other_files(models, tmp_path):
     assert (folder / "samples" / "fox.png").read_bytes() == b"mine"
     assert Identity.load(folder).lora is None
     assert [p.name for p in tmp_path.iterdir()] == ["identity"], "a temporary folder was left"
+
+
+def test_a_full_disk_is_one_line_that_says_what_to_do(models, tmp_path, monkeypatch):
+    import errno
+
+    from consistent_char import rundir
+
+    def full(path, data):
+        raise OSError(errno.ENOSPC, "No space left on device", str(path))
+
+    monkeypatch.setattr(rundir, "write_bytes_atomic", full)
+    result = CliRunner().invoke(
+        app,
+        ["generate", str(models / "identity"), "{token}", "--out", str(tmp_path / "out")]
+        + ["--steps", "1", "--device", "cpu"],
+    )
+    assert result.exit_code == 2, result.output
+    assert _lines(result.output, "error: ") == [
+        f"error: No space left on device: {tmp_path / 'out' / '.consistent-char-files.json'}; "
+        "free some space and run the command again (extract: with --resume)"
+    ]

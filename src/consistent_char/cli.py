@@ -13,6 +13,7 @@ markup, emoji codes or highlighting.
 
 from __future__ import annotations
 
+import errno
 import logging
 import math
 import os
@@ -154,10 +155,22 @@ def _report(
     return code
 
 
+#: What to do about the operating system's refusals a user meets most.
+_OS_ERROR_HINTS = {
+    errno.ENOSPC: "free some space and run the command again (extract: with --resume)",
+    errno.EDQUOT: "free some space and run the command again (extract: with --resume)",
+    errno.EACCES: "check the permissions of that path, or choose another",
+    errno.EPERM: "check the permissions of that path, or choose another",
+    errno.EROFS: "the file system is read-only: choose a folder on another one",
+    errno.ENOENT: "check the path",
+}
+
+
 def _os_error(err: OSError) -> str:
     what = err.strerror or str(err) or type(err).__name__
     where = f": {err.filename}" if err.filename else ""
-    return f"{what}{where}"
+    hint = _OS_ERROR_HINTS.get(err.errno or 0)
+    return f"{what}{where}" + (f"; {hint}" if hint else "")
 
 
 app = typer.Typer(
