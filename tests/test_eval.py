@@ -196,7 +196,17 @@ def test_eval_run_cli_scores_identity_and_vanilla(models, tiny_run, tmp_path):
         assert 0.0 <= score["prompt_adherence"] <= 1.0
         assert set(score["attribute_agreement"]) == set(IDENTITY_ATTRIBUTES)
         assert score["base_prompt_adherence"] is None or 0 <= score["base_prompt_adherence"] <= 1
+        assert 0.0 <= score["validity"] <= 1.0
         assert data["seconds"][name] > 0
+    # Every iteration read back, iteration 0's chosen character against the final identity.
+    assert [m["iteration"] for m in data["per_iteration"]] == [0, 1]
+    assert all(0.0 <= m["validity"] <= 1.0 for m in data["per_iteration"])
+    assert data["min_validity"] == min(m["validity"] for m in data["per_iteration"])
+    assert set(data["drift"]["chosen"]) == set(IDENTITY_ATTRIBUTES)
+    assert 0.0 <= data["drift"]["kept"] <= 1.0
+    # Kept in the run, and shown in its report.
+    assert json.loads((tiny_run / "evaluation.json").read_text())["drift"] == data["drift"]
+    assert "ToyWorld evaluation" in (tiny_run / "report.html").read_text()
 
 
 def test_eval_run_draws_at_the_guidance_scale_asked_for(models, tiny_run, monkeypatch):
@@ -258,9 +268,18 @@ def test_minimal_benchmark_cli_writes_results_table_and_figure(models, tmp_path)
             assert 0.0 <= entry["identity_consistency"] <= 1.0
             assert 0.0 <= entry["prompt_adherence"] <= 1.0
             assert entry["n_images"] == 2 and entry["seconds"] >= 0.0
+            assert 0.0 <= entry["validity"] <= 1.0
         mean = method["mean"]
         assert mean["n_prompts"] == 2 and 0.0 <= mean["identity_consistency"] <= 1.0
     methods = data["methods"]
+    # Drift: none without an identity; from the single image or the loop's first cluster else.
+    assert methods["vanilla"]["prompts"]["a creature"]["drift"] is None
+    for name in ("ti_single", "loop_1", "loop"):
+        entry = methods[name]["prompts"]["a creature"]
+        assert 0.0 <= entry["drift"]["kept"] <= 1.0, name
+    assert methods["ti_single"]["prompts"]["a creature"]["min_validity"] is None
+    assert 0.0 <= methods["loop"]["prompts"]["a creature"]["min_validity"] <= 1.0
+    assert (out / "runs" / "loop" / "a-creature" / "state.json").is_file()
     assert methods["vanilla"]["mean"]["iterations"] == 0
     assert methods["ti_single"]["prompts"]["a creature"]["iterations"] == 1
     assert methods["loop_1"]["prompts"]["a creature"]["iterations"] == 1
@@ -277,6 +296,7 @@ def test_minimal_benchmark_cli_writes_results_table_and_figure(models, tmp_path)
 
     table = (out / "results.md").read_text()
     assert "| loop (full) |" in table and "`ti_lora` (baseline)" in table
+    assert "| drift kept | validity |" in table
     with Image.open(out / "scatter.png") as image:
         assert image.size == (1000, 640)
     assert (out / "grids" / "loop" / "a-red-creature.png").is_file()
@@ -538,6 +558,9 @@ def test_markdown_table_and_scatter_from_hand_made_results(tmp_path):
         "base_prompt_adherence": None,
         "iterations": 2,
         "seconds": 3.0,
+        "validity": 1.0,
+        "min_validity": 0.5,
+        "drift": {"kept": 0.8},
     }
     results = {
         "preset": "custom",
@@ -562,9 +585,10 @@ def test_markdown_table_and_scatter_from_hand_made_results(tmp_path):
         },
     }
     table = markdown_table(results)
-    assert "| loop (full) | 0.500 | 0.750 | – | 2.0 | 3.0 |" in table
+    assert "| loop (full) | 0.500 | 0.750 | – | 0.800 | 1.000 | 0.500 | 2.0 | 3.0 |" in table
     assert "| loop (full) | 0.500 / 0.750 |" in table
-    assert "| refiner | `ti` | – | – | – | – |" in table
+    assert "| refiner | `ti_lora` (baseline) | 0.500 | 0.750 | 0.800 | 0.500 | 2.0 | 3.0 |" in table
+    assert "| refiner | `ti` | – | – | – | – | – | – |" in table
     assert "- prompts: 1" in table
     assert scatter_points(results)[0] == {
         "label": "loop (full)",

@@ -5,7 +5,9 @@ cluster is drawn first with a thick border and a star), and a table of the clust
 cohesions; for the run: the spread per iteration against the convergence threshold (an inline SVG
 plot), the time each stage took per iteration, and sample images of the final identity when the
 run directory has any (``samples/`` or ``identity/samples/``, e.g. written by
-`consistent_char.story.illustrate`).
+`consistent_char.story.illustrate`); and, once the run has been evaluated on ToyWorld
+(``evaluation.json``, written by `consistent_char.eval.evaluate_run`), the validity of each
+iteration's images and the drift from the character chosen at iteration 0.
 
 The page has no scripts, no style sheets or fonts from the network: thumbnails are embedded as
 base64 data (each linking to its full-size PNG by a relative path), so the file can be mailed or
@@ -37,6 +39,8 @@ __all__ = ["REPORT_FILE", "SAMPLES_DIR", "build_report"]
 logger = logging.getLogger(__name__)
 
 REPORT_FILE = "report.html"
+#: A ToyWorld evaluation of the run (`consistent_char.eval.run.EVALUATION_FILE`).
+EVALUATION_FILE = "evaluation.json"
 #: Sample images of the final identity, relative to the run directory (PNG files, optionally a
 #: ``story.json`` with their prompts as written by `consistent_char.story.illustrate`).
 SAMPLES_DIR = "samples"
@@ -114,6 +118,7 @@ class _Run:
     identity: dict[str, Any] | None
     iterations: list[_Iteration] = field(default_factory=list)
     samples: list[tuple[Path, str]] = field(default_factory=list)
+    evaluation: dict[str, Any] | None = None
 
 
 def _read_run(run: RunDirectory) -> _Run:
@@ -138,7 +143,14 @@ def _read_run(run: RunDirectory) -> _Run:
         clusters_path = run.iter_dir(i) / "clusters.json"
         clusters = json.loads(clusters_path.read_text()) if clusters_path.is_file() else None
         iterations.append(_Iteration(i, records.get(i, {"iteration": i}), images, clusters))
-    return _Run(state, config, identity, iterations, _find_samples(run.root))
+    evaluation = None
+    path = run.root / EVALUATION_FILE
+    if path.is_file():
+        try:
+            evaluation = json.loads(path.read_text())
+        except ValueError:
+            logger.warning("ignoring malformed %s", path)
+    return _Run(state, config, identity, iterations, _find_samples(run.root), evaluation)
 
 
 def _find_samples(root: Path) -> list[tuple[Path, str]]:
@@ -225,6 +237,8 @@ def _render(run: RunDirectory, data: _Run, thumb: int, max_images: int | None) -
         "<h2>Time per stage</h2>",
         _times_table(data.iterations),
     ]
+    if data.evaluation is not None:
+        parts.append(_evaluation(data.evaluation))
     if data.samples:
         parts += ["<h2>Final identity: samples</h2>", _samples(run.root, data.samples)]
     d_min_c = cfg.get("d_min_c")
@@ -376,6 +390,65 @@ def _times_table(iterations: Sequence[_Iteration]) -> str:
         + f"<tr><th>all</th>{foot}<td>{_seconds(sum(totals.values()))}</td><td></td></tr>"
         + "</table>"
     )
+
+
+def _evaluation(ev: dict[str, Any]) -> str:
+    """The ToyWorld evaluation: scores, drift, and what each iteration kept."""
+
+    def num(value: Any) -> str:
+        return "–" if value is None else f"{float(value):.3f}"
+
+    def ident(value: Any) -> str:
+        return "–" if not value else _e(" ".join(str(v) for v in value.values()))
+
+    identity, vanilla = ev.get("identity") or {}, ev.get("vanilla") or {}
+    drift = ev.get("drift") or {}
+    out = [
+        "<h2>ToyWorld evaluation</h2>",
+        '<p class="muted">Read by the identity probe (never used by the loop). Identity '
+        "consistency: pairs of images in different scenes with all five identity attributes "
+        "equal. Validity: images the probe takes for ToyWorld images.</p>",
+        '<table><tr><th class="l"></th><th>identity consistency</th><th>prompt adherence</th>'
+        "<th>validity</th></tr>",
+    ]
+    for name, score in (("with the identity", identity), ("prompt alone", vanilla)):
+        out.append(
+            f'<tr><td class="l">{name}</td><td>{num(score.get("identity_consistency"))}</td>'
+            f"<td>{num(score.get('prompt_adherence'))}</td><td>{num(score.get('validity'))}</td></tr>"
+        )
+    out.append("</table>")
+    out.append(
+        f"<p>Drift: chosen at iteration 0 <code>{ident(drift.get('chosen'))}</code>, final "
+        f"identity <code>{ident(drift.get('final'))}</code>, kept "
+        f"<b>{num(drift.get('kept'))}</b> of the identity attributes.</p>"
+    )
+    rows = []
+    for m in ev.get("per_iteration") or []:
+        agreement = m.get("agreement") or {}
+        scenes = m.get("scenes") or {}
+        top_scene = max(scenes, key=lambda k: scenes[k]) if scenes else ""
+        cells = "".join(f"<td>{num(agreement.get(a))}</td>" for a in _IDENTITY)
+        rows.append(
+            f"<tr><td>{m.get('iteration')}</td><td>{num(m.get('validity'))}</td>"
+            f"<td>{num(m.get('confident'))}</td><td>{num(m.get('identity_share'))}</td>{cells}"
+            f'<td class="l">{ident(m.get("modal"))}</td>'
+            f'<td class="l">{_e(top_scene)} {num(scenes.get(top_scene))}</td></tr>'
+        )
+    head = "".join(f"<th>{a}</th>" for a in _IDENTITY)
+    out.append(
+        "<h3>Per iteration</h3>"
+        '<p class="muted">Confident: every identity attribute read with probability ≥ 0.9. '
+        "Character and the attribute columns: the fraction of the iteration's images that "
+        "match the character chosen at iteration 0.</p>"
+        "<table><tr><th>iteration</th><th>validity</th><th>confident</th><th>character</th>"
+        f'{head}<th class="l">modal identity</th><th class="l">most common scene</th></tr>'
+        + "".join(rows)
+        + "</table>"
+    )
+    return "\n".join(out)
+
+
+_IDENTITY = ("shape", "color", "hat", "hat_color", "eyes")
 
 
 def _samples(root: Path, samples: Sequence[tuple[Path, str]]) -> str:

@@ -32,6 +32,13 @@ from typing import Any
 import torch
 
 from consistent_char.config import ExtractorConfig, toy_preset
+from consistent_char.eval.drift import (
+    drift,
+    image_validity,
+    iteration_measures,
+    min_validity,
+    modal_identity,
+)
 from consistent_char.eval.methods import (
     METHOD_LABELS,
     METHODS,
@@ -48,7 +55,7 @@ from consistent_char.eval.results import (
     write_outputs,
 )
 from consistent_char.eval.run import load_probe
-from consistent_char.eval.toy import Probe, render_identity_in_scenes, score_toy
+from consistent_char.eval.toy import Probe, render_identity_in_scenes, score_records
 from consistent_char.identity import Identity
 from consistent_char.rundir import save_png_atomic, write_json_atomic
 from consistent_char.toy.world import SCENES
@@ -420,11 +427,14 @@ def _run_job(
     elif job.method == "loop_1" and "loop" not in settings.methods:
         # No full loop to read the first iteration off: run just one.
         one = settings.config({**job.overrides, "max_iterations": 1})
-        outcome, _ = loop_identities(stages, one, job.prompt)
+        run_dir = out / "runs" / "loop_1" / _slug(job.prompt)
+        outcome, _ = loop_identities(stages, one, job.prompt, run_dir=run_dir)
     else:
         # One run of the loop gives both the full loop and its first iteration; an ablation
-        # variant reports the full loop only.
-        full, first = loop_identities(stages, config, job.prompt)
+        # variant reports the full loop only. Its run is kept, to read what each iteration kept.
+        folder = f"{job.group}-{_slug(job.variant or 'loop')}" if job.group else "loop"
+        run_dir = out / "runs" / folder / _slug(job.prompt)
+        full, first = loop_identities(stages, config, job.prompt, run_dir=run_dir)
         wanted = [("loop", full)]
         if job.group is None and "loop_1" in settings.methods:
             wanted.append(("loop_1", first))
@@ -459,17 +469,33 @@ def _score(
         settings.seeds_per_scene,
         settings.seed,
     )
-    score = score_toy(drawn, probe, base_prompt=prompt)
+    images = [image for _, image in drawn]
+    records = probe.predict(images)
+    score = score_records(records, [scene for scene, _ in drawn], base_prompt=prompt)
     folder = out / "grids" / (f"{group}-{_slug(name)}" if group else _slug(name))
     save_png_atomic(folder / f"{_slug(prompt)}.png", _grid(drawn, settings.seeds_per_scene))
-    return {
+    entry: dict[str, Any] = {
         **score,
         "iterations": outcome.iterations,
         "converged": outcome.converged,
         "seconds": outcome.seconds,
-        "eval_seconds": time.perf_counter() - t0,
+        "eval_seconds": 0.0,
         "token": outcome.identity.token if isinstance(outcome.identity, Identity) else None,
+        "validity": image_validity(probe, images),
+        "min_validity": None,
+        "drift": None,
     }
+    if outcome.run_dir is not None:
+        measures = iteration_measures(outcome.run_dir, probe)
+        if outcome.iterations == 1:
+            measures = measures[:1]  # loop_1: the identity after the first refine
+        entry["min_validity"] = min_validity(measures)
+        entry["drift"] = drift(measures, records)
+    elif outcome.training_images:
+        chosen = modal_identity(probe.predict(outcome.training_images))
+        entry["drift"] = drift([{"chosen_modal": chosen}], records)
+    entry["eval_seconds"] = time.perf_counter() - t0
+    return entry
 
 
 def _start(

@@ -28,9 +28,11 @@ Example:
 from __future__ import annotations
 
 import json
+import os
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Literal
 
 from PIL import Image
@@ -78,12 +80,15 @@ SINGLE_IMAGE_MODES: dict[str, Literal["ti", "lora", "ti_lora"]] = {
 class MethodOutcome:
     """What a method made: its identity (``None`` for vanilla), the loop iterations it ran
     (generation rounds; 0 for vanilla, 1 for the single-image methods), whether the loop
-    converged (``None`` when the method has no loop) and the seconds it took."""
+    converged (``None`` when the method has no loop) and the seconds it took; for a loop, the
+    run directory it wrote (if any), and for a single-image method, that image."""
 
     identity: Identity | None
     iterations: int
     converged: bool | None
     seconds: float
+    run_dir: str | None = None
+    training_images: list[Image.Image] = field(default_factory=list)
 
 
 class BenchmarkStages:
@@ -205,19 +210,41 @@ def single_image_identity(
     # Drawn later with the same template as the loop's identities.
     identity.metadata["identity_prompt_template"] = config.identity_prompt_template
     identity.metadata["prompt"] = prompt
-    return MethodOutcome(identity, iterations=1, converged=None, seconds=seconds)
+    return MethodOutcome(
+        identity, iterations=1, converged=None, seconds=seconds, training_images=[image]
+    )
 
 
 def loop_identities(
-    stages: BenchmarkStages, config: ExtractorConfig, prompt: str
+    stages: BenchmarkStages,
+    config: ExtractorConfig,
+    prompt: str,
+    *,
+    run_dir: str | os.PathLike[str] | None = None,
 ) -> tuple[MethodOutcome, MethodOutcome]:
     """Runs the full loop once and returns ``(loop, loop_1)``: its final identity, and the
-    identity after its first refine with the seconds of that first iteration."""
+    identity after its first refine with the seconds of that first iteration.
+
+    With `run_dir`, the loop writes its run there (so its iterations can be read afterwards);
+    a run already there is resumed, and a finished one is read back without running again
+    (its identity after the first refine is then read from ``iter_000/identity``).
+    """
     recorder = _RecordingRefiner(stages.refiner(config))
     t0 = time.perf_counter()
-    result = stages.extractor(config, refiner=recorder).extract(prompt)
+    resume = run_dir is not None and (Path(run_dir) / "state.json").is_file()
+    result = stages.extractor(config, refiner=recorder).extract(
+        prompt, run_dir=run_dir, resume=resume
+    )
     seconds = time.perf_counter() - t0
-    full = MethodOutcome(result.identity, result.iterations, result.converged, seconds)
+    full = MethodOutcome(
+        result.identity,
+        result.iterations,
+        result.converged,
+        seconds,
+        run_dir=None if run_dir is None else str(run_dir),
+    )
+    if not recorder.identities and run_dir is not None:
+        recorder.identities.append(Identity.load(Path(run_dir) / "iter_000" / "identity"))
     first = recorder.identities[0]
     first.metadata.setdefault("identity_prompt_template", config.identity_prompt_template)
     one = MethodOutcome(
@@ -225,6 +252,7 @@ def loop_identities(
         iterations=1,
         converged=False,
         seconds=float(sum(result.history[0].seconds.values())),
+        run_dir=full.run_dir,
     )
     return full, one
 

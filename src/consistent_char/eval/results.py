@@ -31,9 +31,14 @@
     ENTRY = {"identity_consistency", "prompt_adherence", "base_prompt_adherence" (null when
              the prompt names no identity attribute), "attribute_agreement": {attribute: float},
              "distinct_identities", "n_images", "iterations", "converged" (null: no loop),
-             "seconds" (making the identity), "eval_seconds" (drawing and scoring it), "token"}
-    MEAN  = {"identity_consistency", "prompt_adherence", "base_prompt_adherence",
-             "iterations", "seconds", "n_prompts"}: means over the prompts
+             "seconds" (making the identity), "eval_seconds" (drawing and scoring it), "token",
+             "validity" (of the images drawn to score it), "min_validity" (the lowest over the
+             loop's iterations; null: no loop), "drift": {"chosen", "final", "kept",
+             "attributes"} (null for vanilla; for a single-image method "chosen" is that
+             image's identity)}
+    MEAN  = {"identity_consistency", "prompt_adherence", "base_prompt_adherence", "validity",
+             "min_validity", "drift_kept", "iterations", "seconds", "n_prompts"}: means over
+             the prompts
 """
 
 from __future__ import annotations
@@ -63,7 +68,13 @@ RESULTS_FILE = "results.json"
 MARKDOWN_FILE = "results.md"
 SCATTER_FILE = "scatter.png"
 
-_MEAN_KEYS = ("identity_consistency", "prompt_adherence", "base_prompt_adherence")
+_MEAN_KEYS = (
+    "identity_consistency",
+    "prompt_adherence",
+    "base_prompt_adherence",
+    "validity",
+    "min_validity",
+)
 
 
 def mean_entry(prompts: dict[str, dict[str, Any]]) -> dict[str, Any]:
@@ -73,6 +84,12 @@ def mean_entry(prompts: dict[str, dict[str, Any]]) -> dict[str, Any]:
     for key in (*_MEAN_KEYS, "iterations", "seconds"):
         values = [e[key] for e in prompts.values() if e.get(key) is not None]
         out[key] = float(np.mean(values)) if values else None
+    kept = [
+        e["drift"]["kept"]
+        for e in prompts.values()
+        if e.get("drift") and e["drift"].get("kept") is not None
+    ]
+    out["drift_kept"] = float(np.mean(kept)) if kept else None
     out["n_prompts"] = len(prompts)
     return out
 
@@ -118,14 +135,16 @@ def markdown_table(results: dict[str, Any]) -> str:
         f"## Methods (mean over {len(prompts)} prompts)",
         "",
         "| method | identity consistency | prompt adherence | base-prompt attributes "
-        "| iterations | seconds |",
-        "|---|---|---|---|---|---|",
+        "| drift kept | validity | lowest validity in the loop | iterations | seconds |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
     for m in methods.values():
         mean = m.get("mean") or mean_entry(m["prompts"])
         lines.append(
             f"| {m['label']} | {_f(mean['identity_consistency'])} "
             f"| {_f(mean['prompt_adherence'])} | {_f(mean['base_prompt_adherence'])} "
+            f"| {_f(mean.get('drift_kept'))} | {_f(mean.get('validity'))} "
+            f"| {_f(mean.get('min_validity'))} "
             f"| {_f(mean['iterations'], 1)} | {_f(mean['seconds'], 1)} |"
         )
     lines += [
@@ -149,8 +168,9 @@ def markdown_table(results: dict[str, Any]) -> str:
             "",
             f"## Ablations (the full loop, mean over {ablation_prompts})",
             "",
-            "| group | variant | identity consistency | prompt adherence | iterations | seconds |",
-            "|---|---|---|---|---|---|",
+            "| group | variant | identity consistency | prompt adherence | drift kept "
+            "| lowest validity | iterations | seconds |",
+            "|---|---|---|---|---|---|---|---|",
         ]
         for group_name, group in results["ablations"].items():
             for label, v in group["variants"].items():
@@ -158,7 +178,8 @@ def markdown_table(results: dict[str, Any]) -> str:
                 shown = f"`{label}` (baseline)" if label == group["baseline"] else f"`{label}`"
                 lines.append(
                     f"| {group_name} | {shown} | {_f(mean['identity_consistency'])} "
-                    f"| {_f(mean['prompt_adherence'])} | {_f(mean['iterations'], 1)} "
+                    f"| {_f(mean['prompt_adherence'])} | {_f(mean.get('drift_kept'))} "
+                    f"| {_f(mean.get('min_validity'))} | {_f(mean['iterations'], 1)} "
                     f"| {_f(mean['seconds'], 1)} |"
                 )
     lines += [
@@ -166,8 +187,11 @@ def markdown_table(results: dict[str, Any]) -> str:
         "Identity consistency: fraction of image pairs drawn in different scenes whose identity "
         "attributes (shape, colour, hat, hat colour, eyes) all agree. Prompt adherence: fraction "
         "of images in the scene asked for. Base-prompt attributes: fraction of images that keep "
-        "the identity attributes the vague prompt names (– when it names none). Seconds: making "
-        "the identity (not scoring it).",
+        "the identity attributes the vague prompt names (– when it names none). Drift kept: the "
+        "fraction of identity attributes on which the final identity's images agree with the "
+        "character it was learned from (the cluster chosen at iteration 0, or the single "
+        "image). Validity: images the probe takes for ToyWorld images (of the scored images; "
+        "the lowest over the loop's iterations). Seconds: making the identity (not scoring it).",
         "",
     ]
     return "\n".join(lines)

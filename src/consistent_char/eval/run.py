@@ -2,7 +2,10 @@
 
 `evaluate_run` reads the run's config and final identity, rebuilds the run's generator, draws the
 identity and the vanilla prompt in every scene with the same seeds, and scores both with the
-identity probe (`consistent_char.eval.toy.score_toy`).
+identity probe (`consistent_char.eval.toy.score_records`). It also reads every iteration's images
+with the probe (`consistent_char.eval.drift`): the validity of each iteration and the drift from
+the character chosen at iteration 0 to the final identity. The result is written to the run's
+``evaluation.json`` as well, and the run's report shows it.
 
 Example:
     >>> from consistent_char.eval import evaluate_run
@@ -20,14 +23,18 @@ from collections.abc import Sequence
 from typing import Any
 
 from consistent_char.config import TOY_MODEL, ExtractorConfig
-from consistent_char.eval.toy import Probe, render_identity_in_scenes, score_toy
+from consistent_char.eval.drift import drift, image_validity, iteration_measures, min_validity
+from consistent_char.eval.toy import Probe, render_identity_in_scenes, score_records
 from consistent_char.identity import Identity
-from consistent_char.rundir import RunDirectory
+from consistent_char.rundir import RunDirectory, write_json_atomic
 from consistent_char.toy.world import SCENES
 
-__all__ = ["evaluate_run", "generator_from_config", "load_probe"]
+__all__ = ["EVALUATION_FILE", "evaluate_run", "generator_from_config", "load_probe"]
 
 logger = logging.getLogger(__name__)
+
+#: Where `evaluate_run` writes its result inside the run directory (the report reads it).
+EVALUATION_FILE = "evaluation.json"
 
 
 def generator_from_config(
@@ -107,8 +114,13 @@ def evaluate_run(
 
     Returns:
         ``{"run_dir", "prompt", "token", "model", "iterations", "converged", "scenes",
-        "seeds_per_scene", "seed", "identity": {...}, "vanilla": {...}, "seconds": {...}}``,
-        where ``identity`` and ``vanilla`` are `score_toy` results.
+        "seeds_per_scene", "seed", "identity": {...}, "vanilla": {...}, "drift": {...},
+        "per_iteration": [...], "min_validity", "seconds": {...}}``, where ``identity`` and
+        ``vanilla`` are `score_records` results with ``validity`` added (the fraction of
+        their images the probe takes for ToyWorld images), ``drift`` is
+        `consistent_char.eval.drift.drift` and ``per_iteration`` is
+        `consistent_char.eval.drift.iteration_measures`. It is also written to
+        ``RUN_DIR/evaluation.json``.
 
     Raises:
         FileNotFoundError: `run_dir` is not a run directory, or the run has no final identity.
@@ -168,13 +180,34 @@ def evaluate_run(
         "guidance_scale": getattr(generator, "guidance_scale", None),
     }
     seconds: dict[str, float] = {}
+    final_records: list[dict[str, str]] = []
     for name, which in (("identity", identity), ("vanilla", None)):
         t0 = time.perf_counter()
         drawn = render_identity_in_scenes(
             generator, which, state.prompt, scenes, seeds_per_scene, seed
         )
-        result[name] = score_toy(drawn, scorer, base_prompt=state.prompt)
+        images = [image for _, image in drawn]
+        records = scorer.predict(images)
+        result[name] = score_records(records, [s for s, _ in drawn], base_prompt=state.prompt)
+        result[name]["validity"] = image_validity(scorer, images)
+        if which is not None:
+            final_records = records
         seconds[name] = time.perf_counter() - t0
         logger.info("%s: %s", name, result[name])
+
+    # 4. What the loop kept: every iteration's images, and the final identity's
+    t0 = time.perf_counter()
+    per_iteration = iteration_measures(run.root, scorer)
+    result["per_iteration"] = per_iteration
+    result["min_validity"] = min_validity(per_iteration)
+    result["drift"] = drift(per_iteration, final_records)
+    seconds["iterations"] = time.perf_counter() - t0
     result["seconds"] = seconds
+    write_json_atomic(run.root / EVALUATION_FILE, result)
+    try:
+        from consistent_char.report import build_report
+
+        build_report(run.root)
+    except Exception:  # the report is a by-product; the evaluation stands without it
+        logger.warning("could not rebuild the report of %s", run.root, exc_info=True)
     return result
