@@ -178,3 +178,84 @@ def test_max_iterations_without_convergence():
     )
     assert not result.converged and result.iterations == 3
     assert isinstance(result.identity, Identity)
+
+
+# ------------------------------------------------------------ options beyond the paper
+
+
+class ScriptedRefiner(MeanColourRefiner):
+    """MeanColourRefiner whose k-th refine sets the identity's 'strength' (how tightly the
+    generator draws it) to strengths[k] and shifts its colour by shifts[k]; it records the
+    prior images it is given."""
+
+    def __init__(self, strengths, shifts=None, token="<fake>"):
+        super().__init__(token=token)
+        self.strengths, self.shifts = strengths, shifts or [0.0] * len(strengths)
+        self.priors: list[tuple[int, list[str]] | None] = []
+
+    def refine(self, identity, images, captions, *, seed, prior_images=None, prior_captions=None):
+        k = len(self.calls)
+        new = super().refine(identity, images, captions, seed=seed)
+        new.clip_l[0, 3] = self.strengths[k]
+        new.clip_l[0, :3] = (new.clip_l[0, :3] + self.shifts[k]).clamp(0, 255)
+        self.priors.append(None if prior_images is None else (len(prior_images), prior_captions))
+        return new
+
+
+def scripted_extractor(refiner, **overrides):
+    extractor = make_extractor(**overrides)
+    extractor.refiner = refiner
+    return extractor
+
+
+def test_a_cold_start_refines_from_the_base_model_every_iteration():
+    extractor = make_extractor(warm_start=False)
+    extractor.extract("a colour")
+    calls = extractor.refiner.calls
+    assert len(calls) >= 2 and all(identity is None for identity, _, _ in calls)
+    assert all(cap == "<cc-char> a colour" for _, _, caps in calls for cap in caps)
+
+
+def test_the_anchor_keeps_a_drifting_loop_from_converging():
+    # The first identity draws loosely on the chosen colour; each later refine draws tighter
+    # (strength up) but moves the colour 60 further away.
+    def run(ratio):
+        refiner = ScriptedRefiner([0.5, 9.0, 27.0, 81.0, 243.0], shifts=[0.0, 60, 60, 60, 60])
+        overrides = {"max_iterations": 5, "convergence.max_anchor_ratio": ratio}
+        return scripted_extractor(refiner, **overrides).extract("a colour")
+
+    free = run(None)
+    assert free.converged
+    guarded = run(1.5)
+    # Iteration 1 sits on the first cluster's colour; later ones drift away from it.
+    distances = [r.anchor_distance for r in guarded.history]
+    assert distances[1] is not None and distances[-1] > 3 * distances[1]
+    assert not guarded.converged and guarded.iterations == 5
+    assert not any(r.converged for r in guarded.history)
+
+
+def test_patience_stops_when_the_spread_stops_falling_and_return_best_keeps_the_best():
+    # The first identity draws tightly, later ones loosely: the spread rises after iteration 1.
+    def run(**overrides):
+        refiner = ScriptedRefiner([20.0, 0.5, 0.5, 0.5, 0.5, 0.5])
+        settings = {"convergence.d_conv_relative": 0.001, **overrides}
+        return scripted_extractor(refiner, **settings).extract("a colour"), refiner
+
+    plain, _ = run()
+    assert plain.iterations == 6 and float(plain.identity.clip_l[0, 3]) == 0.5
+    stopped, refiner = run(**{"convergence.patience": 2})
+    assert stopped.iterations == 4 and not stopped.converged and len(refiner.calls) == 3
+    best, _ = run(**{"convergence.patience": 2, "convergence.return_best": True})
+    spreads = [r.spread for r in best.history]
+    assert min(spreads[1:]) == spreads[1]
+    assert float(best.identity.clip_l[0, 3]) == 20.0  # the identity that drew iteration 1
+
+
+def test_prior_preservation_gives_the_refiner_iteration_0s_images_without_the_token():
+    refiner = ScriptedRefiner([1.0, 2.0, 3.0, 4.0, 5.0, 6.0])
+    extractor = scripted_extractor(refiner, **{"refiner.prior_preservation": 0.5})
+    extractor.extract("a colour")
+    assert refiner.priors and all(p == (40, ["a colour"] * 40) for p in refiner.priors)
+    refiner = ScriptedRefiner([1.0] * 6)
+    scripted_extractor(refiner).extract("a colour")
+    assert all(p is None for p in refiner.priors)

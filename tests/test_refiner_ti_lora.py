@@ -724,3 +724,41 @@ def test_cuda_graphs_need_cuda_and_exclude_compiled_blocks(pipe, images):
         _refiner(pipe, steps=1, cuda_graphs=True).refine(None, images, CAPTIONS, seed=0)
     with pytest.raises(ValueError, match="choose one"):
         _refiner(pipe, cuda_graphs=True, compile_blocks=True)
+
+
+def test_prior_preservation_trains_on_the_prior_images_too(pipe, images, monkeypatch):
+    prior = pipe(
+        ["a cat"] * 3,
+        num_inference_steps=2,
+        generator=[torch.Generator().manual_seed(10 + i) for i in range(3)],
+        output_type="pil",
+    ).images
+    seen: list[int] = []
+    original = TextualInversionLoRARefiner._loss
+
+    def spy(self, state, scheduler, latents, *args, **kwargs):
+        seen.append(latents.shape[0])
+        return original(self, state, scheduler, latents, *args, **kwargs)
+
+    plain = _refiner(pipe, steps=3).refine(None, images, CAPTIONS, seed=0)
+    # Weight 0 or no prior images: exactly the paper's loss, prior images ignored.
+    off = _refiner(pipe, steps=3).refine(
+        None, images, CAPTIONS, seed=0, prior_images=prior, prior_captions=["a cat"] * 3
+    )
+    assert _same_identity(plain, off)
+    monkeypatch.setattr(TextualInversionLoRARefiner, "_loss", spy)
+    refiner = _refiner(pipe, steps=3, prior_preservation=1.0, batch_size=2)
+    with_prior = refiner.refine(
+        None, images, CAPTIONS, seed=0, prior_images=prior, prior_captions=["a cat"] * 3
+    )
+    assert seen == [2, 2] * 3  # every step: a batch of the identity's, then one of the prior's
+    assert not _same_identity(plain, with_prior)
+    assert with_prior.metadata["refiner"]["prior_preservation"] == 1.0
+    with pytest.raises(ValueError, match="without the identity's token"):
+        refiner.refine(
+            None, images, CAPTIONS, seed=0, prior_images=prior, prior_captions=CAPTIONS[:3]
+        )
+    with pytest.raises(ValueError, match="prior captions"):
+        refiner.refine(None, images, CAPTIONS, seed=0, prior_images=prior)
+    with pytest.raises(ValueError, match="prior_preservation must be"):
+        _refiner(pipe, prior_preservation=-1.0)

@@ -128,6 +128,13 @@ class RefinerConfig(_Strict):
         description="Cap on each new token row's norm, as a multiple of the mean norm of the "
         "encoder's own rows (None: no cap).",
     )
+    prior_preservation: float = Field(
+        0.0,
+        ge=0,
+        description="Weight of DreamBooth's prior-preservation loss on the base model's own "
+        "images of the prompt (iteration 0's), captioned without the token (0: off, as in the "
+        "paper).",
+    )
     gradient_checkpointing: bool = Field(
         False, description="Recompute UNet activations in the backward pass (less memory, slower)."
     )
@@ -172,6 +179,25 @@ class ConvergenceConfig(_Strict):
     d_conv_relative: float | None = Field(
         0.6, gt=0, le=1, description="Threshold as a fraction of iteration 0's spread."
     )
+    max_anchor_ratio: float | None = Field(
+        None,
+        gt=0,
+        description="Count an iteration as converged (or as the best) only if its images lie, "
+        "on average, within this multiple of iteration 0's chosen-cluster cohesion from that "
+        "cluster's centroid: a loop that drifts away from the character it chose cannot "
+        "converge (None: no such check, as in the paper).",
+    )
+    patience: int | None = Field(
+        None,
+        ge=1,
+        description="Stop when the spread has not fallen below its lowest for this many "
+        "iterations (None: run until converged or max_iterations, as in the paper).",
+    )
+    return_best: bool = Field(
+        False,
+        description="Return the identity whose images had the lowest spread (among those "
+        "max_anchor_ratio admits), not the last one learned.",
+    )
 
     @model_validator(mode="before")
     @classmethod
@@ -206,6 +232,11 @@ class ExtractorConfig(_Strict):
     d_size_c: int = Field(20, ge=1, description="Target cluster size; K = N // d_size_c.")
     d_min_c: int = Field(10, ge=1, description="Clusters smaller than this are not chosen.")
     max_iterations: int = Field(10, ge=1, le=100, description="Upper bound on iterations.")
+    warm_start: bool = Field(
+        True,
+        description="Refine from the previous iteration's identity (Algorithm 1); false: from "
+        "the base model every iteration, on the images the previous identity drew.",
+    )
     identity_prompt_template: str = Field(
         "{token} {prompt}",
         description="Prompt after iteration 0; must contain {token} and {prompt}.",

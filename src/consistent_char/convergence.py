@@ -3,6 +3,16 @@
 The spread of a set of embeddings is their mean pairwise Euclidean distance; the run has
 converged when it falls below a threshold, either absolute (``d_conv``) or a fraction of the
 spread at iteration 0 (``d_conv_relative``).
+
+Three optional guards (off by default, as the paper has none) keep a loop that trains on its
+own images from mistaking a faded character for a consistent one; they use only the embeddings:
+
+- the **anchor** (`anchor_distance`, ``convergence.max_anchor_ratio``): how far an iteration's
+  images lie from the centroid of the cluster chosen at iteration 0, the character the loop set
+  out to learn, in units of that cluster's cohesion (`anchored`);
+- **patience** (`stalled`, ``convergence.patience``): stop when the spread stops falling;
+- **the best iteration** (`best_iteration`, ``convergence.return_best``): return the identity
+  whose images had the lowest spread among anchored iterations, not the last one.
 """
 
 from __future__ import annotations
@@ -18,7 +28,14 @@ from consistent_char.interfaces import IterationRecord
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["PairwiseDistanceCriterion", "mean_pairwise_distance"]
+__all__ = [
+    "PairwiseDistanceCriterion",
+    "anchor_distance",
+    "anchored",
+    "best_iteration",
+    "mean_pairwise_distance",
+    "stalled",
+]
 
 # Rows of the (rows, N, D) float64 difference block computed at once: bounds memory at ~32 MiB.
 _BLOCK_ELEMENTS = 1 << 22
@@ -151,3 +168,51 @@ class PairwiseDistanceCriterion:
         done = current < threshold
         logger.debug("spread %.6g, threshold %.6g, converged %s", current, threshold, done)
         return done
+
+
+def anchor_distance(embeddings: np.ndarray, centroid: np.ndarray) -> float:
+    """Mean Euclidean distance of the rows of `embeddings` to `centroid`.
+
+    Example:
+        >>> anchor_distance(np.array([[0.0, 3.0], [4.0, 0.0]]), np.zeros(2))
+        3.5
+    """
+    diff = np.asarray(embeddings, dtype=np.float64) - np.asarray(centroid, dtype=np.float64)
+    return float(np.sqrt((diff * diff).sum(axis=1)).mean())
+
+
+def anchored(record: IterationRecord, cohesion: float | None, ratio: float | None) -> bool:
+    """True when `ratio` is ``None`` (no guard), or when the iteration's `anchor_distance` is at
+    most ``ratio`` times iteration 0's chosen-cluster `cohesion`."""
+    if ratio is None:
+        return True
+    if record.anchor_distance is None or cohesion is None or not math.isfinite(cohesion):
+        return False
+    return record.anchor_distance <= ratio * cohesion
+
+
+def stalled(spreads: Sequence[float], patience: int | None) -> bool:
+    """True when the last `patience` spreads are all at or above the lowest one before them.
+
+    `spreads` are those of iterations 1, 2, ... (iteration 0, before any identity, is left out).
+
+    Example:
+        >>> stalled([5.0, 4.0, 4.5, 4.2], patience=2), stalled([5.0, 4.0, 3.9], patience=2)
+        (True, False)
+    """
+    if patience is None or len(spreads) <= patience:
+        return False
+    best_before = min(spreads[:-patience])
+    return min(spreads[-patience:]) >= best_before
+
+
+def best_iteration(
+    history: Sequence[IterationRecord], cohesion: float | None, ratio: float | None
+) -> int | None:
+    """The iteration (>= 1) whose images had the lowest spread among those `anchored`
+    admits, or ``None`` if there is none. Its images were drawn by the identity learned at
+    the iteration before it."""
+    candidates = [r for r in history if r.iteration >= 1 and anchored(r, cohesion, ratio)]
+    if not candidates:
+        return None
+    return min(candidates, key=lambda r: r.spread).iteration

@@ -10,6 +10,13 @@
         Θ ← refine(Θ, S[c*])                          # warm start from the previous Θ
     return Θ
 
+Options beyond the paper, all off by default (`consistent_char.convergence` and the config's
+descriptions say what each does): converge only near the character chosen at iteration 0
+(``convergence.max_anchor_ratio``), stop when the spread stops falling
+(``convergence.patience``), return the best iteration's identity
+(``convergence.return_best``), refine from the base model each time (``warm_start: false``)
+and DreamBooth's prior preservation on iteration 0's images (``refiner.prior_preservation``).
+
 Everything a run produces goes to its run directory as it is made, so `extract(..., resume=True)`
 continues a cut run from its last finished step and reaches the same identity.
 """
@@ -34,6 +41,7 @@ from PIL import Image
 from consistent_char._version import __version__
 from consistent_char.clusterers.selection import choose_cluster
 from consistent_char.config import ExtractorConfig
+from consistent_char.convergence import anchor_distance, anchored, best_iteration, stalled
 from consistent_char.errors import InvalidValueError
 from consistent_char.identity import Identity
 from consistent_char.interfaces import (
@@ -195,7 +203,12 @@ class IterativeIdentityExtractor:
 
         # Θ: the identity learned so far (None before the first refinement).
         identity = self._load_last_identity(run, state)
+        learned: dict[int, Identity] = {}  # Θ after each refine, for return_best
         converged = state.converged
+        # The character chosen at iteration 0 (centroid, cohesion), for the anchor guard.
+        anchor = self._load_anchor(run, state)
+        conv = cfg.convergence
+        base_images: list[Image.Image] | None = None
         start = state.iteration if state.step != "refined" else state.iteration + 1
         start = max(start, 0)
 
@@ -213,6 +226,8 @@ class IterativeIdentityExtractor:
             # 2. S ← Generator(prompt_i, seeds, Θ)
             with self._stage(i, "generate", cfg.num_images, seconds):
                 images = self._generate(run, state, i, prompt_i, seeds, identity)
+            if i == 0:
+                base_images = images  # the base model's own images of the prompt
 
             # 3. E ← Embedder(S)
             with self._stage(i, "embed", len(images), seconds):
@@ -226,22 +241,30 @@ class IterativeIdentityExtractor:
 
             # 4. Convergence: the mean pairwise distance of E against d_conv. At i = 0 there is
             #    no identity to return yet, so the loop always refines at least once.
+            #    The optional guards: converge only near iteration 0's chosen character, and
+            #    stop once the spread has stopped falling.
             spread = float(self.criterion.spread(embeddings))
             threshold = float(self.criterion.threshold([r.spread for r in history[:i]] + [spread]))
-            done = i > 0 and bool(self.criterion.converged(embeddings, history[:i]))
             record = IterationRecord(
                 iteration=i,
                 prompt=prompt_i,
                 seeds=seeds,
                 spread=spread,
                 threshold=threshold,
-                converged=done,
+                converged=False,
                 seconds=seconds,
+                anchor_distance=None if anchor is None else anchor_distance(embeddings, anchor[0]),
             )
-            if done:
-                logger.info("iteration %d: spread %.4f < %.4f, converged", i, spread, threshold)
+            kept = anchored(record, None if anchor is None else anchor[1], conv.max_anchor_ratio)
+            record.converged = done = (
+                i > 0 and kept and bool(self.criterion.converged(embeddings, history[:i]))
+            )
+            spreads = [r.spread for r in history[1:i]] + [spread]
+            if done or (i > 0 and stalled(spreads, conv.patience)):
+                reason = "converged" if done else f"no lower spread in {conv.patience} iterations"
+                logger.info("iteration %d: spread %.4f (%.4f): %s", i, spread, threshold, reason)
                 history = history[:i] + [record]
-                converged = True
+                converged = done
                 self._finish_iteration(run, state, i, "clustered", history, record)
                 break
 
@@ -254,13 +277,21 @@ class IterativeIdentityExtractor:
             record.chosen_cluster = choice.index
             record.chosen_cohesion = choice.cohesion
             record.chosen_reason = choice.reason
+            if i == 0:
+                chosen = embeddings[labels == choice.index]
+                anchor = (chosen.mean(axis=0), float(choice.cohesion))
             if run is not None and not state.done(i, "clustered"):
                 self._mark(run, state, i, "clustered", history[:i] + [record])
 
             # 7. Θ ← Refiner(Θ, S[c*]): continue from the previous identity (warm start).
             members = [images[j] for j in np.flatnonzero(labels == choice.index)]
             with self._stage(i, "refine", cfg.refiner.steps, seconds):
-                identity = self._refine(run, state, i, prompt, identity, members)
+                start_from = identity if cfg.warm_start else None
+                if base_images is None and cfg.refiner.prior_preservation > 0:
+                    assert run is not None  # only a resumed run starts past iteration 0
+                    base_images = run.load_images(0, cfg.num_images)
+                identity = self._refine(run, state, i, prompt, start_from, members, base_images)
+            learned[i] = identity
 
             record.seconds = seconds
             history = history[:i] + [record]
@@ -268,6 +299,13 @@ class IterativeIdentityExtractor:
 
         if identity is None:  # only when a finished run is opened again with nothing learned
             raise RuntimeError("the run finished without learning an identity")
+        if conv.return_best:
+            best = best_iteration(
+                history, None if anchor is None else anchor[1], conv.max_anchor_ratio
+            )
+            if best is not None:
+                # Iteration `best`'s images were drawn by the identity learned just before it.
+                identity = learned.get(best - 1) or self._load_identity(run, best - 1)
         identity.metadata = self._provenance(prompt, history, converged)
         if run is not None:
             identity.save(run.identity_dir)
@@ -389,12 +427,22 @@ class IterativeIdentityExtractor:
         prompt: str,
         identity: Identity | None,
         members: list[Image.Image],
+        base_images: list[Image.Image] | None,
     ) -> Identity:
         if run is not None and state.done(iteration, "refined"):
             return Identity.load(run.iteration_identity_dir(iteration))
         token = identity.token if identity is not None else self.config.refiner.token
         caption = self.config.identity_prompt_template.format(token=token, prompt=prompt)
         kwargs: dict[str, Any] = {}
+        if base_images and self.config.refiner.prior_preservation > 0:
+            if not _accepts(self.refiner.refine, "prior_images"):
+                raise ValueError(
+                    "refiner.prior_preservation is set, but this refiner's refine() takes no "
+                    "prior_images"
+                )
+            # The base model's own images of the prompt: iteration 0's, without the token.
+            kwargs["prior_images"] = base_images
+            kwargs["prior_captions"] = [prompt] * len(base_images)
         if _accepts(self.refiner.refine, "callback"):
 
             def progress(step: int, total: int, loss: float) -> None:
@@ -420,6 +468,23 @@ class IterativeIdentityExtractor:
                 raise ValueError("resume=True needs the run_dir of the run to continue")
             return RunState(prompt=prompt)
         return run.open(prompt, self.config, resume=resume)
+
+    def _load_anchor(
+        self, run: RunDirectory | None, state: RunState
+    ) -> tuple[np.ndarray, float] | None:
+        """Iteration 0's chosen cluster (centroid of its members, cohesion), once clustered."""
+        if run is None or not state.done(0, "clustered"):
+            return None
+        embeddings = run.load_embeddings(0)
+        clusters = run.load_clusters(0)
+        labels = np.asarray(clusters["labels"])
+        chosen = embeddings[labels == clusters["chosen"]]
+        return chosen.mean(axis=0), float(state.history[0]["chosen_cohesion"])
+
+    def _load_identity(self, run: RunDirectory | None, iteration: int) -> Identity:
+        if run is None:
+            raise RuntimeError(f"the identity of iteration {iteration} is not in memory")
+        return Identity.load(run.iteration_identity_dir(iteration))
 
     def _load_last_identity(self, run: RunDirectory | None, state: RunState) -> Identity | None:
         if run is None:

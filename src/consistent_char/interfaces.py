@@ -119,6 +119,9 @@ class IterationRecord:
     chosen_cohesion: float | None = None
     chosen_reason: ChoiceReason | None = None
     seconds: dict[str, float] = field(default_factory=dict)
+    # Mean distance of this iteration's embeddings to the centroid of iteration 0's chosen
+    # cluster (None at iteration 0, and for runs written before it was recorded).
+    anchor_distance: float | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)

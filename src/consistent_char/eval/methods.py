@@ -146,24 +146,16 @@ class BenchmarkStages:
         mode: Literal["ti", "lora", "ti_lora"] | None = None,
         steps: int | None = None,
     ) -> Any:
-        """A `TextualInversionLoRARefiner` with `config`'s settings on the shared pipeline."""
-        from consistent_char.refiners.ti_lora import TextualInversionLoRARefiner
+        """A `TextualInversionLoRARefiner` with every one of `config`'s refiner settings, on
+        the shared pipeline (`mode` and `steps` replace the config's)."""
+        from consistent_char.stages import build_refiner
 
-        r = config.refiner
-        return TextualInversionLoRARefiner.from_pipeline(
-            self.generator(config).pipeline,
-            mode=mode or r.mode,
-            token=r.token,
-            initializer_token=r.initializer_token,
-            num_vectors=r.num_vectors,
-            lora_rank=r.lora_rank,
-            lora_alpha=r.lora_alpha if r.lora_alpha is not None else float(r.lora_rank),
-            target_modules=list(r.target_modules),
-            lora_lr=r.lora_lr,
-            embedding_lr=r.embedding_lr,
-            steps=r.steps if steps is None else steps,
-            batch_size=r.batch_size,
-        )
+        overrides: dict[str, Any] = {}
+        if mode is not None:
+            overrides["mode"] = mode
+        if steps is not None:
+            overrides["steps"] = steps
+        return build_refiner(config.refiner, self.generator(config).pipeline, **overrides)
 
     def extractor(self, config: ExtractorConfig, refiner: Any = None) -> IterativeIdentityExtractor:
         """The loop of `config` on the shared models (`refiner` replaces the config's)."""
