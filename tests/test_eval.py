@@ -641,3 +641,59 @@ def test_generator_from_config_wraps_a_loaded_pipeline():
     assert generator.guidance_scale == 6.0
     assert generator.num_inference_steps == 3
     assert generator_from_config(config, pipeline=pipe).guidance_scale == 2.0
+
+
+# ------------------------------------------------------------------ the loop over seeds
+
+
+def test_eval_seeds_runs_scores_and_summarises_every_prompt_and_seed(models, tmp_path):
+    out = tmp_path / "study"
+    tiny = {
+        "model": str(models / "sdxl"),
+        "embedder.model": str(models / "dinov2"),
+        "device": "cpu",
+        "num_images": 6,
+        "d_size_c": 3,
+        "d_min_c": 2,
+        "max_iterations": 2,
+        "generator.num_inference_steps": 2,
+        "refiner.steps": 2,
+        "refiner.batch_size": 2,
+    }
+    args = ["eval", "seeds", "a red creature", "a creature", "--seeds", "3,4", "--out", str(out)]
+    args += ["--seeds-per-scene", "1", "--probe", str(models / "probe")]
+    for key, value in tiny.items():
+        args += ["--set", f"{key}={value}"]
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 0, result.output
+    assert result.output.count("seed 3:") == 2 and result.output.count("seed 4:") == 2
+    data = json.loads((out / "results.json").read_text())
+    assert data["settings"]["seeds"] == [3, 4]
+    for prompt in ("a red creature", "a creature"):
+        entry = data["prompts"][prompt]
+        assert set(entry["runs"]) == {"3", "4"}
+        summary = entry["summary"]
+        consistencies = [r["identity_consistency"] for r in entry["runs"].values()]
+        assert summary["consistency_min"] == min(consistencies)
+        assert summary["consistency_mean"] == pytest.approx(sum(consistencies) / 2)
+        assert 0 <= summary["drift_kept_seeds"] <= 2 and summary["seeds"] == 2
+        assert 1 <= summary["distinct_identities"] <= 2
+        for seed in (3, 4):
+            run = out / "runs" / prompt.replace(" ", "-") / f"seed-{seed}"
+            assert (run / "evaluation.json").is_file()
+            assert ExtractorConfig.from_file(run / "config.yaml").seed == seed
+    assert "| a red creature | 2 |" in (out / "results.md").read_text()
+    # A second call reads every finished run back instead of running it again.
+    again = CliRunner().invoke(app, args)
+    assert again.exit_code == 0 and json.loads((out / "results.json").read_text())["prompts"]
+    # Other settings into the same folder: refused.
+    other = CliRunner().invoke(app, [*args, "--set", "refiner.steps=3"])
+    assert other.exit_code == 2 and "other settings" in other.output
+
+
+@pytest.mark.parametrize("seeds", ["", "a-b", "3,x", "-1", "5-2"])
+def test_eval_seeds_refuses_bad_seed_lists(seeds, tmp_path):
+    result = CliRunner().invoke(
+        app, ["eval", "seeds", "a creature", "--seeds", seeds, "--out", str(tmp_path / "s")]
+    )
+    assert result.exit_code == 2 and "--seeds" in result.output, result.output

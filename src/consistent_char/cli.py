@@ -607,14 +607,101 @@ def eval_run(
         f"{len(result['scenes'])} scenes × {seeds_per_scene} seeds, "
         f"guidance {result['guidance_scale']}"
     )
-    console.print("             identity consistency   prompt adherence")
+    console.print("             identity consistency   prompt adherence   validity")
     for name in ("identity", "vanilla"):
         r = result[name]
+        validity = "–" if r.get("validity") is None else f"{r['validity']:.3f}"
         console.print(
             f"  {name:<10} {r['identity_consistency']:>20.3f} {r['prompt_adherence']:>18.3f}"
+            f" {validity:>10}"
         )
+    drift = result["drift"]
+    if drift["kept"] is not None:
+        console.print(
+            f"drift: chosen at iteration 0 {' '.join(drift['chosen'].values())}, final "
+            f"{' '.join(drift['final'].values())}: kept {drift['kept']:.2f} of the attributes"
+        )
+    readings = [m["validity"] for m in result["per_iteration"]]
+    if readings and all(v is not None for v in readings):
+        console.print("validity per iteration: " + ", ".join(f"{v:.2f}" for v in readings))
     if out is not None:
         _write_result(out, result)
+
+
+@eval_app.command("seeds")
+def eval_seeds(
+    prompts: Annotated[list[str], typer.Argument(help="Prompts to find characters for.")],
+    out: Annotated[Path, typer.Option("--out", help="The study's folder (resumed if cut).")],
+    seeds: Annotated[
+        str, typer.Option("--seeds", help="Loop seeds: a range 0-7 or a list 0,3,5.")
+    ] = "0-7",
+    set_: Annotated[
+        list[str] | None,
+        typer.Option("--set", help="Override a loop setting: key=value (dotted, repeatable)."),
+    ] = None,
+    seeds_per_scene: Annotated[
+        int, typer.Option("--seeds-per-scene", min=1, help="Evaluation images per scene.")
+    ] = 8,
+    probe: Annotated[
+        Path | None, typer.Option(help="Identity probe folder (default: ToyWorld's).")
+    ] = None,
+    device: Annotated[str | None, typer.Option(help="auto, cpu, cuda, ...")] = None,
+    threads: Annotated[
+        int | None, typer.Option(min=1, help="torch threads (1 is safest on a shared CPU).")
+    ] = None,
+    verbose: Annotated[bool, typer.Option("--verbose", "-v")] = False,
+) -> None:
+    """Run and score the ToyWorld loop for every prompt × seed, and summarise each prompt."""
+    _setup_logging(verbose)
+    from consistent_char.eval.seeds import evaluate_seeds, markdown_summary
+    from consistent_char.rundir import check_output_dir
+
+    _check_prompts(prompts)
+    chosen = _parse_seeds(seeds)
+    overrides = dict(parse_assignment(s) for s in (set_ or []))
+    check_output_dir(out)
+    if threads is not None:
+        import torch
+
+        torch.set_num_threads(threads)
+
+    def progress(prompt: str, seed: int, run: dict[str, Any]) -> None:
+        kept = "–" if run["drift_kept"] is None else f"{run['drift_kept']:.2f}"
+        console.print(
+            f"{prompt!r} seed {seed}: {run['iterations']} iterations, consistency "
+            f"{run['identity_consistency']:.3f}, adherence {run['prompt_adherence']:.3f}, "
+            f"drift kept {kept}"
+        )
+
+    study = evaluate_seeds(
+        prompts,
+        chosen,
+        out,
+        overrides=overrides,
+        seeds_per_scene=seeds_per_scene,
+        probe=probe,
+        device=device,
+        callback=progress,
+    )
+    console.print(markdown_summary(study).split("\n\n| prompt | seed")[0])
+    _say(f"results: {out / 'results.json'}, {out / 'results.md'}")
+
+
+def _parse_seeds(text: str) -> list[int]:
+    """``"0-7"`` or ``"0,3,5"`` → the seeds (each in [0, 2**32))."""
+    try:
+        if "-" in text.strip().lstrip("-"):
+            first, last = (int(v) for v in text.split("-", 1))
+            seeds = list(range(first, last + 1))
+        else:
+            seeds = [int(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        raise InvalidValueError(
+            f"--seeds expects a range like 0-7 or a list like 0,3,5; got {text!r}"
+        ) from None
+    if not seeds or any(not 0 <= s < 2**32 for s in seeds):
+        raise InvalidValueError(f"--seeds must name seeds in [0, 2**32); got {text!r}")
+    return seeds
 
 
 def _check_result_file(out: Path | None) -> None:
