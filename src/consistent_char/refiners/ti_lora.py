@@ -97,12 +97,10 @@ class TextualInversionLoRARefiner:
         max_grad_norm: Gradient clipping norm over the trained tensors (``None``: no clipping).
         max_timestep: Train (and measure `denoising_loss`) on timesteps below this only
             (``None``: all of the scheduler's ``num_train_timesteps``). The noisiest steps are
-            where the layout and the background are decided; on ToyWorld, leaving out those
-            above 800 did not stop the loop drifting into one scene (docs/toyworld.md).
+            where the layout and the background are decided.
         lr_decay: Both learning rates are multiplied by ``lr_decay ** k`` when warm-starting
             an identity that `refine` has already trained ``k`` times (``1.0``: no decay), so
-            later iterations of the loop move the identity less. On ToyWorld, 0.7 did not
-            raise the identity's consistency (docs/toyworld.md).
+            later iterations of the loop move the identity less.
         row_norm_cap: After every step, scale down any new token row whose L2 norm exceeds
             this multiple of the mean norm of the encoder's own rows (``None``: no cap). Rows
             trained at a high learning rate can grow far longer than any word's, and such a
