@@ -225,8 +225,13 @@ def test_eval_run_draws_at_the_guidance_scale_asked_for(models, tiny_run, monkey
     result = evaluate_run(tiny_run, seeds_per_scene=1, probe=probe, guidance_scale=2.5)
     assert used == [2.5, 2.5] and result["guidance_scale"] == 2.5
     used.clear()
-    assert evaluate_run(tiny_run, seeds_per_scene=1, probe=probe)["guidance_scale"] == own
+    first = evaluate_run(tiny_run, seeds_per_scene=1, probe=probe)
+    assert first["guidance_scale"] == own
     assert used == [own, own] and own != 2.5
+    # An earlier vanilla score is reused, not drawn again: one draw, the identity's.
+    used.clear()
+    again = evaluate_run(tiny_run, seeds_per_scene=1, probe=probe, vanilla=first["vanilla"])
+    assert used == [own] and again["vanilla"] == first["vanilla"]
     with pytest.raises(ValueError, match="guidance_scale must be a number > 0"):
         evaluate_run(tiny_run, probe=probe, guidance_scale=0.0)
     with pytest.raises(ValueError, match="not both"):

@@ -91,6 +91,7 @@ def evaluate_run(
     device: str | None = None,
     generator: Any = None,
     guidance_scale: float | None = None,
+    vanilla: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """Scores a finished run's identity and its vanilla prompt side by side on ToyWorld.
 
@@ -111,6 +112,9 @@ def evaluate_run(
             may use a low scale to keep its images diverse, while a user draws the finished
             identity at the model's usual one (on ToyWorld the preset's loop uses 3; 7.5 is
             the paper's).
+        vanilla: The vanilla score of an earlier call with the same prompt, generator, scenes,
+            seeds and probe, to reuse instead of drawing it again (it depends on none of the
+            run's own results).
 
     Returns:
         ``{"run_dir", "prompt", "token", "model", "iterations", "converged", "scenes",
@@ -182,6 +186,9 @@ def evaluate_run(
     seconds: dict[str, float] = {}
     final_records: list[dict[str, str]] = []
     for name, which in (("identity", identity), ("vanilla", None)):
+        if which is None and vanilla is not None:
+            result[name] = vanilla
+            continue
         t0 = time.perf_counter()
         drawn = render_identity_in_scenes(
             generator, which, state.prompt, scenes, seeds_per_scene, seed

@@ -121,6 +121,7 @@ def evaluate_seeds(
                     seeds_per_scene=seeds_per_scene,
                     probe=scorer,
                     generator=stages.generator(config),
+                    vanilla=entry["vanilla"],  # the same prompt and evaluation images
                 )
             entry["vanilla"] = evaluation["vanilla"]
             entry["runs"][str(seed)] = _run_entry(evaluation)
