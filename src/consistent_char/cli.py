@@ -563,6 +563,20 @@ eval_app = typer.Typer(
 app.add_typer(eval_app, name="eval")
 
 
+# Options shared by the eval commands.
+ProbeOption = Annotated[
+    Path | None, typer.Option(help="Identity probe folder (default: ToyWorld's).")
+]
+SetOption = Annotated[
+    list[str] | None,
+    typer.Option("--set", help="Override a loop setting: key=value (dotted, repeatable)."),
+]
+ThreadsOption = Annotated[
+    int | None, typer.Option(min=1, help="torch threads (1 is safest on a shared CPU).")
+]
+DeviceOption = Annotated[str | None, typer.Option(help="auto, cpu, cuda, ...")]
+
+
 @eval_app.command("run")
 def eval_run(
     run_dir: Annotated[Path, typer.Argument(help="A finished run directory (written by extract).")],
@@ -571,9 +585,7 @@ def eval_run(
     ] = 8,
     seed: Annotated[int, typer.Option(help="Picks the evaluation images.")] = 0,
     out: Annotated[Path | None, typer.Option("--out", help="Write the result as JSON.")] = None,
-    probe: Annotated[
-        Path | None, typer.Option(help="Identity probe folder (default: ToyWorld's).")
-    ] = None,
+    probe: ProbeOption = None,
     device: Annotated[str | None, typer.Option(help="Override the run's device.")] = None,
     guidance_scale: Annotated[
         float | None,
@@ -635,20 +647,13 @@ def eval_seeds(
     seeds: Annotated[
         str, typer.Option("--seeds", help="Loop seeds: a range 0-7 or a list 0,3,5.")
     ] = "0-7",
-    set_: Annotated[
-        list[str] | None,
-        typer.Option("--set", help="Override a loop setting: key=value (dotted, repeatable)."),
-    ] = None,
+    set_: SetOption = None,
     seeds_per_scene: Annotated[
         int, typer.Option("--seeds-per-scene", min=1, help="Evaluation images per scene.")
     ] = 8,
-    probe: Annotated[
-        Path | None, typer.Option(help="Identity probe folder (default: ToyWorld's).")
-    ] = None,
-    device: Annotated[str | None, typer.Option(help="auto, cpu, cuda, ...")] = None,
-    threads: Annotated[
-        int | None, typer.Option(min=1, help="torch threads (1 is safest on a shared CPU).")
-    ] = None,
+    probe: ProbeOption = None,
+    device: DeviceOption = None,
+    threads: ThreadsOption = None,
     verbose: Annotated[bool, typer.Option("--verbose", "-v")] = False,
 ) -> None:
     """Run and score the ToyWorld loop for every prompt × seed, and summarise each prompt."""
@@ -749,10 +754,7 @@ def eval_toy(
     prompt: Annotated[
         list[str] | None, typer.Option("--prompt", help="Replace the prompts (repeatable).")
     ] = None,
-    set_: Annotated[
-        list[str] | None,
-        typer.Option("--set", help="Override a loop setting: key=value (dotted, repeatable)."),
-    ] = None,
+    set_: SetOption = None,
     method: Annotated[
         list[str] | None,
         typer.Option("--method", help="Run only these methods (repeatable; default all)."),
@@ -762,13 +764,9 @@ def eval_toy(
     ] = None,
     seed: Annotated[int | None, typer.Option(help="Seed of the loop and the evaluation.")] = None,
     ablations: Annotated[bool, typer.Option(help="Run the ablations.")] = True,
-    probe: Annotated[
-        Path | None, typer.Option(help="Identity probe folder (default: ToyWorld's).")
-    ] = None,
-    device: Annotated[str | None, typer.Option(help="auto, cpu, cuda, ...")] = None,
-    threads: Annotated[
-        int | None, typer.Option(min=1, help="torch threads (1 is safest on a shared CPU).")
-    ] = None,
+    probe: ProbeOption = None,
+    device: DeviceOption = None,
+    threads: ThreadsOption = None,
     resume: Annotated[
         bool, typer.Option(help="Reuse finished entries of OUT/results.json.")
     ] = True,
