@@ -12,7 +12,7 @@ from fakes import ColourGenerator, MeanColourEmbedder, MeanColourRefiner
 from consistent_char.clusterers.faiss_kmeans import FaissKMeansClusterer
 from consistent_char.config import ConfigError, ExtractorConfig
 from consistent_char.convergence import PairwiseDistanceCriterion
-from consistent_char.extractor import IterativeIdentityExtractor, image_seed
+from consistent_char.extractor import IterativeIdentityExtractor, image_seed, stage_seed
 from consistent_char.identity import Identity
 
 
@@ -184,17 +184,18 @@ def test_max_iterations_without_convergence():
 
 
 class ScriptedRefiner(MeanColourRefiner):
-    """MeanColourRefiner whose k-th refine sets the identity's 'strength' (how tightly the
-    generator draws it) to strengths[k] and shifts its colour by shifts[k]; it records the
-    prior images it is given."""
+    """MeanColourRefiner whose refine at iteration k (known from its seed, so a resumed run
+    gets the same script) sets the identity's 'strength' (how tightly the generator draws it)
+    to strengths[k] and shifts its colour by shifts[k]; it records the prior images given."""
 
     def __init__(self, strengths, shifts=None, token="<fake>"):
         super().__init__(token=token)
         self.strengths, self.shifts = strengths, shifts or [0.0] * len(strengths)
         self.priors: list[tuple[int, list[str]] | None] = []
+        self.seeds = [stage_seed(0, i, "refine") for i in range(len(strengths))]
 
     def refine(self, identity, images, captions, *, seed, prior_images=None, prior_captions=None):
-        k = len(self.calls)
+        k = self.seeds.index(seed)
         new = super().refine(identity, images, captions, seed=seed)
         new.clip_l[0, 3] = self.strengths[k]
         new.clip_l[0, :3] = (new.clip_l[0, :3] + self.shifts[k]).clamp(0, 255)
@@ -259,3 +260,33 @@ def test_prior_preservation_gives_the_refiner_iteration_0s_images_without_the_to
     refiner = ScriptedRefiner([1.0] * 6)
     scripted_extractor(refiner).extract("a colour")
     assert all(p is None for p in refiner.priors)
+
+
+@pytest.mark.parametrize(("iteration", "stage"), [(1, "embed"), (2, "refine"), (3, "generate")])
+def test_resume_with_every_option_on_gives_the_same_identity(tmp_path, iteration, stage):
+    options = {
+        "convergence.d_conv_relative": 0.001,
+        "convergence.max_anchor_ratio": 4.0,
+        "convergence.patience": 2,
+        "convergence.return_best": True,
+        "warm_start": False,
+        "refiner.prior_preservation": 0.5,
+    }
+
+    def extractor():
+        return scripted_extractor(ScriptedRefiner([20.0, 0.5, 0.5, 0.5, 0.5, 0.5]), **options)
+
+    reference = extractor().extract("a colour", run_dir=tmp_path / "ref")
+    with pytest.raises(Interrupt):
+        extractor().extract(
+            "a colour", run_dir=tmp_path / "cut", callback=stop_after(iteration, stage)
+        )
+    resumed_extractor = extractor()
+    resumed = resumed_extractor.extract("a colour", run_dir=tmp_path / "cut", resume=True)
+    assert [r.to_dict() | {"seconds": {}} for r in resumed.history] == [
+        r.to_dict() | {"seconds": {}} for r in reference.history
+    ]
+    assert torch.equal(resumed.identity.clip_l, reference.identity.clip_l)
+    assert float(resumed.identity.clip_l[0, 3]) == 20.0  # the best, read back from disk
+    # Refines after the cut still got iteration 0's images as the prior.
+    assert all(p == (40, ["a colour"] * 40) for p in resumed_extractor.refiner.priors)
