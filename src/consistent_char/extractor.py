@@ -475,11 +475,15 @@ class IterativeIdentityExtractor:
         """Iteration 0's chosen cluster (centroid of its members, cohesion), once clustered."""
         if run is None or not state.done(0, "clustered"):
             return None
+        # Recomputed from the saved clustering rather than read from the history, which a
+        # resume may have cut back to before iteration 0 was recorded.
         embeddings = run.load_embeddings(0)
         clusters = run.load_clusters(0)
-        labels = np.asarray(clusters["labels"])
-        chosen = embeddings[labels == clusters["chosen"]]
-        return chosen.mean(axis=0), float(state.history[0]["chosen_cohesion"])
+        labels = np.asarray(clusters["labels"], dtype=np.int64)
+        centroids = np.asarray(clusters["centroids"], dtype=np.float32)
+        choice = choose_cluster(embeddings, labels, centroids, self.config.d_min_c)
+        chosen = embeddings[labels == choice.index]
+        return chosen.mean(axis=0), float(choice.cohesion)
 
     def _load_identity(self, run: RunDirectory | None, iteration: int) -> Identity:
         if run is None:

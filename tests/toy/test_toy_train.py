@@ -115,7 +115,7 @@ def test_plans_scale_and_fit_the_gpu_run():
     assert gpu.unet.batch >= 256 and gpu.unet.steps >= 3000
     assert sum(getattr(gpu, s).time_share for s in ("vae", "unet", "dino", "probe")) < 0.85
     smoke = make_plan("cpu", 0.01)
-    assert smoke.unet.steps == 25 and smoke.n_pairs == 500
+    assert smoke.unet.steps == 50 and smoke.n_pairs == 500
 
 
 def test_nt_xent_prefers_matching_pairs():
