@@ -1011,30 +1011,22 @@ class Trainer:
                 f"controllability (guidance {guidance:g}, {plan.eval_images} images) "
                 + _fmt(result),
             )
+        # Diversity and peaks are measured as the loop samples: at its guidance.
+        loop_sampling: dict[str, Any] = {
+            "seed": self.seed,
+            "guidance_scale": plan.loop_guidance,
+            "num_inference_steps": plan.eval_steps,
+            "batch_size": plan.eval_batch,
+        }
         metrics["diversity"] = ev.diversity(
-            pipe,
-            probe,
-            "a creature",
-            n=plan.diversity_images,
-            seed=self.seed,
-            guidance_scale=plan.loop_guidance,
-            num_inference_steps=plan.eval_steps,
-            batch_size=plan.eval_batch,
+            pipe, probe, "a creature", n=plan.diversity_images, **loop_sampling
         )
         log(
             "eval",
             f"diversity of 'a creature': {metrics['diversity']['distinct_identities']} "
             f"distinct identities in {plan.diversity_images} images",
         )
-        metrics["peaks"] = ev.model_peaks(
-            pipe,
-            probe,
-            plan.peak_images,
-            seed=self.seed,
-            guidance_scale=plan.loop_guidance,
-            num_inference_steps=plan.eval_steps,
-            batch_size=plan.eval_batch,
-        )
+        metrics["peaks"] = ev.model_peaks(pipe, probe, plan.peak_images, **loop_sampling)
         log(
             "eval",
             f"peaks of one-attribute prompts: model/world share ratio "
