@@ -322,27 +322,16 @@ class ExtractorConfig(_Strict):
 def toy_preset() -> dict[str, Any]:
     """ToyWorld settings: small images, fast on a CPU (`--model toy`).
 
-    The toy UNet tolerates little: on the first weights, at guidance 5 and a LoRA learning rate of
-    1e-3, the loop's own images turned to noise within one iteration. Guidance 3 keeps them
-    creatures. The convergence threshold is 0.4 of the first spread: images of one fully
-    specified prompt lie 5.3 apart for the toy DINOv2, a third of the 15.8 between different
-    identities, and at 0.6 the loop stopped while the shape still varied.
-
-    The LoRA learning rate is 5e-4 and K = 64 // 16 = 4 clusters. Trained once on a pure cluster,
-    the LoRA at the earlier 5e-5 drew the cluster's identity on 0.325 of the images, at 5e-4 on
-    0.775. Larger clusters mix scenes: an identity learned from a cluster of one scene keeps that
-    scene whatever the prompt says, and with 8 clusters at 5e-4 the loop drifted into one scene on
-    both seeds tried. On seeds 0-3, with the model's Euler sampler, these settings converged in
-    4-5 iterations with identity consistency 0.450-0.770 and adherence 0.925-0.975; the earlier
-    ones (5e-5, 8 clusters) in 4-8 with 0.347-0.764 and 0.875-1.000 (docs/toyworld.md has the
-    runs).
-
-    The images are sampled with Euler's ancestral (stochastic) sampler instead of the model's
-    deterministic Euler (`generator.scheduler`). One identity learned from the model's own
-    drawings of blue round creatures, eyes and hats left to the model, drew sleepy (faded) eyes
-    on 21 of 64 images under Euler and on 4 under the ancestral sampler. In the loop, on seeds
-    0-3, it converged in 3-4 iterations with adherence 1.000 on every seed and consistency
-    0.348-1.000, but all four identities still lost their eyes and hats.
+    - 64 images an iteration and K = 64 // 16 = 4 clusters of at least 5: enough images that the
+      prior's popular creatures form clusters of their own.
+    - Guidance 3 and Euler's ancestral sampler: the toy UNet draws its prior's variety there, and
+      the stochastic sampler keeps eyes that the deterministic one fades.
+    - The convergence threshold is 0.4 of the first spread: one creature drawn across the five
+      scenes lies at 0.18-0.30 of the spread of "a creature", two creatures mixed at 0.65.
+    - The refinement (100 steps, batch 4, LoRA rank 4 at 5e-4, token rows at 1e-3) teaches a
+      cluster's creature within two or three iterations; docs/status.md says what it keeps and
+      loses over more.
+    - The identity's LoRA is fused while generating: it then costs nothing per denoising step.
     """
     return {
         "model": TOY_MODEL,
@@ -350,8 +339,6 @@ def toy_preset() -> dict[str, Any]:
         "d_size_c": 16,
         "d_min_c": 5,
         "max_iterations": 8,
-        # Fused, the identity's LoRA costs nothing per step: 64 images took 22.3 s instead of
-        # 27.2 s on a 2-core CPU (the mean of two runs each).
         "generator": {
             "num_inference_steps": 20,
             "guidance_scale": 3.0,
