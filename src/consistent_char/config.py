@@ -329,8 +329,12 @@ def toy_preset() -> dict[str, Any]:
     - The convergence threshold is 0.4 of the first spread: one creature drawn across the five
       scenes lies at 0.18-0.30 of the spread of "a creature", two creatures mixed at 0.65.
     - The refinement (100 steps, batch 4, LoRA rank 4 at 5e-4, token rows at 1e-3) teaches a
-      cluster's creature within two or three iterations; docs/status.md says what it keeps and
-      loses over more.
+      cluster's creature within two or three iterations. The token's rows are capped at the mean
+      norm of the encoder's own rows: a token far larger than any word outweighs the rest of
+      the prompt, the loop's images then saturate and smear, and a smear is uniform enough for
+      its spread to pass d_conv.
+    - Beyond the paper, the loop stops once the spread has not fallen for two iterations and
+      returns the identity whose images were most consistent (docs/algorithm.md).
     - The identity's LoRA is fused while generating: it then costs nothing per denoising step.
     """
     return {
@@ -354,8 +358,9 @@ def toy_preset() -> dict[str, Any]:
             "lora_rank": 4,
             "lora_lr": 5e-4,
             "embedding_lr": 1e-3,
+            "row_norm_cap": 1.0,
         },
-        "convergence": {"d_conv_relative": 0.4},
+        "convergence": {"d_conv_relative": 0.4, "patience": 2, "return_best": True},
     }
 
 

@@ -235,8 +235,9 @@ def markdown_summary(study: dict[str, Any]) -> str:
             validity = ", ".join(_f(v, 2) for v in r["iteration_validity"])
             chosen = " ".join(r["chosen"].values()) if r.get("chosen") else "–"
             final = " ".join(r["final"].values()) if r.get("final") else "–"
+            ended = "" if r["converged"] else " (not converged)"
             lines.append(
-                f"| {prompt} | {seed} | {r['iterations']}{'' if r['converged'] else ' (max)'} "
+                f"| {prompt} | {seed} | {r['iterations']}{ended} "
                 f"| {_f(r['identity_consistency'])} | {_f(r['prompt_adherence'])} "
                 f"| {_f(r['base_prompt_adherence'])} | {validity} | {_f(r['drift_kept'])} "
                 f"| {chosen} | {final} |"
