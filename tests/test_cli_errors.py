@@ -825,6 +825,13 @@ CLI_CASES: list[CliCase] = [
         setup=a_run,
     ),
     cli(
+        "report of a run another process writes",
+        "report run",
+        "run is being written by another run (process {pid}); wait for it to end or stop it: "
+        "two runs writing one folder would mix their files",
+        setup=locked_run,
+    ),
+    cli(
         "report --sample empty",
         'report run --sample ""',
         "the --sample prompt is empty; say what to draw, e.g. '{token} in the snow'",

@@ -123,3 +123,14 @@ def test_of_processes_racing_for_a_free_run_exactly_one_wins(tmp_path):
         os.waitpid(pid, 0)
     outcomes = sorted(p.suffix for p in results.iterdir())
     assert outcomes == [".refused", ".refused", ".refused", ".won"]
+
+
+def test_evaluating_a_run_another_process_writes_is_refused_and_writes_nothing(tmp_path):
+    from consistent_char.eval.run import evaluate_run
+
+    run_dir = tmp_path / "run"
+    make_extractor(max_iterations=1).extract("a colour", run_dir=run_dir)
+    before = _files(run_dir)
+    with RunLock(run_dir), pytest.raises(RunLockedError, match="being written by another run"):
+        evaluate_run(run_dir, probe=object(), generator=object())
+    assert _files(run_dir) == before

@@ -458,26 +458,28 @@ def report(
         )
     run.read_state()
     check_output_dir(run_dir)
-    if sample:
-        from consistent_char.rundir import OutputFolder
-        from consistent_char.story import illustrate, output_names
-        from consistent_char.usage import base_model, identity_generator
+    # The report and samples are written into the run: not while another process writes it.
+    with run.lock():
+        if sample:
+            from consistent_char.rundir import OutputFolder
+            from consistent_char.story import illustrate, output_names
+            from consistent_char.usage import base_model, identity_generator
 
-        _check_prompts(sample, "--sample prompt")
-        _check_seeds(seed, len(sample))
-        if not (run.identity_dir / IDENTITY_JSON).is_file():
-            raise InputNotFoundError(
-                f"{run_dir} has no final identity yet (the run has not finished); resume it "
-                "with extract --resume, then draw samples"
-            )
-        identity = Identity.load(run.identity_dir)
-        OutputFolder(run_dir / SAMPLES_DIR).check(output_names(len(sample)))
-        base, why = base_model(identity)
-        _say(f"model: {base} ({why})")
-        generator = identity_generator(identity, device=device)
-        illustrate(identity, sample, run_dir / SAMPLES_DIR, generator=generator, seed=seed)
-    path = build_report(run_dir)
-    _say(f"report: {path}")
+            _check_prompts(sample, "--sample prompt")
+            _check_seeds(seed, len(sample))
+            if not (run.identity_dir / IDENTITY_JSON).is_file():
+                raise InputNotFoundError(
+                    f"{run_dir} has no final identity yet (the run has not finished); resume it "
+                    "with extract --resume, then draw samples"
+                )
+            identity = Identity.load(run.identity_dir)
+            OutputFolder(run_dir / SAMPLES_DIR).check(output_names(len(sample)))
+            base, why = base_model(identity)
+            _say(f"model: {base} ({why})")
+            generator = identity_generator(identity, device=device)
+            illustrate(identity, sample, run_dir / SAMPLES_DIR, generator=generator, seed=seed)
+        path = build_report(run_dir)
+        _say(f"report: {path}")
 
 
 @app.command()

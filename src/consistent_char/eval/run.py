@@ -128,6 +128,7 @@ def evaluate_run(
 
     Raises:
         FileNotFoundError: `run_dir` is not a run directory, or the run has no final identity.
+        RunLockedError: Another process is writing the run.
         ValueError: Both `generator` and `guidance_scale` are given, or `guidance_scale` is
             not a number > 0.
     """
@@ -154,67 +155,70 @@ def evaluate_run(
             f"{run.root} has no final identity ({run.identity_dir}); finish the run first "
             "(consistent-char extract ... --resume)"
         )
-    state = run.read_state()
-    config = ExtractorConfig.from_file(run.config_path)
-    identity = Identity.load(run.identity_dir)
+    # Held while reading the run and writing evaluation.json and the report into it: a run
+    # another process is still writing is refused, not read half-way.
+    with run.lock():
+        state = run.read_state()
+        config = ExtractorConfig.from_file(run.config_path)
+        identity = Identity.load(run.identity_dir)
 
-    # 2. Load the models
-    if probe is None and config.model != TOY_MODEL:
-        logger.warning(
-            "%s was run on %s, but the default probe reads ToyWorld images only; pass a probe "
-            "trained for this model, or use consistent_char.eval.real",
-            run.root,
-            config.model,
-        )
-    scorer = load_probe(probe)
-    if generator is None:
-        generator = generator_from_config(config, device=device, guidance_scale=guidance_scale)
+        # 2. Load the models
+        if probe is None and config.model != TOY_MODEL:
+            logger.warning(
+                "%s was run on %s, but the default probe reads ToyWorld images only; pass a probe "
+                "trained for this model, or use consistent_char.eval.real",
+                run.root,
+                config.model,
+            )
+        scorer = load_probe(probe)
+        if generator is None:
+            generator = generator_from_config(config, device=device, guidance_scale=guidance_scale)
 
-    # 3. Draw and score the identity, then the prompt without it, with the same seeds
-    result: dict[str, Any] = {
-        "run_dir": str(run.root),
-        "prompt": state.prompt,
-        "token": identity.token,
-        "model": config.model,
-        "iterations": len(state.history),
-        "converged": bool(state.converged),
-        "scenes": list(scenes),
-        "seeds_per_scene": seeds_per_scene,
-        "seed": seed,
-        "guidance_scale": getattr(generator, "guidance_scale", None),
-    }
-    seconds: dict[str, float] = {}
-    final_records: list[dict[str, str]] = []
-    for name, which in (("identity", identity), ("vanilla", None)):
-        if which is None and vanilla is not None:
-            result[name] = vanilla
-            continue
+        # 3. Draw and score the identity, then the prompt without it, with the same seeds
+        result: dict[str, Any] = {
+            "run_dir": str(run.root),
+            "prompt": state.prompt,
+            "token": identity.token,
+            "model": config.model,
+            "iterations": len(state.history),
+            "converged": bool(state.converged),
+            "scenes": list(scenes),
+            "seeds_per_scene": seeds_per_scene,
+            "seed": seed,
+            "guidance_scale": getattr(generator, "guidance_scale", None),
+        }
+        seconds: dict[str, float] = {}
+        final_records: list[dict[str, str]] = []
+        for name, which in (("identity", identity), ("vanilla", None)):
+            if which is None and vanilla is not None:
+                result[name] = vanilla
+                continue
+            t0 = time.perf_counter()
+            drawn = render_identity_in_scenes(
+                generator, which, state.prompt, scenes, seeds_per_scene, seed
+            )
+            images = [image for _, image in drawn]
+            records = scorer.predict(images)
+            result[name] = score_records(records, [s for s, _ in drawn], base_prompt=state.prompt)
+            result[name]["validity"] = image_validity(scorer, images)
+            if which is not None:
+                final_records = records
+            seconds[name] = time.perf_counter() - t0
+            logger.info("%s: %s", name, result[name])
+
+        # 4. What the loop kept: every iteration's images, and the final identity's
         t0 = time.perf_counter()
-        drawn = render_identity_in_scenes(
-            generator, which, state.prompt, scenes, seeds_per_scene, seed
-        )
-        images = [image for _, image in drawn]
-        records = scorer.predict(images)
-        result[name] = score_records(records, [s for s, _ in drawn], base_prompt=state.prompt)
-        result[name]["validity"] = image_validity(scorer, images)
-        if which is not None:
-            final_records = records
-        seconds[name] = time.perf_counter() - t0
-        logger.info("%s: %s", name, result[name])
+        per_iteration = iteration_measures(run.root, scorer)
+        result["per_iteration"] = per_iteration
+        result["min_validity"] = min_validity(per_iteration)
+        result["drift"] = drift(per_iteration, final_records)
+        seconds["iterations"] = time.perf_counter() - t0
+        result["seconds"] = seconds
+        write_json_atomic(run.root / EVALUATION_FILE, result)
+        try:
+            from consistent_char.report import build_report
 
-    # 4. What the loop kept: every iteration's images, and the final identity's
-    t0 = time.perf_counter()
-    per_iteration = iteration_measures(run.root, scorer)
-    result["per_iteration"] = per_iteration
-    result["min_validity"] = min_validity(per_iteration)
-    result["drift"] = drift(per_iteration, final_records)
-    seconds["iterations"] = time.perf_counter() - t0
-    result["seconds"] = seconds
-    write_json_atomic(run.root / EVALUATION_FILE, result)
-    try:
-        from consistent_char.report import build_report
-
-        build_report(run.root)
-    except Exception:  # the report is a by-product; the evaluation stands without it
-        logger.warning("could not rebuild the report of %s", run.root, exc_info=True)
-    return result
+            build_report(run.root)
+        except Exception:  # the report is a by-product; the evaluation stands without it
+            logger.warning("could not rebuild the report of %s", run.root, exc_info=True)
+        return result
