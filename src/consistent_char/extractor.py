@@ -478,10 +478,7 @@ class IterativeIdentityExtractor:
         # Recomputed from the saved clustering rather than read from the history, which a
         # resume may have cut back to before iteration 0 was recorded.
         embeddings = run.load_embeddings(0)
-        clusters = run.load_clusters(0)
-        labels = np.asarray(clusters["labels"], dtype=np.int64)
-        centroids = np.asarray(clusters["centroids"], dtype=np.float32)
-        choice = choose_cluster(embeddings, labels, centroids, self.config.d_min_c)
+        labels, choice = self._cluster(run, state, 0, embeddings)
         chosen = embeddings[labels == choice.index]
         return chosen.mean(axis=0), float(choice.cohesion)
 
