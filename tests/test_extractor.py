@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 
 import numpy as np
 import pytest
@@ -290,3 +291,65 @@ def test_resume_with_every_option_on_gives_the_same_identity(tmp_path, iteration
     assert float(resumed.identity.clip_l[0, 3]) == 20.0  # the best, read back from disk
     # Refines after the cut still got iteration 0's images as the prior.
     assert all(p == (40, ["a colour"] * 40) for p in resumed_extractor.refiner.priors)
+
+
+class _PromptKeepingGenerator(ColourGenerator):
+    """ColourGenerator that remembers which prompt drew each image."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.prompt_of: dict[bytes, str] = {}
+
+    def generate(self, prompts, seeds, identity=None):
+        images = super().generate(prompts, seeds, identity)
+        for prompt, image in zip(prompts, images, strict=True):
+            self.prompt_of[image.tobytes()] = prompt
+        return images
+
+
+class _ImageKeepingRefiner(MeanColourRefiner):
+    def __init__(self, token: str) -> None:
+        super().__init__(token=token)
+        self.pairs: list[tuple[bytes, str]] = []
+        self.prior_captions: list[list[str]] = []
+
+    def refine(self, identity, images, captions, *, seed, prior_images=None, prior_captions=None):
+        self.pairs += [(im.tobytes(), cap) for im, cap in zip(images, captions, strict=True)]
+        if prior_captions is not None:
+            self.prior_captions.append(list(prior_captions))
+        return super().refine(identity, images, captions, seed=seed)
+
+
+def test_prompt_variations_are_drawn_in_turn_and_each_caption_names_its_images_variation():
+    variations = ["{prompt} at night", "{prompt} by day", "a drawing of {prompt}"]
+    extractor = make_extractor(
+        prompt_variations=variations, max_iterations=3, **{"refiner.prior_preservation": 1.0}
+    )
+    generator = _PromptKeepingGenerator()
+    refiner = _ImageKeepingRefiner(token="<cc-char>")
+    extractor.generator, extractor.refiner = generator, refiner
+    extractor.extract("a colour")
+
+    texts = ["a colour at night", "a colour by day", "a drawing of a colour"]
+    first, later = generator.calls[0][0], [p for prompts, _ in generator.calls[1:] for p in prompts]
+    assert first == [texts[j % 3] for j in range(40)]
+    assert later and all(p in [f"<cc-char> {t}" for t in texts] for p in later)
+    # Every member is captioned with the words that drew it (the token added at iteration 0).
+    assert len({cap for _, cap in refiner.pairs}) > 1
+    for image, caption in refiner.pairs:
+        drawn = generator.prompt_of[image]
+        assert caption == (drawn if drawn.startswith("<cc-char> ") else f"<cc-char> {drawn}")
+    # Prior preservation captions iteration 0's images by their own variation, without the token.
+    assert refiner.prior_captions and all(c == first for c in refiner.prior_captions)
+
+
+@pytest.mark.parametrize(
+    ("variation", "message"),
+    [
+        ("in the snow", "the prompt variation must contain {prompt}"),
+        ("{prompt} {token}", "the prompt variation may hold only {prompt}, found {token}"),
+    ],
+)
+def test_a_prompt_variation_without_prompt_or_with_other_fields_is_refused(variation, message):
+    with pytest.raises(ValueError, match=re.escape(message)):
+        ExtractorConfig.from_overrides({"prompt_variations": [variation]})

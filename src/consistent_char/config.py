@@ -241,6 +241,13 @@ class ExtractorConfig(_Strict):
         "{token} {prompt}",
         description="Prompt after iteration 0; must contain {token} and {prompt}.",
     )
+    prompt_variations: list[str] = Field(
+        default_factory=list,
+        description="Templates with {prompt} drawn in turn (image j uses variation j mod their "
+        "number), e.g. '{prompt} in the snow'; each image's refinement caption names its own "
+        "variation, so the token learns the character, not the setting (empty: the prompt "
+        "alone, as in the paper).",
+    )
     generator: GeneratorConfig = Field(default_factory=GeneratorConfig)  # type: ignore[arg-type]
     embedder: EmbedderConfig = Field(default_factory=EmbedderConfig)  # type: ignore[arg-type]
     clusterer: ClustererConfig = Field(default_factory=ClustererConfig)  # type: ignore[arg-type]
@@ -265,6 +272,8 @@ class ExtractorConfig(_Strict):
                 "no cluster could ever be chosen"
             )
         check_prompt_template(self.identity_prompt_template)
+        for variation in self.prompt_variations:
+            check_prompt_template(variation, fields=("prompt",), what="prompt variation")
         return self
 
     def warnings(self) -> list[str]:
@@ -322,12 +331,16 @@ class ExtractorConfig(_Strict):
 def toy_preset() -> dict[str, Any]:
     """ToyWorld settings: small images, fast on a CPU (`--model toy`).
 
-    - 64 images an iteration and K = 64 // 16 = 4 clusters of at least 5: enough images that the
-      prior's popular creatures form clusters of their own.
+    - 64 images an iteration in K = 64 // 8 = 8 clusters of at least 5: a popular creature
+      drawn 6-10 times in 64 then fills a cluster of its own more often than it shares one.
+    - Each image draws one of ToyWorld's five scenes in turn (`prompt_variations`), and its
+      refinement caption names that scene: the loop's images keep every scene, and the token
+      learns the creature rather than the chosen cluster's background.
     - Guidance 3 and Euler's ancestral sampler: the toy UNet draws its prior's variety there, and
       the stochastic sampler keeps eyes that the deterministic one fades.
-    - The convergence threshold is 0.4 of the first spread: one creature drawn across the five
-      scenes lies at 0.18-0.30 of the spread of "a creature", two creatures mixed at 0.65.
+    - The convergence threshold is 0.45 of the first spread: the loop's images of one creature
+      across the five scenes lie at 0.32-0.46 of the spread of "a creature", two creatures
+      mixed at 0.65.
     - The refinement (100 steps, batch 4, LoRA rank 4 at 5e-4, token rows at 1e-3) teaches a
       cluster's creature within two or three iterations. The token's rows are capped at the mean
       norm of the encoder's own rows: a token far larger than any word outweighs the rest of
@@ -337,12 +350,15 @@ def toy_preset() -> dict[str, Any]:
       returns the identity whose images were most consistent (docs/algorithm.md).
     - The identity's LoRA is fused while generating: it then costs nothing per denoising step.
     """
+    from consistent_char.toy.captions import SCENE_PHRASES
+
     return {
         "model": TOY_MODEL,
         "num_images": 64,
-        "d_size_c": 16,
+        "d_size_c": 8,
         "d_min_c": 5,
         "max_iterations": 8,
+        "prompt_variations": [f"{{prompt}} {phrase}" for phrase in SCENE_PHRASES.values()],
         "generator": {
             "num_inference_steps": 20,
             "guidance_scale": 3.0,
@@ -360,49 +376,50 @@ def toy_preset() -> dict[str, Any]:
             "embedding_lr": 1e-3,
             "row_norm_cap": 1.0,
         },
-        "convergence": {"d_conv_relative": 0.4, "patience": 2, "return_best": True},
+        "convergence": {"d_conv_relative": 0.45, "patience": 2, "return_best": True},
     }
 
 
-def check_prompt_template(template: str) -> str:
-    """Checks an identity prompt template: plain text with the fields ``{token}`` and
-    ``{prompt}``, each at least once, and nothing else in braces (``{{`` and ``}}`` are literal
+def check_prompt_template(
+    template: str,
+    fields: tuple[str, ...] = ("token", "prompt"),
+    what: str = "identity prompt template",
+) -> str:
+    """Checks a prompt template: plain text with each of `fields` (by default ``{token}`` and
+    ``{prompt}``) at least once, and nothing else in braces (``{{`` and ``}}`` are literal
     braces). Attribute access, indexing, format specs and conversions are refused: the template
     is applied with `str.format`, and ``{prompt:>999999999}`` would build a gigabyte string.
 
     Raises:
-        ValueError: The template is malformed, names another field, or lacks one of the two.
+        ValueError: The template is malformed, names another field, or lacks one of `fields`.
 
     Example:
         >>> check_prompt_template("a photo of {token}, {prompt}")
         'a photo of {token}, {prompt}'
+        >>> check_prompt_template("{prompt} in the snow", fields=("prompt",))
+        '{prompt} in the snow'
     """
     if not isinstance(template, str):
-        raise ValueError(f"the identity prompt template must be a string, got {template!r}")
+        raise ValueError(f"the {what} must be a string, got {template!r}")
     try:
         parts = list(string.Formatter().parse(template))
     except ValueError as err:
         raise ValueError(
-            f"the identity prompt template {template!r} is malformed ({err}); write {{{{ and }}}} "
-            "for literal braces"
+            f"the {what} {template!r} is malformed ({err}); write {{{{ and }}}} for literal braces"
         ) from None
+    allowed = " and ".join("{" + f + "}" for f in fields)
     seen = set()
     for _, name, spec, conversion in parts:
         if name is None:
             continue
-        if name not in ("token", "prompt") or spec or conversion:
+        if name not in fields or spec or conversion:
             field = "{" + name + (f"!{conversion}" if conversion else "")
             field += (f":{spec}" if spec else "") + "}"
-            raise ValueError(
-                f"the identity prompt template may hold only {{token}} and {{prompt}}, found "
-                f"{field} in {template!r}"
-            )
+            raise ValueError(f"the {what} may hold only {allowed}, found {field} in {template!r}")
         seen.add(name)
-    for name in ("token", "prompt"):
+    for name in fields:
         if name not in seen:
-            raise ValueError(
-                f"the identity prompt template must contain {{{name}}}, got {template!r}"
-            )
+            raise ValueError(f"the {what} must contain {{{name}}}, got {template!r}")
     return template
 
 

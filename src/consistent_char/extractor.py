@@ -209,6 +209,7 @@ class IterativeIdentityExtractor:
         anchor = self._load_anchor(run, state)
         conv = cfg.convergence
         base_images: list[Image.Image] | None = None
+        variations = self._variations(prompt)  # image j's prompt, before the token
         start = state.iteration if state.step != "refined" else state.iteration + 1
         start = max(start, 0)
 
@@ -219,13 +220,17 @@ class IterativeIdentityExtractor:
             seconds: dict[str, float] = dict(record.seconds) if record else {}
 
             # 1. The prompt: the user's words at i = 0, then with the learned token (its LoRA is
-            #    active too), so each iteration samples around the current identity.
+            #    active too), so each iteration samples around the current identity. With
+            #    prompt_variations, image j draws variation j mod their number.
             prompt_i = prompt if identity is None else self._identity_prompt(prompt, identity)
             seeds = [image_seed(cfg.seed, i, j) for j in range(cfg.num_images)]
+            prompts_i = [
+                p if identity is None else self._identity_prompt(p, identity) for p in variations
+            ]
 
             # 2. S ← Generator(prompt_i, seeds, Θ)
             with self._stage(i, "generate", cfg.num_images, seconds):
-                images = self._generate(run, state, i, prompt_i, seeds, identity)
+                images = self._generate(run, state, i, prompts_i, seeds, identity)
             if i == 0:
                 base_images = images  # the base model's own images of the prompt
 
@@ -284,13 +289,17 @@ class IterativeIdentityExtractor:
                 self._mark(run, state, i, "clustered", history[:i] + [record])
 
             # 7. Θ ← Refiner(Θ, S[c*]): continue from the previous identity (warm start).
-            members = [images[j] for j in np.flatnonzero(labels == choice.index)]
+            chosen_j = np.flatnonzero(labels == choice.index)
+            members = [(images[j], variations[j]) for j in chosen_j]
             with self._stage(i, "refine", cfg.refiner.steps, seconds):
                 start_from = identity if cfg.warm_start else None
                 if base_images is None and cfg.refiner.prior_preservation > 0:
                     assert run is not None  # only a resumed run starts past iteration 0
                     base_images = run.load_images(0, cfg.num_images)
-                identity = self._refine(run, state, i, prompt, start_from, members, base_images)
+                base = (
+                    None if base_images is None else list(zip(base_images, variations, strict=True))
+                )
+                identity = self._refine(run, state, i, start_from, members, base)
             learned[i] = identity
 
             record.seconds = seconds
@@ -331,12 +340,20 @@ class IterativeIdentityExtractor:
     def _identity_prompt(self, prompt: str, identity: Identity) -> str:
         return self.config.identity_prompt_template.format(token=identity.token, prompt=prompt)
 
+    def _variations(self, prompt: str) -> list[str]:
+        """Image j's prompt before the token: the prompt alone (Algorithm 1), or the
+        configured variation j mod their number."""
+        n, templates = self.config.num_images, self.config.prompt_variations
+        if not templates:
+            return [prompt] * n
+        return [templates[j % len(templates)].format(prompt=prompt) for j in range(n)]
+
     def _generate(
         self,
         run: RunDirectory | None,
         state: RunState,
         iteration: int,
-        prompt: str,
+        prompts: Sequence[str],
         seeds: Sequence[int],
         identity: Identity | None,
     ) -> list[Image.Image]:
@@ -351,8 +368,15 @@ class IterativeIdentityExtractor:
         with ThreadPoolExecutor(max_workers=1) as writer:
             pending = []
             for start in range(have, n, GENERATION_CHUNK):
-                chunk = list(seeds[start : start + GENERATION_CHUNK])
-                new = self._generate_chunk(iteration, prompt, chunk, identity, len(images), n)
+                end = start + GENERATION_CHUNK
+                new = self._generate_chunk(
+                    iteration,
+                    list(prompts[start:end]),
+                    list(seeds[start:end]),
+                    identity,
+                    len(images),
+                    n,
+                )
                 if run is not None:
                     pending.append(writer.submit(run.save_images, iteration, start, new))
                 images += new
@@ -366,7 +390,7 @@ class IterativeIdentityExtractor:
     def _generate_chunk(
         self,
         iteration: int,
-        prompt: str,
+        prompts: list[str],
         seeds: list[int],
         identity: Identity | None,
         done_before: int,
@@ -379,7 +403,7 @@ class IterativeIdentityExtractor:
                 self._emit("progress", iteration, "generate", done=done_before + done, total=total)
 
             kwargs["callback"] = progress
-        new = self.generator.generate([prompt] * len(seeds), seeds, identity, **kwargs)
+        new = self.generator.generate(prompts, seeds, identity, **kwargs)
         if len(new) != len(seeds):
             raise RuntimeError(f"generator returned {len(new)} images for {len(seeds)} prompts")
         return [im.convert("RGB") for im in new]
@@ -424,25 +448,26 @@ class IterativeIdentityExtractor:
         run: RunDirectory | None,
         state: RunState,
         iteration: int,
-        prompt: str,
         identity: Identity | None,
-        members: list[Image.Image],
-        base_images: list[Image.Image] | None,
+        members: list[tuple[Image.Image, str]],
+        base: list[tuple[Image.Image, str]] | None,
     ) -> Identity:
+        """Θ ← Refiner(Θ, S[c*]). `members` and `base` pair each image with the prompt it was
+        drawn from (before the token); a member's caption is that prompt with the token."""
         if run is not None and state.done(iteration, "refined"):
             return Identity.load(run.iteration_identity_dir(iteration))
         token = identity.token if identity is not None else self.config.refiner.token
-        caption = self.config.identity_prompt_template.format(token=token, prompt=prompt)
+        template = self.config.identity_prompt_template
         kwargs: dict[str, Any] = {}
-        if base_images and self.config.refiner.prior_preservation > 0:
+        if base and self.config.refiner.prior_preservation > 0:
             if not _accepts(self.refiner.refine, "prior_images"):
                 raise ValueError(
                     "refiner.prior_preservation is set, but this refiner's refine() takes no "
                     "prior_images"
                 )
             # The base model's own images of the prompt: iteration 0's, without the token.
-            kwargs["prior_images"] = base_images
-            kwargs["prior_captions"] = [prompt] * len(base_images)
+            kwargs["prior_images"] = [image for image, _ in base]
+            kwargs["prior_captions"] = [text for _, text in base]
         if _accepts(self.refiner.refine, "callback"):
 
             def progress(step: int, total: int, loss: float) -> None:
@@ -451,8 +476,8 @@ class IterativeIdentityExtractor:
             kwargs["callback"] = progress
         new = self.refiner.refine(
             identity,
-            members,
-            [caption] * len(members),
+            [image for image, _ in members],
+            [template.format(token=token, prompt=text) for _, text in members],
             seed=stage_seed(self.config.seed, iteration, "refine"),
             **kwargs,
         )
