@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 import torch
 from fakes import ColourGenerator, MeanColourEmbedder, MeanColourRefiner
+from PIL import Image
 
 from consistent_char.clusterers.faiss_kmeans import FaissKMeansClusterer
 from consistent_char.config import ConfigError, ExtractorConfig
@@ -353,3 +354,38 @@ def test_prompt_variations_are_drawn_in_turn_and_each_caption_names_its_images_v
 def test_a_prompt_variation_without_prompt_or_with_other_fields_is_refused(variation, message):
     with pytest.raises(ValueError, match=re.escape(message)):
         ExtractorConfig.from_overrides({"prompt_variations": [variation]})
+
+
+class _SettingGenerator(ColourGenerator):
+    """ColourGenerator whose settings shift every image: by day in the darker half of each
+    channel, at night in the brighter half (a setting that moves an embedding further than
+    most colour differences do)."""
+
+    def generate(self, prompts, seeds, identity=None):
+        images = super().generate(prompts, seeds, identity)
+        out = []
+        for prompt, image in zip(prompts, images, strict=True):
+            pixels = np.asarray(image, dtype=np.float32) * 0.5
+            if prompt.endswith("at night"):
+                pixels += 128
+            out.append(Image.fromarray(pixels.astype(np.uint8)))
+        return out
+
+
+def test_centre_variations_clusters_the_character_not_the_setting():
+    variations = ["{prompt} by day", "{prompt} at night"]
+
+    def chosen_members(centre):
+        extractor = make_extractor(
+            prompt_variations=variations, centre_variations=centre, max_iterations=1
+        )
+        extractor.generator = _SettingGenerator()
+        extractor.extract("a colour")
+        return extractor.refiner.calls[0][2]  # the chosen members' captions
+
+    # Without centring, every cluster holds one setting only.
+    captions = chosen_members(False)
+    assert len({c.endswith("at night") for c in captions}) == 1
+    # Centred, the setting's offset is gone and clusters follow the colour across settings.
+    captions = chosen_members(True)
+    assert {c.endswith("at night") for c in captions} == {True, False}

@@ -248,6 +248,12 @@ class ExtractorConfig(_Strict):
         "variation, so the token learns the character, not the setting (empty: the prompt "
         "alone, as in the paper).",
     )
+    centre_variations: bool = Field(
+        False,
+        description="Cluster the embeddings after subtracting, from each image's, the mean of "
+        "the images drawn from the same prompt variation: what the variation adds (its "
+        "setting) then no longer decides the clusters, the character does.",
+    )
     generator: GeneratorConfig = Field(default_factory=GeneratorConfig)  # type: ignore[arg-type]
     embedder: EmbedderConfig = Field(default_factory=EmbedderConfig)  # type: ignore[arg-type]
     clusterer: ClustererConfig = Field(default_factory=ClustererConfig)  # type: ignore[arg-type]

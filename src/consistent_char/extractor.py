@@ -249,6 +249,7 @@ class IterativeIdentityExtractor:
             #    The optional guards: converge only near iteration 0's chosen character, and
             #    stop once the spread has stopped falling.
             spread = float(self.criterion.spread(embeddings))
+            features = self._features(embeddings, variations)  # what is clustered
             threshold = float(self.criterion.threshold([r.spread for r in history[:i]] + [spread]))
             record = IterationRecord(
                 iteration=i,
@@ -258,7 +259,7 @@ class IterativeIdentityExtractor:
                 threshold=threshold,
                 converged=False,
                 seconds=seconds,
-                anchor_distance=None if anchor is None else anchor_distance(embeddings, anchor[0]),
+                anchor_distance=None if anchor is None else anchor_distance(features, anchor[0]),
             )
             kept = anchored(record, None if anchor is None else anchor[1], conv.max_anchor_ratio)
             record.converged = done = (
@@ -276,14 +277,14 @@ class IterativeIdentityExtractor:
             # 5. Cluster E into K = N // d_size_c groups (k-means++), then
             # 6. c* ← the most cohesive cluster with at least d_min_c members.
             with self._stage(i, "cluster", 1, seconds):
-                labels, choice = self._cluster(run, state, i, embeddings)
+                labels, choice = self._cluster(run, state, i, features)
             record.cluster_sizes = choice.sizes
             record.cluster_cohesions = _json_floats(choice.cohesions)
             record.chosen_cluster = choice.index
             record.chosen_cohesion = choice.cohesion
             record.chosen_reason = choice.reason
             if i == 0:
-                chosen = embeddings[labels == choice.index]
+                chosen = features[labels == choice.index]
                 anchor = (chosen.mean(axis=0), float(choice.cohesion))
             if run is not None and not state.done(i, "clustered"):
                 self._mark(run, state, i, "clustered", history[:i] + [record])
@@ -339,6 +340,18 @@ class IterativeIdentityExtractor:
 
     def _identity_prompt(self, prompt: str, identity: Identity) -> str:
         return self.config.identity_prompt_template.format(token=identity.token, prompt=prompt)
+
+    def _features(self, embeddings: np.ndarray, variations: Sequence[str]) -> np.ndarray:
+        """What is clustered: the embeddings, or with `centre_variations` each image's minus
+        the mean of the images drawn from the same prompt variation."""
+        if not self.config.centre_variations:
+            return embeddings
+        out = np.array(embeddings, dtype=np.float32, copy=True)
+        keys = np.asarray(variations)
+        for key in set(variations):
+            rows = keys == key
+            out[rows] -= out[rows].mean(axis=0)
+        return out
 
     def _variations(self, prompt: str) -> list[str]:
         """Image j's prompt before the token: the prompt alone (Algorithm 1), or the
@@ -502,9 +515,9 @@ class IterativeIdentityExtractor:
             return None
         # Recomputed from the saved clustering rather than read from the history, which a
         # resume may have cut back to before iteration 0 was recorded.
-        embeddings = run.load_embeddings(0)
-        labels, choice = self._cluster(run, state, 0, embeddings)
-        chosen = embeddings[labels == choice.index]
+        features = self._features(run.load_embeddings(0), self._variations(state.prompt))
+        labels, choice = self._cluster(run, state, 0, features)
+        chosen = features[labels == choice.index]
         return chosen.mean(axis=0), float(choice.cohesion)
 
     def _load_identity(self, run: RunDirectory | None, iteration: int) -> Identity:
