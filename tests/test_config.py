@@ -28,7 +28,10 @@ def test_defaults_follow_the_design():
         ({"convergence.d_conv_relative": 1.5}, r"d_conv_relative = 1.5: .*less than or equal"),
         ({"refiner.lora_rank": 0}, r"refiner.lora_rank = 0"),
         ({"refiner.lora_rnk": 3}, r"refiner.lora_rnk: unknown key \(did you mean 'lora_rank'\?\)"),
-        ({"colour": 1}, r"colour: unknown key; known keys: clusterer, convergence"),
+        (
+            {"colour": 1},
+            r"colour: unknown key; known keys: centre_variations, clusterer, convergence",
+        ),
         ({"embedder.kind": "resnet"}, r"embedder.kind = \"resnet\": Input should be 'dinov2'"),
         ({"identity_prompt_template": "{prompt}"}, r"must contain \{token\}"),
         ({"refiner.token": "two words"}, r"one word"),
