@@ -21,8 +21,8 @@ demo: $(STAMP)
 	$(BIN)/consistent-char extract "a creature" --model toy --out runs/demo
 
 lint: $(STAMP)
-	$(BIN)/ruff check src tests benchmarks examples docs/*.py
-	$(BIN)/ruff format --check src tests benchmarks examples docs/*.py
+	$(BIN)/ruff check src tests benchmarks examples scripts/*.py
+	$(BIN)/ruff format --check src tests benchmarks examples scripts/*.py
 
 typecheck: $(STAMP)
 	$(BIN)/mypy src
@@ -38,7 +38,7 @@ docs: $(STAMP)
 
 # The docs' figures (report screenshot, story sheet) from the demo run; needs chromium.
 figures: $(STAMP)
-	$(BIN)/python docs/make_figures.py runs/demo
+	$(BIN)/python scripts/make_figures.py runs/demo
 
 clean:
 	rm -rf $(VENV) runs site .pytest_cache .mypy_cache .ruff_cache

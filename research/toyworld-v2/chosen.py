@@ -9,9 +9,8 @@ from __future__ import annotations
 import sys
 from collections import Counter
 
-from consistent_char.eval.drift import _chosen_members, _iteration_images, modal_identity
+from consistent_char.eval.drift import iteration_readings, modal_identity
 from consistent_char.eval.run import load_probe
-from consistent_char.rundir import RunDirectory
 from consistent_char.toy.world import IDENTITY_ATTRIBUTES, SCENES
 
 
@@ -22,16 +21,11 @@ def ident(record: dict[str, str]) -> tuple[str, ...]:
 def main(paths: list[str]) -> None:
     probe = load_probe()
     for path in paths:
-        run = RunDirectory(path)
         print(path)
         reference = None
-        i = 0
-        while run.iter_dir(i).is_dir():
-            images = _iteration_images(run, i)
-            if not images:
-                break
-            records = probe.predict(images)
-            members = _chosen_members(run, i, len(images)) or []
+        for reading in iteration_readings(path, probe):
+            i, records = reading.iteration, reading.records
+            members = reading.members or []
             chosen = [ident(records[j]) for j in members]
             top, top_n = Counter(chosen).most_common(1)[0] if chosen else ((), 0)
             if i == 0 and members:
@@ -45,7 +39,6 @@ def main(paths: list[str]) -> None:
                 f" | scenes {' '.join(f'{s[:2]}{scenes[s]}' for s in SCENES)}"
                 f" | chosen scenes {' '.join(f'{s[:2]}{chosen_scenes[s]}' for s in SCENES)}"
             )
-            i += 1
 
 
 if __name__ == "__main__":

@@ -10,7 +10,7 @@ import numpy as np
 import yaml
 
 from consistent_char.clusterers.faiss_kmeans import FaissKMeansClusterer
-from consistent_char.eval.drift import _iteration_images
+from consistent_char.eval.drift import iteration_readings
 from consistent_char.eval.run import load_probe
 from consistent_char.extractor import choose_cluster, stage_seed
 from consistent_char.rundir import RunDirectory
@@ -24,7 +24,7 @@ def main(paths: list[str]) -> None:
         run = RunDirectory(path)
         emb = run.load_embeddings(0)
         seed = int(yaml.safe_load((run.root / "config.yaml").read_text())["seed"])
-        records = probe.predict(_iteration_images(run, 0))
+        records = next(iteration_readings(path, probe)).records
         ids = [tuple(r[a] for a in IDENTITY_ATTRIBUTES) for r in records]
         row = []
         for k, d_min in ((4, 5), (6, 5), (8, 4), (8, 5), (10, 4), (12, 3)):

@@ -222,10 +222,11 @@ class IterativeIdentityExtractor:
             # 1. The prompt: the user's words at i = 0, then with the learned token (its LoRA is
             #    active too), so each iteration samples around the current identity. With
             #    prompt_variations, image j draws variation j mod their number.
-            prompt_i = prompt if identity is None else self._identity_prompt(prompt, identity)
+            prompt_i = prompt if identity is None else self._identity_prompt(prompt, identity.token)
             seeds = [image_seed(cfg.seed, i, j) for j in range(cfg.num_images)]
             prompts_i = [
-                p if identity is None else self._identity_prompt(p, identity) for p in variations
+                p if identity is None else self._identity_prompt(p, identity.token)
+                for p in variations
             ]
 
             # 2. S ← Generator(prompt_i, seeds, Θ)
@@ -338,8 +339,8 @@ class IterativeIdentityExtractor:
 
     # ------------------------------------------------------------- the steps
 
-    def _identity_prompt(self, prompt: str, identity: Identity) -> str:
-        return self.config.identity_prompt_template.format(token=identity.token, prompt=prompt)
+    def _identity_prompt(self, prompt: str, token: str) -> str:
+        return self.config.identity_prompt_template.format(token=token, prompt=prompt)
 
     def _features(self, embeddings: np.ndarray, variations: Sequence[str]) -> np.ndarray:
         """What is clustered: the embeddings, or with `centre_variations` each image's minus
@@ -470,7 +471,6 @@ class IterativeIdentityExtractor:
         if run is not None and state.done(iteration, "refined"):
             return Identity.load(run.iteration_identity_dir(iteration))
         token = identity.token if identity is not None else self.config.refiner.token
-        template = self.config.identity_prompt_template
         kwargs: dict[str, Any] = {}
         if base and self.config.refiner.prior_preservation > 0:
             if not _accepts(self.refiner.refine, "prior_images"):
@@ -490,7 +490,7 @@ class IterativeIdentityExtractor:
         new = self.refiner.refine(
             identity,
             [image for image, _ in members],
-            [template.format(token=token, prompt=text) for _, text in members],
+            [self._identity_prompt(text, token) for _, text in members],
             seed=stage_seed(self.config.seed, iteration, "refine"),
             **kwargs,
         )

@@ -30,7 +30,8 @@ from __future__ import annotations
 import json
 import os
 from collections import Counter
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -41,8 +42,10 @@ from consistent_char.toy.world import IDENTITY_ATTRIBUTES, SCENES
 
 __all__ = [
     "drift",
+    "IterationReading",
     "image_validity",
     "iteration_measures",
+    "iteration_readings",
     "kept",
     "min_validity",
     "modal_identity",
@@ -104,6 +107,30 @@ def _chosen_members(run: RunDirectory, iteration: int, n: int) -> list[int] | No
     return [j for j, label in enumerate(labels) if label == chosen]
 
 
+@dataclass
+class IterationReading:
+    """One iteration of a run as the probe reads it."""
+
+    iteration: int
+    images: list[Image.Image]
+    records: list[dict[str, str]]  # the probe's reading of each image
+    members: list[int] | None  # the chosen cluster's image indices (None: not clustered)
+
+
+def iteration_readings(run_dir: str | os.PathLike[str], probe: Any) -> Iterator[IterationReading]:
+    """Reads every iteration's images of a run with the probe, one iteration at a time, from
+    iteration 0 up to the first without images."""
+    run = RunDirectory(run_dir)
+    iteration = 0
+    while run.iter_dir(iteration).is_dir():
+        images = _iteration_images(run, iteration)
+        if not images:
+            return
+        members = _chosen_members(run, iteration, len(images))
+        yield IterationReading(iteration, images, probe.predict(images), members)
+        iteration += 1
+
+
 def iteration_measures(run_dir: str | os.PathLike[str], probe: Any) -> list[dict[str, Any]]:
     """Reads every iteration's images of a run with the probe.
 
@@ -117,21 +144,15 @@ def iteration_measures(run_dir: str | os.PathLike[str], probe: Any) -> list[dict
         ``identity_share`` (the fraction with all five attributes of it) and ``scenes`` (the
         fraction of images in each scene).
     """
-    run = RunDirectory(run_dir)
     out: list[dict[str, Any]] = []
     reference: dict[str, str] | None = None
-    iteration = 0
-    while run.iter_dir(iteration).is_dir():
-        images = _iteration_images(run, iteration)
-        if not images:
-            break
-        records = probe.predict(images)
-        members = _chosen_members(run, iteration, len(images))
+    for reading in iteration_readings(run_dir, probe):
+        images, records, members = reading.images, reading.records, reading.members
         chosen_modal = modal_identity([records[j] for j in members]) if members else None
-        if iteration == 0:
+        if reading.iteration == 0:
             reference = chosen_modal
         entry: dict[str, Any] = {
-            "iteration": iteration,
+            "iteration": reading.iteration,
             "n_images": len(images),
             "validity": image_validity(probe, images),
             "confident": _confident(probe, images),
@@ -153,7 +174,6 @@ def iteration_measures(run_dir: str | os.PathLike[str], probe: Any) -> list[dict
             "scenes": {s: float(np.mean([r["scene"] == s for r in records])) for s in SCENES},
         }
         out.append(entry)
-        iteration += 1
     return out
 
 

@@ -1,7 +1,7 @@
 """Makes the documentation's figures from a finished run: the report screenshot and a story sheet.
 
-    python docs/make_figures.py runs/demo                 # after `make demo` (ToyWorld)
-    python docs/make_figures.py runs/demo --skip-story    # the report screenshot only
+    python scripts/make_figures.py runs/demo                 # after `make demo` (ToyWorld)
+    python scripts/make_figures.py runs/demo --skip-story    # the report screenshot only
 
 Writes ``docs/images/report.png`` (the top of the run's ``report.html``, rendered by headless
 Chromium) and ``docs/images/story_sheet.png`` (the contact sheet of ``docs/story.txt`` drawn with
@@ -17,7 +17,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-HERE = Path(__file__).resolve().parent
+DOCS = Path(__file__).resolve().parent.parent / "docs"
 
 
 def screenshot(page: Path, out: Path, *, width: int = 1200, height: int = 1500) -> None:
@@ -53,8 +53,8 @@ def screenshot(page: Path, out: Path, *, width: int = 1200, height: int = 1500) 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("run_dir", type=Path, help="A finished run directory.")
-    parser.add_argument("--out", type=Path, default=HERE / "images")
-    parser.add_argument("--story", type=Path, default=HERE / "story.txt")
+    parser.add_argument("--out", type=Path, default=DOCS / "images")
+    parser.add_argument("--story", type=Path, default=DOCS / "story.txt")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--device", default="auto")
     parser.add_argument("--skip-story", action="store_true")
