@@ -30,7 +30,7 @@ def test_defaults_follow_the_design():
         ({"refiner.lora_rnk": 3}, r"refiner.lora_rnk: unknown key \(did you mean 'lora_rank'\?\)"),
         (
             {"colour": 1},
-            r"colour: unknown key; known keys: centre_variations, clusterer, convergence",
+            r"colour: unknown key; known keys: accumulate_chosen, centre_variations, clusterer",
         ),
         ({"embedder.kind": "resnet"}, r"embedder.kind = \"resnet\": Input should be 'dinov2'"),
         ({"identity_prompt_template": "{prompt}"}, r"must contain \{token\}"),

@@ -9,7 +9,11 @@ import numpy as np
 import pytest
 
 import consistent_char.convergence as convergence
-from consistent_char.convergence import PairwiseDistanceCriterion, mean_pairwise_distance
+from consistent_char.convergence import (
+    PairwiseDistanceCriterion,
+    PerVariationCriterion,
+    mean_pairwise_distance,
+)
 from consistent_char.interfaces import IterationRecord
 
 
@@ -110,3 +114,29 @@ def test_zero_threshold_never_converges() -> None:
 def test_invalid_settings_name_field_value_and_allowed(kwargs: dict, match: str) -> None:
     with pytest.raises(ValueError, match=match):
         PairwiseDistanceCriterion(**kwargs)
+
+
+def test_per_variation_spread_is_the_mean_of_each_variations_own_spread() -> None:
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(9, 4))
+    labels = ("a", "b", "c") * 3
+    inner = PairwiseDistanceCriterion(d_conv_relative=0.5)
+    criterion = PerVariationCriterion(inner, labels)
+    by_hand = np.mean([mean_pairwise_distance(x[k::3]) for k in range(3)])
+    assert criterion.spread(x) == pytest.approx(by_hand, rel=1e-12)
+    # Moving one variation's images together by an offset changes nothing within it.
+    shifted = x + np.array([[100.0, 0, 0, 0], [0, 0, 0, 0], [0, 0, 0, 0]] * 3)
+    assert criterion.spread(shifted) == pytest.approx(criterion.spread(x), rel=1e-9)
+    assert inner.spread(shifted) > 10 * inner.spread(x)
+    # Its threshold is the inner one's, on the spreads it is given.
+    assert criterion.threshold([4.0, 1.0]) == 2.0
+    assert criterion.converged(x, [record(0, 3 * criterion.spread(x))])
+    assert not criterion.converged(x, [record(0, 1.5 * criterion.spread(x))])
+
+
+def test_per_variation_input_errors() -> None:
+    inner = PairwiseDistanceCriterion(d_conv=1.0)
+    with pytest.raises(ValueError, match="at least 2 images"):
+        PerVariationCriterion(inner, ("a", "a", "b"))
+    with pytest.raises(ValueError, match="3 embeddings for 4 image variations"):
+        PerVariationCriterion(inner, ("a", "a", "b", "b")).spread(np.zeros((3, 2)))

@@ -13,9 +13,10 @@ from PIL import Image
 
 from consistent_char.clusterers.faiss_kmeans import FaissKMeansClusterer
 from consistent_char.config import ConfigError, ExtractorConfig
-from consistent_char.convergence import PairwiseDistanceCriterion
+from consistent_char.convergence import PairwiseDistanceCriterion, mean_pairwise_distance
 from consistent_char.extractor import IterativeIdentityExtractor, image_seed, stage_seed
 from consistent_char.identity import Identity
+from consistent_char.rundir import RunDirectory
 
 
 def make_extractor(**overrides) -> IterativeIdentityExtractor:
@@ -292,6 +293,80 @@ def test_resume_with_every_option_on_gives_the_same_identity(tmp_path, iteration
     assert float(resumed.identity.clip_l[0, 3]) == 20.0  # the best, read back from disk
     # Refines after the cut still got iteration 0's images as the prior.
     assert all(p == (40, ["a colour"] * 40) for p in resumed_extractor.refiner.priors)
+
+
+class _PoolRecordingRefiner(ScriptedRefiner):
+    """ScriptedRefiner that records the images of every refine call."""
+
+    def __init__(self) -> None:
+        super().__init__([0.5] * 6)
+        self.pools: list[list[bytes]] = []
+
+    def refine(self, identity, images, captions, *, seed, **kwargs):
+        self.pools.append([image.tobytes() for image in images])
+        return super().refine(identity, images, captions, seed=seed, **kwargs)
+
+
+def _chosen_images(run_dir, iteration: int) -> list[bytes]:
+    run = RunDirectory(run_dir)
+    saved = run.load_clusters(iteration)
+    images = run.load_images(iteration, len(saved["labels"]))
+    return [images[j].tobytes() for j, c in enumerate(saved["labels"]) if c == saved["chosen"]]
+
+
+def test_accumulate_chosen_refines_on_every_earlier_iterations_chosen_images(tmp_path):
+    def run(accumulate, run_dir, **kwargs):
+        refiner = _PoolRecordingRefiner()
+        overrides = {"accumulate_chosen": accumulate, "convergence.d_conv_relative": 0.001}
+        scripted_extractor(refiner, **overrides).extract("a colour", run_dir=run_dir, **kwargs)
+        return refiner.pools
+
+    alone = run(False, tmp_path / "alone")
+    assert len(alone) >= 3
+    assert all(pool == _chosen_images(tmp_path / "alone", i) for i, pool in enumerate(alone))
+    pooled = run(True, tmp_path / "pooled")
+    assert len(pooled) == len(alone)
+    for i, pool in enumerate(pooled):
+        expected = [im for k in range(i + 1) for im in _chosen_images(tmp_path / "pooled", k)]
+        assert pool == expected
+    # A resumed run reads the earlier iterations' chosen images back from its folder.
+    with pytest.raises(Interrupt):
+        run(True, tmp_path / "cut", callback=stop_after(2, "generate"))
+    assert run(True, tmp_path / "cut", resume=True) == pooled[2:]
+
+
+def test_per_variation_spread_is_measured_within_each_variations_images(tmp_path):
+    variations = ["{prompt} by day", "{prompt} at night"]
+
+    def spreads(per_variation):
+        extractor = make_extractor(
+            prompt_variations=variations,
+            max_iterations=2,
+            **{"convergence.per_variation": per_variation},
+        )
+        extractor.generator = _SettingGenerator()
+        run_dir = tmp_path / str(per_variation)
+        result = extractor.extract("a colour", run_dir=run_dir)
+        return [r.spread for r in result.history], RunDirectory(run_dir)
+
+    plain, _ = spreads(False)
+    within, run = spreads(True)
+    for i, spread in enumerate(within):
+        x = run.load_embeddings(i)
+        expected = (mean_pairwise_distance(x[0::2]) + mean_pairwise_distance(x[1::2])) / 2
+        assert spread == pytest.approx(expected, rel=1e-9)
+    assert within[0] < plain[0]  # day and night apart no longer count as disagreement
+
+
+def test_per_variation_needs_two_images_per_variation():
+    with pytest.raises(ConfigError, match="at least 2 images per prompt variation"):
+        make_extractor(
+            num_images=5,
+            d_size_c=1,
+            d_min_c=1,
+            prompt_variations=["{prompt} a", "{prompt} b", "{prompt} c"],
+            **{"convergence.per_variation": True},
+        )
 
 
 class _PromptKeepingGenerator(ColourGenerator):

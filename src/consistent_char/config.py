@@ -198,6 +198,12 @@ class ConvergenceConfig(_Strict):
         description="Return the identity whose images had the lowest spread (among those "
         "max_anchor_ratio admits), not the last one learned.",
     )
+    per_variation: bool = Field(
+        False,
+        description="With prompt_variations: the spread is the mean of each variation's own "
+        "spread (the paper's criterion per prompt), so the settings the variations ask for "
+        "are not read as disagreement. Without variations it changes nothing.",
+    )
 
     @model_validator(mode="before")
     @classmethod
@@ -254,6 +260,12 @@ class ExtractorConfig(_Strict):
         "the images drawn from the same prompt variation: what the variation adds (its "
         "setting) then no longer decides the clusters, the character does.",
     )
+    accumulate_chosen: bool = Field(
+        False,
+        description="Refine on the chosen clusters of this and every earlier iteration, not "
+        "on this iteration's alone, so iteration 0's images of the base model stay in the "
+        "training set at every round (data accumulation against self-consuming drift).",
+    )
     generator: GeneratorConfig = Field(default_factory=GeneratorConfig)  # type: ignore[arg-type]
     embedder: EmbedderConfig = Field(default_factory=EmbedderConfig)  # type: ignore[arg-type]
     clusterer: ClustererConfig = Field(default_factory=ClustererConfig)  # type: ignore[arg-type]
@@ -280,6 +292,11 @@ class ExtractorConfig(_Strict):
         check_prompt_template(self.identity_prompt_template)
         for variation in self.prompt_variations:
             check_prompt_template(variation, fields=("prompt",), what="prompt variation")
+        if self.convergence.per_variation and self.num_images < 2 * len(self.prompt_variations):
+            raise ValueError(
+                f"convergence.per_variation needs at least 2 images per prompt variation: "
+                f"num_images = {self.num_images} for {len(self.prompt_variations)} variations"
+            )
         return self
 
     def warnings(self) -> list[str]:

@@ -13,6 +13,10 @@ own images from mistaking a faded character for a consistent one; they use only 
 - **patience** (`stalled`, ``convergence.patience``): stop when the spread stops falling;
 - **the best iteration** (`best_iteration`, ``convergence.return_best``): return the identity
   whose images had the lowest spread among anchored iterations, not the last one.
+
+With prompt variations, `PerVariationCriterion` (``convergence.per_variation``) measures the
+spread of each variation's images apart and averages them: the paper's criterion applied to each
+prompt, so the settings the variations ask for do not count as disagreement.
 """
 
 from __future__ import annotations
@@ -24,12 +28,13 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from consistent_char.interfaces import IterationRecord
+from consistent_char.interfaces import ConvergenceCriterion, IterationRecord
 
 logger = logging.getLogger(__name__)
 
 __all__ = [
     "PairwiseDistanceCriterion",
+    "PerVariationCriterion",
     "anchor_distance",
     "anchored",
     "best_iteration",
@@ -168,6 +173,54 @@ class PairwiseDistanceCriterion:
         done = current < threshold
         logger.debug("spread %.6g, threshold %.6g, converged %s", current, threshold, done)
         return done
+
+
+@dataclass(frozen=True)
+class PerVariationCriterion:
+    """`inner`'s criterion on each prompt variation's images apart: the spread is the mean of
+    the variations' own spreads, the threshold is `inner`'s.
+
+    Args:
+        inner: The criterion applied within each variation (e.g. `PairwiseDistanceCriterion`).
+        variations: Image j's variation (any hashable label), one per image; each variation
+            needs at least two images.
+
+    Example:
+        >>> inner = PairwiseDistanceCriterion(d_conv=1.0)
+        >>> x = np.array([[0.0, 0.0], [0.0, 0.0], [5.0, 0.0], [5.0, 0.0]])
+        >>> per_variation = PerVariationCriterion(inner, ("day", "day", "night", "night"))
+        >>> inner.spread(x) > 2, per_variation.spread(x)
+        (True, 0.0)
+    """
+
+    inner: ConvergenceCriterion
+    variations: tuple[str, ...]
+
+    def __post_init__(self) -> None:
+        counts = {v: self.variations.count(v) for v in set(self.variations)}
+        if not counts or min(counts.values()) < 2:
+            raise ValueError(
+                f"each prompt variation needs at least 2 images for its spread, got {counts}"
+            )
+
+    def spread(self, embeddings: np.ndarray) -> float:
+        """The mean over variations of `inner.spread` of that variation's rows."""
+        if len(embeddings) != len(self.variations):
+            raise ValueError(
+                f"{len(embeddings)} embeddings for {len(self.variations)} image variations"
+            )
+        labels = np.asarray(self.variations)
+        groups = dict.fromkeys(self.variations)  # in first-seen order, for a fixed sum order
+        return float(np.mean([self.inner.spread(embeddings[labels == v]) for v in groups]))
+
+    def threshold(self, spreads: Sequence[float]) -> float:
+        """`inner`'s threshold for these spreads."""
+        return float(self.inner.threshold(spreads))
+
+    def converged(self, embeddings: np.ndarray, history: Sequence[IterationRecord]) -> bool:
+        """True when the per-variation spread is below the threshold."""
+        current = self.spread(embeddings)
+        return current < self.threshold([float(r.spread) for r in history] + [current])
 
 
 def anchor_distance(embeddings: np.ndarray, centroid: np.ndarray) -> float:

@@ -41,7 +41,13 @@ from PIL import Image
 from consistent_char._version import __version__
 from consistent_char.clusterers.selection import choose_cluster
 from consistent_char.config import ExtractorConfig
-from consistent_char.convergence import anchor_distance, anchored, best_iteration, stalled
+from consistent_char.convergence import (
+    PerVariationCriterion,
+    anchor_distance,
+    anchored,
+    best_iteration,
+    stalled,
+)
 from consistent_char.errors import InvalidValueError
 from consistent_char.identity import Identity
 from consistent_char.interfaces import (
@@ -210,8 +216,13 @@ class IterativeIdentityExtractor:
         conv = cfg.convergence
         base_images: list[Image.Image] | None = None
         variations = self._variations(prompt)  # image j's prompt, before the token
+        criterion = self.criterion
+        if conv.per_variation and cfg.prompt_variations:
+            criterion = PerVariationCriterion(self.criterion, tuple(variations))
         start = state.iteration if state.step != "refined" else state.iteration + 1
         start = max(start, 0)
+        # With accumulate_chosen: the chosen members of the iterations before this one.
+        earlier = self._earlier_chosen(run, state, start, variations)
 
         for i in range(start, cfg.max_iterations):
             if state.finished:
@@ -248,10 +259,11 @@ class IterativeIdentityExtractor:
             # 4. Convergence: the mean pairwise distance of E against d_conv. At i = 0 there is
             #    no identity to return yet, so the loop always refines at least once.
             #    The optional guards: converge only near iteration 0's chosen character, and
-            #    stop once the spread has stopped falling.
-            spread = float(self.criterion.spread(embeddings))
+            #    stop once the spread has stopped falling. With convergence.per_variation, the
+            #    spread is measured within each prompt variation's images and averaged.
+            spread = float(criterion.spread(embeddings))
             features = self._features(embeddings, variations)  # what is clustered
-            threshold = float(self.criterion.threshold([r.spread for r in history[:i]] + [spread]))
+            threshold = float(criterion.threshold([r.spread for r in history[:i]] + [spread]))
             record = IterationRecord(
                 iteration=i,
                 prompt=prompt_i,
@@ -264,7 +276,7 @@ class IterativeIdentityExtractor:
             )
             kept = anchored(record, None if anchor is None else anchor[1], conv.max_anchor_ratio)
             record.converged = done = (
-                i > 0 and kept and bool(self.criterion.converged(embeddings, history[:i]))
+                i > 0 and kept and bool(criterion.converged(embeddings, history[:i]))
             )
             spreads = [r.spread for r in history[1:i]] + [spread]
             if done or (i > 0 and stalled(spreads, conv.patience)):
@@ -291,8 +303,12 @@ class IterativeIdentityExtractor:
                 self._mark(run, state, i, "clustered", history[:i] + [record])
 
             # 7. Θ ← Refiner(Θ, S[c*]): continue from the previous identity (warm start).
+            #    With accumulate_chosen, on S[c*] and every earlier iteration's chosen images.
             chosen_j = np.flatnonzero(labels == choice.index)
             members = [(images[j], variations[j]) for j in chosen_j]
+            if cfg.accumulate_chosen:
+                members = earlier + members
+                earlier = members
             with self._stage(i, "refine", cfg.refiner.steps, seconds):
                 start_from = identity if cfg.warm_start else None
                 if base_images is None and cfg.refiner.prior_preservation > 0:
@@ -353,6 +369,21 @@ class IterativeIdentityExtractor:
             rows = keys == key
             out[rows] -= out[rows].mean(axis=0)
         return out
+
+    def _earlier_chosen(
+        self, run: RunDirectory | None, state: RunState, start: int, variations: Sequence[str]
+    ) -> list[tuple[Image.Image, str]]:
+        """The chosen members (image, variation) of iterations 0 .. start-1 of a resumed run,
+        read back from its folder; empty unless `accumulate_chosen` is set."""
+        if run is None or state.finished or not self.config.accumulate_chosen:
+            return []
+        pool: list[tuple[Image.Image, str]] = []
+        for i in range(start):
+            saved = run.load_clusters(i)
+            images = run.load_images(i, self.config.num_images)
+            chosen = [j for j, label in enumerate(saved["labels"]) if label == saved["chosen"]]
+            pool += [(images[j], variations[j]) for j in chosen]
+        return pool
 
     def _variations(self, prompt: str) -> list[str]:
         """Image j's prompt before the token: the prompt alone (Algorithm 1), or the
