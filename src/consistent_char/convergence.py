@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import logging
 import math
+from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -197,7 +198,7 @@ class PerVariationCriterion:
     variations: tuple[str, ...]
 
     def __post_init__(self) -> None:
-        counts = {v: self.variations.count(v) for v in set(self.variations)}
+        counts = dict(Counter(self.variations))
         if not counts or min(counts.values()) < 2:
             raise ValueError(
                 f"each prompt variation needs at least 2 images for its spread, got {counts}"
