@@ -40,7 +40,9 @@ def test_defaults_follow_the_design():
             r"at most one of cuda_graphs and compile_blocks",
         ),
         ({"generator.height": 100}, r"generator.height = 100: .*multiple of 8"),
+        ({"generator.guidance_rescale": 1.5}, r"guidance_rescale = 1.5: .*less than or equal"),
         ({"seed": -1}, r"seed = -1"),
+        ({"convergence.max_saturation_rise": 0.2}, r"max_saturation_rise needs return_best"),
     ],
 )
 def test_bad_values_are_named(overrides, message):

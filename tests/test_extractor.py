@@ -295,6 +295,52 @@ def test_resume_with_every_option_on_gives_the_same_identity(tmp_path, iteration
     assert all(p == (40, ["a colour"] * 40) for p in resumed_extractor.refiner.priors)
 
 
+class PaintingRefiner(ScriptedRefiner):
+    """ScriptedRefiner whose refine at iteration k also sets the identity's colour to
+    colours[k]."""
+
+    def __init__(self, strengths, colours):
+        super().__init__(strengths)
+        self.colours = colours
+
+    def refine(self, identity, images, captions, *, seed, **kwargs):
+        new = super().refine(identity, images, captions, seed=seed, **kwargs)
+        new.clip_l[0, :3] = torch.tensor(self.colours[self.seeds.index(seed)], dtype=torch.float32)
+        return new
+
+
+@pytest.mark.parametrize("cut", [None, (2, "embed"), (2, "generate")])
+def test_over_saturated_images_stop_the_loop_and_the_identity_before_them_is_returned(
+    tmp_path, cut
+):
+    # Iteration 1 draws a loose greyish red; iteration 2 a tight pure red, whose spread passes
+    # the test but whose images are far more saturated than the base model's.
+    def run(rise, run_dir=None, callback=None, resume=False):
+        refiner = PaintingRefiner([1.0, 200.0, 200.0], [(120, 100, 100), (250, 5, 5), (0, 0, 0)])
+        overrides = {
+            "max_iterations": 3,
+            "convergence.return_best": True,
+            "convergence.max_saturation_rise": rise,
+        }
+        extractor = scripted_extractor(refiner, **overrides)
+        return extractor.extract("a colour", run_dir=run_dir, callback=callback, resume=resume)
+
+    free = run(None)
+    assert free.converged and free.iterations == 3
+    assert free.identity.clip_l[0, :3].tolist() == [250, 5, 5]
+    if cut is None:
+        guarded = run(0.3)
+    else:
+        with pytest.raises(Interrupt):
+            run(0.3, tmp_path / "run", callback=stop_after(*cut))
+        guarded = run(0.3, tmp_path / "run", resume=True)
+    base, first, second = (r.saturation for r in guarded.history)
+    assert first < 1.3 * base < second
+    assert not guarded.converged and guarded.iterations == 3
+    assert not any(r.converged for r in guarded.history)
+    assert guarded.identity.clip_l[0, :3].tolist() == [120, 100, 100]  # drew iteration 1
+
+
 class _PoolRecordingRefiner(ScriptedRefiner):
     """ScriptedRefiner that records the images of every refine call."""
 

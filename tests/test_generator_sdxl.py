@@ -158,6 +158,8 @@ def test_bad_inputs_are_clear_errors(pipe, prompts, seeds, message):
         ({"guidance_scale": -1.0}, "guidance_scale must be a finite number >= 0"),
         ({"guidance_scale": float("nan")}, "guidance_scale must be a finite number >= 0"),
         ({"lora_scale": float("inf")}, "lora_scale must be a finite number >= 0"),
+        ({"guidance_rescale": 1.5}, "guidance_rescale must be a number from 0 to 1"),
+        ({"guidance_rescale": float("nan")}, "guidance_rescale must be a number from 0 to 1"),
         ({"num_inference_steps": True}, "num_inference_steps must be an int >= 1"),
         ({"batch_size": 0}, "batch_size must be None"),
         ({"height": 30}, "height must be None or a positive multiple of 8"),
@@ -168,6 +170,18 @@ def test_bad_inputs_are_clear_errors(pipe, prompts, seeds, message):
 def test_bad_settings_are_clear_errors(pipe, settings, message):
     with pytest.raises(ValueError, match=message):
         SDXLGenerator.from_pipeline(pipe, **settings)
+
+
+def test_guidance_rescale_changes_guided_images_only(pipe):
+    guided = _arrays(_gen(pipe, guidance_scale=5.0).generate(PROMPTS, SEEDS))
+    rescaled = _arrays(
+        _gen(pipe, guidance_scale=5.0, guidance_rescale=1.0).generate(PROMPTS, SEEDS)
+    )
+    assert all(np.abs(a - b).max() > 2 for a, b in zip(guided, rescaled, strict=True))
+    # Without classifier-free guidance there is no guided prediction to rescale.
+    plain = _arrays(_gen(pipe, guidance_scale=1.0).generate(PROMPTS, SEEDS))
+    same = _arrays(_gen(pipe, guidance_scale=1.0, guidance_rescale=1.0).generate(PROMPTS, SEEDS))
+    assert all(np.array_equal(a, b) for a, b in zip(plain, same, strict=True))
 
 
 def test_another_scheduler_samples_for_the_call_only_and_keeps_images_per_seed(pipe):

@@ -46,6 +46,13 @@ class GeneratorConfig(_Strict):
 
     num_inference_steps: int = Field(35, ge=1, le=1000, description="Denoising steps per image.")
     guidance_scale: float = Field(7.5, ge=0.0, description="Classifier-free guidance scale.")
+    guidance_rescale: float = Field(
+        0.0,
+        ge=0.0,
+        le=1.0,
+        description="Rescale the guided prediction towards the conditional one's standard "
+        "deviation (0: off), against the over-saturation of high guidance.",
+    )
     height: int | None = Field(
         None, ge=8, multiple_of=8, description="Image height in pixels (None: the model's default)."
     )
@@ -196,7 +203,15 @@ class ConvergenceConfig(_Strict):
     return_best: bool = Field(
         False,
         description="Return the identity whose images had the lowest spread (among those "
-        "max_anchor_ratio admits), not the last one learned.",
+        "max_anchor_ratio and max_saturation_rise admit), not the last one learned.",
+    )
+    max_saturation_rise: float | None = Field(
+        None,
+        gt=0,
+        description="Stop when an iteration's images are more saturated than iteration 0's by "
+        "more than this fraction (0.15: 15%), as guided images washing out into a few "
+        "colours are; such an iteration neither converges nor counts as the best. Needs "
+        "return_best (None: no such check, as in the paper).",
     )
     per_variation: bool = Field(
         False,
@@ -212,6 +227,17 @@ class ConvergenceConfig(_Strict):
         if isinstance(data, dict) and data.get("d_conv") is not None:
             data = {"d_conv_relative": None, **data}
         return data
+
+    @model_validator(mode="after")
+    def _saturation_guard_returns_the_best(self) -> ConvergenceConfig:
+        # The guard stops on images the last identity drew badly: returning that identity
+        # would defeat it.
+        if self.max_saturation_rise is not None and not self.return_best:
+            raise ValueError(
+                "max_saturation_rise needs return_best: true (the guard stops on washed-out "
+                "images and returns the best identity before them)"
+            )
+        return self
 
     @model_validator(mode="after")
     def _exactly_one(self) -> ConvergenceConfig:

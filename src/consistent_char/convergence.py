@@ -14,6 +14,13 @@ own images from mistaking a faded character for a consistent one; they use only 
 - **the best iteration** (`best_iteration`, ``convergence.return_best``): return the identity
   whose images had the lowest spread among anchored iterations, not the last one.
 
+One guard reads the images themselves: **over-saturation** (`mean_saturation`, `saturated`,
+``convergence.max_saturation_rise``). Guidance pushes colours past what the model draws
+unguided; a loop that trains on its guided images and samples them with guidance again pushes
+them further each round, until the images wash out into a few saturated colours, which are
+uniform enough to pass the spread test. An iteration whose mean colour saturation has risen more
+than the allowed fraction above iteration 0's can neither converge nor be returned as the best.
+
 With prompt variations, `PerVariationCriterion` (``convergence.per_variation``) measures the
 spread of each variation's images apart and averages them: the paper's criterion applied to each
 prompt, so the settings the variations ask for do not count as disagreement.
@@ -28,6 +35,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
+from PIL import Image
 
 from consistent_char.interfaces import ConvergenceCriterion, IterationRecord
 
@@ -40,6 +48,8 @@ __all__ = [
     "anchored",
     "best_iteration",
     "mean_pairwise_distance",
+    "mean_saturation",
+    "saturated",
     "stalled",
 ]
 
@@ -224,6 +234,36 @@ class PerVariationCriterion:
         return current < self.threshold([float(r.spread) for r in history] + [current])
 
 
+def mean_saturation(images: Sequence[Image.Image]) -> float:
+    """Mean HSV saturation of the images' pixels, from 0 (grey) to 1 (pure colours).
+
+    Example:
+        >>> grey, red = Image.new("RGB", (4, 4), (90, 90, 90)), Image.new("RGB", (4, 4), "red")
+        >>> mean_saturation([grey]), mean_saturation([red]), mean_saturation([grey, red])
+        (0.0, 1.0, 0.5)
+    """
+    if len(images) == 0:
+        raise ValueError("mean_saturation needs at least one image")
+    means = [np.asarray(im.convert("HSV"), dtype=np.float64)[..., 1].mean() / 255 for im in images]
+    return float(np.mean(means))
+
+
+def saturated(record: IterationRecord, base: float | None, rise: float | None) -> bool:
+    """True when the guard is on (`rise` not ``None``) and the iteration's images are more than
+    ``1 + rise`` times as saturated as iteration 0's (`base`); never for iteration 0 itself, nor
+    when either saturation is unknown (a run recorded before it was measured).
+
+    Example:
+        >>> r = IterationRecord(2, "p", [0], spread=1.0, threshold=1.0, converged=False)
+        >>> r.saturation = 0.6
+        >>> saturated(r, 0.5, 0.15), saturated(r, 0.5, 0.25), saturated(r, 0.5, None)
+        (True, False, False)
+    """
+    if rise is None or base is None or record.saturation is None or record.iteration == 0:
+        return False
+    return record.saturation > (1.0 + rise) * base
+
+
 def anchor_distance(embeddings: np.ndarray, centroid: np.ndarray) -> float:
     """Mean Euclidean distance of the rows of `embeddings` to `centroid`.
 
@@ -261,12 +301,22 @@ def stalled(spreads: Sequence[float], patience: int | None) -> bool:
 
 
 def best_iteration(
-    history: Sequence[IterationRecord], cohesion: float | None, ratio: float | None
+    history: Sequence[IterationRecord],
+    cohesion: float | None,
+    ratio: float | None,
+    max_saturation_rise: float | None = None,
 ) -> int | None:
-    """The iteration (>= 1) whose images had the lowest spread among those `anchored`
-    admits, or ``None`` if there is none. Its images were drawn by the identity learned at
-    the iteration before it."""
-    candidates = [r for r in history if r.iteration >= 1 and anchored(r, cohesion, ratio)]
+    """The iteration (>= 1) whose images had the lowest spread among those `anchored` admits
+    and not `saturated`, or ``None`` if there is none. Its images were drawn by the identity
+    learned at the iteration before it."""
+    base = history[0].saturation if history else None
+    candidates = [
+        r
+        for r in history
+        if r.iteration >= 1
+        and anchored(r, cohesion, ratio)
+        and not saturated(r, base, max_saturation_rise)
+    ]
     if not candidates:
         return None
     return min(candidates, key=lambda r: r.spread).iteration

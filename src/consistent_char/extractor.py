@@ -13,7 +13,8 @@
 Options beyond the paper, all off by default (`consistent_char.convergence` and the config's
 descriptions say what each does): converge only near the character chosen at iteration 0
 (``convergence.max_anchor_ratio``), stop when the spread stops falling
-(``convergence.patience``), return the best iteration's identity
+(``convergence.patience``) or the images over-saturate (``convergence.max_saturation_rise``),
+return the best iteration's identity
 (``convergence.return_best``), refine from the base model each time (``warm_start: false``)
 and DreamBooth's prior preservation on iteration 0's images (``refiner.prior_preservation``).
 
@@ -46,6 +47,8 @@ from consistent_char.convergence import (
     anchor_distance,
     anchored,
     best_iteration,
+    mean_saturation,
+    saturated,
     stalled,
 )
 from consistent_char.errors import InvalidValueError
@@ -258,9 +261,10 @@ class IterativeIdentityExtractor:
 
             # 4. Convergence: the mean pairwise distance of E against d_conv. At i = 0 there is
             #    no identity to return yet, so the loop always refines at least once.
-            #    The optional guards: converge only near iteration 0's chosen character, and
-            #    stop once the spread has stopped falling. With convergence.per_variation, the
-            #    spread is measured within each prompt variation's images and averaged.
+            #    The optional guards: converge only near iteration 0's chosen character, stop
+            #    once the spread has stopped falling or the images have over-saturated. With
+            #    convergence.per_variation, the spread is measured within each prompt
+            #    variation's images and averaged.
             spread = float(criterion.spread(embeddings))
             features = self._features(embeddings, variations)  # what is clustered
             threshold = float(criterion.threshold([r.spread for r in history[:i]] + [spread]))
@@ -273,14 +277,26 @@ class IterativeIdentityExtractor:
                 converged=False,
                 seconds=seconds,
                 anchor_distance=None if anchor is None else anchor_distance(features, anchor[0]),
+                saturation=mean_saturation(images),
             )
+            base_saturation = history[0].saturation if i > 0 else record.saturation
+            washed_out = saturated(record, base_saturation, conv.max_saturation_rise)
             kept = anchored(record, None if anchor is None else anchor[1], conv.max_anchor_ratio)
             record.converged = done = (
-                i > 0 and kept and bool(criterion.converged(embeddings, history[:i]))
+                i > 0
+                and kept
+                and not washed_out
+                and bool(criterion.converged(embeddings, history[:i]))
             )
             spreads = [r.spread for r in history[1:i]] + [spread]
-            if done or (i > 0 and stalled(spreads, conv.patience)):
-                reason = "converged" if done else f"no lower spread in {conv.patience} iterations"
+            if done or washed_out or (i > 0 and stalled(spreads, conv.patience)):
+                reason = (
+                    "converged"
+                    if done
+                    else "images over-saturated"
+                    if washed_out
+                    else f"no lower spread in {conv.patience} iterations"
+                )
                 logger.info("iteration %d: spread %.4f (%.4f): %s", i, spread, threshold, reason)
                 history = history[:i] + [record]
                 converged = done
@@ -328,7 +344,10 @@ class IterativeIdentityExtractor:
             raise RuntimeError("the run finished without learning an identity")
         if conv.return_best:
             best = best_iteration(
-                history, None if anchor is None else anchor[1], conv.max_anchor_ratio
+                history,
+                None if anchor is None else anchor[1],
+                conv.max_anchor_ratio,
+                conv.max_saturation_rise,
             )
             if best is not None:
                 # Iteration `best`'s images were drawn by the identity learned just before it.
