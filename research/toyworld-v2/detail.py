@@ -19,11 +19,13 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+from consistent_char.convergence import mean_saturation
+
 
 def pixel_stats(folder: Path) -> tuple[float, float]:
-    laps, sats = [], []
-    for path in sorted(folder.glob("*.png")):
-        img = Image.open(path).convert("RGB")
+    images = [Image.open(path).convert("RGB") for path in sorted(folder.glob("*.png"))]
+    laps = []
+    for img in images:
         grey = np.asarray(img.convert("L"), dtype=np.float32) / 255
         lap = (
             -4 * grey[1:-1, 1:-1]
@@ -33,8 +35,7 @@ def pixel_stats(folder: Path) -> tuple[float, float]:
             + grey[1:-1, 2:]
         )
         laps.append(np.abs(lap).mean())
-        sats.append(np.asarray(img.convert("HSV"), dtype=np.float32)[..., 1].mean() / 255)
-    return float(np.mean(laps)), float(np.mean(sats))
+    return float(np.mean(laps)), mean_saturation(images)
 
 
 def nn_distance(x: np.ndarray, ref: np.ndarray, same: bool) -> float:
@@ -59,7 +60,9 @@ def main(paths: list[str]) -> None:
             emb = folder / "embeddings.npy"
             nn = nn_distance(np.load(emb), x0, i == 0) / base_nn if emb.exists() else float("nan")
             rows.append((validity[i], lap / lap0, sat / sat0, nn))
-            line.append(f"{i}: v{validity[i]:.2f} lap{lap / lap0:.2f} sat{sat / sat0:.2f} nn{nn:.2f}")
+            line.append(
+                f"{i}: v{validity[i]:.2f} lap{lap / lap0:.2f} sat{sat / sat0:.2f} nn{nn:.2f}"
+            )
         print(path, "|", "; ".join(line))
     a = np.array(rows)
     for j, name in enumerate(["lap", "sat", "nn"], start=1):

@@ -122,8 +122,8 @@ class IterationRecord:
     # Mean distance of this iteration's embeddings to the centroid of iteration 0's chosen
     # cluster (None at iteration 0, and for runs written before it was recorded).
     anchor_distance: float | None = None
-    # Mean HSV saturation of this iteration's images, 0 to 1 (None for runs written before it
-    # was recorded).
+    # Mean HSV saturation of this iteration's images, 0 to 1 (None when the over-saturation
+    # guard is off, and for runs written before it was recorded).
     saturation: float | None = None
 
     def to_dict(self) -> dict[str, Any]:
