@@ -248,9 +248,10 @@ CLI_CASES: list[CliCase] = [
         "unknown setting",
         'extract "a fox" --out runs/a --set refiner.rank=3',
         "invalid configuration: refiner.rank: unknown key (did you mean 'lora_rank'?); known "
-        "keys: batch_size, compile_blocks, cuda_graphs, embedding_lr, gradient_checkpointing, "
-        "initializer_token, lora_alpha, lora_lr, lora_rank, lr_decay, max_timestep, mode, "
-        "num_vectors, prior_preservation, row_norm_cap, steps, target_modules, token",
+        "keys: batch_size, caption_dropout, compile_blocks, cuda_graphs, embedding_lr, "
+        "gradient_checkpointing, initializer_token, lora_alpha, lora_lr, lora_rank, lr_decay, "
+        "max_timestep, mode, num_vectors, prior_preservation, row_norm_cap, steps, "
+        "target_modules, token",
     ),
     cli(
         "unknown embedder",

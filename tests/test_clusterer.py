@@ -15,6 +15,7 @@ from consistent_char.clusterers import (
     FaissKMeansClusterer,
     choose_cluster,
     cohesion,
+    densest_core,
     kmeans_plusplus,
 )
 from consistent_char.interfaces import ChoiceReason
@@ -257,6 +258,42 @@ def test_choice_ties_and_empty_clusters() -> None:
     choice = choose_cluster(x, labels, centroids, d_min_c=5)
     assert choice.index == 0 and choice.reason == "largest_fallback"
     assert choose_cluster(x[6:], np.array([0, 0]), centroids[3:4], 5).cohesion == 2.0
+
+
+def test_core_size_chooses_the_cluster_with_the_densest_core_and_learns_from_the_core() -> None:
+    # Cluster 0: five near-duplicates and five points far out (one character drawn five times
+    # among others); cluster 1: ten points evenly spread, none close to another (a mixture).
+    # The mixture's mean distance to its centroid is the lower; its densest five are not.
+    rng = np.random.default_rng(0)
+    duplicates = rng.normal(0.0, 0.01, (5, 2))
+    outliers = np.array([[3.0, 0.0], [-3.0, 0.0], [0.0, 3.0], [0.0, -3.0], [2.5, 2.5]])
+    angles = np.linspace(0, 2 * np.pi, 10, endpoint=False)
+    ring = np.stack([np.cos(angles), np.sin(angles)], axis=1) * 1.5 + 20.0
+    x = np.concatenate([duplicates, outliers, ring])
+    labels = np.repeat([0, 1], 10)
+    centroids = np.stack([x[:10].mean(axis=0), x[10:].mean(axis=0)])
+    paper = choose_cluster(x, labels, centroids, d_min_c=5)
+    assert paper.index == 1 and paper.core is None
+    np.testing.assert_array_equal(paper.members(labels), np.arange(10, 20))
+    core = choose_cluster(x, labels, centroids, d_min_c=5, core_size=5)
+    assert core.index == 0 and core.core == [0, 1, 2, 3, 4]
+    np.testing.assert_array_equal(core.members(labels), np.arange(5))
+    assert core.cohesion == pytest.approx(densest_core(x, np.arange(10), 5)[0])
+    assert core.cohesion < 0.1 < core.cohesions[1]
+    # A cluster smaller than the core is never chosen while a large enough one exists.
+    assert choose_cluster(x, labels, centroids, d_min_c=1, core_size=11).reason == (
+        "largest_fallback"
+    )
+
+
+def test_densest_core_refuses_bad_input() -> None:
+    x = np.zeros((4, 2))
+    with pytest.raises(ValueError, match="members must be a non-empty"):
+        densest_core(x, np.array([], dtype=np.int64), 2)
+    with pytest.raises(ValueError, match="size must be an integer >= 1"):
+        densest_core(x, np.arange(4), 0)
+    with pytest.raises(ValueError, match="core_size must be None or an integer"):
+        choose_cluster(x, np.zeros(4, dtype=np.int64), np.zeros((1, 2)), 1, core_size=True)
 
 
 def test_choice_reasons_are_the_interface_literals() -> None:

@@ -43,6 +43,7 @@ def test_defaults_follow_the_design():
         ({"generator.guidance_rescale": 1.5}, r"guidance_rescale = 1.5: .*less than or equal"),
         ({"seed": -1}, r"seed = -1"),
         ({"convergence.max_saturation_rise": 0.2}, r"max_saturation_rise needs return_best"),
+        ({"refiner.caption_dropout": 1.0}, r"caption_dropout = 1.0: .*less than 1"),
     ],
 )
 def test_bad_values_are_named(overrides, message):

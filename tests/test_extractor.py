@@ -265,6 +265,24 @@ def test_prior_preservation_gives_the_refiner_iteration_0s_images_without_the_to
     assert all(p is None for p in refiner.priors)
 
 
+def test_core_size_refines_on_the_chosen_clusters_densest_images(tmp_path):
+    extractor = make_extractor(core_size=3)
+    result = extractor.extract("a colour", run_dir=tmp_path / "run")
+    calls = extractor.refiner.calls
+    assert calls and all(n == 3 for _, n, _ in calls)
+    run = RunDirectory(tmp_path / "run")
+    for i in range(len(calls)):
+        saved = run.load_clusters(i)
+        core = saved["core"]
+        assert len(core) == 3 and all(saved["labels"][j] == saved["chosen"] for j in core)
+        assert saved["cohesions"][saved["chosen"]] == result.history[i].chosen_cohesion
+    assert "densest 3 images" in (tmp_path / "run" / "report.html").read_text()
+    plain = make_extractor()
+    plain.extract("a colour", run_dir=tmp_path / "plain")
+    assert any(n > 3 for _, n, _ in plain.refiner.calls)
+    assert RunDirectory(tmp_path / "plain").load_clusters(0)["core"] is None
+
+
 @pytest.mark.parametrize(("iteration", "stage"), [(1, "embed"), (2, "refine"), (3, "generate")])
 def test_resume_with_every_option_on_gives_the_same_identity(tmp_path, iteration, stage):
     options = {
@@ -274,6 +292,7 @@ def test_resume_with_every_option_on_gives_the_same_identity(tmp_path, iteration
         "convergence.return_best": True,
         "warm_start": False,
         "refiner.prior_preservation": 0.5,
+        "core_size": 4,
     }
 
     def extractor():

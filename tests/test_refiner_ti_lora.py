@@ -644,10 +644,10 @@ def test_graph_safety_check_catches_each_kind_of_problem(pipe, images, monkeypat
         torch.randn(2, generator=torch.Generator().manual_seed(0))
         return loss
 
-    def fresh_noise(self, k, indices, noise, timesteps):
+    def fresh_noise(self, k, indices, noise, timesteps, keep=None):
         kept.append(self.noise)
         self.noise = torch.empty_like(self.noise)
-        original_fill(self, k, indices, noise, timesteps)
+        original_fill(self, k, indices, noise, timesteps, keep)
 
     monkeypatch.setattr(ti_lora.TextualInversionLoRARefiner, "_loss", bad_loss)
     monkeypatch.setattr(ti_lora._StepInputs, "fill", fresh_noise)
@@ -724,6 +724,33 @@ def test_cuda_graphs_need_cuda_and_exclude_compiled_blocks(pipe, images):
         _refiner(pipe, steps=1, cuda_graphs=True).refine(None, images, CAPTIONS, seed=0)
     with pytest.raises(ValueError, match="choose one"):
         _refiner(pipe, cuda_graphs=True, compile_blocks=True)
+
+
+def test_caption_dropout_trains_some_images_on_the_unconditional_input(pipe, images):
+    dropped: list[bool] = []  # per trained image: were both prompt embeddings zero?
+
+    def record(module, args, kwargs):
+        hidden = kwargs["encoder_hidden_states"]
+        pooled = kwargs["added_cond_kwargs"]["text_embeds"]
+        for h, p in zip(hidden, pooled, strict=True):
+            assert bool((h == 0).all()) == bool((p == 0).all())  # dropped together or not
+            dropped.append(bool((h == 0).all()))
+
+    handle = pipe.unet.register_forward_pre_hook(record, with_kwargs=True)
+    try:
+        plain = _refiner(pipe, steps=12, batch_size=2).refine(None, images, CAPTIONS, seed=0)
+        assert len(dropped) == 24 and not any(dropped)
+        dropped.clear()
+        refiner = _refiner(pipe, steps=12, batch_size=2, caption_dropout=0.5)
+        with_dropout = refiner.refine(None, images, CAPTIONS, seed=0)
+    finally:
+        handle.remove()
+    assert len(dropped) == 24 and 4 <= sum(dropped) <= 20
+    assert not _same_identity(plain, with_dropout)
+    assert with_dropout.metadata["refiner"]["caption_dropout"] == 0.5
+    for bad in (1.0, -0.1, True):
+        with pytest.raises(ValueError, match="caption_dropout must be"):
+            _refiner(pipe, caption_dropout=bad)
 
 
 def test_prior_preservation_trains_on_the_prior_images_too(pipe, images, monkeypatch):

@@ -142,6 +142,15 @@ class RefinerConfig(_Strict):
         "images of the prompt (iteration 0's), captioned without the token (0: off, as in the "
         "paper).",
     )
+    caption_dropout: float = Field(
+        0.0,
+        ge=0,
+        lt=1,
+        description="Fraction of training images whose caption is dropped (both prompt "
+        "embeddings zeroed, SDXL's unconditional input): the unguided branch learns the "
+        "identity too, so guidance does not amplify it again each iteration (0: off, as in the "
+        "paper).",
+    )
     gradient_checkpointing: bool = Field(
         False, description="Recompute UNet activations in the backward pass (less memory, slower)."
     )
@@ -263,6 +272,14 @@ class ExtractorConfig(_Strict):
     num_images: int = Field(128, ge=2, description="N: images generated per iteration.")
     d_size_c: int = Field(20, ge=1, description="Target cluster size; K = N // d_size_c.")
     d_min_c: int = Field(10, ge=1, description="Clusters smaller than this are not chosen.")
+    core_size: int | None = Field(
+        None,
+        ge=2,
+        description="Rank the clusters by their densest core_size members (the member whose "
+        "core_size - 1 nearest fellow members lie closest, with those members) and refine on "
+        "that core alone; a cluster needs that many members to be chosen (None: the whole most "
+        "cohesive cluster, as in the paper).",
+    )
     max_iterations: int = Field(10, ge=1, le=100, description="Upper bound on iterations.")
     warm_start: bool = Field(
         True,
@@ -314,6 +331,11 @@ class ExtractorConfig(_Strict):
             raise ValueError(
                 f"d_min_c = {self.d_min_c} is larger than num_images = {self.num_images}: "
                 "no cluster could ever be chosen"
+            )
+        if self.core_size is not None and self.core_size > self.num_images:
+            raise ValueError(
+                f"core_size = {self.core_size} is larger than num_images = {self.num_images}: "
+                "no cluster could ever hold the core"
             )
         check_prompt_template(self.identity_prompt_template)
         for variation in self.prompt_variations:

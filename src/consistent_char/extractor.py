@@ -40,7 +40,7 @@ import numpy as np
 from PIL import Image
 
 from consistent_char._version import __version__
-from consistent_char.clusterers.selection import choose_cluster
+from consistent_char.clusterers.selection import choose_cluster, saved_members
 from consistent_char.config import ExtractorConfig
 from consistent_char.convergence import (
     PerVariationCriterion,
@@ -315,15 +315,15 @@ class IterativeIdentityExtractor:
             record.chosen_cohesion = choice.cohesion
             record.chosen_reason = choice.reason
             if i == 0:
-                chosen = features[labels == choice.index]
+                chosen = features[choice.members(labels)]
                 anchor = (chosen.mean(axis=0), float(choice.cohesion))
             if run is not None and not state.done(i, "clustered"):
                 self._mark(run, state, i, "clustered", history[:i] + [record])
 
             # 7. Θ ← Refiner(Θ, S[c*]): continue from the previous identity (warm start).
-            #    With accumulate_chosen, on S[c*] and every earlier iteration's chosen images.
-            chosen_j = np.flatnonzero(labels == choice.index)
-            members = [(images[j], variations[j]) for j in chosen_j]
+            #    With core_size, S[c*] is the chosen cluster's densest core_size images. With
+            #    accumulate_chosen, on S[c*] and every earlier iteration's chosen images.
+            members = [(images[j], variations[j]) for j in choice.members(labels)]
             if cfg.accumulate_chosen:
                 members = earlier + members
                 earlier = members
@@ -402,8 +402,7 @@ class IterativeIdentityExtractor:
         for i in range(start):
             saved = run.load_clusters(i)
             images = run.load_images(i, self.config.num_images)
-            chosen = [j for j, label in enumerate(saved["labels"]) if label == saved["chosen"]]
-            pool += [(images[j], variations[j]) for j in chosen]
+            pool += [(images[j], variations[j]) for j in saved_members(saved)]
         return pool
 
     def _variations(self, prompt: str) -> list[str]:
@@ -486,7 +485,7 @@ class IterativeIdentityExtractor:
             labels, centroids = self.clusterer.cluster(
                 embeddings, cfg.num_clusters, stage_seed(cfg.seed, iteration, "cluster")
             )
-        choice = choose_cluster(embeddings, labels, centroids, cfg.d_min_c)
+        choice = choose_cluster(embeddings, labels, centroids, cfg.d_min_c, cfg.core_size)
         if choice.reason == "largest_fallback":
             logger.warning(
                 "iteration %d: no cluster has d_min_c=%d members (sizes %s); taking the largest",
@@ -505,6 +504,7 @@ class IterativeIdentityExtractor:
                     "cohesions": _json_floats(choice.cohesions),
                     "chosen": choice.index,
                     "reason": choice.reason,
+                    "core": choice.core,
                 },
             )
         return labels, choice
@@ -569,7 +569,7 @@ class IterativeIdentityExtractor:
         # resume may have cut back to before iteration 0 was recorded.
         features = self._features(run.load_embeddings(0), self._variations(state.prompt))
         labels, choice = self._cluster(run, state, 0, features)
-        chosen = features[labels == choice.index]
+        chosen = features[choice.members(labels)]
         return chosen.mean(axis=0), float(choice.cohesion)
 
     def _load_identity(self, run: RunDirectory | None, iteration: int) -> Identity:

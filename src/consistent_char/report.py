@@ -488,8 +488,15 @@ def _iteration_section(
         labels = [int(v) for v in it.clusters.get("labels", [])]
         chosen = it.clusters.get("chosen")
         sizes = [int(v) for v in it.clusters.get("sizes", [])]
-        cohesions = [float(v) for v in it.clusters.get("cohesions", [])]
+        # JSON has no NaN: an empty cluster's cohesion (or one too small for a core) is null.
+        cohesions = [math.nan if v is None else float(v) for v in it.clusters.get("cohesions", [])]
         parts.append(_cluster_table(sizes, cohesions, chosen, d_min_c))
+        core = it.clusters.get("core")
+        if core is not None:
+            parts.append(
+                f"<p>Learned from the chosen cluster's densest {len(core)} images (its core, "
+                "`core_size`); the cohesion column is each cluster's core tightness.</p>"
+            )
     if labels is not None and len(labels) != len(it.images):
         labels = None  # images of a cut generation step: show them without clusters
 

@@ -3,12 +3,20 @@
 ``cohesion`` of a cluster is the mean Euclidean distance of its members to its centroid (lower
 is tighter). Clusters with fewer than ``d_min_c`` members are dropped; of the rest, the most
 cohesive is chosen. If none is large enough, the largest cluster is taken and a warning logged.
+
+Beyond the paper, ``core_size`` m ranks the clusters by their densest m members instead (the
+member whose m - 1 nearest fellow members lie closest, with those members: `densest_core`), and
+the refinement trains on that core alone. A cluster's mean distance to its centroid is low for
+a small cluster of similar-looking but different characters as much as for one character drawn
+several times; the densest few members of a cluster are far more often one character.
 """
 
 from __future__ import annotations
 
 import logging
+from collections.abc import Mapping
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 
@@ -17,7 +25,7 @@ from consistent_char.interfaces import ChoiceReason
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["ClusterChoice", "choose_cluster", "cohesion"]
+__all__ = ["ClusterChoice", "choose_cluster", "cohesion", "densest_core", "saved_members"]
 
 
 @dataclass(frozen=True)
@@ -26,11 +34,14 @@ class ClusterChoice:
 
     Attributes:
         index: Label of the chosen cluster.
-        cohesion: Its mean distance to its centroid.
+        cohesion: Its mean distance to its centroid (with a core: the core's tightness).
         sizes: Members per cluster, indexed by label.
-        cohesions: Cohesion per cluster, indexed by label (NaN for an empty cluster).
+        cohesions: Cohesion per cluster, indexed by label (NaN for an empty cluster; with a
+            core size, each cluster's core tightness, NaN for one too small to rank).
         reason: ``"most_cohesive"``, or ``"largest_fallback"`` when no cluster had ``d_min_c``
             members.
+        core: With a core size: the indices (ascending) of the chosen cluster's densest
+            members, the images to learn from; ``None``: the whole cluster.
     """
 
     index: int
@@ -38,9 +49,13 @@ class ClusterChoice:
     sizes: list[int]
     cohesions: list[float]
     reason: ChoiceReason
+    core: list[int] | None = None
 
     def members(self, labels: np.ndarray) -> np.ndarray:
-        """Indices (int64, ascending) of the points in the chosen cluster."""
+        """Indices (int64, ascending) of the points to learn from: the core if there is one,
+        else the whole chosen cluster."""
+        if self.core is not None:
+            return np.asarray(self.core, dtype=np.int64)
         return np.flatnonzero(np.asarray(labels) == self.index).astype(np.int64)
 
 
@@ -94,8 +109,49 @@ def cohesion(embeddings: np.ndarray, labels: np.ndarray, centroids: np.ndarray) 
     return out
 
 
+def densest_core(
+    embeddings: np.ndarray, members: np.ndarray, size: int
+) -> tuple[float, np.ndarray]:
+    """The densest `size` of `members`: the member whose ``size - 1`` nearest fellow members
+    lie closest (ties: the lower index), with those members.
+
+    Args:
+        embeddings: (N, D) floats.
+        members: Indices into `embeddings` (at least one).
+        size: Points in the core (>= 1; at most ``len(members)`` are returned).
+
+    Returns:
+        ``(tightness, core)``: the mean distance from that member to the others in the core
+        (0 for a core of one), and the core's indices, ascending.
+
+    Example:
+        >>> x = np.array([[0.0], [0.1], [0.2], [3.0], [9.0]])
+        >>> tightness, core = densest_core(x, np.arange(5), 3)
+        >>> round(tightness, 3), core.tolist()
+        (0.1, [0, 1, 2])
+    """
+    x = check_embeddings(embeddings).astype(np.float64)
+    pool = np.asarray(members, dtype=np.int64)
+    if pool.ndim != 1 or pool.size == 0:
+        raise ValueError(f"members must be a non-empty 1-D array of indices, got {pool.shape}")
+    if isinstance(size, bool) or not isinstance(size, int | np.integer) or size < 1:
+        raise ValueError(f"size must be an integer >= 1, got {size!r}")
+    m = min(int(size), pool.size)
+    d = np.linalg.norm(x[pool][:, None] - x[pool][None], axis=-1)
+    # Row i sorted: 0 (itself) first, then its nearest fellow members.
+    near = np.sort(d, axis=1)[:, 1:m]
+    tightness = near.mean(axis=1) if m > 1 else np.zeros(pool.size)
+    centre = int(np.argmin(tightness))
+    core = pool[np.argsort(d[centre], kind="stable")[:m]]
+    return float(tightness[centre]), np.sort(core)
+
+
 def choose_cluster(
-    embeddings: np.ndarray, labels: np.ndarray, centroids: np.ndarray, d_min_c: int
+    embeddings: np.ndarray,
+    labels: np.ndarray,
+    centroids: np.ndarray,
+    d_min_c: int,
+    core_size: int | None = None,
 ) -> ClusterChoice:
     """Picks ``c*``: of the clusters with at least `d_min_c` members, the most cohesive.
 
@@ -108,6 +164,9 @@ def choose_cluster(
         labels: (N,) integer labels in [0, k).
         centroids: (k, D) floats.
         d_min_c: Minimum cluster size (>= 0; empty clusters are never eligible).
+        core_size: Rank the clusters by the tightness of their densest `core_size` members
+            (`densest_core`; a cluster needs that many members too) and learn from that core
+            only (``None``: the paper's choice, the whole most cohesive cluster).
 
     Returns:
         The `ClusterChoice`.
@@ -120,13 +179,28 @@ def choose_cluster(
         0
         >>> choose_cluster(x, labels, centroids, d_min_c=2).index
         1
+        >>> choose_cluster(x, labels, centroids, d_min_c=2, core_size=2).core
+        [3, 4]
     """
     if isinstance(d_min_c, bool) or not isinstance(d_min_c, int | np.integer) or d_min_c < 0:
         raise ValueError(f"d_min_c must be an integer >= 0, got {d_min_c!r}")
+    if core_size is not None and (
+        isinstance(core_size, bool) or not isinstance(core_size, int | np.integer) or core_size < 1
+    ):
+        raise ValueError(f"core_size must be None or an integer >= 1, got {core_size!r}")
     cohesions = cohesion(embeddings, labels, centroids)
     k = cohesions.shape[0]
-    sizes = np.bincount(np.asarray(labels, dtype=np.int64), minlength=k)
-    eligible = np.flatnonzero(sizes >= max(int(d_min_c), 1))
+    labels = np.asarray(labels, dtype=np.int64)
+    sizes = np.bincount(labels, minlength=k)
+    smallest = max(int(d_min_c), int(core_size or 1), 1)
+    cores: dict[int, np.ndarray] = {}
+    if core_size is not None:
+        cohesions = np.full(k, np.nan)
+        for c in np.flatnonzero(sizes >= min(smallest, int(sizes.max()))):
+            cohesions[c], cores[int(c)] = densest_core(
+                embeddings, np.flatnonzero(labels == c), core_size
+            )
+    eligible = np.flatnonzero(sizes >= smallest)
     reason: ChoiceReason
     if eligible.size:
         # np.lexsort sorts by the last key first: cohesion, then size (descending), then label.
@@ -149,4 +223,22 @@ def choose_cluster(
         sizes=[int(s) for s in sizes],
         cohesions=[float(c) for c in cohesions],
         reason=reason,
+        core=None if core_size is None else cores[index].tolist(),
     )
+
+
+def saved_members(clustering: Mapping[str, Any]) -> list[int]:
+    """The images an iteration learned from, read from its saved clustering (a run folder's
+    ``clusters.json``): the core if the choice had one, else the chosen cluster's members.
+
+    Example:
+        >>> saved_members({"labels": [0, 1, 1, 0], "chosen": 1})
+        [1, 2]
+        >>> saved_members({"labels": [0, 1, 1, 1], "chosen": 1, "core": [1, 3]})
+        [1, 3]
+    """
+    core = clustering.get("core")
+    if core is not None:
+        return [int(j) for j in core]
+    chosen = clustering["chosen"]
+    return [j for j, label in enumerate(clustering["labels"]) if label == chosen]

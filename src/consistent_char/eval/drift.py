@@ -37,6 +37,7 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
+from consistent_char.clusterers.selection import saved_members
 from consistent_char.rundir import RunDirectory
 from consistent_char.toy.world import IDENTITY_ATTRIBUTES, SCENES
 
@@ -104,7 +105,7 @@ def _chosen_members(run: RunDirectory, iteration: int, n: int) -> list[int] | No
     labels, chosen = data.get("labels"), data.get("chosen")
     if labels is None or chosen is None or len(labels) != n:
         return None
-    return [j for j, label in enumerate(labels) if label == chosen]
+    return saved_members(data)
 
 
 @dataclass

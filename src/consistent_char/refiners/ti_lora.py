@@ -110,6 +110,12 @@ class TextualInversionLoRARefiner:
             the token), every step also takes the denoising loss on a micro-batch of them,
             times this weight, so the LoRA learns the identity without unlearning how the
             model draws (``0``: off, the paper's loss).
+        caption_dropout: Fraction of the identity's training images whose caption is dropped:
+            both prompt embeddings zeroed, the unconditional input SDXL was trained with and
+            that its pipelines use (``force_zeros_for_empty_prompt``). The unguided branch then
+            learns the identity too, so classifier-free guidance amplifies only what the
+            caption adds (the scene) rather than the identity again at every iteration of the
+            loop (``0``: off, the paper's loss). Only the LoRA learns from a dropped caption.
         height: Training image height; ``None`` is the first image's height.
         width: Training image width; ``None`` is the first image's width.
         mixed_precision: ``"auto"`` (bfloat16 autocast on CUDA, none on CPU), ``"bf16"`` or
@@ -164,6 +170,7 @@ class TextualInversionLoRARefiner:
         lr_decay: float = 1.0,
         row_norm_cap: float | None = None,
         prior_preservation: float = 0.0,
+        caption_dropout: float = 0.0,
         height: int | None = None,
         width: int | None = None,
         mixed_precision: MixedPrecision = "auto",
@@ -191,6 +198,7 @@ class TextualInversionLoRARefiner:
             lr_decay=lr_decay,
             row_norm_cap=row_norm_cap,
             prior_preservation=prior_preservation,
+            caption_dropout=caption_dropout,
             height=height,
             width=width,
             mixed_precision=mixed_precision,
@@ -221,6 +229,7 @@ class TextualInversionLoRARefiner:
         self.lr_decay = lr_decay
         self.row_norm_cap = row_norm_cap
         self.prior_preservation = float(prior_preservation)
+        self.caption_dropout = float(caption_dropout)
         self.height = height
         self.width = width
         self.mixed_precision: MixedPrecision = mixed_precision
@@ -476,6 +485,7 @@ class TextualInversionLoRARefiner:
             latents.device,
         )
         accumulation = self.gradient_accumulation_steps
+        dropout = self.caption_dropout
         trained = [p for group in optimizer.param_groups for p in group["params"]]
 
         def device_step() -> torch.Tensor:
@@ -494,6 +504,7 @@ class TextualInversionLoRARefiner:
                     inputs.timesteps[k],
                     autocast,
                     unet_dtype,
+                    inputs.keep[k] if dropout else None,
                 )
                 total += loss.detach().float() / accumulation
                 if n_prior:
@@ -533,7 +544,13 @@ class TextualInversionLoRARefiner:
                 for k in range(accumulation):
                     indices = order.take(self.batch_size)
                     noise, timesteps = _draw_noise(gen, inputs.noise.shape[1:], high)
-                    inputs.fill(k, indices, noise, timesteps)
+                    # Drawn only when on, so that runs without dropout draw as they always did.
+                    keep = (
+                        (torch.rand(self.batch_size, generator=gen) >= dropout).float()
+                        if dropout
+                        else None
+                    )
+                    inputs.fill(k, indices, noise, timesteps, keep)
                     if prior_order is not None:
                         indices = prior_order.take(self.batch_size) + n_identity
                         noise, timesteps = _draw_noise(gen, inputs.noise.shape[1:], high)
@@ -732,9 +749,11 @@ class TextualInversionLoRARefiner:
         timesteps: torch.Tensor,
         autocast: contextlib.AbstractContextManager[Any],
         dtype: torch.dtype,
+        keep: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """SDXL's denoising loss of `latents` noised with `noise` at `timesteps` (all on the
-        device): device work only, as a CUDA graph needs."""
+        device): device work only, as a CUDA graph needs. Where `keep` is 0 the caption is
+        dropped: both prompt embeddings are zeroed, SDXL's unconditional input."""
         unet = self.pipeline.unet
         noisy = noise_scheduler.add_noise(latents, noise, timesteps)
         prediction_type = noise_scheduler.config.prediction_type
@@ -749,6 +768,9 @@ class TextualInversionLoRARefiner:
             )
         with autocast:
             prompt_embeds, pooled = state.encode(ids_1, ids_2)
+            if keep is not None:
+                prompt_embeds = prompt_embeds * keep[:, None, None].to(prompt_embeds.dtype)
+                pooled = pooled * keep[:, None].to(pooled.dtype)
             pred = unet(
                 noisy.to(dtype),
                 timesteps,
@@ -830,6 +852,7 @@ class TextualInversionLoRARefiner:
             "lr_decay": self.lr_decay,
             "row_norm_cap": self.row_norm_cap,
             "prior_preservation": self.prior_preservation,
+            "caption_dropout": self.caption_dropout,
             "mixed_precision": self.mixed_precision,
         }
 
@@ -1141,6 +1164,7 @@ class _StepInputs:
     indices: torch.Tensor  # (accumulation, batch) image indices
     noise: torch.Tensor  # (accumulation, batch, *latent shape)
     timesteps: torch.Tensor  # (accumulation, batch)
+    keep: torch.Tensor  # (accumulation, batch): 1 keeps the caption, 0 drops it
 
     @classmethod
     def allocate(
@@ -1150,14 +1174,22 @@ class _StepInputs:
             indices=torch.zeros((accumulation, batch), dtype=torch.long, device=device),
             noise=torch.zeros((accumulation, batch, *latent_shape), device=device),
             timesteps=torch.zeros((accumulation, batch), dtype=torch.long, device=device),
+            keep=torch.ones((accumulation, batch), device=device),
         )
 
     def fill(
-        self, k: int, indices: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor
+        self,
+        k: int,
+        indices: torch.Tensor,
+        noise: torch.Tensor,
+        timesteps: torch.Tensor,
+        keep: torch.Tensor | None = None,
     ) -> None:
         _copy_from_host(self.indices[k], indices)
         _copy_from_host(self.noise[k], noise)
         _copy_from_host(self.timesteps[k], timesteps)
+        if keep is not None:
+            _copy_from_host(self.keep[k], keep)
 
 
 class _StepRunner:
@@ -1408,10 +1440,17 @@ def _check_settings(
     lr_decay: float,
     row_norm_cap: float | None,
     prior_preservation: float,
+    caption_dropout: float,
     height: int | None,
     width: int | None,
     mixed_precision: str,
 ) -> None:
+    if (
+        isinstance(caption_dropout, bool)
+        or not isinstance(caption_dropout, int | float)
+        or not 0 <= caption_dropout < 1
+    ):
+        raise ValueError(f"caption_dropout must be a number in [0, 1), got {caption_dropout!r}")
     if (
         isinstance(prior_preservation, bool)
         or not isinstance(prior_preservation, int | float)
