@@ -511,15 +511,15 @@ def test_presets_are_valid_and_say_what_they_reduce():
     assert set(full.ablations) == {"embedder", "K", "d_min_c", "template", "refiner"}
     assert reductions(full) == []
     assert list(full.ablation_variants("K")) == [
-        "K=4 (d_size_c=8)",
-        "K=2 (d_size_c=16)",
-        "K=8 (d_size_c=4)",
+        "K=8 (d_size_c=8)",
+        "K=4 (d_size_c=16)",
+        "K=16 (d_size_c=4)",
     ]
     assert list(full.ablation_variants("refiner")) == ["ti_lora", "ti", "lora"]
     quick = reductions(quick_settings())
     assert any(r.startswith("prompts: 2") for r in quick)
     assert "seeds per scene: 2 instead of 4" in quick
-    assert "refiner.steps: 10 instead of 50" in quick
+    assert "refiner.steps: 10 instead of 100" in quick
     assert minimal_settings().config().num_images == 4
 
 
