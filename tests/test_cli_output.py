@@ -245,3 +245,42 @@ def test_a_full_disk_is_one_line_that_says_what_to_do(models, tmp_path, monkeypa
         f"error: No space left on device: {tmp_path / 'out' / '.consistent-char-files.json'}; "
         "free some space and run the command again (extract: with --resume)"
     ]
+
+
+@pytest.mark.parametrize(
+    ("spreads", "clustered_last", "converged", "says"),
+    [
+        ([10.0, 4.0, 2.0], False, True, "converged"),
+        ([10.0, 4.0, 5.0, 4.5], False, False, "stopped: no lower spread in 2 iterations"),
+        ([10.0, 4.0, 3.0], False, False, "stopped: images over-saturated"),
+        ([10.0, 4.0, 3.0, 2.5], True, False, "stopped at max_iterations"),
+    ],
+)
+def test_the_end_of_extract_says_why_the_loop_stopped(spreads, clustered_last, converged, says):
+    from consistent_char.cli import _stop_reason
+    from consistent_char.config import ExtractorConfig
+    from consistent_char.interfaces import ExtractionResult, IterationRecord
+
+    cfg = ExtractorConfig.from_overrides(
+        {
+            "max_iterations": 4,
+            "convergence.patience": 2,
+            "convergence.return_best": True,
+            "convergence.max_saturation_rise": 0.2,
+        }
+    )
+    last = len(spreads) - 1
+    history = [
+        IterationRecord(
+            iteration=i,
+            prompt="a creature",
+            seeds=[0],
+            spread=spread,
+            threshold=1.0,
+            converged=converged and i == last,
+            chosen_cluster=0 if i < last or clustered_last else None,
+        )
+        for i, spread in enumerate(spreads)
+    ]
+    result = ExtractionResult(identity=None, history=history, converged=converged)  # type: ignore[arg-type]
+    assert _stop_reason(result, cfg) == says

@@ -508,7 +508,7 @@ def test_presets_are_valid_and_say_what_they_reduce():
 
     full = full_settings()
     assert len(full.prompts) >= 6 and full.methods == list(METHODS)
-    assert set(full.ablations) == {"embedder", "K", "d_min_c", "template", "refiner"}
+    assert set(full.ablations) == {"embedder", "K", "d_min_c", "core_size", "template", "refiner"}
     assert reductions(full) == []
     assert list(full.ablation_variants("K")) == [
         "K=8 (d_size_c=8)",
@@ -516,6 +516,7 @@ def test_presets_are_valid_and_say_what_they_reduce():
         "K=16 (d_size_c=4)",
     ]
     assert list(full.ablation_variants("refiner")) == ["ti_lora", "ti", "lora"]
+    assert list(full.ablation_variants("core_size")) == ["core_size=5", "core_size=None"]
     quick = reductions(quick_settings())
     assert any(r.startswith("prompts: 2") for r in quick)
     assert "seeds per scene: 2 instead of 4" in quick

@@ -22,7 +22,7 @@ import sys
 import traceback
 from collections.abc import Callable
 from pathlib import Path
-from typing import Annotated, Any, NoReturn
+from typing import TYPE_CHECKING, Annotated, Any, NoReturn
 
 import typer
 from rich.console import Console
@@ -50,6 +50,9 @@ from consistent_char.errors import (
     UserError,
     one_line,
 )
+
+if TYPE_CHECKING:
+    from consistent_char.interfaces import ExtractionResult
 
 try:  # typer vendors click from 0.20 on
     from typer._click import exceptions as click_exceptions
@@ -278,12 +281,28 @@ class _ProgressPrinter:
                 f"cluster {r.chosen_cluster} ({r.cluster_sizes[r.chosen_cluster]} images, "
                 f"cohesion {r.chosen_cohesion:.3f})"
                 if r.chosen_cluster is not None
-                else "converged"
+                else ("converged" if r.converged else "stopped")
             )
             p.console.print(
                 f"iteration {r.iteration}: spread {r.spread:.4f} "
                 f"(threshold {r.threshold:.4f}) → {chosen}"
             )
+
+
+def _stop_reason(result: ExtractionResult, cfg: ExtractorConfig) -> str:
+    """Why the loop ended, from its history: converged, a guard stopped it before clustering
+    the last iteration (patience, saturation), or it ran out of iterations."""
+    from consistent_char.convergence import stalled
+
+    if result.converged:
+        return "converged"
+    last = result.history[-1]
+    if last.chosen_cluster is not None:
+        return "stopped at max_iterations"
+    conv = cfg.convergence
+    if stalled([r.spread for r in result.history[1:]], conv.patience):
+        return f"stopped: no lower spread in {conv.patience} iterations"
+    return "stopped: images over-saturated"
 
 
 @app.command()
@@ -349,7 +368,7 @@ def extract(
         except KeyboardInterrupt:
             progress.stop()
             _interrupted(run, prompt, out)
-    state = "converged" if result.converged else "stopped at max_iterations"
+    state = _stop_reason(result, cfg)
     _say(
         ("done", "bold green"),
         f": {result.iterations} iterations ({state}); identity token ",

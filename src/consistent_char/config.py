@@ -404,6 +404,10 @@ def toy_preset() -> dict[str, Any]:
 
     - 64 images an iteration in K = 64 // 8 = 8 clusters of at least 5: a popular creature
       drawn 6-10 times in 64 then fills a cluster of its own more often than it shares one.
+    - Beyond the paper, the clusters are ranked by their densest 5 members (`core_size`) and
+      the refinement trains on those 5: a cluster of creatures that share colours but not
+      shapes or hats is cohesive enough to be chosen, and the loop then learns a blend of them;
+      the densest few images of a cluster are nearly always one creature.
     - Each image draws one of ToyWorld's five scenes in turn (`prompt_variations`), and its
       refinement caption names that scene: the loop's images keep every scene, and the token
       learns the creature rather than the chosen cluster's background.
@@ -428,6 +432,7 @@ def toy_preset() -> dict[str, Any]:
         "num_images": 64,
         "d_size_c": 8,
         "d_min_c": 5,
+        "core_size": 5,
         "max_iterations": 8,
         "prompt_variations": [f"{{prompt}} {phrase}" for phrase in SCENE_PHRASES.values()],
         "generator": {

@@ -114,7 +114,8 @@ class IterationRecord:
     threshold: float
     converged: bool
     cluster_sizes: list[int] = field(default_factory=list)
-    cluster_cohesions: list[float | None] = field(default_factory=list)  # None: empty cluster
+    # None: an empty cluster (or, with core_size, one too small to hold a core).
+    cluster_cohesions: list[float | None] = field(default_factory=list)
     chosen_cluster: int | None = None
     chosen_cohesion: float | None = None
     chosen_reason: ChoiceReason | None = None

@@ -87,7 +87,7 @@ FULL_PROMPTS: tuple[str, ...] = (
     "a creature with big eyes",
     "a blue creature wearing a crown",
 )
-ABLATION_GROUPS: tuple[str, ...] = ("embedder", "K", "d_min_c", "template", "refiner")
+ABLATION_GROUPS: tuple[str, ...] = ("embedder", "K", "d_min_c", "core_size", "template", "refiner")
 
 
 def ablation_label(group: str, config: ExtractorConfig) -> str:
@@ -99,6 +99,8 @@ def ablation_label(group: str, config: ExtractorConfig) -> str:
         return f"K={config.num_clusters} (d_size_c={config.d_size_c})"
     if group == "d_min_c":
         return f"d_min_c={config.d_min_c}"
+    if group == "core_size":
+        return f"core_size={config.core_size}"
     if group == "template":
         return config.identity_prompt_template
     if group == "refiner":
@@ -179,7 +181,7 @@ class ToyBenchmarkSettings:
 
 
 def full_settings() -> ToyBenchmarkSettings:
-    """The benchmark: 6 prompts × 6 methods, 5 scenes × 4 seeds, 8 ablation variants.
+    """The benchmark: 6 prompts × 6 methods, 5 scenes × 4 seeds, 9 ablation variants.
 
     The loop is ToyWorld's preset as `extract` runs it (`toy_preset`), unreduced, so the table
     measures the loop a user gets.
@@ -192,6 +194,7 @@ def full_settings() -> ToyBenchmarkSettings:
             "embedder": [{"embedder.kind": "pixels"}],
             "K": [{"d_size_c": 16}, {"d_size_c": 4}],
             "d_min_c": [{"d_min_c": 1}, {"d_min_c": 8}],
+            "core_size": [{"core_size": None}],
             "template": [{"identity_prompt_template": "{prompt} {token}"}],
             "refiner": [{"refiner.mode": "ti"}, {"refiner.mode": "lora"}],
         },
@@ -211,6 +214,7 @@ def quick_settings() -> ToyBenchmarkSettings:
             "num_images": 12,
             "d_size_c": 6,
             "d_min_c": 3,
+            "core_size": 3,
             "max_iterations": 2,
             "generator.num_inference_steps": 10,
             "refiner.steps": 10,
@@ -238,6 +242,7 @@ def minimal_settings() -> ToyBenchmarkSettings:
             "num_images": 4,
             "d_size_c": 2,
             "d_min_c": 1,
+            "core_size": 2,
             "max_iterations": 2,
             "generator.num_inference_steps": 2,
             "refiner.steps": 1,
