@@ -11,6 +11,7 @@ import numpy as np
 import torch
 from PIL import Image
 
+from consistent_char.extractor import stage_seed
 from consistent_char.identity import Identity
 
 SIZE = 8
@@ -75,6 +76,26 @@ class MeanColourRefiner:
             lora_rank=2,
             lora_alpha=2.0,
         )
+
+
+class ScriptedRefiner(MeanColourRefiner):
+    """MeanColourRefiner whose refine at iteration k (known from its seed, so a resumed run
+    gets the same script) sets the identity's 'strength' (how tightly the generator draws it)
+    to strengths[k] and shifts its colour by shifts[k]; it records the prior images given."""
+
+    def __init__(self, strengths, shifts=None, token="<fake>"):
+        super().__init__(token=token)
+        self.strengths, self.shifts = strengths, shifts or [0.0] * len(strengths)
+        self.priors: list[tuple[int, list[str]] | None] = []
+        self.seeds = [stage_seed(0, i, "refine") for i in range(len(strengths))]
+
+    def refine(self, identity, images, captions, *, seed, prior_images=None, prior_captions=None):
+        k = self.seeds.index(seed)
+        new = super().refine(identity, images, captions, seed=seed)
+        new.clip_l[0, 3] = self.strengths[k]
+        new.clip_l[0, :3] = (new.clip_l[0, :3] + self.shifts[k]).clamp(0, 255)
+        self.priors.append(None if prior_images is None else (len(prior_images), prior_captions))
+        return new
 
 
 class FakeCUDAGraph:

@@ -140,3 +140,25 @@ def test_per_variation_input_errors() -> None:
         PerVariationCriterion(inner, ("a", "a", "b"))
     with pytest.raises(ValueError, match="3 embeddings for 4 image variations"):
         PerVariationCriterion(inner, ("a", "a", "b", "b")).spread(np.zeros((3, 2)))
+
+
+@pytest.mark.parametrize(
+    ("spreads", "converged", "saturation", "says"),
+    [
+        ([10.0, 4.0, 2.0], True, [0.5, 0.5, 0.5], "converged"),
+        ([10.0, 4.0, 5.0, 4.5], False, [0.5] * 4, "no lower spread in 2 iterations"),
+        ([10.0, 4.0, 3.0], False, [0.5, 0.5, 0.7], "images over-saturated"),
+        # Saturation and patience at once: saturation is named, as the loop checks it first.
+        ([10.0, 4.0, 5.0, 4.5], False, [0.5, 0.5, 0.5, 0.7], "images over-saturated"),
+        ([10.0, 4.0, 3.0, 2.5], False, [0.5] * 4, None),
+        ([10.0], False, [0.9], None),
+    ],
+)
+def test_stop_reason_names_the_rule_that_ends_the_loop(spreads, converged, saturation, says):
+    history = [
+        IterationRecord(i, "p", [0], spread, 1.0, converged and i == len(spreads) - 1)
+        for i, spread in enumerate(spreads)
+    ]
+    for record, value in zip(history, saturation, strict=True):
+        record.saturation = value
+    assert convergence.stop_reason(history, patience=2, max_saturation_rise=0.2) == says

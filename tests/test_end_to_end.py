@@ -47,9 +47,9 @@ def test_cli_extract_then_generate(models, tmp_path):
         args += ["--set", f"{key}={value}"]
     result = CliRunner().invoke(app, args)
     assert result.exit_code == 0, result.output
-    assert "done: 2 iterations" in result.output
-
     state = json.loads((run / "state.json").read_text())
+    why = "converged" if state["converged"] else "stopped: max_iterations reached"
+    assert f"done: 2 iterations ({why})" in result.output
     assert state["finished"] and len(state["history"]) == 2
     assert len(list((run / "iter_001" / "images").glob("*.png"))) == 8
     identity = Identity.load(run / "identity")

@@ -8,13 +8,13 @@ import re
 import numpy as np
 import pytest
 import torch
-from fakes import ColourGenerator, MeanColourEmbedder, MeanColourRefiner
+from fakes import ColourGenerator, MeanColourEmbedder, MeanColourRefiner, ScriptedRefiner
 from PIL import Image
 
 from consistent_char.clusterers.faiss_kmeans import FaissKMeansClusterer
 from consistent_char.config import ConfigError, ExtractorConfig
 from consistent_char.convergence import PairwiseDistanceCriterion, mean_pairwise_distance
-from consistent_char.extractor import IterativeIdentityExtractor, image_seed, stage_seed
+from consistent_char.extractor import IterativeIdentityExtractor, image_seed
 from consistent_char.identity import Identity
 from consistent_char.rundir import RunDirectory
 
@@ -186,26 +186,6 @@ def test_max_iterations_without_convergence():
 # ------------------------------------------------------------ options beyond the paper
 
 
-class ScriptedRefiner(MeanColourRefiner):
-    """MeanColourRefiner whose refine at iteration k (known from its seed, so a resumed run
-    gets the same script) sets the identity's 'strength' (how tightly the generator draws it)
-    to strengths[k] and shifts its colour by shifts[k]; it records the prior images given."""
-
-    def __init__(self, strengths, shifts=None, token="<fake>"):
-        super().__init__(token=token)
-        self.strengths, self.shifts = strengths, shifts or [0.0] * len(strengths)
-        self.priors: list[tuple[int, list[str]] | None] = []
-        self.seeds = [stage_seed(0, i, "refine") for i in range(len(strengths))]
-
-    def refine(self, identity, images, captions, *, seed, prior_images=None, prior_captions=None):
-        k = self.seeds.index(seed)
-        new = super().refine(identity, images, captions, seed=seed)
-        new.clip_l[0, 3] = self.strengths[k]
-        new.clip_l[0, :3] = (new.clip_l[0, :3] + self.shifts[k]).clamp(0, 255)
-        self.priors.append(None if prior_images is None else (len(prior_images), prior_captions))
-        return new
-
-
 def scripted_extractor(refiner, **overrides):
     extractor = make_extractor(**overrides)
     extractor.refiner = refiner
@@ -247,8 +227,10 @@ def test_patience_stops_when_the_spread_stops_falling_and_return_best_keeps_the_
 
     plain, _ = run()
     assert plain.iterations == 6 and float(plain.identity.clip_l[0, 3]) == 0.5
+    assert plain.stop_reason == "max_iterations reached"
     stopped, refiner = run(**{"convergence.patience": 2})
     assert stopped.iterations == 4 and not stopped.converged and len(refiner.calls) == 3
+    assert stopped.stop_reason == "no lower spread in 2 iterations"
     best, _ = run(**{"convergence.patience": 2, "convergence.return_best": True})
     spreads = [r.spread for r in best.history]
     assert min(spreads[1:]) == spreads[1]
@@ -310,6 +292,9 @@ def test_resume_with_every_option_on_gives_the_same_identity(tmp_path, iteration
     ]
     assert torch.equal(resumed.identity.clip_l, reference.identity.clip_l)
     assert float(resumed.identity.clip_l[0, 3]) == 20.0  # the best, read back from disk
+    assert resumed.stop_reason == reference.stop_reason == "no lower spread in 2 iterations"
+    reopened = extractor().extract("a colour", run_dir=tmp_path / "ref", resume=True)
+    assert reopened.stop_reason == reference.stop_reason
     # Refines after the cut still got iteration 0's images as the prior.
     assert all(p == (40, ["a colour"] * 40) for p in resumed_extractor.refiner.priors)
 

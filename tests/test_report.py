@@ -10,7 +10,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from fakes import ColourGenerator, MeanColourEmbedder, MeanColourRefiner
+from fakes import ColourGenerator, MeanColourEmbedder, MeanColourRefiner, ScriptedRefiner
 from PIL import Image
 from typer.testing import CliRunner
 
@@ -239,3 +239,21 @@ def test_the_chromium_probe_sees_errors(tmp_path):
     assert any("missing.png" in e for e in result["errors"])
     assert any("notAFunction" in e for e in result["errors"])
     assert any("notAFunction" in line for line in console)
+
+
+@pytest.mark.parametrize(
+    ("strengths", "why"),
+    [
+        # Each identity draws more tightly than the last: the spread falls to the end.
+        ([1.0, 2.0, 4.0, 8.0], "max_iterations reached"),
+        # The first identity draws tightly, later ones loosely: the spread rises after it.
+        ([20.0, 0.5, 0.5, 0.5], "no lower spread in 1 iterations"),
+    ],
+)
+def test_report_says_why_a_finished_run_stopped(tmp_path, strengths, why):
+    extractor = _extractor(**{"convergence.d_conv_relative": 1e-6, "convergence.patience": 1})
+    extractor.refiner = ScriptedRefiner(strengths, token=extractor.config.refiner.token)
+    result = extractor.extract("a colour", run_dir=tmp_path / "run")
+    assert result.stop_reason == why
+    text = " ".join(_parse(tmp_path / "run" / REPORT_FILE).text)
+    assert f"stopped: {why}" in text

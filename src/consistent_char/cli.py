@@ -22,7 +22,7 @@ import sys
 import traceback
 from collections.abc import Callable
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated, Any, NoReturn
+from typing import Annotated, Any, NoReturn
 
 import typer
 from rich.console import Console
@@ -50,9 +50,6 @@ from consistent_char.errors import (
     UserError,
     one_line,
 )
-
-if TYPE_CHECKING:
-    from consistent_char.interfaces import ExtractionResult
 
 try:  # typer vendors click from 0.20 on
     from typer._click import exceptions as click_exceptions
@@ -289,22 +286,6 @@ class _ProgressPrinter:
             )
 
 
-def _stop_reason(result: ExtractionResult, cfg: ExtractorConfig) -> str:
-    """Why the loop ended, from its history: converged, a guard stopped it before clustering
-    the last iteration (patience, saturation), or it ran out of iterations."""
-    from consistent_char.convergence import stalled
-
-    if result.converged:
-        return "converged"
-    last = result.history[-1]
-    if last.chosen_cluster is not None:
-        return "stopped at max_iterations"
-    conv = cfg.convergence
-    if stalled([r.spread for r in result.history[1:]], conv.patience):
-        return f"stopped: no lower spread in {conv.patience} iterations"
-    return "stopped: images over-saturated"
-
-
 @app.command()
 def extract(
     prompt: Annotated[str, typer.Argument(help="What to draw, e.g. 'a watercolor fox'.")],
@@ -368,7 +349,8 @@ def extract(
         except KeyboardInterrupt:
             progress.stop()
             _interrupted(run, prompt, out)
-    state = _stop_reason(result, cfg)
+    why = result.stop_reason
+    state = why if why == "converged" else f"stopped: {why}"
     _say(
         ("done", "bold green"),
         f": {result.iterations} iterations ({state}); identity token ",

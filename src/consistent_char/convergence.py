@@ -51,6 +51,7 @@ __all__ = [
     "mean_saturation",
     "saturated",
     "stalled",
+    "stop_reason",
 ]
 
 # Rows of the (rows, N, D) float64 difference block computed at once: bounds memory at ~32 MiB.
@@ -298,6 +299,32 @@ def stalled(spreads: Sequence[float], patience: int | None) -> bool:
         return False
     best_before = min(spreads[:-patience])
     return min(spreads[-patience:]) >= best_before
+
+
+def stop_reason(
+    history: Sequence[IterationRecord], patience: int | None, max_saturation_rise: float | None
+) -> str | None:
+    """Why the loop stops after the last iteration of `history` without clustering it, or
+    ``None`` when it goes on: ``"converged"``, ``"images over-saturated"`` or ``"no lower
+    spread in P iterations"``, checked in that order. Iteration 0 never stops the loop.
+
+    Example:
+        >>> h = [IterationRecord(i, "p", [0], s, 1.0, False) for i, s in enumerate([9, 4, 5, 6])]
+        >>> stop_reason(h, patience=2, max_saturation_rise=None)
+        'no lower spread in 2 iterations'
+        >>> stop_reason(h[:3], patience=2, max_saturation_rise=None) is None
+        True
+    """
+    last = history[-1]
+    if last.iteration == 0:
+        return None
+    if last.converged:
+        return "converged"
+    if saturated(last, history[0].saturation, max_saturation_rise):
+        return "images over-saturated"
+    if stalled([r.spread for r in history[1:]], patience):
+        return f"no lower spread in {patience} iterations"
+    return None
 
 
 def best_iteration(

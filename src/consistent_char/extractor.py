@@ -49,7 +49,7 @@ from consistent_char.convergence import (
     best_iteration,
     mean_saturation,
     saturated,
-    stalled,
+    stop_reason,
 )
 from consistent_char.errors import InvalidValueError
 from consistent_char.identity import Identity
@@ -284,24 +284,17 @@ class IterativeIdentityExtractor:
                 record, history[0].saturation, conv.max_saturation_rise
             )
             kept = anchored(record, None if anchor is None else anchor[1], conv.max_anchor_ratio)
-            record.converged = done = (
+            record.converged = (
                 i > 0
                 and kept
                 and not washed_out
                 and bool(criterion.converged(embeddings, history[:i]))
             )
-            spreads = [r.spread for r in history[1:i]] + [spread]
-            reason = None
-            if done:
-                reason = "converged"
-            elif washed_out:
-                reason = "images over-saturated"
-            elif i > 0 and stalled(spreads, conv.patience):
-                reason = f"no lower spread in {conv.patience} iterations"
+            reason = stop_reason(history[:i] + [record], conv.patience, conv.max_saturation_rise)
             if reason is not None:
                 logger.info("iteration %d: spread %.4f (%.4f): %s", i, spread, threshold, reason)
                 history = history[:i] + [record]
-                converged = done
+                converged = record.converged
                 self._finish_iteration(run, state, i, "clustered", history, record)
                 break
 
@@ -372,6 +365,9 @@ class IterativeIdentityExtractor:
             history=history,
             converged=converged,
             run_dir=str(run.root) if run is not None else None,
+            # The loop stops without clustering its last iteration only for one of these.
+            stop_reason=stop_reason(history, conv.patience, conv.max_saturation_rise)
+            or "max_iterations reached",
         )
 
     # ------------------------------------------------------------- the steps

@@ -143,6 +143,9 @@ class ExtractionResult:
     history: list[IterationRecord]
     converged: bool
     run_dir: str | None = None
+    # Why the loop ended: "converged", "images over-saturated", "no lower spread in P
+    # iterations" or "max_iterations reached".
+    stop_reason: str = "max_iterations reached"
 
     @property
     def iterations(self) -> int:

@@ -32,6 +32,8 @@ from typing import Any
 import yaml
 from PIL import Image
 
+from consistent_char.convergence import stop_reason
+from consistent_char.interfaces import IterationRecord
 from consistent_char.rundir import RunDirectory, write_text_atomic
 
 __all__ = ["REPORT_FILE", "SAMPLES_DIR", "build_report"]
@@ -210,15 +212,18 @@ def _render(run: RunDirectory, data: _Run, thumb: int, max_images: int | None) -
     token = (data.identity or {}).get("token") or (cfg.get("refiner") or {}).get("token", "")
     finished = bool(state.get("finished"))
     converged = bool(state.get("converged"))
-    status = (
-        '<span class="badge">converged</span>'
-        if converged
-        else (
-            '<span class="badge warn">stopped at max_iterations</span>'
-            if finished
-            else '<span class="badge warn">unfinished</span>'
+    if converged:
+        status = '<span class="badge">converged</span>'
+    elif finished:
+        conv = cfg.get("convergence") or {}
+        history = [IterationRecord.from_dict(r) for r in state.get("history") or []]
+        why = history and stop_reason(
+            history, conv.get("patience"), conv.get("max_saturation_rise")
         )
-    )
+        why = html.escape(why or "max_iterations reached")
+        status = f'<span class="badge warn">stopped: {why}</span>'
+    else:
+        status = '<span class="badge warn">unfinished</span>'
     parts = [
         "<!DOCTYPE html>",
         '<html lang="en"><head><meta charset="utf-8">',
