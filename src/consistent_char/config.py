@@ -421,8 +421,10 @@ def toy_preset() -> dict[str, Any]:
       norm of the encoder's own rows: a token far larger than any word outweighs the rest of
       the prompt, the loop's images then saturate and smear, and a smear is uniform enough for
       its spread to pass d_conv.
-    - Beyond the paper, the loop stops once the spread has not fallen for two iterations and
-      returns the identity whose images were most consistent (docs/algorithm.md).
+    - Beyond the paper, the loop stops once the spread has not fallen for two iterations, or
+      once its images are more than 1.3 times as saturated as iteration 0's (a loop that
+      trains on its guided images washes out into a few saturated colours), and returns the
+      identity whose images were most consistent before that (docs/algorithm.md).
     - The identity's LoRA is fused while generating: it then costs nothing per denoising step.
     """
     from consistent_char.toy.captions import SCENE_PHRASES
@@ -452,7 +454,12 @@ def toy_preset() -> dict[str, Any]:
             "embedding_lr": 1e-3,
             "row_norm_cap": 1.0,
         },
-        "convergence": {"d_conv_relative": 0.45, "patience": 2, "return_best": True},
+        "convergence": {
+            "d_conv_relative": 0.45,
+            "patience": 2,
+            "return_best": True,
+            "max_saturation_rise": 0.3,
+        },
     }
 
 
