@@ -87,7 +87,8 @@ def main(paths: list[str]) -> None:
         print(
             f"{name}: mean purity {np.mean(values):.2f}, pure (>= 0.8) on "
             f"{sum(v >= 0.8 for v in values)} of {len(values)}; 'a creature' identities "
-            f"{len(found.get(name, ()))} (with a hat {sum(t[2] != 'none' for t in found.get(name, ()))})"
+            f"{len(found.get(name, ()))} "
+            f"(with a hat {sum(t[2] != 'none' for t in found.get(name, ()))})"
         )
 
 

@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import json
 from collections import Counter
+from pathlib import Path
 
 from consistent_char.convergence import stalled
 from consistent_char.eval.drift import iteration_readings
@@ -51,7 +52,7 @@ def main() -> None:
     probe = load_probe()
     totals: dict[float, list[float]] = {t: [] for t in THRESHOLDS}
     for path in args.runs:
-        history = json.loads(open(f"{path}/state.json").read())["history"]
+        history = json.loads(Path(path, "state.json").read_text())["history"]
         spreads = [h["spread"] for h in history]
         cohesion0 = history[0]["chosen_cohesion"]
         anchors = [
