@@ -62,7 +62,7 @@ def main() -> None:
     result = extractor.extract(args.prompt, run_dir=args.out)
     for record in result.history:
         print(f"iteration {record.iteration}: {args.embedder} spread {record.spread:.4f}")
-    print(f"identity token {result.identity.token}; converged: {result.converged}")
+    print(f"identity token {result.identity.token}; {result.stop_reason}")
 
 
 if __name__ == "__main__":
