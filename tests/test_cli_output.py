@@ -245,3 +245,27 @@ def test_a_full_disk_is_one_line_that_says_what_to_do(models, tmp_path, monkeypa
         f"error: No space left on device: {tmp_path / 'out' / '.consistent-char-files.json'}; "
         "free some space and run the command again (extract: with --resume)"
     ]
+
+
+@pytest.mark.parametrize(
+    ("core_size", "says"),
+    [
+        (None, "→ cluster 1 (12 images, cohesion 0.880)"),
+        (5, "→ cluster 1 (12 images; learns from its densest 5, tightness 0.880)"),
+    ],
+)
+def test_each_iteration_line_says_what_the_refinement_learns_from(core_size, says):
+    from rich.console import Console
+    from rich.progress import Progress
+
+    from consistent_char.cli import _ProgressPrinter
+    from consistent_char.extractor import ProgressEvent
+    from consistent_char.interfaces import IterationRecord
+
+    console = Console(record=True, width=200)
+    record = IterationRecord(1, "p", [0], 6.8, 6.7, False, cluster_sizes=[3, 12])
+    record.chosen_cluster, record.chosen_cohesion = 1, 0.88
+    with Progress(console=console) as progress:
+        printer = _ProgressPrinter(progress, 8, core_size)
+        printer(ProgressEvent("iteration_end", 1, record=record))
+    assert f"iteration 1: spread 6.8000 (threshold 6.7000) {says}" in console.export_text()

@@ -252,8 +252,9 @@ def _check_seeds(seed: int, count: int) -> None:
 class _ProgressPrinter:
     """Turns the extractor's `ProgressEvent`s into one bar per iteration and one per stage."""
 
-    def __init__(self, progress: Progress, max_iterations: int):
+    def __init__(self, progress: Progress, max_iterations: int, core_size: int | None = None):
         self.progress = progress
+        self.core_size = core_size
         self.iterations: TaskID = progress.add_task("iterations", total=max_iterations)
         self.stage_task: TaskID | None = None
         self.stage_total = 1
@@ -274,12 +275,18 @@ class _ProgressPrinter:
         elif event.kind == "iteration_end" and event.record is not None:
             r = event.record
             p.advance(self.iterations)
-            chosen = (
-                f"cluster {r.chosen_cluster} ({r.cluster_sizes[r.chosen_cluster]} images, "
-                f"cohesion {r.chosen_cohesion:.3f})"
-                if r.chosen_cluster is not None
-                else ("converged" if r.converged else "stopped")
-            )
+            if r.chosen_cluster is None:
+                chosen = "converged" if r.converged else "stopped"
+            elif self.core_size is None:
+                chosen = (
+                    f"cluster {r.chosen_cluster} ({r.cluster_sizes[r.chosen_cluster]} images, "
+                    f"cohesion {r.chosen_cohesion:.3f})"
+                )
+            else:
+                chosen = (
+                    f"cluster {r.chosen_cluster} ({r.cluster_sizes[r.chosen_cluster]} images; "
+                    f"learns from its densest {self.core_size}, tightness {r.chosen_cohesion:.3f})"
+                )
             p.console.print(
                 f"iteration {r.iteration}: spread {r.spread:.4f} "
                 f"(threshold {r.threshold:.4f}) → {chosen}"
@@ -343,7 +350,7 @@ def extract(
         disable=quiet,
         transient=False,
     ) as progress:
-        printer = _ProgressPrinter(progress, cfg.max_iterations)
+        printer = _ProgressPrinter(progress, cfg.max_iterations, cfg.core_size)
         try:
             result = extractor.extract(prompt, run_dir=out, resume=resume, callback=printer)
         except KeyboardInterrupt:
