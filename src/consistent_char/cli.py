@@ -277,16 +277,15 @@ class _ProgressPrinter:
             p.advance(self.iterations)
             if r.chosen_cluster is None:
                 chosen = "converged" if r.converged else "stopped"
-            elif self.core_size is None:
-                chosen = (
-                    f"cluster {r.chosen_cluster} ({r.cluster_sizes[r.chosen_cluster]} images, "
-                    f"cohesion {r.chosen_cohesion:.3f})"
-                )
             else:
-                chosen = (
-                    f"cluster {r.chosen_cluster} ({r.cluster_sizes[r.chosen_cluster]} images; "
-                    f"learns from its densest {self.core_size}, tightness {r.chosen_cohesion:.3f})"
+                size = r.cluster_sizes[r.chosen_cluster]
+                detail = (
+                    f"{size} images, cohesion {r.chosen_cohesion:.3f}"
+                    if self.core_size is None
+                    else f"{size} images; learns from its densest {self.core_size}, "
+                    f"tightness {r.chosen_cohesion:.3f}"
                 )
+                chosen = f"cluster {r.chosen_cluster} ({detail})"
             p.console.print(
                 f"iteration {r.iteration}: spread {r.spread:.4f} "
                 f"(threshold {r.threshold:.4f}) → {chosen}"

@@ -37,7 +37,11 @@ from dataclasses import dataclass
 import numpy as np
 from PIL import Image
 
-from consistent_char.interfaces import ConvergenceCriterion, IterationRecord
+from consistent_char.interfaces import (
+    MAX_ITERATIONS_REACHED,
+    ConvergenceCriterion,
+    IterationRecord,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -50,6 +54,7 @@ __all__ = [
     "mean_pairwise_distance",
     "mean_saturation",
     "saturated",
+    "final_stop_reason",
     "stalled",
     "stop_reason",
 ]
@@ -325,6 +330,21 @@ def stop_reason(
     if stalled([r.spread for r in history[1:]], patience):
         return f"no lower spread in {patience} iterations"
     return None
+
+
+def final_stop_reason(
+    history: Sequence[IterationRecord], patience: int | None, max_saturation_rise: float | None
+) -> str:
+    """Why a finished loop ended: `stop_reason` of its last iteration, or ``"max_iterations
+    reached"`` when none of its rules stopped it (it clustered and refined its last iteration).
+
+    Example:
+        >>> h = [IterationRecord(i, "p", [0], s, 1.0, False) for i, s in enumerate([9, 4, 3])]
+        >>> final_stop_reason(h, patience=2, max_saturation_rise=None)
+        'max_iterations reached'
+    """
+    reason = stop_reason(history, patience, max_saturation_rise) if history else None
+    return reason or MAX_ITERATIONS_REACHED
 
 
 def best_iteration(

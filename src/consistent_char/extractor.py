@@ -47,6 +47,7 @@ from consistent_char.convergence import (
     anchor_distance,
     anchored,
     best_iteration,
+    final_stop_reason,
     mean_saturation,
     saturated,
     stop_reason,
@@ -365,9 +366,7 @@ class IterativeIdentityExtractor:
             history=history,
             converged=converged,
             run_dir=str(run.root) if run is not None else None,
-            # The loop stops without clustering its last iteration only for one of these.
-            stop_reason=stop_reason(history, conv.patience, conv.max_saturation_rise)
-            or "max_iterations reached",
+            stop_reason=final_stop_reason(history, conv.patience, conv.max_saturation_rise),
         )
 
     # ------------------------------------------------------------- the steps

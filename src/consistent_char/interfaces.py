@@ -100,6 +100,9 @@ class ConvergenceCriterion(Protocol):
         ...
 
 
+# Why a loop ended when no rule of `consistent_char.convergence` stopped it.
+MAX_ITERATIONS_REACHED = "max_iterations reached"
+
 ChoiceReason = Literal["most_cohesive", "largest_fallback"]
 
 
@@ -145,7 +148,7 @@ class ExtractionResult:
     run_dir: str | None = None
     # Why the loop ended: "converged", "images over-saturated", "no lower spread in P
     # iterations" or "max_iterations reached".
-    stop_reason: str = "max_iterations reached"
+    stop_reason: str = MAX_ITERATIONS_REACHED
 
     @property
     def iterations(self) -> int:

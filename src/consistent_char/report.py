@@ -32,7 +32,7 @@ from typing import Any
 import yaml
 from PIL import Image
 
-from consistent_char.convergence import stop_reason
+from consistent_char.convergence import final_stop_reason
 from consistent_char.interfaces import IterationRecord
 from consistent_char.rundir import RunDirectory, write_text_atomic
 
@@ -217,11 +217,8 @@ def _render(run: RunDirectory, data: _Run, thumb: int, max_images: int | None) -
     elif finished:
         conv = cfg.get("convergence") or {}
         history = [IterationRecord.from_dict(r) for r in state.get("history") or []]
-        why = history and stop_reason(
-            history, conv.get("patience"), conv.get("max_saturation_rise")
-        )
-        why = html.escape(why or "max_iterations reached")
-        status = f'<span class="badge warn">stopped: {why}</span>'
+        why = final_stop_reason(history, conv.get("patience"), conv.get("max_saturation_rise"))
+        status = f'<span class="badge warn">stopped: {html.escape(why)}</span>'
     else:
         status = '<span class="badge warn">unfinished</span>'
     parts = [
