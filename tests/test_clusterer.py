@@ -286,6 +286,27 @@ def test_core_size_chooses_the_cluster_with_the_densest_core_and_learns_from_the
     )
 
 
+def test_a_core_spanning_groups_takes_the_nearest_member_of_each_group_in_turn() -> None:
+    # One character in three settings (groups 0-2): each setting's images are near-duplicates
+    # of each other, and the settings lie 1.0 apart. The densest five are all of one setting;
+    # spanning the groups takes each setting's image nearest the centre, then the next ones.
+    rng = np.random.default_rng(1)
+    settings = np.array([[0.0, 0.0], [1.0, 0.0], [0.0, 1.0]])
+    x = np.concatenate([s + rng.normal(0.0, 0.01, (6, 2)) for s in settings])
+    groups = np.repeat([0, 1, 2], 6)
+    _, plain = densest_core(x, np.arange(18), 5)
+    assert len(set(groups[plain].tolist())) == 1
+    tightness, spanning = densest_core(x, np.arange(18), 5, groups)
+    assert sorted(np.bincount(groups[spanning], minlength=3).tolist()) == [1, 2, 2]
+    assert tightness > densest_core(x, np.arange(18), 5)[0]
+    # Only members count: a group absent from the members is never taken.
+    _, two = densest_core(x, np.arange(12), 5, groups)
+    assert set(groups[two].tolist()) == {0, 1}
+    labels = np.zeros(18, dtype=np.int64)
+    choice = choose_cluster(x, labels, x.mean(axis=0, keepdims=True), 1, 5, groups)
+    assert choice.core == spanning.tolist()
+
+
 def test_densest_core_refuses_bad_input() -> None:
     x = np.zeros((4, 2))
     with pytest.raises(ValueError, match="members must be a non-empty"):
@@ -294,6 +315,10 @@ def test_densest_core_refuses_bad_input() -> None:
         densest_core(x, np.arange(4), 0)
     with pytest.raises(ValueError, match="core_size must be None or an integer"):
         choose_cluster(x, np.zeros(4, dtype=np.int64), np.zeros((1, 2)), 1, core_size=True)
+    with pytest.raises(ValueError, match="groups must have shape"):
+        densest_core(x, np.arange(4), 2, groups=np.zeros(3))
+    with pytest.raises(ValueError, match="give core_size too"):
+        choose_cluster(x, np.zeros(4, dtype=np.int64), np.zeros((1, 2)), 1, groups=np.zeros(4))
 
 
 def test_choice_reasons_are_the_interface_literals() -> None:

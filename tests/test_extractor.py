@@ -265,6 +265,22 @@ def test_core_size_refines_on_the_chosen_clusters_densest_images(tmp_path):
     assert RunDirectory(tmp_path / "plain").load_clusters(0)["core"] is None
 
 
+def test_core_spans_variations_refines_on_images_of_every_variation(tmp_path):
+    variations = ["{prompt} one", "{prompt} two", "{prompt} three", "{prompt} four"]
+    extractor = make_extractor(
+        core_size=4, prompt_variations=variations, core_spans_variations=True
+    )
+    extractor.extract("a colour", run_dir=tmp_path / "run")
+    run = RunDirectory(tmp_path / "run")
+    for i in range(len(extractor.refiner.calls)):
+        saved = run.load_clusters(i)
+        members = [j for j, label in enumerate(saved["labels"]) if label == saved["chosen"]]
+        spanned = {j % 4 for j in saved["core"]}
+        assert len(spanned) == min(4, len({j % 4 for j in members}))
+    with pytest.raises(ValueError, match="set core_size and prompt_variations too"):
+        ExtractorConfig.from_overrides({"core_spans_variations": True, "core_size": 4})
+
+
 @pytest.mark.parametrize(("iteration", "stage"), [(1, "embed"), (2, "refine"), (3, "generate")])
 def test_resume_with_every_option_on_gives_the_same_identity(tmp_path, iteration, stage):
     options = {

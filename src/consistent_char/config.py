@@ -297,6 +297,13 @@ class ExtractorConfig(_Strict):
         "variation, so the token learns the character, not the setting (empty: the prompt "
         "alone, as in the paper).",
     )
+    core_spans_variations: bool = Field(
+        False,
+        description="With core_size and prompt_variations, build each core from the nearest "
+        "images of every variation in turn: the densest images of a cluster mostly share one "
+        "variation's setting, and a refinement on one setting learns the character for that "
+        "setting alone.",
+    )
     centre_variations: bool = Field(
         False,
         description="Cluster the embeddings after subtracting, from each image's, the mean of "
@@ -336,6 +343,11 @@ class ExtractorConfig(_Strict):
             raise ValueError(
                 f"core_size = {self.core_size} is larger than num_images = {self.num_images}: "
                 "no cluster could ever hold the core"
+            )
+        if self.core_spans_variations and (self.core_size is None or not self.prompt_variations):
+            raise ValueError(
+                "core_spans_variations shapes the densest core across the prompt variations: "
+                "set core_size and prompt_variations too"
             )
         check_prompt_template(self.identity_prompt_template)
         for variation in self.prompt_variations:

@@ -480,7 +480,11 @@ class IterativeIdentityExtractor:
             labels, centroids = self.clusterer.cluster(
                 embeddings, cfg.num_clusters, stage_seed(cfg.seed, iteration, "cluster")
             )
-        choice = choose_cluster(embeddings, labels, centroids, cfg.d_min_c, cfg.core_size)
+        groups = None
+        if cfg.core_spans_variations:
+            # Image j draws prompt variation j mod their number (`_variations`).
+            groups = np.arange(len(embeddings)) % len(cfg.prompt_variations)
+        choice = choose_cluster(embeddings, labels, centroids, cfg.d_min_c, cfg.core_size, groups)
         if choice.reason == "largest_fallback":
             logger.warning(
                 "iteration %d: no cluster has d_min_c=%d members (sizes %s); taking the largest",

@@ -110,15 +110,22 @@ def cohesion(embeddings: np.ndarray, labels: np.ndarray, centroids: np.ndarray) 
 
 
 def densest_core(
-    embeddings: np.ndarray, members: np.ndarray, size: int
+    embeddings: np.ndarray, members: np.ndarray, size: int, groups: np.ndarray | None = None
 ) -> tuple[float, np.ndarray]:
     """The densest `size` of `members`: the member whose ``size - 1`` nearest fellow members
     lie closest (ties: the lower index), with those members.
+
+    With `groups`, the core spans the groups: around each candidate member, its fellows are
+    taken nearest of each group first, then second nearest of each group, and so on. The loop
+    passes each image's prompt variation: the nearest neighbours of an image are mostly drawn
+    in its own setting, and a refinement on one setting's images learns the character for
+    that setting only.
 
     Args:
         embeddings: (N, D) floats.
         members: Indices into `embeddings` (at least one).
         size: Points in the core (>= 1; at most ``len(members)`` are returned).
+        groups: (N,) group labels of all the embeddings, or ``None``.
 
     Returns:
         ``(tightness, core)``: the mean distance from that member to the others in the core
@@ -129,6 +136,8 @@ def densest_core(
         >>> tightness, core = densest_core(x, np.arange(5), 3)
         >>> round(tightness, 3), core.tolist()
         (0.1, [0, 1, 2])
+        >>> densest_core(x, np.arange(5), 2, groups=np.array([0, 0, 0, 1, 1]))[1].tolist()
+        [2, 3]
     """
     x = check_embeddings(embeddings).astype(np.float64)
     pool = np.asarray(members, dtype=np.int64)
@@ -138,12 +147,32 @@ def densest_core(
         raise ValueError(f"size must be an integer >= 1, got {size!r}")
     m = min(int(size), pool.size)
     d = np.linalg.norm(x[pool][:, None] - x[pool][None], axis=-1)
-    # Row i sorted: 0 (itself) first, then its nearest fellow members.
-    near = np.sort(d, axis=1)[:, 1:m]
+    if groups is None:
+        # Row i sorted: 0 (itself) first, then its nearest fellow members.
+        order = np.argsort(d, axis=1, kind="stable")
+    else:
+        labels = np.asarray(groups)
+        if labels.shape != (x.shape[0],):
+            raise ValueError(f"groups must have shape ({x.shape[0]},), got {labels.shape}")
+        order = np.stack([_round_robin(row, labels[pool]) for row in d])
+    core_rows = order[:, :m]
+    near = np.take_along_axis(d, core_rows[:, 1:], axis=1)
     tightness = near.mean(axis=1) if m > 1 else np.zeros(pool.size)
     centre = int(np.argmin(tightness))
-    core = pool[np.argsort(d[centre], kind="stable")[:m]]
-    return float(tightness[centre]), np.sort(core)
+    return float(tightness[centre]), np.sort(pool[core_rows[centre]])
+
+
+def _round_robin(distances: np.ndarray, groups: np.ndarray) -> np.ndarray:
+    """Positions ordered by their rank within their group (by distance), then by distance:
+    the nearest of every group first, then the second nearest of every group, ..."""
+    by_distance = np.argsort(distances, kind="stable")
+    rank = np.empty(distances.size, dtype=np.int64)
+    seen: dict[Any, int] = {}
+    for position in by_distance:
+        key = groups[position].item()
+        rank[position] = seen.get(key, 0)
+        seen[key] = rank[position] + 1
+    return np.lexsort((distances, rank))
 
 
 def choose_cluster(
@@ -152,6 +181,7 @@ def choose_cluster(
     centroids: np.ndarray,
     d_min_c: int,
     core_size: int | None = None,
+    groups: np.ndarray | None = None,
 ) -> ClusterChoice:
     """Picks ``c*``: of the clusters with at least `d_min_c` members, the most cohesive.
 
@@ -167,6 +197,8 @@ def choose_cluster(
         core_size: Rank the clusters by the tightness of their densest `core_size` members
             (`densest_core`; a cluster needs that many members too) and learn from that core
             only (``None``: the paper's choice, the whole most cohesive cluster).
+        groups: (N,) group labels (the images' prompt variations): the cores span the groups
+            (`densest_core`). Only with `core_size`.
 
     Returns:
         The `ClusterChoice`.
@@ -188,6 +220,8 @@ def choose_cluster(
         isinstance(core_size, bool) or not isinstance(core_size, int | np.integer) or core_size < 1
     ):
         raise ValueError(f"core_size must be None or an integer >= 1, got {core_size!r}")
+    if groups is not None and core_size is None:
+        raise ValueError("groups shape the core: give core_size too")
     cohesions = cohesion(embeddings, labels, centroids)
     k = cohesions.shape[0]
     labels = np.asarray(labels, dtype=np.int64)
@@ -198,7 +232,7 @@ def choose_cluster(
         cohesions = np.full(k, np.nan)
         for c in np.flatnonzero(sizes >= min(smallest, int(sizes.max()))):
             cohesions[c], cores[int(c)] = densest_core(
-                embeddings, np.flatnonzero(labels == c), core_size
+                embeddings, np.flatnonzero(labels == c), core_size, groups
             )
     eligible = np.flatnonzero(sizes >= smallest)
     reason: ChoiceReason
