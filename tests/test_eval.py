@@ -536,6 +536,28 @@ def test_settings_fail_at_the_door():
         quick_settings().__class__(name="x", prompts=["a"], ablations={"lr": [{}]})
 
 
+def test_a_benchmark_resumes_past_a_setting_added_since_at_its_default(tmp_path):
+    from consistent_char.eval import benchmark
+
+    settings = benchmark.minimal_settings()
+    base = settings.config()
+    saved = json.loads(json.dumps(benchmark._start(settings, base, None)))
+    saved["methods"] = {"vanilla": {"prompts": {"a creature": {"done": True}}}}
+    # A results.json written before `core_spans_variations` existed (it is off by default).
+    del saved["config"]["core_spans_variations"]
+    path = tmp_path / "results.json"
+    path.write_text(json.dumps(saved))
+    assert benchmark._start(settings, base, path)["methods"] == saved["methods"]
+    saved["config"]["seed"] = base.seed + 1
+    path.write_text(json.dumps(saved))
+    with pytest.raises(ValueError, match="other settings or another config"):
+        benchmark._start(settings, base, path)
+    saved["config"] = {"num_images": "many"}
+    path.write_text(json.dumps(saved))
+    with pytest.raises(ValueError, match="other settings or another config"):
+        benchmark._start(settings, base, path)
+
+
 def test_estimate_counts_the_units_of_work():
     from consistent_char.eval.benchmark import UnitCosts, estimate_seconds, minimal_settings
 

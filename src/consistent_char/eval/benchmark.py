@@ -30,6 +30,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from pydantic import ValidationError
 
 from consistent_char.config import ExtractorConfig, toy_preset
 from consistent_char.eval.drift import (
@@ -529,7 +530,7 @@ def _start(
     same = (
         old.get("schema_version") == SCHEMA_VERSION
         and old.get("settings") == fresh["settings"]
-        and old.get("config") == fresh["config"]
+        and _same_config(old.get("config"), base)
     )
     if not same:
         # Never overwrite finished results silently: they may have taken an hour.
@@ -539,6 +540,15 @@ def _start(
         )
     logger.info("resuming the benchmark in %s", previous.parent)
     return {**fresh, **{k: old[k] for k in ("methods", "ablations", "seconds_total", "started")}}
+
+
+def _same_config(saved: Any, config: ExtractorConfig) -> bool:
+    """Whether a saved config dict resolves to `config`: read through the config class, so
+    that a setting added since (at its default) does not tell the two apart."""
+    try:
+        return not ExtractorConfig.model_validate(saved).differences(config)
+    except ValidationError:
+        return False
 
 
 def _slot(results: dict[str, Any], job: _Job, settings: ToyBenchmarkSettings) -> dict[str, Any]:
