@@ -8,7 +8,8 @@ Beyond the paper, ``core_size`` m ranks the clusters by their densest m members 
 member whose m - 1 nearest fellow members lie closest, with those members: `densest_core`), and
 the refinement trains on that core alone. A cluster's mean distance to its centroid is low for
 a small cluster of similar-looking but different characters as much as for one character drawn
-several times; the densest few members of a cluster are far more often one character.
+several times; the densest few members of a cluster are far more often one character. With
+``groups`` (the images' prompt variations) each core takes its members from every group in turn.
 """
 
 from __future__ import annotations
