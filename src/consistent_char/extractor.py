@@ -302,7 +302,7 @@ class IterativeIdentityExtractor:
             # 5. Cluster E into K = N // d_size_c groups (k-means++), then
             # 6. c* ← the most cohesive cluster with at least d_min_c members.
             with self._stage(i, "cluster", 1, seconds):
-                labels, choice = self._cluster(run, state, i, features)
+                labels, choice = self._cluster(run, state, i, features, variations)
             record.cluster_sizes = choice.sizes
             record.cluster_cohesions = _json_floats(choice.cohesions)
             record.chosen_cluster = choice.index
@@ -469,7 +469,12 @@ class IterativeIdentityExtractor:
         return [im.convert("RGB") for im in new]
 
     def _cluster(
-        self, run: RunDirectory | None, state: RunState, iteration: int, embeddings: np.ndarray
+        self,
+        run: RunDirectory | None,
+        state: RunState,
+        iteration: int,
+        embeddings: np.ndarray,
+        variations: Sequence[str],
     ) -> tuple[np.ndarray, Any]:
         cfg = self.config
         if run is not None and state.done(iteration, "clustered"):
@@ -480,10 +485,7 @@ class IterativeIdentityExtractor:
             labels, centroids = self.clusterer.cluster(
                 embeddings, cfg.num_clusters, stage_seed(cfg.seed, iteration, "cluster")
             )
-        groups = None
-        if cfg.core_spans_variations:
-            # Image j draws prompt variation j mod their number (`_variations`).
-            groups = np.arange(len(embeddings)) % len(cfg.prompt_variations)
+        groups = np.asarray(variations) if cfg.core_spans_variations else None
         choice = choose_cluster(embeddings, labels, centroids, cfg.d_min_c, cfg.core_size, groups)
         if choice.reason == "largest_fallback":
             logger.warning(
@@ -566,8 +568,9 @@ class IterativeIdentityExtractor:
             return None
         # Recomputed from the saved clustering rather than read from the history, which a
         # resume may have cut back to before iteration 0 was recorded.
-        features = self._features(run.load_embeddings(0), self._variations(state.prompt))
-        labels, choice = self._cluster(run, state, 0, features)
+        variations = self._variations(state.prompt)
+        features = self._features(run.load_embeddings(0), variations)
+        labels, choice = self._cluster(run, state, 0, features, variations)
         chosen = features[choice.members(labels)]
         return chosen.mean(axis=0), float(choice.cohesion)
 
