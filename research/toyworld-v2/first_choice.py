@@ -18,23 +18,26 @@ from pathlib import Path
 import numpy as np
 
 from consistent_char.clusterers.faiss_kmeans import FaissKMeansClusterer
-from consistent_char.clusterers.selection import choose_cluster
+from consistent_char.clusterers.selection import choose_cluster, densest_core
 from consistent_char.config import ExtractorConfig, toy_preset
 from consistent_char.eval.methods import BenchmarkStages
 from consistent_char.eval.run import load_probe
 from consistent_char.extractor import image_seed, stage_seed
 from consistent_char.toy.world import IDENTITY_ATTRIBUTES
 
-# name: (K, d_min_c, core_size, rank by core) -- rank False: the paper's whole-cluster
-# cohesion picks the cluster, and the refinement trains on that cluster's densest core.
+# name: (K, d_min_c, core_size, how the cluster is ranked): "core" by its densest core (the
+# preset), "paper" by the whole cluster's cohesion, "largest" by its size; the refinement then
+# trains on the chosen cluster's densest core (or on the whole cluster, core_size None).
 RULES = {
-    "preset K8 core5": (8, 5, 5, True),
-    "K8 core3": (8, 5, 3, True),
-    "K8 core4": (8, 5, 4, True),
-    "K8 paper choice": (8, 5, None, False),
-    "K8 paper choice, its core5": (8, 5, 5, False),
-    "K4 paper choice, its core5": (4, 5, 5, False),
-    "K6 paper choice, its core5": (6, 5, 5, False),
+    "preset K8 core5": (8, 5, 5, "core"),
+    "K8 core3": (8, 5, 3, "core"),
+    "K8 core4": (8, 5, 4, "core"),
+    "K8 paper choice": (8, 5, None, "paper"),
+    "K8 paper choice, its core5": (8, 5, 5, "paper"),
+    "K4 paper choice, its core5": (4, 5, 5, "paper"),
+    "K6 paper choice, its core5": (6, 5, 5, "paper"),
+    "K8 largest, its core5": (8, 5, 5, "largest"),
+    "K4 largest, its core5": (4, 5, 5, "largest"),
 }
 
 
@@ -58,22 +61,20 @@ def sample(prompt: str, seed: int, cache: Path, stages: BenchmarkStages, probe) 
 
 
 def apply(rule: tuple, x: np.ndarray, seed: int) -> list[int]:  # type: ignore[type-arg]
-    k, d_min, core, by_core = rule
+    k, d_min, core, how = rule
     labels, centroids = FaissKMeansClusterer().cluster(
         x.astype(np.float32), k, stage_seed(seed, 0, "cluster")
     )
-    if by_core or core is None:
-        choice = choose_cluster(x, labels, centroids, d_min, core if by_core else None)
-        return (
-            choice.core
-            if choice.core is not None
-            else np.flatnonzero(labels == choice.index).tolist()
-        )
-    choice = choose_cluster(x, labels, centroids, d_min, None)
-    members = np.flatnonzero(labels == choice.index)
-    from consistent_char.clusterers.selection import densest_core
-
-    return densest_core(x, members, core)[1].tolist()
+    if how == "core":
+        choice = choose_cluster(x, labels, centroids, d_min, core)
+        assert choice.core is not None
+        return list(choice.core)
+    if how == "paper":
+        index = choose_cluster(x, labels, centroids, d_min, None).index
+    else:
+        index = int(np.argmax(np.bincount(labels, minlength=k)))
+    members = np.flatnonzero(labels == index)
+    return members.tolist() if core is None else densest_core(x, members, core)[1].tolist()
 
 
 def main() -> None:
