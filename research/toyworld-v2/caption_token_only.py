@@ -10,45 +10,22 @@ learning it next to the word "red". Patches the extractor's refinement captions,
 
 from __future__ import annotations
 
-import argparse
-import json
+from trial import parse_args, run, token_for_prompt
 
 import consistent_char.extractor as ex
-from consistent_char.eval.seeds import evaluate_seeds
 
-BASE: dict[str, str] = {}
 _refine = ex.IterativeIdentityExtractor._refine
 
 
-def _refine_patched(self, run, state, iteration, identity, members, *args, **kwargs):  # type: ignore[no-untyped-def]
-    base = BASE["prompt"]
-    original = self._identity_prompt
-
-    def caption(prompt: str, token: str) -> str:
-        assert prompt.startswith(base), (prompt, base)
-        return (token + prompt[len(base) :]).strip()
-
-    self._identity_prompt = caption
+def _refine_patched(self, *args, **kwargs):  # type: ignore[no-untyped-def]
+    # `_refine` captions each member with `self._identity_prompt`: swap it for the call.
+    self._identity_prompt = token_for_prompt
     try:
-        return _refine(self, run, state, iteration, identity, members, *args, **kwargs)
+        return _refine(self, *args, **kwargs)
     finally:
-        self._identity_prompt = original
-
-
-def main() -> None:
-    parser = argparse.ArgumentParser()
-    parser.add_argument("prompts", nargs="+")
-    parser.add_argument("--seeds", default="0-7")
-    parser.add_argument("--out", required=True)
-    args = parser.parse_args()
-    lo, _, hi = args.seeds.partition("-")
-    seeds = range(int(lo), int(hi or lo) + 1)
-    ex.IterativeIdentityExtractor._refine = _refine_patched  # type: ignore[method-assign]
-    for prompt in args.prompts:
-        BASE["prompt"] = prompt
-        study = evaluate_seeds([prompt], seeds, f"{args.out}/{prompt.replace(' ', '-')}")
-        print(json.dumps({prompt: study["prompts"][prompt]["summary"]}, indent=1), flush=True)
+        del self._identity_prompt
 
 
 if __name__ == "__main__":
-    main()
+    ex.IterativeIdentityExtractor._refine = _refine_patched  # type: ignore[method-assign]
+    run(parse_args())

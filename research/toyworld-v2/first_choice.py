@@ -16,6 +16,7 @@ from collections import Counter
 from pathlib import Path
 
 import numpy as np
+from trial import largest_choice
 
 from consistent_char.clusterers.faiss_kmeans import FaissKMeansClusterer
 from consistent_char.clusterers.selection import choose_cluster, densest_core
@@ -69,10 +70,9 @@ def apply(rule: tuple, x: np.ndarray, seed: int) -> list[int]:  # type: ignore[t
         choice = choose_cluster(x, labels, centroids, d_min, core)
         assert choice.core is not None
         return list(choice.core)
-    if how == "paper":
-        index = choose_cluster(x, labels, centroids, d_min, None).index
-    else:
-        index = int(np.argmax(np.bincount(labels, minlength=k)))
+    if how == "largest":
+        return list(largest_choice(x, labels, centroids, d_min, core).core or [])
+    index = choose_cluster(x, labels, centroids, d_min, None).index
     members = np.flatnonzero(labels == index)
     return members.tolist() if core is None else densest_core(x, members, core)[1].tolist()
 

@@ -8,16 +8,15 @@ what the loop draws at guidance g (not at guidance 1) reproduces the chosen imag
 
 from __future__ import annotations
 
-import argparse
-import json
-
 import torch
 import torch.nn.functional as F
+from trial import parse_args, run
 
-from consistent_char.eval.seeds import evaluate_seeds
+from consistent_char.config import toy_preset
 from consistent_char.refiners.ti_lora import TextualInversionLoRARefiner
 
-GUIDANCE = {"g": 3.0}
+#: The loop's guidance scale, which the guided prediction is formed with.
+GUIDANCE = float(toy_preset()["generator"]["guidance_scale"])
 
 
 def _loss(
@@ -41,7 +40,7 @@ def _loss(
     with autocast:
         prompt_embeds, pooled = state.encode(ids_1, ids_2)
 
-        def run(pe, po):  # type: ignore[no-untyped-def]
+        def predict(pe, po):  # type: ignore[no-untyped-def]
             return unet(
                 noisy.to(dtype),
                 timesteps,
@@ -50,34 +49,13 @@ def _loss(
                 return_dict=False,
             )[0]
 
-        cond = run(prompt_embeds, pooled)
+        cond = predict(prompt_embeds, pooled)
         with torch.no_grad():
-            uncond = run(torch.zeros_like(prompt_embeds), torch.zeros_like(pooled))
-    g = GUIDANCE["g"]
-    pred = uncond.float() + g * (cond.float() - uncond.float())
+            uncond = predict(torch.zeros_like(prompt_embeds), torch.zeros_like(pooled))
+    pred = uncond.float() + GUIDANCE * (cond.float() - uncond.float())
     return F.mse_loss(pred, target.float())
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser()
-    parser.add_argument("prompts", nargs="+")
-    parser.add_argument("--seeds", default="0-7")
-    parser.add_argument("--out", required=True)
-    parser.add_argument("--guidance", type=float, default=3.0)
-    parser.add_argument("--set", action="append", default=[])
-    args = parser.parse_args()
-    lo, _, hi = args.seeds.partition("-")
-    seeds = range(int(lo), int(hi or lo) + 1)
-    GUIDANCE["g"] = args.guidance
-    TextualInversionLoRARefiner._loss = _loss  # type: ignore[method-assign]
-    overrides = {}
-    for item in args.set:
-        key, _, value = item.partition("=")
-        overrides[key] = json.loads(value)
-    study = evaluate_seeds(args.prompts, seeds, args.out, overrides=overrides)
-    for prompt in args.prompts:
-        print(json.dumps({prompt: study["prompts"][prompt]["summary"]}, indent=1), flush=True)
-
-
 if __name__ == "__main__":
-    main()
+    TextualInversionLoRARefiner._loss = _loss  # type: ignore[method-assign]
+    run(parse_args())

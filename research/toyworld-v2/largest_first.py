@@ -10,73 +10,24 @@ runs `evaluate_seeds`.
 
 from __future__ import annotations
 
-import argparse
-import json
-
-import numpy as np
+from trial import largest_choice, parse_args, run
 
 import consistent_char.extractor as ex
-from consistent_char.clusterers.selection import ClusterChoice, cohesion, densest_core
-from consistent_char.eval.seeds import evaluate_seeds
 
-_original = ex.IterativeIdentityExtractor._cluster
+_cluster = ex.IterativeIdentityExtractor._cluster
+_choose_cluster = ex.choose_cluster
 
 
-def _cluster(self, run, state, iteration, embeddings, variations):  # type: ignore[no-untyped-def]
+def _cluster_patched(self, run_dir, state, iteration, embeddings, variations):  # type: ignore[no-untyped-def]
     if iteration > 0:
-        return _original(self, run, state, iteration, embeddings, variations)
-    cfg = self.config
-    if run is not None and state.done(iteration, "clustered"):
-        saved = run.load_clusters(iteration)
-        labels = np.asarray(saved["labels"], dtype=np.int64)
-        centroids = np.asarray(saved["centroids"], dtype=np.float32)
-    else:
-        labels, centroids = self.clusterer.cluster(
-            embeddings, cfg.num_clusters, ex.stage_seed(cfg.seed, iteration, "cluster")
-        )
-    sizes = np.bincount(labels, minlength=centroids.shape[0])
-    index = int(np.argmax(sizes))
-    tightness, core = densest_core(embeddings, np.flatnonzero(labels == index), cfg.core_size)
-    cohesions = cohesion(embeddings, labels, centroids)
-    cohesions[index] = tightness
-    choice = ClusterChoice(
-        index=index,
-        cohesion=float(tightness),
-        sizes=[int(s) for s in sizes],
-        cohesions=[float(c) for c in cohesions],
-        reason="most_cohesive",
-        core=core.tolist(),
-    )
-    if run is not None and not state.done(iteration, "clustered"):
-        run.save_clusters(
-            iteration,
-            {
-                "k": cfg.num_clusters,
-                "labels": labels.tolist(),
-                "centroids": centroids.tolist(),
-                "sizes": choice.sizes,
-                "cohesions": ex._json_floats(choice.cohesions),
-                "chosen": choice.index,
-                "reason": choice.reason,
-                "core": choice.core,
-            },
-        )
-    return labels, choice
-
-
-def main() -> None:
-    parser = argparse.ArgumentParser()
-    parser.add_argument("prompts", nargs="+")
-    parser.add_argument("--seeds", default="0-7")
-    parser.add_argument("--out", required=True)
-    args = parser.parse_args()
-    lo, _, hi = args.seeds.partition("-")
-    seeds = range(int(lo), int(hi or lo) + 1)
-    ex.IterativeIdentityExtractor._cluster = _cluster  # type: ignore[method-assign]
-    for prompt in args.prompts:
-        study = evaluate_seeds([prompt], seeds, f"{args.out}/{prompt.replace(' ', '-')}")
-        print(json.dumps({prompt: study["prompts"][prompt]["summary"]}, indent=1), flush=True)
+        return _cluster(self, run_dir, state, iteration, embeddings, variations)
+    ex.choose_cluster = largest_choice  # the name `_cluster` calls
+    try:
+        return _cluster(self, run_dir, state, iteration, embeddings, variations)
+    finally:
+        ex.choose_cluster = _choose_cluster
 
 
 if __name__ == "__main__":
-    main()
+    ex.IterativeIdentityExtractor._cluster = _cluster_patched  # type: ignore[method-assign]
+    run(parse_args())

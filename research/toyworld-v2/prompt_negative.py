@@ -10,41 +10,23 @@ evaluation's identity images; plain prompting is unchanged), then runs `evaluate
 
 from __future__ import annotations
 
-import argparse
-import json
+from trial import BASE, parse_args, run
 
-from consistent_char.eval.seeds import evaluate_seeds
 from consistent_char.generators.sdxl import SDXLGenerator
 
-BASE: dict[str, str] = {}
 _generate = SDXLGenerator.generate
 
 
 def generate(self, prompts, seeds, identity=None, **kwargs):  # type: ignore[no-untyped-def]
     if identity is None:
         return _generate(self, prompts, seeds, identity, **kwargs)
-    previous = self.negative_prompt
-    self.negative_prompt = BASE["prompt"]
+    previous, self.negative_prompt = self.negative_prompt, BASE["prompt"]
     try:
         return _generate(self, prompts, seeds, identity, **kwargs)
     finally:
         self.negative_prompt = previous
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser()
-    parser.add_argument("prompts", nargs="+")
-    parser.add_argument("--seeds", default="0-7")
-    parser.add_argument("--out", required=True)
-    args = parser.parse_args()
-    lo, _, hi = args.seeds.partition("-")
-    seeds = range(int(lo), int(hi or lo) + 1)
-    SDXLGenerator.generate = generate  # type: ignore[method-assign]
-    for prompt in args.prompts:
-        BASE["prompt"] = prompt
-        study = evaluate_seeds([prompt], seeds, f"{args.out}/{prompt.replace(' ', '-')}")
-        print(json.dumps({prompt: study["prompts"][prompt]["summary"]}, indent=1), flush=True)
-
-
 if __name__ == "__main__":
-    main()
+    SDXLGenerator.generate = generate  # type: ignore[method-assign]
+    run(parse_args())
