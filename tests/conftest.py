@@ -13,3 +13,15 @@ import torch  # noqa: E402
 # One thread per process: the suite runs on two xdist workers, and tiny models gain nothing from
 # intra-op threads (oversubscribed, they were many times slower here).
 torch.set_num_threads(1)
+
+
+def pytest_collection_modifyitems(config, items):
+    """Skips the `gpu` tier where no CUDA device is visible, with the reason in the summary."""
+    import pytest
+
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA device (select with `pytest -m gpu` on a GPU)")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)
