@@ -55,6 +55,7 @@ class MeanColourRefiner:
     def __init__(self, token: str = "<fake>") -> None:
         self.token = token
         self.calls: list[tuple[Identity | None, int, list[str]]] = []
+        self.returned: list[Identity] = []
 
     def refine(
         self,
@@ -68,7 +69,7 @@ class MeanColourRefiner:
         mean = np.stack([np.asarray(im, np.float32).mean(axis=(0, 1)) for im in images]).mean(0)
         strength = 0.0 if identity is None else float(identity.clip_l[0, 3]) + 1.0
         row = torch.tensor([[*mean.tolist(), strength]], dtype=torch.float32)
-        return Identity(
+        new = Identity(
             token=identity.token if identity else self.token,
             clip_l=row,
             clip_g=torch.cat([row, row], dim=1),
@@ -76,6 +77,8 @@ class MeanColourRefiner:
             lora_rank=2,
             lora_alpha=2.0,
         )
+        self.returned.append(new)
+        return new
 
 
 class ScriptedRefiner(MeanColourRefiner):

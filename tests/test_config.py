@@ -132,3 +132,16 @@ def test_build_stages_passes_every_generator_and_refiner_setting(monkeypatch):
     assert refiner.gradient_checkpointing is True and refiner.batch_size == 3
     assert refiner.compile_blocks is True and refiner.max_timestep == 700
     assert refiner.row_norm_cap == 1.5 and refiner.lr_decay == 0.8
+
+
+def test_build_stages_passes_the_clusterer_settings(monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    from consistent_char.config import ExtractorConfig
+    from consistent_char.stages import build_stages
+
+    for distance, spherical in (("cosine", True), ("euclidean", False)):
+        config = ExtractorConfig.build(
+            {"model": "toy", "clusterer": {"distance": distance, "niter": 7, "nredo": 2}}
+        )
+        _, _, clusterer, _, _ = build_stages(config)
+        assert (clusterer.spherical, clusterer.niter, clusterer.nredo) == (spherical, 7, 2)

@@ -67,16 +67,32 @@ def test_later_iterations_generate_with_the_identity_and_refine_warm():
     gen, ref = extractor.generator, extractor.refiner
     assert isinstance(gen, ColourGenerator) and isinstance(ref, MeanColourRefiner)
 
-    # Iteration 0 draws the user's prompt without identity, later ones with the last identity.
-    assert gen.calls[0][1] is None and gen.calls[0][0][0] == "a colour"
-    later = [c for c in gen.calls if c[1] is not None]
-    assert later and all(p == f"{ref.token} a colour" for c in later for p in c[0])
-    # The refiner continues from the identity it returned before (warm start).
+    # 40 images a call: one generator call and at most one refine per iteration.
+    assert len(gen.calls) == result.iterations and len(ref.calls) >= result.iterations - 1
+    # Iteration 0 draws the user's prompt without identity; iteration i > 0 draws with the
+    # identity that iteration i - 1's refinement returned, its token in every prompt.
+    assert gen.calls[0][1] is None and gen.calls[0][0] == ["a colour"] * 40
+    for i in range(1, result.iterations):
+        prompts, identity = gen.calls[i]
+        assert identity is ref.returned[i - 1]
+        assert prompts == [f"{ref.token} a colour"] * 40
+    # The refiner continues from the identity it returned the iteration before (warm start).
     assert ref.calls[0][0] is None
     for i in range(1, len(ref.calls)):
-        assert ref.calls[i][0] is not None
+        assert ref.calls[i][0] is ref.returned[i - 1]
     assert all(cap == f"{ref.token} a colour" for c in ref.calls for cap in c[2])
     assert float(result.identity.clip_l[0, 3]) == len(ref.calls) - 1
+
+
+def test_captions_carry_the_refiners_own_token():
+    # A refiner built apart from the config, with another token: its new identity's token is
+    # the one the captions must hold, or the refinement learns a token it never sees.
+    extractor = make_extractor(max_iterations=2)
+    extractor.refiner = MeanColourRefiner(token="<own>")
+    assert extractor.config.refiner.token != "<own>"
+    result = extractor.extract("a colour")
+    assert result.identity.token == "<own>"
+    assert extractor.refiner.calls[0][2] == ["<own> a colour"] * len(extractor.refiner.calls[0][2])
 
 
 def test_image_seeds_are_distinct_reproducible_and_recorded():
@@ -530,3 +546,42 @@ def test_centre_variations_clusters_the_character_not_the_setting():
     # Centred, the setting's offset is gone and clusters follow the colour across settings.
     captions = chosen_members(True)
     assert {c.endswith("at night") for c in captions} == {True, False}
+
+
+def test_cosine_distance_clusters_directions_not_lengths():
+    # Two nearby directions, each at two lengths: Euclidean k-means splits by length, cosine
+    # by direction.
+    rng = np.random.default_rng(0)
+    directions = np.array([[1.0, 0.2, 0.0], [1.0, -0.2, 0.0]])
+    rows = [directions[j % 2] * (1.0 if j % 4 < 2 else 10.0) for j in range(40)]
+    embeddings = (np.array(rows) + rng.normal(0, 0.01, (40, 3))).astype(np.float32)
+    direction = np.arange(40) % 2
+
+    def labels(distance):
+        extractor = make_extractor(**{"clusterer.distance": distance})
+        features = extractor._features(embeddings, ["a colour"] * 40)
+        clusterer = FaissKMeansClusterer(spherical=distance == "cosine")
+        found, _ = clusterer.cluster(features, 2, seed=0)
+        return found
+
+    cosine = labels("cosine")
+    assert all(len(set(cosine[direction == d])) == 1 for d in (0, 1))
+    assert len(set(cosine)) == 2
+    euclidean = labels("euclidean")
+    length = (np.arange(40) % 4) // 2
+    assert all(len(set(euclidean[length == k])) == 1 for k in (0, 1))
+    assert len(set(euclidean)) == 2
+
+
+def test_cosine_features_have_unit_length_and_other_distances_are_errors():
+    from consistent_char.config import ExtractorConfig
+
+    config = ExtractorConfig.from_overrides({"clusterer.distance": "cosine"})
+    extractor = make_extractor(**{"clusterer.distance": "cosine"})
+    x = np.array([[3.0, 4.0], [0.0, 0.0], [0.0, 2.0]], dtype=np.float32)
+    features = extractor._features(x, ["p"] * 3)
+    np.testing.assert_allclose(np.linalg.norm(features, axis=1), [1.0, 0.0, 1.0], rtol=1e-6)
+    assert x[0, 0] == 3.0  # the embeddings themselves are left as they are
+    assert config.clusterer.distance == "cosine"
+    with pytest.raises(ConfigError, match="distance"):
+        ExtractorConfig.from_overrides({"clusterer.distance": "manhattan"})

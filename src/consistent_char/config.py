@@ -91,6 +91,16 @@ class ClustererConfig(_Strict):
 
     niter: int = Field(20, ge=1, description="Lloyd iterations after k-means++ seeding.")
     nredo: int = Field(1, ge=1, description="Independent runs; FAISS keeps the best objective.")
+    distance: Literal["euclidean", "cosine"] = Field(
+        "euclidean",
+        description=(
+            "How k-means, cluster cohesion and the densest core measure distance: 'euclidean' "
+            "on the embedder's features as they are (the paper does not say which), or "
+            "'cosine' on features scaled to unit length, with k-means keeping its centroids on "
+            "the unit sphere (spherical k-means). The convergence spread reads the features "
+            "as they are either way."
+        ),
+    )
 
 
 class RefinerConfig(_Strict):

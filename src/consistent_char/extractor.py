@@ -371,19 +371,30 @@ class IterativeIdentityExtractor:
 
     # ------------------------------------------------------------- the steps
 
+    def _new_token(self) -> str:
+        """The token a new identity will have: the refiner's own (a refiner built apart from
+        the config may have another), else the config's ``refiner.token``."""
+        token = getattr(self.refiner, "token", None)
+        return token if isinstance(token, str) and token else self.config.refiner.token
+
     def _identity_prompt(self, prompt: str, token: str) -> str:
         return self.config.identity_prompt_template.format(token=token, prompt=prompt)
 
     def _features(self, embeddings: np.ndarray, variations: Sequence[str]) -> np.ndarray:
         """What is clustered: the embeddings, or with `centre_variations` each image's minus
-        the mean of the images drawn from the same prompt variation."""
-        if not self.config.centre_variations:
-            return embeddings
+        the mean of the images drawn from the same prompt variation; with the clusterer's
+        ``distance: cosine``, scaled to unit length, so that Euclidean distances between them
+        order pairs as cosine distances do."""
         out = np.array(embeddings, dtype=np.float32, copy=True)
-        keys = np.asarray(variations)
-        for key in set(variations):
-            rows = keys == key
-            out[rows] -= out[rows].mean(axis=0)
+        if self.config.centre_variations:
+            keys = np.asarray(variations)
+            for key in set(variations):
+                rows = keys == key
+                out[rows] -= out[rows].mean(axis=0)
+        if self.config.clusterer.distance == "cosine":
+            norms = np.linalg.norm(out, axis=1, keepdims=True)
+            # A zero row (an image equal to its variation's mean) has no direction; it stays 0.
+            np.divide(out, norms, out=out, where=norms > 0)
         return out
 
     def _earlier_chosen(
@@ -523,7 +534,7 @@ class IterativeIdentityExtractor:
         drawn from (before the token); a member's caption is that prompt with the token."""
         if run is not None and state.done(iteration, "refined"):
             return Identity.load(run.iteration_identity_dir(iteration))
-        token = identity.token if identity is not None else self.config.refiner.token
+        token = identity.token if identity is not None else self._new_token()
         kwargs: dict[str, Any] = {}
         if base and self.config.refiner.prior_preservation > 0:
             if not _accepts(self.refiner.refine, "prior_images"):

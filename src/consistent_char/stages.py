@@ -169,7 +169,11 @@ def build_stages(
     embedder = build_embedder(
         config.embedder.kind, embedder_model, device=device, batch_size=config.embedder.batch_size
     )
-    clusterer = FaissKMeansClusterer(niter=config.clusterer.niter, nredo=config.clusterer.nredo)
+    clusterer = FaissKMeansClusterer(
+        niter=config.clusterer.niter,
+        nredo=config.clusterer.nredo,
+        spherical=config.clusterer.distance == "cosine",
+    )
     criterion = PairwiseDistanceCriterion(
         d_conv=config.convergence.d_conv, d_conv_relative=config.convergence.d_conv_relative
     )
