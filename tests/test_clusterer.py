@@ -116,7 +116,7 @@ def test_cluster_recovers_known_blobs_deterministically() -> None:
     np.testing.assert_array_equal(centroids, centroids2)
 
 
-def test_faiss_runs_from_our_kmeanspp_seeds(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_faiss_is_given_our_seeds_and_every_point(monkeypatch: pytest.MonkeyPatch) -> None:
     x, _, _ = gaussian_blobs(SIZES, SPREADS)
     seen: list[np.ndarray] = []
     train = faiss.Kmeans.train
@@ -132,6 +132,17 @@ def test_faiss_runs_from_our_kmeanspp_seeds(monkeypatch: pytest.MonkeyPatch) -> 
     expected, _ = kmeans_plusplus(x, 6, np.random.default_rng(3))
     assert len(seen) == 1
     np.testing.assert_array_equal(seen[0], expected)
+
+
+def test_faiss_lloyd_step_starts_from_our_kmeanspp_seeds() -> None:
+    # One Lloyd iteration from our seeds, by hand: assign each point to its nearest seed, move
+    # each seed to its points' mean. FAISS ignoring the seeds (its own random init) fails this.
+    x, _, _ = gaussian_blobs(SIZES, SPREADS)
+    seeds, _ = kmeans_plusplus(x, 6, np.random.default_rng(3))
+    nearest = ((x[:, None, :] - seeds[None, :, :]) ** 2).sum(-1).argmin(1)
+    expected = np.stack([x[nearest == j].mean(0) for j in range(6)])
+    _, centroids = FaissKMeansClusterer(niter=1).cluster(x, 6, seed=3)
+    np.testing.assert_allclose(centroids, expected, rtol=1e-5, atol=1e-5)
 
 
 def test_faiss_thread_setting_is_restored() -> None:
