@@ -28,18 +28,16 @@ import inspect
 import logging
 import math
 import os
-import platform
 import time
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from contextlib import contextmanager, suppress
+from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Any
 
 import numpy as np
 from PIL import Image
 
-from consistent_char._version import __version__
 from consistent_char.clusterers.selection import choose_cluster, saved_members
 from consistent_char.config import ExtractorConfig
 from consistent_char.convergence import (
@@ -63,12 +61,13 @@ from consistent_char.interfaces import (
     IterationRecord,
     Refiner,
 )
+from consistent_char.progress import EventKind, ProgressCallback, ProgressEvent
+from consistent_char.provenance import versions
 from consistent_char.report import build_report
 from consistent_char.rundir import RunDirectory, RunState, Step
+from consistent_char.seeds import StageName, image_seed, stage_seed
 
 logger = logging.getLogger(__name__)
-
-StageName = Literal["generate", "embed", "cluster", "refine"]
 
 # Images are generated and written in chunks of this size, so a cut run keeps what it drew. Large
 # enough that the generator's own batching stays efficient and the identity is applied rarely.
@@ -76,38 +75,22 @@ GENERATION_CHUNK = 64
 
 
 @dataclass
-class ProgressEvent:
-    """What the extractor reports to its callback.
+class _Loop:
+    """What one run of the loop carries from one iteration to the next."""
 
-    `kind` is ``"stage_start"``, ``"progress"``, ``"stage_end"`` or ``"iteration_end"``; `done`
-    and `total` count the stage's units (images, training steps); `record` is set on
-    ``"iteration_end"``.
-    """
-
-    kind: Literal["stage_start", "progress", "stage_end", "iteration_end"]
-    iteration: int
-    stage: StageName | None = None
-    done: int = 0
-    total: int = 0
-    seconds: float = 0.0
-    record: IterationRecord | None = None
-    extra: dict[str, Any] = field(default_factory=dict)
-
-
-ProgressCallback = Callable[[ProgressEvent], None]
-
-
-def image_seed(seed: int, iteration: int, index: int) -> int:
-    """The seed of image `index` of `iteration`: distinct, reproducible, independent of N."""
-    state = np.random.SeedSequence([seed, iteration, index]).generate_state(1, dtype=np.uint64)
-    return int(state[0] >> np.uint64(1))
-
-
-def stage_seed(seed: int, iteration: int, stage: StageName) -> int:
-    """The seed of a stage's own randomness (k-means++ seeding, refiner noise) at `iteration`."""
-    code = {"generate": 0, "embed": 1, "cluster": 2, "refine": 3}[stage]
-    state = np.random.SeedSequence([seed, iteration, 1_000_000 + code]).generate_state(1)
-    return int(state[0])
+    prompt: str
+    run: RunDirectory | None
+    state: RunState
+    start: int  # the first iteration to run (past the finished ones of a resumed run)
+    history: list[IterationRecord]
+    variations: list[str]  # image j's prompt, before the token
+    criterion: ConvergenceCriterion
+    identity: Identity | None  # Θ: the identity learned so far (None before the first refine)
+    anchor: tuple[np.ndarray, float] | None  # iteration 0's chosen cluster: centroid, cohesion
+    earlier: list[tuple[Image.Image, str]]  # accumulate_chosen: earlier chosen members
+    converged: bool = False
+    learned: dict[int, Identity] = field(default_factory=dict)  # Θ after each refine
+    base_images: list[Image.Image] | None = None  # iteration 0's: the base model's own
 
 
 class IterativeIdentityExtractor:
@@ -206,156 +189,200 @@ class IterativeIdentityExtractor:
         resume: bool,
         callback: ProgressCallback | None,
     ) -> ExtractionResult:
-        cfg = self.config
-        state = self._open_run(run, prompt, resume)
         self._callback = callback
-        history = [IterationRecord.from_dict(r) for r in state.history]
+        loop = self._start(prompt, run, resume)
+        for i in range(loop.start, self.config.max_iterations):
+            if loop.state.finished or self._iteration(loop, i):
+                break
+        return self._finish(loop)
 
-        # Θ: the identity learned so far (None before the first refinement).
-        identity = self._load_last_identity(run, state)
-        learned: dict[int, Identity] = {}  # Θ after each refine, for return_best
-        converged = state.converged
-        # The character chosen at iteration 0 (centroid, cohesion), for the anchor guard.
-        anchor = self._load_anchor(run, state)
+    def _iteration(self, loop: _Loop, i: int) -> bool:
+        """One pass of Algorithm 1's loop body; True when the loop stops at this iteration."""
+        cfg = self.config
+        record = loop.history[i] if i < len(loop.history) else None
+        seconds: dict[str, float] = dict(record.seconds) if record else {}
+
+        # 1. The prompt: the user's words at i = 0, then with the learned token (its LoRA is
+        #    active too), so each iteration samples around the current identity. With
+        #    prompt_variations, image j draws variation j mod their number.
+        identity = loop.identity
+        prompt_i, prompts_i = self._prompts(loop.prompt, loop.variations, identity)
+        seeds = [image_seed(cfg.seed, i, j) for j in range(cfg.num_images)]
+
+        # 2. S ← Generator(prompt_i, seeds, Θ)
+        with self._stage(i, "generate", cfg.num_images, seconds):
+            images = self._generate(loop.run, loop.state, i, prompts_i, seeds, identity)
+        if i == 0:
+            loop.base_images = images  # the base model's own images of the prompt
+
+        # 3. E ← Embedder(S)
+        with self._stage(i, "embed", len(images), seconds):
+            embeddings = self._embed(loop, i, images)
+
+        # 4. Convergence: the mean pairwise distance of E against d_conv (never at i = 0: there
+        #    is no identity to return yet), and the optional guards of `_measure`.
+        features = self._features(embeddings, loop.variations)  # what is clustered
+        record = self._measure(loop, i, prompt_i, seeds, images, embeddings, features, seconds)
         conv = cfg.convergence
-        base_images: list[Image.Image] | None = None
+        reason = stop_reason(loop.history[:i] + [record], conv.patience, conv.max_saturation_rise)
+        if reason is not None:
+            logger.info(
+                "iteration %d: spread %.4f (%.4f): %s", i, record.spread, record.threshold, reason
+            )
+            loop.history = loop.history[:i] + [record]
+            loop.converged = record.converged
+            self._finish_iteration(loop.run, loop.state, i, "clustered", loop.history, record)
+            return True
+
+        # 5. Cluster E into K = N // d_size_c groups (k-means++), then
+        # 6. c* ← the most cohesive cluster with at least d_min_c members.
+        with self._stage(i, "cluster", 1, seconds):
+            chosen = self._choose(loop, i, features, record)
+
+        # 7. Θ ← Refiner(Θ, S[c*]): continue from the previous identity (warm start).
+        #    With core_size, S[c*] is the chosen cluster's densest core_size images. With
+        #    accumulate_chosen, on S[c*] and every earlier iteration's chosen images.
+        members = [(images[j], loop.variations[j]) for j in chosen]
+        if cfg.accumulate_chosen:
+            members = loop.earlier + members
+            loop.earlier = members
+        with self._stage(i, "refine", cfg.refiner.steps, seconds):
+            start_from = identity if cfg.warm_start else None
+            loop.identity = self._refine(
+                loop.run, loop.state, i, start_from, members, self._prior(loop)
+            )
+        loop.learned[i] = loop.identity
+
+        record.seconds = seconds
+        loop.history = loop.history[:i] + [record]
+        self._finish_iteration(loop.run, loop.state, i, "refined", loop.history, record)
+        return False
+
+    def _start(self, prompt: str, run: RunDirectory | None, resume: bool) -> _Loop:
+        """The loop's state at its first iteration: fresh, or read back from a cut run."""
+        state = self._open_run(run, prompt, resume)
         variations = self._variations(prompt)  # image j's prompt, before the token
         criterion = self.criterion
-        if conv.per_variation and cfg.prompt_variations:
+        if self.config.convergence.per_variation and self.config.prompt_variations:
             criterion = PerVariationCriterion(self.criterion, tuple(variations))
         start = state.iteration if state.step != "refined" else state.iteration + 1
         start = max(start, 0)
-        # With accumulate_chosen: the chosen members of the iterations before this one.
-        earlier = self._earlier_chosen(run, state, start, variations)
+        return _Loop(
+            prompt=prompt,
+            run=run,
+            state=state,
+            start=start,
+            history=[IterationRecord.from_dict(r) for r in state.history],
+            variations=variations,
+            criterion=criterion,
+            identity=self._load_last_identity(run, state),
+            anchor=self._load_anchor(run, state),
+            # With accumulate_chosen: the chosen members of the iterations before this one.
+            earlier=self._earlier_chosen(run, state, start, variations),
+            converged=state.converged,
+        )
 
-        for i in range(start, cfg.max_iterations):
-            if state.finished:
-                break
-            record = history[i] if i < len(history) else None
-            seconds: dict[str, float] = dict(record.seconds) if record else {}
+    def _embed(self, loop: _Loop, i: int, images: list[Image.Image]) -> np.ndarray:
+        run, state = loop.run, loop.state
+        if run is not None and state.done(i, "embedded"):
+            return run.load_embeddings(i)
+        embeddings = _check_embeddings(self.embedder.embed(images), len(images))
+        if run is not None:
+            run.save_embeddings(i, embeddings)
+            self._mark(run, state, i, "embedded", loop.history)
+        return embeddings
 
-            # 1. The prompt: the user's words at i = 0, then with the learned token (its LoRA is
-            #    active too), so each iteration samples around the current identity. With
-            #    prompt_variations, image j draws variation j mod their number.
-            prompt_i = prompt if identity is None else self._identity_prompt(prompt, identity.token)
-            seeds = [image_seed(cfg.seed, i, j) for j in range(cfg.num_images)]
-            prompts_i = [
-                p if identity is None else self._identity_prompt(p, identity.token)
-                for p in variations
-            ]
+    def _measure(
+        self,
+        loop: _Loop,
+        i: int,
+        prompt_i: str,
+        seeds: list[int],
+        images: list[Image.Image],
+        embeddings: np.ndarray,
+        features: np.ndarray,
+        seconds: dict[str, float],
+    ) -> IterationRecord:
+        """Iteration i's record: the spread against the threshold, and whether it converged.
 
-            # 2. S ← Generator(prompt_i, seeds, Θ)
-            with self._stage(i, "generate", cfg.num_images, seconds):
-                images = self._generate(run, state, i, prompts_i, seeds, identity)
-            if i == 0:
-                base_images = images  # the base model's own images of the prompt
+        The optional guards: converge only near iteration 0's chosen character
+        (`max_anchor_ratio`), never on over-saturated images (`max_saturation_rise`). With
+        `per_variation`, the spread is measured within each prompt variation and averaged.
+        """
+        conv = self.config.convergence
+        history, anchor = loop.history, loop.anchor
+        spread = float(loop.criterion.spread(embeddings))
+        record = IterationRecord(
+            iteration=i,
+            prompt=prompt_i,
+            seeds=seeds,
+            spread=spread,
+            threshold=float(loop.criterion.threshold([r.spread for r in history[:i]] + [spread])),
+            converged=False,
+            seconds=seconds,
+            anchor_distance=None if anchor is None else anchor_distance(features, anchor[0]),
+            # Measured only for the guard: 128 images at 1024² take about 2 s on this CPU.
+            saturation=None if conv.max_saturation_rise is None else mean_saturation(images),
+        )
+        washed_out = i > 0 and saturated(record, history[0].saturation, conv.max_saturation_rise)
+        kept = anchored(record, None if anchor is None else anchor[1], conv.max_anchor_ratio)
+        record.converged = (
+            i > 0
+            and kept
+            and not washed_out
+            and bool(loop.criterion.converged(embeddings, history[:i]))
+        )
+        return record
 
-            # 3. E ← Embedder(S)
-            with self._stage(i, "embed", len(images), seconds):
-                if run is not None and state.done(i, "embedded"):
-                    embeddings = run.load_embeddings(i)
-                else:
-                    embeddings = _check_embeddings(self.embedder.embed(images), len(images))
-                    if run is not None:
-                        run.save_embeddings(i, embeddings)
-                        self._mark(run, state, i, "embedded", history)
+    def _choose(
+        self, loop: _Loop, i: int, features: np.ndarray, record: IterationRecord
+    ) -> np.ndarray:
+        """Clusters iteration i, records the choice, and returns the indices to learn from."""
+        labels, choice = self._cluster(loop.run, loop.state, i, features, loop.variations)
+        record.cluster_sizes = choice.sizes
+        record.cluster_cohesions = _json_floats(choice.cohesions)
+        record.chosen_cluster = choice.index
+        record.chosen_cohesion = choice.cohesion
+        record.chosen_reason = choice.reason
+        members = choice.members(labels)
+        if i == 0:
+            loop.anchor = (features[members].mean(axis=0), float(choice.cohesion))
+        if loop.run is not None and not loop.state.done(i, "clustered"):
+            self._mark(loop.run, loop.state, i, "clustered", loop.history[:i] + [record])
+        return members
 
-            # 4. Convergence: the mean pairwise distance of E against d_conv. At i = 0 there is
-            #    no identity to return yet, so the loop always refines at least once.
-            #    The optional guards: converge only near iteration 0's chosen character, stop
-            #    once the spread has stopped falling or the images have over-saturated. With
-            #    convergence.per_variation, the spread is measured within each prompt
-            #    variation's images and averaged.
-            spread = float(criterion.spread(embeddings))
-            features = self._features(embeddings, variations)  # what is clustered
-            threshold = float(criterion.threshold([r.spread for r in history[:i]] + [spread]))
-            record = IterationRecord(
-                iteration=i,
-                prompt=prompt_i,
-                seeds=seeds,
-                spread=spread,
-                threshold=threshold,
-                converged=False,
-                seconds=seconds,
-                anchor_distance=None if anchor is None else anchor_distance(features, anchor[0]),
-                # Measured only for the guard: 128 images at 1024² take about 2 s on this CPU.
-                saturation=None if conv.max_saturation_rise is None else mean_saturation(images),
-            )
-            washed_out = i > 0 and saturated(
-                record, history[0].saturation, conv.max_saturation_rise
-            )
-            kept = anchored(record, None if anchor is None else anchor[1], conv.max_anchor_ratio)
-            record.converged = (
-                i > 0
-                and kept
-                and not washed_out
-                and bool(criterion.converged(embeddings, history[:i]))
-            )
-            reason = stop_reason(history[:i] + [record], conv.patience, conv.max_saturation_rise)
-            if reason is not None:
-                logger.info("iteration %d: spread %.4f (%.4f): %s", i, spread, threshold, reason)
-                history = history[:i] + [record]
-                converged = record.converged
-                self._finish_iteration(run, state, i, "clustered", history, record)
-                break
+    def _prior(self, loop: _Loop) -> list[tuple[Image.Image, str]] | None:
+        """Iteration 0's images with their prompts, for prior preservation."""
+        if loop.base_images is None and self.config.refiner.prior_preservation > 0:
+            assert loop.run is not None  # only a resumed run starts past iteration 0
+            loop.base_images = loop.run.load_images(0, self.config.num_images)
+        if loop.base_images is None:
+            return None
+        return list(zip(loop.base_images, loop.variations, strict=True))
 
-            # 5. Cluster E into K = N // d_size_c groups (k-means++), then
-            # 6. c* ← the most cohesive cluster with at least d_min_c members.
-            with self._stage(i, "cluster", 1, seconds):
-                labels, choice = self._cluster(run, state, i, features, variations)
-            record.cluster_sizes = choice.sizes
-            record.cluster_cohesions = _json_floats(choice.cohesions)
-            record.chosen_cluster = choice.index
-            record.chosen_cohesion = choice.cohesion
-            record.chosen_reason = choice.reason
-            if i == 0:
-                chosen = features[choice.members(labels)]
-                anchor = (chosen.mean(axis=0), float(choice.cohesion))
-            if run is not None and not state.done(i, "clustered"):
-                self._mark(run, state, i, "clustered", history[:i] + [record])
-
-            # 7. Θ ← Refiner(Θ, S[c*]): continue from the previous identity (warm start).
-            #    With core_size, S[c*] is the chosen cluster's densest core_size images. With
-            #    accumulate_chosen, on S[c*] and every earlier iteration's chosen images.
-            members = [(images[j], variations[j]) for j in choice.members(labels)]
-            if cfg.accumulate_chosen:
-                members = earlier + members
-                earlier = members
-            with self._stage(i, "refine", cfg.refiner.steps, seconds):
-                start_from = identity if cfg.warm_start else None
-                if base_images is None and cfg.refiner.prior_preservation > 0:
-                    assert run is not None  # only a resumed run starts past iteration 0
-                    base_images = run.load_images(0, cfg.num_images)
-                base = (
-                    None if base_images is None else list(zip(base_images, variations, strict=True))
-                )
-                identity = self._refine(run, state, i, start_from, members, base)
-            learned[i] = identity
-
-            record.seconds = seconds
-            history = history[:i] + [record]
-            self._finish_iteration(run, state, i, "refined", history, record)
-
+    def _finish(self, loop: _Loop) -> ExtractionResult:
+        """Picks the identity to return, saves it with the history, and writes the report."""
+        conv = self.config.convergence
+        identity, history, run = loop.identity, loop.history, loop.run
         if identity is None:  # only when a finished run is opened again with nothing learned
             raise RuntimeError("the run finished without learning an identity")
         if conv.return_best:
             best = best_iteration(
                 history,
-                None if anchor is None else anchor[1],
+                None if loop.anchor is None else loop.anchor[1],
                 conv.max_anchor_ratio,
                 conv.max_saturation_rise,
             )
             if best is not None:
                 # Iteration `best`'s images were drawn by the identity learned just before it.
-                identity = learned.get(best - 1) or self._load_identity(run, best - 1)
-        identity.metadata = self._provenance(prompt, history, converged)
+                identity = loop.learned.get(best - 1) or self._load_identity(run, best - 1)
+        identity.metadata = self._provenance(loop.prompt, history, loop.converged)
         if run is not None:
             identity.save(run.identity_dir)
-            state.finished = True
-            state.converged = converged
-            state.history = [r.to_dict() for r in history]
-            run.write_state(state)
-        if run is not None:
+            loop.state.finished = True
+            loop.state.converged = loop.converged
+            loop.state.history = [r.to_dict() for r in history]
+            run.write_state(loop.state)
             # The report is a by-product: failing to draw it must never fail the run.
             try:
                 build_report(run.root)
@@ -364,7 +391,7 @@ class IterativeIdentityExtractor:
         return ExtractionResult(
             identity=identity,
             history=history,
-            converged=converged,
+            converged=loop.converged,
             run_dir=str(run.root) if run is not None else None,
             stop_reason=final_stop_reason(history, conv.patience, conv.max_saturation_rise),
         )
@@ -376,6 +403,17 @@ class IterativeIdentityExtractor:
         the config may have another), else the config's ``refiner.token``."""
         token = getattr(self.refiner, "token", None)
         return token if isinstance(token, str) and token else self.config.refiner.token
+
+    def _prompts(
+        self, prompt: str, variations: list[str], identity: Identity | None
+    ) -> tuple[str, list[str]]:
+        """The iteration's prompt and each image's: as given, or with the identity's token."""
+        if identity is None:
+            return prompt, list(variations)
+        token = identity.token
+        return self._identity_prompt(prompt, token), [
+            self._identity_prompt(p, token) for p in variations
+        ]
 
     def _identity_prompt(self, prompt: str, token: str) -> str:
         return self.config.identity_prompt_template.format(token=token, prompt=prompt)
@@ -649,7 +687,7 @@ class IterativeIdentityExtractor:
 
     def _emit(
         self,
-        kind: Literal["stage_start", "progress", "stage_end", "iteration_end"],
+        kind: EventKind,
         iteration: int,
         stage: StageName | None = None,
         *,
@@ -674,7 +712,7 @@ class IterativeIdentityExtractor:
             "iterations": len(history),
             "config": self.config.to_dict(),
             "history": [r.to_dict() for r in history],
-            "versions": _versions(),
+            "versions": versions(),
         }
 
 
@@ -706,16 +744,6 @@ def _check_embeddings(embeddings: np.ndarray, n: int) -> np.ndarray:
     if not np.isfinite(arr).all():
         raise ValueError("embedder returned non-finite values")
     return np.ascontiguousarray(arr, dtype=np.float32)
-
-
-def _versions() -> dict[str, str]:
-    import importlib.metadata as md
-
-    out = {"consistent_char": __version__, "python": platform.python_version()}
-    for name in ("torch", "diffusers", "transformers", "peft"):
-        with suppress(md.PackageNotFoundError):
-            out[name] = md.version(name)
-    return out
 
 
 def default_run_name(prompt: str) -> str:

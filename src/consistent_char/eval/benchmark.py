@@ -609,7 +609,7 @@ def _dotted(config: ExtractorConfig, name: str) -> Any:
 
 
 def _versions() -> dict[str, str]:
-    from consistent_char.extractor import _versions as versions
+    from consistent_char.provenance import versions
 
     return versions()
 
