@@ -201,9 +201,6 @@ def choose_cluster(
         groups: (N,) group labels (the images' prompt variations): the cores span the groups
             (`densest_core`). Only with `core_size`.
 
-    Returns:
-        The `ClusterChoice`.
-
     Example:
         >>> x = np.array([[0.0], [0.1], [0.2], [5.0], [5.01]])
         >>> labels = np.array([0, 0, 0, 1, 1])
@@ -215,14 +212,7 @@ def choose_cluster(
         >>> choose_cluster(x, labels, centroids, d_min_c=2, core_size=2).core
         [3, 4]
     """
-    if isinstance(d_min_c, bool) or not isinstance(d_min_c, int | np.integer) or d_min_c < 0:
-        raise ValueError(f"d_min_c must be an integer >= 0, got {d_min_c!r}")
-    if core_size is not None and (
-        isinstance(core_size, bool) or not isinstance(core_size, int | np.integer) or core_size < 1
-    ):
-        raise ValueError(f"core_size must be None or an integer >= 1, got {core_size!r}")
-    if groups is not None and core_size is None:
-        raise ValueError("groups shape the core: give core_size too")
+    _check_choice_settings(d_min_c, core_size, groups)
     cohesions = cohesion(embeddings, labels, centroids)
     k = cohesions.shape[0]
     labels = np.asarray(labels, dtype=np.int64)
@@ -230,23 +220,9 @@ def choose_cluster(
     smallest = max(int(d_min_c), int(core_size or 1), 1)
     cores: dict[int, np.ndarray] = {}
     if core_size is not None:
-        cohesions = np.full(k, np.nan)
-        for c in np.flatnonzero(sizes >= min(smallest, int(sizes.max()))):
-            cohesions[c], cores[int(c)] = densest_core(
-                embeddings, np.flatnonzero(labels == c), core_size, groups
-            )
-    eligible = np.flatnonzero(sizes >= smallest)
-    reason: ChoiceReason
-    if eligible.size:
-        # np.lexsort sorts by the last key first: cohesion, then size (descending), then label.
-        order = np.lexsort((eligible, -sizes[eligible], cohesions[eligible]))
-        index = int(eligible[order[0]])
-        reason = "most_cohesive"
-    else:
-        nonempty = np.flatnonzero(sizes > 0)
-        order = np.lexsort((nonempty, cohesions[nonempty], -sizes[nonempty]))
-        index = int(nonempty[order[0]])
-        reason = "largest_fallback"
+        cohesions, cores = _core_tightness(embeddings, labels, sizes, smallest, core_size, groups)
+    index, reason = _pick(sizes, cohesions, smallest)
+    if reason == "largest_fallback":
         logger.warning(
             "no cluster has d_min_c=%d members (sizes %s); taking the largest, cluster %d "
             "with %d members",
@@ -260,6 +236,51 @@ def choose_cluster(
         reason=reason,
         core=None if core_size is None else cores[index].tolist(),
     )
+
+
+def _check_choice_settings(d_min_c: Any, core_size: Any, groups: Any) -> None:
+    if isinstance(d_min_c, bool) or not isinstance(d_min_c, int | np.integer) or d_min_c < 0:
+        raise ValueError(f"d_min_c must be an integer >= 0, got {d_min_c!r}")
+    if core_size is not None and (
+        isinstance(core_size, bool) or not isinstance(core_size, int | np.integer) or core_size < 1
+    ):
+        raise ValueError(f"core_size must be None or an integer >= 1, got {core_size!r}")
+    if groups is not None and core_size is None:
+        raise ValueError("groups shape the core: give core_size too")
+
+
+def _core_tightness(
+    embeddings: np.ndarray,
+    labels: np.ndarray,
+    sizes: np.ndarray,
+    smallest: int,
+    core_size: int,
+    groups: np.ndarray | None,
+) -> tuple[np.ndarray, dict[int, np.ndarray]]:
+    """Each cluster's core tightness and core (`densest_core`); NaN for a cluster too small.
+
+    When no cluster is large enough, the largest ones are still ranked, for the fallback.
+    """
+    tightness = np.full(sizes.shape[0], np.nan)
+    cores: dict[int, np.ndarray] = {}
+    for c in np.flatnonzero(sizes >= min(smallest, int(sizes.max()))):
+        tightness[c], cores[int(c)] = densest_core(
+            embeddings, np.flatnonzero(labels == c), core_size, groups
+        )
+    return tightness, cores
+
+
+def _pick(sizes: np.ndarray, cohesions: np.ndarray, smallest: int) -> tuple[int, ChoiceReason]:
+    """The most cohesive cluster of at least `smallest` members (ties: the larger, then the
+    lower label); if there is none, the largest (ties: the more cohesive, then the lower)."""
+    eligible = np.flatnonzero(sizes >= smallest)
+    if eligible.size:
+        # np.lexsort sorts by the last key first: cohesion, then size (descending), then label.
+        order = np.lexsort((eligible, -sizes[eligible], cohesions[eligible]))
+        return int(eligible[order[0]]), "most_cohesive"
+    nonempty = np.flatnonzero(sizes > 0)
+    order = np.lexsort((nonempty, cohesions[nonempty], -sizes[nonempty]))
+    return int(nonempty[order[0]]), "largest_fallback"
 
 
 def saved_members(clustering: Mapping[str, Any]) -> list[int]:
