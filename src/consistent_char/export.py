@@ -82,32 +82,12 @@ def export_kohya(identity: Identity, out_file: str | os.PathLike[str]) -> tuple[
         (PosixPath('export/fox.safetensors'), PosixPath('export/fox_emb.safetensors'))
     """
     out = Path(out_file)
-    if out.suffix != ".safetensors":
-        raise ExportError(
-            f"the output file must end in .safetensors, got {out.name!r}; e.g. "
-            "--out fox.safetensors"
-        )
     emb_file = embedding_path(out)
-    check_output_file(out)
-    for path in (out, emb_file) if identity.lora is not None else (emb_file,):
-        if (path.exists() or path.is_symlink()) and not _is_our_export(path):
-            raise OutputExistsError(
-                f"{path} exists and is not an earlier export of consistent-char; choose another "
-                "--out name or move that file (nothing was written)"
-            )
+    _check_export_targets(out, emb_file, with_lora=identity.lora is not None)
     meta = _metadata(identity, out.stem)
 
     # 1. Convert and check the LoRA before anything is written.
-    kohya: dict[str, torch.Tensor] | None = None
-    if identity.lora is not None:
-        kohya = _to_kohya(identity)
-        back = _from_kohya(kohya)[0]
-        if set(back) != set(identity.lora):
-            lost = sorted(set(identity.lora) - set(back))[:3]
-            raise ExportError(
-                "the LoRA wraps modules whose kohya names do not read back to the same modules "
-                f"(e.g. {lost}); target_modules={identity.target_modules}"
-            )
+    kohya = None if identity.lora is None else _checked_kohya(identity)
 
     # 2. Write: embeddings, then the LoRA, each through a temporary file.
     write_bytes_atomic(
@@ -134,6 +114,22 @@ def export_kohya(identity: Identity, out_file: str | os.PathLike[str]) -> tuple[
     }
     write_bytes_atomic(out, save(kohya, metadata=kohya_meta))
     return out, emb_file
+
+
+def _check_export_targets(out: Path, emb_file: Path, *, with_lora: bool) -> None:
+    """A ``.safetensors`` name, a writable folder, and no file of the user's in the way."""
+    if out.suffix != ".safetensors":
+        raise ExportError(
+            f"the output file must end in .safetensors, got {out.name!r}; e.g. "
+            "--out fox.safetensors"
+        )
+    check_output_file(out)
+    for path in (out, emb_file) if with_lora else (emb_file,):
+        if (path.exists() or path.is_symlink()) and not _is_our_export(path):
+            raise OutputExistsError(
+                f"{path} exists and is not an earlier export of consistent-char; choose another "
+                "--out name or move that file (nothing was written)"
+            )
 
 
 def _is_our_export(path: Path) -> bool:
@@ -185,21 +181,7 @@ def import_kohya(
     lora_meta: dict[str, str] = {}
     rank, alpha = 4, 4.0
     if lora_file is not None:
-        with safe_open(str(lora_file), framework="pt") as f:
-            state = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 (not iterable)
-            lora_meta = f.metadata() or {}
-        lora, alphas = _from_kohya(state)
-        if not lora:
-            raise ExportError(f"{lora_file} holds no UNet LoRA weights")
-        ranks = {int(v.shape[0]) for k, v in lora.items() if ".lora_A." in k}
-        if len(ranks) != 1:
-            raise ExportError(f"{lora_file} mixes LoRA ranks {sorted(ranks)}; Identity has one")
-        rank = ranks.pop()
-        # A kohya file without alpha means alpha = rank (scale 1), as kohya-ss reads it.
-        values = set(alphas.values()) or {float(rank)}
-        if len(values) != 1:
-            raise ExportError(f"{lora_file} mixes LoRA alphas {sorted(values)}; Identity has one")
-        alpha = float(values.pop())
+        lora, rank, alpha, lora_meta = _read_kohya_lora(Path(lora_file))
     meta = {**emb_meta, **lora_meta}
     token = token or meta.get("consistent_char_token") or f"<{emb_path.stem}>"
     targets = _targets(meta, lora)
@@ -219,6 +201,39 @@ def import_kohya(
         )
     except IdentityError as err:
         raise ExportError(f"cannot import {emb_path}: {err}") from err
+
+
+def _checked_kohya(identity: Identity) -> dict[str, torch.Tensor]:
+    """The identity's LoRA in kohya keys, checked to read back to the same modules."""
+    assert identity.lora is not None
+    kohya = _to_kohya(identity)
+    back = _from_kohya(kohya)[0]
+    if set(back) != set(identity.lora):
+        lost = sorted(set(identity.lora) - set(back))[:3]
+        raise ExportError(
+            "the LoRA wraps modules whose kohya names do not read back to the same modules "
+            f"(e.g. {lost}); target_modules={identity.target_modules}"
+        )
+    return kohya
+
+
+def _read_kohya_lora(path: Path) -> tuple[dict[str, torch.Tensor], int, float, dict[str, str]]:
+    """A kohya LoRA file as peft keys, with its one rank, its one alpha and its metadata."""
+    with safe_open(str(path), framework="pt") as f:
+        state = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 (not iterable)
+        meta = f.metadata() or {}
+    lora, alphas = _from_kohya(state)
+    if not lora:
+        raise ExportError(f"{path} holds no UNet LoRA weights")
+    ranks = {int(v.shape[0]) for k, v in lora.items() if ".lora_A." in k}
+    if len(ranks) != 1:
+        raise ExportError(f"{path} mixes LoRA ranks {sorted(ranks)}; Identity has one")
+    rank = ranks.pop()
+    # A kohya file without alpha means alpha = rank (scale 1), as kohya-ss reads it.
+    values = set(alphas.values()) or {float(rank)}
+    if len(values) != 1:
+        raise ExportError(f"{path} mixes LoRA alphas {sorted(values)}; Identity has one")
+    return lora, rank, float(values.pop()), meta
 
 
 # ---------------------------------------------------------------------------------- conversions

@@ -143,14 +143,31 @@ def illustrate(
 
     # 3. Write images, the contact sheet and what made them; drop an earlier story's extra images
     folder.claim(files)
-    paths = []
-    for name, image in zip(names, images, strict=True):
-        path = out / name
+    paths = [out / name for name in names]
+    for path, image in zip(paths, images, strict=True):
         save_png_atomic(path, image.convert("RGB"))
-        paths.append(path)
-    sheet = contact_sheet(images, full, columns=columns, cell_size=cell_size)
-    save_png_atomic(out / CONTACT_SHEET, sheet)
-    story: dict[str, Any] = {
+    save_png_atomic(
+        out / CONTACT_SHEET, contact_sheet(images, full, columns=columns, cell_size=cell_size)
+    )
+    story = _story(identity, seed, paths, prompts, full, seeds)
+    write_text_atomic(out / STORY_JSON, json.dumps(story, indent=2) + "\n")
+    stale = folder.remove_stale(files)
+    if stale:
+        logger.info("removed %d images of an earlier story in %s", len(stale), out)
+    logger.info("wrote %d images and %s to %s", len(paths), CONTACT_SHEET, out)
+    return paths
+
+
+def _story(
+    identity: Identity,
+    seed: int,
+    paths: Sequence[Path],
+    prompts: Sequence[str],
+    full: Sequence[str],
+    seeds: Sequence[int],
+) -> dict[str, Any]:
+    """``story.json``: what drew each image (its prompt as given and as drawn, its seed)."""
+    return {
         "token": identity.token,
         "seed": seed,
         "images": [
@@ -158,12 +175,6 @@ def illustrate(
             for p, prompt, f, s in zip(paths, prompts, full, seeds, strict=True)
         ],
     }
-    write_text_atomic(out / STORY_JSON, json.dumps(story, indent=2) + "\n")
-    stale = folder.remove_stale(files)
-    if stale:
-        logger.info("removed %d images of an earlier story in %s", len(stale), out)
-    logger.info("wrote %d images and %s to %s", len(paths), CONTACT_SHEET, out)
-    return paths
 
 
 def contact_sheet(
