@@ -14,9 +14,9 @@ from pathlib import Path
 import pytest
 from typer.testing import CliRunner
 
+from consistent_char import generation
 from consistent_char.cli import app
 from consistent_char.config import DEFAULT_MODEL
-from consistent_char.extractor import IterativeIdentityExtractor
 from consistent_char.identity import Identity
 from consistent_char.rundir import RunDirectory, RunState, write_json_atomic
 from consistent_char.testing.tiny import tiny_dinov2, tiny_identity, tiny_sdxl_pipeline
@@ -116,12 +116,12 @@ def _tiny_run_args(models, out: Path) -> list[str]:
 
 def test_ctrl_c_in_extract_prints_the_resume_command_and_exits_130(models, tmp_path, monkeypatch):
     run = tmp_path / "my run"
-    real = IterativeIdentityExtractor._generate_chunk
+    real = generation._generate_chunk
 
-    def interrupted(self, *args, **kwargs):
+    def interrupted(*args, **kwargs):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(IterativeIdentityExtractor, "_generate_chunk", interrupted)
+    monkeypatch.setattr(generation, "_generate_chunk", interrupted)
     result = CliRunner().invoke(app, _tiny_run_args(models, run))
     assert result.exit_code == 130, result.output
     command = f"consistent-char extract 'a creature' --out '{run}' --resume"
@@ -130,7 +130,7 @@ def test_ctrl_c_in_extract_prints_the_resume_command_and_exits_130(models, tmp_p
     ]
     assert not (run / ".lock").exists()
     # The printed command continues the run.
-    monkeypatch.setattr(IterativeIdentityExtractor, "_generate_chunk", real)
+    monkeypatch.setattr(generation, "_generate_chunk", real)
     resumed = CliRunner().invoke(app, shlex.split(command)[1:])
     assert resumed.exit_code == 0, resumed.output
     assert (run / "identity" / "identity.json").is_file()

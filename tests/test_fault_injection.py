@@ -20,7 +20,14 @@ from pathlib import Path
 import pytest
 import torch
 
-from consistent_char import ExtractorConfig, Identity, IterativeIdentityExtractor, extractor, rundir
+from consistent_char import (
+    ExtractorConfig,
+    Identity,
+    IterativeIdentityExtractor,
+    extractor,
+    generation,
+    rundir,
+)
 from consistent_char import identity as identity_module
 from consistent_char.testing.tiny import tiny_dinov2, tiny_sdxl_pipeline
 
@@ -157,7 +164,7 @@ def _run_in_child_until_killed(config: ExtractorConfig, run_dir: Path, point: st
     if pid == 0:  # the child: never returns into pytest
         try:
             # Smaller chunks, so a cut generation has written some images and not others.
-            extractor.GENERATION_CHUNK = 4
+            generation.GENERATION_CHUNK = 4
             if before is not None:
                 before()
             ex = IterativeIdentityExtractor.from_config(config)

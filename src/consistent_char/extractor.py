@@ -24,15 +24,9 @@ continues a cut run from its last finished step and reaches the same identity.
 
 from __future__ import annotations
 
-import inspect
 import logging
-import math
 import os
-import time
-from collections.abc import Callable, Iterator, Sequence
-from concurrent.futures import ThreadPoolExecutor
-from contextlib import contextmanager
-from dataclasses import dataclass, field
+from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
@@ -50,7 +44,7 @@ from consistent_char.convergence import (
     saturated,
     stop_reason,
 )
-from consistent_char.errors import InvalidValueError
+from consistent_char.generation import accepts, generate_images
 from consistent_char.identity import Identity
 from consistent_char.interfaces import (
     Clusterer,
@@ -61,36 +55,24 @@ from consistent_char.interfaces import (
     IterationRecord,
     Refiner,
 )
-from consistent_char.progress import EventKind, ProgressCallback, ProgressEvent
-from consistent_char.provenance import versions
+from consistent_char.loop_state import (
+    LoopState,
+    check_embeddings,
+    check_prompt,
+    default_run_name,
+    json_floats,
+    load_identity,
+    load_last_identity,
+    mark_step,
+    open_run,
+)
+from consistent_char.progress import ProgressCallback, ProgressEvent, ProgressReporter
+from consistent_char.provenance import run_metadata
 from consistent_char.report import build_report
 from consistent_char.rundir import RunDirectory, RunState, Step
-from consistent_char.seeds import StageName, image_seed, stage_seed
+from consistent_char.seeds import image_seed, stage_seed
 
 logger = logging.getLogger(__name__)
-
-# Images are generated and written in chunks of this size, so a cut run keeps what it drew. Large
-# enough that the generator's own batching stays efficient and the identity is applied rarely.
-GENERATION_CHUNK = 64
-
-
-@dataclass
-class _Loop:
-    """What one run of the loop carries from one iteration to the next."""
-
-    prompt: str
-    run: RunDirectory | None
-    state: RunState
-    start: int  # the first iteration to run (past the finished ones of a resumed run)
-    history: list[IterationRecord]
-    variations: list[str]  # image j's prompt, before the token
-    criterion: ConvergenceCriterion
-    identity: Identity | None  # Θ: the identity learned so far (None before the first refine)
-    anchor: tuple[np.ndarray, float] | None  # iteration 0's chosen cluster: centroid, cohesion
-    earlier: list[tuple[Image.Image, str]]  # accumulate_chosen: earlier chosen members
-    converged: bool = False
-    learned: dict[int, Identity] = field(default_factory=dict)  # Θ after each refine
-    base_images: list[Image.Image] | None = None  # iteration 0's: the base model's own
 
 
 class IterativeIdentityExtractor:
@@ -128,7 +110,7 @@ class IterativeIdentityExtractor:
         self.refiner = refiner
         self.criterion = criterion
         self.config = config or ExtractorConfig()
-        self._callback: ProgressCallback | None = None
+        self._progress = ProgressReporter(None)
 
     @classmethod
     def from_config(cls, config: ExtractorConfig) -> IterativeIdentityExtractor:
@@ -168,7 +150,7 @@ class IterativeIdentityExtractor:
                 already in the tokenizer, an unknown LoRA module), all found before any image
                 is drawn.
         """
-        prompt = _check_prompt(prompt)
+        prompt = check_prompt(prompt)
         run = RunDirectory(run_dir) if run_dir is not None else None
         if run is not None:
             run.check(prompt, self.config, resume=resume)
@@ -189,14 +171,14 @@ class IterativeIdentityExtractor:
         resume: bool,
         callback: ProgressCallback | None,
     ) -> ExtractionResult:
-        self._callback = callback
+        self._progress = ProgressReporter(callback)
         loop = self._start(prompt, run, resume)
         for i in range(loop.start, self.config.max_iterations):
             if loop.state.finished or self._iteration(loop, i):
                 break
         return self._finish(loop)
 
-    def _iteration(self, loop: _Loop, i: int) -> bool:
+    def _iteration(self, loop: LoopState, i: int) -> bool:
         """One pass of Algorithm 1's loop body; True when the loop stops at this iteration."""
         cfg = self.config
         record = loop.history[i] if i < len(loop.history) else None
@@ -210,13 +192,13 @@ class IterativeIdentityExtractor:
         seeds = [image_seed(cfg.seed, i, j) for j in range(cfg.num_images)]
 
         # 2. S ← Generator(prompt_i, seeds, Θ)
-        with self._stage(i, "generate", cfg.num_images, seconds):
+        with self._progress.stage(i, "generate", cfg.num_images, seconds):
             images = self._generate(loop.run, loop.state, i, prompts_i, seeds, identity)
         if i == 0:
             loop.base_images = images  # the base model's own images of the prompt
 
         # 3. E ← Embedder(S)
-        with self._stage(i, "embed", len(images), seconds):
+        with self._progress.stage(i, "embed", len(images), seconds):
             embeddings = self._embed(loop, i, images)
 
         # 4. Convergence: the mean pairwise distance of E against d_conv (never at i = 0: there
@@ -226,17 +208,12 @@ class IterativeIdentityExtractor:
         conv = cfg.convergence
         reason = stop_reason(loop.history[:i] + [record], conv.patience, conv.max_saturation_rise)
         if reason is not None:
-            logger.info(
-                "iteration %d: spread %.4f (%.4f): %s", i, record.spread, record.threshold, reason
-            )
-            loop.history = loop.history[:i] + [record]
-            loop.converged = record.converged
-            self._finish_iteration(loop.run, loop.state, i, "clustered", loop.history, record)
+            self._stop(loop, i, record, reason)
             return True
 
         # 5. Cluster E into K = N // d_size_c groups (k-means++), then
         # 6. c* ← the most cohesive cluster with at least d_min_c members.
-        with self._stage(i, "cluster", 1, seconds):
+        with self._progress.stage(i, "cluster", 1, seconds):
             chosen = self._choose(loop, i, features, record)
 
         # 7. Θ ← Refiner(Θ, S[c*]): continue from the previous identity (warm start).
@@ -246,7 +223,7 @@ class IterativeIdentityExtractor:
         if cfg.accumulate_chosen:
             members = loop.earlier + members
             loop.earlier = members
-        with self._stage(i, "refine", cfg.refiner.steps, seconds):
+        with self._progress.stage(i, "refine", cfg.refiner.steps, seconds):
             start_from = identity if cfg.warm_start else None
             loop.identity = self._refine(
                 loop.run, loop.state, i, start_from, members, self._prior(loop)
@@ -258,16 +235,25 @@ class IterativeIdentityExtractor:
         self._finish_iteration(loop.run, loop.state, i, "refined", loop.history, record)
         return False
 
-    def _start(self, prompt: str, run: RunDirectory | None, resume: bool) -> _Loop:
+    def _stop(self, loop: LoopState, i: int, record: IterationRecord, reason: str) -> None:
+        """Ends the loop at iteration i, before clustering: its record is the last."""
+        logger.info(
+            "iteration %d: spread %.4f (%.4f): %s", i, record.spread, record.threshold, reason
+        )
+        loop.history = loop.history[:i] + [record]
+        loop.converged = record.converged
+        self._finish_iteration(loop.run, loop.state, i, "clustered", loop.history, record)
+
+    def _start(self, prompt: str, run: RunDirectory | None, resume: bool) -> LoopState:
         """The loop's state at its first iteration: fresh, or read back from a cut run."""
-        state = self._open_run(run, prompt, resume)
+        state = open_run(run, prompt, self.config, resume)
         variations = self._variations(prompt)  # image j's prompt, before the token
         criterion = self.criterion
         if self.config.convergence.per_variation and self.config.prompt_variations:
             criterion = PerVariationCriterion(self.criterion, tuple(variations))
         start = state.iteration if state.step != "refined" else state.iteration + 1
         start = max(start, 0)
-        return _Loop(
+        return LoopState(
             prompt=prompt,
             run=run,
             state=state,
@@ -275,26 +261,26 @@ class IterativeIdentityExtractor:
             history=[IterationRecord.from_dict(r) for r in state.history],
             variations=variations,
             criterion=criterion,
-            identity=self._load_last_identity(run, state),
+            identity=load_last_identity(run, state),
             anchor=self._load_anchor(run, state),
             # With accumulate_chosen: the chosen members of the iterations before this one.
             earlier=self._earlier_chosen(run, state, start, variations),
             converged=state.converged,
         )
 
-    def _embed(self, loop: _Loop, i: int, images: list[Image.Image]) -> np.ndarray:
+    def _embed(self, loop: LoopState, i: int, images: list[Image.Image]) -> np.ndarray:
         run, state = loop.run, loop.state
         if run is not None and state.done(i, "embedded"):
             return run.load_embeddings(i)
-        embeddings = _check_embeddings(self.embedder.embed(images), len(images))
+        embeddings = check_embeddings(self.embedder.embed(images), len(images))
         if run is not None:
             run.save_embeddings(i, embeddings)
-            self._mark(run, state, i, "embedded", loop.history)
+            mark_step(run, state, i, "embedded", loop.history)
         return embeddings
 
     def _measure(
         self,
-        loop: _Loop,
+        loop: LoopState,
         i: int,
         prompt_i: str,
         seeds: list[int],
@@ -335,12 +321,12 @@ class IterativeIdentityExtractor:
         return record
 
     def _choose(
-        self, loop: _Loop, i: int, features: np.ndarray, record: IterationRecord
+        self, loop: LoopState, i: int, features: np.ndarray, record: IterationRecord
     ) -> np.ndarray:
         """Clusters iteration i, records the choice, and returns the indices to learn from."""
         labels, choice = self._cluster(loop.run, loop.state, i, features, loop.variations)
         record.cluster_sizes = choice.sizes
-        record.cluster_cohesions = _json_floats(choice.cohesions)
+        record.cluster_cohesions = json_floats(choice.cohesions)
         record.chosen_cluster = choice.index
         record.chosen_cohesion = choice.cohesion
         record.chosen_reason = choice.reason
@@ -348,10 +334,10 @@ class IterativeIdentityExtractor:
         if i == 0:
             loop.anchor = (features[members].mean(axis=0), float(choice.cohesion))
         if loop.run is not None and not loop.state.done(i, "clustered"):
-            self._mark(loop.run, loop.state, i, "clustered", loop.history[:i] + [record])
+            mark_step(loop.run, loop.state, i, "clustered", loop.history[:i] + [record])
         return members
 
-    def _prior(self, loop: _Loop) -> list[tuple[Image.Image, str]] | None:
+    def _prior(self, loop: LoopState) -> list[tuple[Image.Image, str]] | None:
         """Iteration 0's images with their prompts, for prior preservation."""
         if loop.base_images is None and self.config.refiner.prior_preservation > 0:
             assert loop.run is not None  # only a resumed run starts past iteration 0
@@ -360,7 +346,7 @@ class IterativeIdentityExtractor:
             return None
         return list(zip(loop.base_images, loop.variations, strict=True))
 
-    def _finish(self, loop: _Loop) -> ExtractionResult:
+    def _finish(self, loop: LoopState) -> ExtractionResult:
         """Picks the identity to return, saves it with the history, and writes the report."""
         conv = self.config.convergence
         identity, history, run = loop.identity, loop.history, loop.run
@@ -375,8 +361,8 @@ class IterativeIdentityExtractor:
             )
             if best is not None:
                 # Iteration `best`'s images were drawn by the identity learned just before it.
-                identity = loop.learned.get(best - 1) or self._load_identity(run, best - 1)
-        identity.metadata = self._provenance(loop.prompt, history, loop.converged)
+                identity = loop.learned.get(best - 1) or load_identity(run, best - 1)
+        identity.metadata = run_metadata(self.config, loop.prompt, history, loop.converged)
         if run is not None:
             identity.save(run.identity_dir)
             loop.state.finished = True
@@ -466,56 +452,9 @@ class IterativeIdentityExtractor:
         seeds: Sequence[int],
         identity: Identity | None,
     ) -> list[Image.Image]:
-        n = len(seeds)
-        if run is not None and state.done(iteration, "generated"):
-            return run.load_images(iteration, n)
-        # Image j depends only on seeds[j], so a cut run keeps the images it already wrote.
-        have = run.existing_images(iteration, n) if run is not None else 0
-        images = run.load_images(iteration, have) if run is not None else []
-        self._emit("progress", iteration, "generate", done=have, total=n)
-        # PNG encoding runs on a worker thread while the next chunk is drawn on the device.
-        with ThreadPoolExecutor(max_workers=1) as writer:
-            pending = []
-            for start in range(have, n, GENERATION_CHUNK):
-                end = start + GENERATION_CHUNK
-                new = self._generate_chunk(
-                    iteration,
-                    list(prompts[start:end]),
-                    list(seeds[start:end]),
-                    identity,
-                    len(images),
-                    n,
-                )
-                if run is not None:
-                    pending.append(writer.submit(run.save_images, iteration, start, new))
-                images += new
-                self._emit("progress", iteration, "generate", done=len(images), total=n)
-            for future in pending:
-                future.result()  # re-raises a failed write before the step is marked done
-        if run is not None:
-            self._mark(run, state, iteration, "generated", None)
-        return images
-
-    def _generate_chunk(
-        self,
-        iteration: int,
-        prompts: list[str],
-        seeds: list[int],
-        identity: Identity | None,
-        done_before: int,
-        total: int,
-    ) -> list[Image.Image]:
-        kwargs: dict[str, Any] = {}
-        if _accepts(self.generator.generate, "callback"):
-            # Finer progress from generators that report it (the default reports per batch).
-            def progress(done: int, _total: int) -> None:
-                self._emit("progress", iteration, "generate", done=done_before + done, total=total)
-
-            kwargs["callback"] = progress
-        new = self.generator.generate(prompts, seeds, identity, **kwargs)
-        if len(new) != len(seeds):
-            raise RuntimeError(f"generator returned {len(new)} images for {len(seeds)} prompts")
-        return [im.convert("RGB") for im in new]
+        return generate_images(
+            self.generator, run, state, iteration, prompts, seeds, identity, self._progress
+        )
 
     def _cluster(
         self,
@@ -551,7 +490,7 @@ class IterativeIdentityExtractor:
                     "labels": labels.tolist(),
                     "centroids": centroids.tolist(),
                     "sizes": choice.sizes,
-                    "cohesions": _json_floats(choice.cohesions),
+                    "cohesions": json_floats(choice.cohesions),
                     "chosen": choice.index,
                     "reason": choice.reason,
                     "core": choice.core,
@@ -575,7 +514,7 @@ class IterativeIdentityExtractor:
         token = identity.token if identity is not None else self._new_token()
         kwargs: dict[str, Any] = {}
         if base and self.config.refiner.prior_preservation > 0:
-            if not _accepts(self.refiner.refine, "prior_images"):
+            if not accepts(self.refiner.refine, "prior_images"):
                 raise ValueError(
                     "refiner.prior_preservation is set, but this refiner's refine() takes no "
                     "prior_images"
@@ -583,10 +522,10 @@ class IterativeIdentityExtractor:
             # The base model's own images of the prompt: iteration 0's, without the token.
             kwargs["prior_images"] = [image for image, _ in base]
             kwargs["prior_captions"] = [text for _, text in base]
-        if _accepts(self.refiner.refine, "callback"):
+        if accepts(self.refiner.refine, "callback"):
 
             def progress(step: int, total: int, loss: float) -> None:
-                self._emit("progress", iteration, "refine", done=step, total=total)
+                self._progress.emit("progress", iteration, "refine", done=step, total=total)
 
             kwargs["callback"] = progress
         new = self.refiner.refine(
@@ -602,13 +541,6 @@ class IterativeIdentityExtractor:
 
     # -------------------------------------------------------- run directory
 
-    def _open_run(self, run: RunDirectory | None, prompt: str, resume: bool) -> RunState:
-        if run is None:
-            if resume:
-                raise ValueError("resume=True needs the run_dir of the run to continue")
-            return RunState(prompt=prompt)
-        return run.open(prompt, self.config, resume=resume)
-
     def _load_anchor(
         self, run: RunDirectory | None, state: RunState
     ) -> tuple[np.ndarray, float] | None:
@@ -623,33 +555,6 @@ class IterativeIdentityExtractor:
         chosen = features[choice.members(labels)]
         return chosen.mean(axis=0), float(choice.cohesion)
 
-    def _load_identity(self, run: RunDirectory | None, iteration: int) -> Identity:
-        if run is None:
-            raise RuntimeError(f"the identity of iteration {iteration} is not in memory")
-        return Identity.load(run.iteration_identity_dir(iteration))
-
-    def _load_last_identity(self, run: RunDirectory | None, state: RunState) -> Identity | None:
-        if run is None:
-            return None
-        last = state.iteration if state.step == "refined" else state.iteration - 1
-        # A converged run stops before refining, so its identity is the previous iteration's.
-        while last >= 0 and not run.iteration_identity_dir(last).is_dir():
-            last -= 1
-        return Identity.load(run.iteration_identity_dir(last)) if last >= 0 else None
-
-    def _mark(
-        self,
-        run: RunDirectory,
-        state: RunState,
-        iteration: int,
-        step: Step,
-        history: list[IterationRecord] | None,
-    ) -> None:
-        state.iteration, state.step = iteration, step
-        if history is not None:
-            state.history = [r.to_dict() for r in history]
-        run.write_state(state)
-
     def _finish_iteration(
         self,
         run: RunDirectory | None,
@@ -661,7 +566,7 @@ class IterativeIdentityExtractor:
     ) -> None:
         if run is not None:
             state.converged = record.converged
-            self._mark(run, state, iteration, step, history)
+            mark_step(run, state, iteration, step, history)
         logger.info(
             "iteration %d: spread %.4f (threshold %.4f), chosen cluster %s of sizes %s",
             iteration,
@@ -670,86 +575,7 @@ class IterativeIdentityExtractor:
             record.chosen_cluster,
             record.cluster_sizes,
         )
-        self._emit("iteration_end", iteration, record=record)
-
-    # -------------------------------------------------------------- helpers
-
-    @contextmanager
-    def _stage(
-        self, iteration: int, stage: StageName, total: int, seconds: dict[str, float]
-    ) -> Iterator[None]:
-        self._emit("stage_start", iteration, stage, total=total)
-        t0 = time.perf_counter()
-        yield
-        elapsed = time.perf_counter() - t0
-        seconds[stage] = seconds.get(stage, 0.0) + elapsed
-        self._emit("stage_end", iteration, stage, done=total, total=total, seconds=elapsed)
-
-    def _emit(
-        self,
-        kind: EventKind,
-        iteration: int,
-        stage: StageName | None = None,
-        *,
-        done: int = 0,
-        total: int = 0,
-        seconds: float = 0.0,
-        record: IterationRecord | None = None,
-    ) -> None:
-        if self._callback is not None:
-            self._callback(
-                ProgressEvent(kind, iteration, stage, done, total, seconds, record=record)
-            )
-
-    def _provenance(
-        self, prompt: str, history: list[IterationRecord], converged: bool
-    ) -> dict[str, Any]:
-        return {
-            "prompt": prompt,
-            "identity_prompt_template": self.config.identity_prompt_template,
-            "base_model": self.config.model,
-            "converged": converged,
-            "iterations": len(history),
-            "config": self.config.to_dict(),
-            "history": [r.to_dict() for r in history],
-            "versions": versions(),
-        }
-
-
-def _json_floats(values: Sequence[float]) -> list[float | None]:
-    # An empty cluster has no cohesion (NaN); JSON has no NaN, so it is written as null.
-    return [float(v) if math.isfinite(v) else None for v in values]
-
-
-def _accepts(method: Callable[..., Any], name: str) -> bool:
-    try:
-        return name in inspect.signature(method).parameters
-    except (TypeError, ValueError):
-        return False
-
-
-def _check_prompt(prompt: str) -> str:
-    if not isinstance(prompt, str) or not prompt.strip():
-        raise InvalidValueError(
-            f"prompt must be a non-empty string, got {prompt!r}: say what to draw, e.g. "
-            "'a watercolor fox with a scarf'"
-        )
-    return prompt.strip()
-
-
-def _check_embeddings(embeddings: np.ndarray, n: int) -> np.ndarray:
-    arr = np.asarray(embeddings)
-    if arr.ndim != 2 or arr.shape[0] != n:
-        raise ValueError(f"embedder returned shape {arr.shape}, expected ({n}, D)")
-    if not np.isfinite(arr).all():
-        raise ValueError("embedder returned non-finite values")
-    return np.ascontiguousarray(arr, dtype=np.float32)
-
-
-def default_run_name(prompt: str) -> str:
-    """A folder name from a prompt: ``"a watercolor fox" -> "a-watercolor-fox"``."""
-    slug = "".join(c if c.isalnum() else "-" for c in prompt.lower()).strip("-")
-    return "-".join(p for p in slug.split("-") if p)[:60] or "run"
+        self._progress.emit("iteration_end", iteration, record=record)
 
 
 __all__ = [

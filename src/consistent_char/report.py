@@ -384,22 +384,8 @@ def _samples(root: Path, samples: Sequence[tuple[Path, str]]) -> str:
 def _iteration_section(
     root: Path, it: _Iteration, d_min_c: int | None, thumb: int, max_images: int | None
 ) -> str:
-    r = it.record
-    title = f"Iteration {it.index}"
-    facts = []
-    if r.get("spread") is not None:
-        facts.append(f"spread {float(r['spread']):.4f}")
-    if r.get("threshold") is not None:
-        facts.append(f"threshold {float(r['threshold']):.4f}")
-    if r.get("converged"):
-        facts.append('<span class="badge">converged: stopped here</span>')
-    if r.get("chosen_reason") == "largest_fallback":
-        facts.append('<span class="badge warn">no cluster reached d_min_c: took the largest</span>')
-    parts = [f'<section id="iter-{it.index}"><h2>{title}</h2>']
-    if r.get("prompt"):
-        parts.append(f"<p>prompt <code>{_e(str(r['prompt']))}</code></p>")
-    if facts:
-        parts.append(f"<p>{' · '.join(facts)}</p>")
+    parts = [f'<section id="iter-{it.index}"><h2>Iteration {it.index}</h2>']
+    parts += _iteration_facts(it.record)
 
     labels: list[int] | None = None
     chosen: int | None = None
@@ -443,6 +429,25 @@ def _iteration_section(
         parts.append(f'<p class="muted">{len(it.images) - len(shown)} more image(s) not shown.</p>')
     parts.append("</section>")
     return "\n".join(parts)
+
+
+def _iteration_facts(r: dict[str, Any]) -> list[str]:
+    """The iteration's prompt, spread, threshold, and whether it stopped or fell back."""
+    facts = []
+    if r.get("spread") is not None:
+        facts.append(f"spread {float(r['spread']):.4f}")
+    if r.get("threshold") is not None:
+        facts.append(f"threshold {float(r['threshold']):.4f}")
+    if r.get("converged"):
+        facts.append('<span class="badge">converged: stopped here</span>')
+    if r.get("chosen_reason") == "largest_fallback":
+        facts.append('<span class="badge warn">no cluster reached d_min_c: took the largest</span>')
+    parts = []
+    if r.get("prompt"):
+        parts.append(f"<p>prompt <code>{_e(str(r['prompt']))}</code></p>")
+    if facts:
+        parts.append(f"<p>{' · '.join(facts)}</p>")
+    return parts
 
 
 def _cluster_table(
