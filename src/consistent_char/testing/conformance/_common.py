@@ -26,6 +26,19 @@ class ConformanceCase(NamedTuple):
     check: Callable[[], None]
 
 
+class Trial:
+    """A stage with the inputs its checks run on; outputs computed once are shared by every
+    check given the same trial. Each stage kind has its own (`EmbedderTrial`, ...)."""
+
+    def __init__(self, stage: Any) -> None:
+        self.stage = stage
+
+    @classmethod
+    def of(cls, stage: Any) -> Self:
+        """`stage` itself when it is already such a trial, else a trial with default inputs."""
+        return stage if isinstance(stage, cls) else cls(stage)
+
+
 # ----------------------------------------------------------------------------- inputs
 
 
@@ -151,16 +164,3 @@ def max_pixel_diff(a: Sequence[Image.Image], b: Sequence[Image.Image]) -> int:
 def image_signature(images: Sequence[Image.Image]) -> list[tuple[str, tuple[int, int], str]]:
     """Mode, size and content hash of each image: equal signatures mean untouched inputs."""
     return [(im.mode, im.size, hashlib.sha1(im.tobytes()).hexdigest()) for im in images]
-
-
-class Trial:
-    """A stage with the inputs its checks run on; outputs computed once are shared by every
-    check given the same trial. Each stage kind has its own (`EmbedderTrial`, ...)."""
-
-    def __init__(self, stage: Any) -> None:
-        self.stage = stage
-
-    @classmethod
-    def of(cls, stage: Any) -> Self:
-        """`stage` itself when it is already such a trial, else a trial with default inputs."""
-        return stage if isinstance(stage, cls) else cls(stage)
