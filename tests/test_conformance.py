@@ -28,12 +28,17 @@ from consistent_char.generators import SDXLGenerator  # noqa: E402
 from consistent_char.identity import Identity  # noqa: E402
 from consistent_char.refiners import TextualInversionLoRARefiner  # noqa: E402
 from consistent_char.testing.conformance import (  # noqa: E402
+    ClustererTrial,
     check_clusterer,
+    check_clusterer_labels,
     check_convergence_criterion,
     check_embedder,
+    check_embedder_batch_independent,
+    check_embedder_output_dtype,
     check_generator,
     check_identity,
     check_refiner,
+    check_refiner_warm_start,
     check_stage,
     conformance_cases,
     sample_blobs,
@@ -436,6 +441,31 @@ def test_catches_an_identity_that_does_not_round_trip(monkeypatch: pytest.Monkey
     monkeypatch.setattr(Identity, "load", staticmethod(lossy))
     with pytest.raises(AssertionError, match=r"^\[identity_save_load_round_trip\] clip_g changed"):
         check_identity(identity)
+
+
+# ------------------------------------------------------------------- one check alone
+
+
+def test_a_single_check_runs_alone_on_a_conforming_and_a_broken_stage() -> None:
+    check_embedder_output_dtype(MeanColourEmbedder())
+    with pytest.raises(
+        AssertionError, match=r"^\[embedder_output_dtype\] expected float32 embeddings, got float64"
+    ):
+        check_embedder_output_dtype(Float64Embedder())
+    check_embedder_batch_independent(MeanColourEmbedder())
+    with pytest.raises(
+        AssertionError, match=r"^\[embedder_batch_independent\] image 0 alone vs in the full batch"
+    ):
+        check_embedder_batch_independent(BatchNormalisingEmbedder())
+
+
+def test_a_single_check_takes_its_inputs_through_a_trial() -> None:
+    x, _ = sample_blobs(5, 2, 3)
+    check_clusterer_labels(ClustererTrial(NumpyKMeans(), x, k=2))
+    with pytest.raises(AssertionError, match=r"^\[clusterer_labels\] labels must be int64"):
+        check_clusterer_labels(ClustererTrial(Int32LabelsClusterer(), x, k=2))
+    with pytest.raises(TypeError, match="the refiner checks need images="):
+        check_refiner_warm_start(FixedIdentityRefiner())
 
 
 # ------------------------------------------------------------------------- dispatch

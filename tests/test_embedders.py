@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+import logging
 import os
 
 os.environ["HF_HUB_OFFLINE"] = "1"
@@ -16,6 +18,7 @@ from transformers import (  # noqa: E402
     BitImageProcessor,
     CLIPConfig,
     CLIPModel,
+    Dinov2Config,
     Dinov2Model,
 )
 
@@ -84,15 +87,82 @@ def test_dinov2_from_pretrained_embeds_cls_after_final_layernorm(
     assert not np.allclose(out, o.hidden_states[-1][:, 0].numpy(), atol=1e-3)
 
 
-def test_builtin_preprocessing_matches_the_dinov2_processor(
-    dinov2_dirs: tuple[Path, Path], images: list[Image.Image]
+# facebook/dinov2-large's preprocessor_config.json: shortest edge 256, bicubic, center crop 224.
+DINOV2_PROCESSOR_CONFIG = {
+    "crop_size": {"height": 224, "width": 224},
+    "do_center_crop": True,
+    "do_convert_rgb": True,
+    "do_normalize": True,
+    "do_rescale": True,
+    "do_resize": True,
+    "image_mean": [0.485, 0.456, 0.406],
+    "image_processor_type": "BitImageProcessor",
+    "image_std": [0.229, 0.224, 0.225],
+    "resample": 3,
+    "rescale_factor": 0.00392156862745098,
+    "size": {"shortest_edge": 256},
+}
+
+
+def _detailed_image(width: int, height: int, seed: int) -> Image.Image:
+    """A gradient with noise and a sharp-edged block: resampling, crop offsets and
+    normalisation all show in its pixels."""
+    rng = np.random.default_rng(seed)
+    yy, xx = np.mgrid[0:height, 0:width].astype(np.float32)
+    pixels = np.stack([xx / width * 255, yy / height * 255, (xx + yy) % 64 * 4], axis=-1)
+    pixels += rng.normal(0, 30, pixels.shape)
+    pixels[height // 3 : height // 2, width // 4 : width // 2] = (250, 10, 120)
+    return Image.fromarray(np.clip(pixels, 0, 255).astype(np.uint8), mode="RGB")
+
+
+def test_builtin_preprocessing_matches_the_dinov2_processor(tmp_path: Path) -> None:
+    # At DINOv2's real sizes (256 -> 224) on non-square images whose resized long edge is not a
+    # whole number of pixels (301 x 203 -> 379.6 x 256), where rounding, resampling, crop offset
+    # or normalisation differences change the pixels; the model is tiny, the sizes are real.
+    config = Dinov2Config(
+        hidden_size=32,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        mlp_ratio=2,
+        image_size=224,
+        patch_size=14,
+    )
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        model = Dinov2Model(config).eval()
+    with_processor, bare = tmp_path / "with_processor", tmp_path / "bare"
+    model.save_pretrained(with_processor)
+    model.save_pretrained(bare)
+    (with_processor / "preprocessor_config.json").write_text(json.dumps(DINOV2_PROCESSOR_CONFIG))
+    images = [
+        _detailed_image(301, 203, seed=0),
+        _detailed_image(203, 301, seed=1),
+        _detailed_image(97, 61, seed=2),
+        _detailed_image(640, 480, seed=3),
+    ]
+
+    reference = DINOv2Embedder.from_pretrained(with_processor)
+    builtin = DINOv2Embedder.from_pretrained(bare)
+    assert isinstance(reference.preprocess, HFImageProcessor)
+    assert builtin.preprocess == ResizeCropNormalize(224)
+    expected = reference.preprocess(images)
+    assert expected.shape == (4, 3, 224, 224)
+    np.testing.assert_allclose(builtin.preprocess(images), expected, rtol=0, atol=1e-5)
+    np.testing.assert_allclose(builtin.embed(images), reference.embed(images), rtol=0, atol=1e-5)
+
+
+def test_a_folder_without_a_processor_config_warns_of_the_size_it_falls_back_to(
+    dinov2_dirs: tuple[Path, Path], caplog: pytest.LogCaptureFixture
 ) -> None:
-    with_processor = DINOv2Embedder.from_pretrained(dinov2_dirs[0])
-    bare = DINOv2Embedder.from_pretrained(dinov2_dirs[1])
-    assert isinstance(bare.preprocess, ResizeCropNormalize)
-    assert bare.preprocess.size == 28  # model.config.image_size
-    np.testing.assert_array_equal(bare.preprocess(images), with_processor.preprocess(images))
-    np.testing.assert_array_equal(bare.embed(images), with_processor.embed(images))
+    with_processor, bare = dinov2_dirs
+    with caplog.at_level(logging.WARNING, logger="consistent_char.embedders"):
+        DINOv2Embedder.from_pretrained(bare)
+    assert f"{bare} has no preprocessor_config.json" in caplog.text
+    assert "center crop to 28 pixels" in caplog.text
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="consistent_char.embedders"):
+        DINOv2Embedder.from_pretrained(with_processor)
+    assert "preprocessor_config.json" not in caplog.text
 
 
 def test_resize_crop_normalize_handles_modes_and_aspect() -> None:

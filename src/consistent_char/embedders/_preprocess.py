@@ -78,15 +78,22 @@ class ResizeCropNormalize:
         out = np.empty((len(images), 3, self.size, self.size), dtype=np.float32)
         short = max(self.size, round(self.size * self.resize_ratio))
         for i, image in enumerate(check_images(images)):
-            w, h = image.size
-            scale = short / min(w, h)
-            new_w, new_h = max(short, round(w * scale)), max(short, round(h * scale))
+            new_w, new_h = _shortest_edge_size(*image.size, short)
             image = image.resize((new_w, new_h), resample=self.resample)
             left, top = (new_w - self.size) // 2, (new_h - self.size) // 2
             image = image.crop((left, top, left + self.size, top + self.size))
             pixels = np.asarray(image, dtype=np.float32).transpose(2, 0, 1) / 255.0
             out[i] = (pixels - mean) / std
         return out
+
+
+def _shortest_edge_size(width: int, height: int, short: int) -> tuple[int, int]:
+    """The size with the shortest edge at `short` and the aspect kept, the long edge truncated
+    to whole pixels as transformers' and torchvision's resize do: rounding instead would shift
+    the resampling grid, and the crop, by a pixel at some aspect ratios."""
+    if width <= height:
+        return short, int(short * height / width)
+    return int(short * width / height), short
 
 
 class HFImageProcessor:
@@ -161,9 +168,23 @@ def resolve_source(id_or_dir: str | os.PathLike[str]) -> tuple[str, bool]:
 
 
 def load_preprocess(source: str, *, is_local: bool, fallback: Preprocess, what: str) -> Preprocess:
-    """The checkpoint's own image processor when it has one, else `fallback`."""
+    """The checkpoint's own image processor when it has one, else `fallback`.
+
+    A local folder without ``preprocessor_config.json`` gets `fallback` with a warning naming the
+    folder and the size used: the fallback's size comes from the model config, which need not be
+    the size the checkpoint was evaluated at (DINOv2's configs say 518, its processor crops 224),
+    and the embeddings depend on it.
+    """
     if is_local and not (Path(source) / PREPROCESSOR_CONFIG).is_file():
-        logger.info("%s has no %s; using %r", source, PREPROCESSOR_CONFIG, fallback)
+        size = getattr(fallback, "size", None)
+        logger.warning(
+            "%s has no %s: preprocessing with the built-in resize + center crop to %s pixels "
+            "(the model config's image_size), which changes the embeddings if the model expects "
+            "another size; save the model's image processor in that folder to use its own",
+            source,
+            PREPROCESSOR_CONFIG,
+            size if size is not None else "?",
+        )
         return fallback
     from transformers import AutoImageProcessor
 

@@ -86,43 +86,10 @@ def tiny_sdxl_pipeline(
 
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        unet = UNet2DConditionModel(
-            block_out_channels=(16, 32),
-            layers_per_block=1,
-            sample_size=16,
-            in_channels=4,
-            out_channels=4,
-            down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
-            up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
-            attention_head_dim=(2, 4),
-            use_linear_projection=True,
-            addition_embed_type="text_time",
-            addition_time_embed_dim=ADDITION_TIME_EMBED_DIM,
-            transformer_layers_per_block=(1, 1),
-            # SDXL: 6 size/crop ids embedded at ADDITION_TIME_EMBED_DIM each, plus the pooled text.
-            projection_class_embeddings_input_dim=6 * ADDITION_TIME_EMBED_DIM + PROJECTION_DIM,
-            # SDXL concatenates both encoders' hidden states.
-            cross_attention_dim=TEXT_ENCODER_WIDTH + TEXT_ENCODER_2_WIDTH,
-            norm_num_groups=8,
-        )
-        scheduler = EulerDiscreteScheduler(
-            beta_start=0.00085,
-            beta_end=0.012,
-            beta_schedule="scaled_linear",
-            steps_offset=1,
-            timestep_spacing="leading",
-            prediction_type=prediction_type,
-        )
-        vae = AutoencoderKL(
-            block_out_channels=(8, 16),
-            in_channels=3,
-            out_channels=3,
-            down_block_types=("DownEncoderBlock2D", "DownEncoderBlock2D"),
-            up_block_types=("UpDecoderBlock2D", "UpDecoderBlock2D"),
-            latent_channels=4,
-            norm_num_groups=4,
-            sample_size=32,
-        )
+        # Built in this order from one seed: the order fixes which random numbers each gets.
+        unet = _tiny_unet()
+        scheduler = _tiny_scheduler(prediction_type)
+        vae = _tiny_vae()
         text_encoder = CLIPTextModel(_text_config(tokenizer, TEXT_ENCODER_WIDTH))
         text_encoder_2 = CLIPTextModelWithProjection(
             _text_config(tokenizer_2, TEXT_ENCODER_2_WIDTH)
@@ -144,6 +111,58 @@ def tiny_sdxl_pipeline(
         module.eval()
     pipe.set_progress_bar_config(disable=True)
     return pipe
+
+
+def _tiny_unet() -> UNet2DConditionModel:
+    """SDXL's UNet layout (text-time added embedding, both encoders' widths as cross-attention
+    width) at two small blocks."""
+    return UNet2DConditionModel(
+        block_out_channels=(16, 32),
+        layers_per_block=1,
+        sample_size=16,
+        in_channels=4,
+        out_channels=4,
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+        attention_head_dim=(2, 4),
+        use_linear_projection=True,
+        addition_embed_type="text_time",
+        addition_time_embed_dim=ADDITION_TIME_EMBED_DIM,
+        transformer_layers_per_block=(1, 1),
+        # SDXL: 6 size/crop ids embedded at ADDITION_TIME_EMBED_DIM each, plus the pooled text.
+        projection_class_embeddings_input_dim=6 * ADDITION_TIME_EMBED_DIM + PROJECTION_DIM,
+        # SDXL concatenates both encoders' hidden states.
+        cross_attention_dim=TEXT_ENCODER_WIDTH + TEXT_ENCODER_2_WIDTH,
+        norm_num_groups=8,
+    )
+
+
+def _tiny_scheduler(
+    prediction_type: Literal["epsilon", "v_prediction"],
+) -> EulerDiscreteScheduler:
+    """SDXL's scheduler settings."""
+    return EulerDiscreteScheduler(
+        beta_start=0.00085,
+        beta_end=0.012,
+        beta_schedule="scaled_linear",
+        steps_offset=1,
+        timestep_spacing="leading",
+        prediction_type=prediction_type,
+    )
+
+
+def _tiny_vae() -> AutoencoderKL:
+    """A two-block VAE with SDXL's 4 latent channels (32 px images, 16 px latents)."""
+    return AutoencoderKL(
+        block_out_channels=(8, 16),
+        in_channels=3,
+        out_channels=3,
+        down_block_types=("DownEncoderBlock2D", "DownEncoderBlock2D"),
+        up_block_types=("UpDecoderBlock2D", "UpDecoderBlock2D"),
+        latent_channels=4,
+        norm_num_groups=4,
+        sample_size=32,
+    )
 
 
 @functools.cache
@@ -216,20 +235,7 @@ def tiny_identity(
     width_g = sdxl.text_encoder_2.get_input_embeddings().weight.shape[1]
     clip_l = torch.randn(num_vectors, width_l, generator=gen) * scale
     clip_g = torch.randn(num_vectors, width_g, generator=gen) * scale
-    lora: dict[str, torch.Tensor] | None = None
-    if with_lora:
-        lora = {}
-        for name, module in sdxl.unet.named_modules():
-            if not isinstance(module, torch.nn.Linear):
-                continue
-            if not any(name == t or name.endswith("." + t) for t in target_modules):
-                continue
-            lora[f"{name}.lora_A.weight"] = (
-                torch.randn(lora_rank, module.in_features, generator=gen) * scale
-            )
-            lora[f"{name}.lora_B.weight"] = (
-                torch.randn(module.out_features, lora_rank, generator=gen) * scale
-            )
+    lora = _random_lora(sdxl.unet, target_modules, lora_rank, gen, scale) if with_lora else None
     return Identity(
         token=token,
         clip_l=clip_l,
@@ -240,6 +246,23 @@ def tiny_identity(
         target_modules=list(target_modules),
         metadata={"made_by": "consistent_char.testing.tiny_identity", "seed": seed},
     )
+
+
+def _random_lora(
+    unet: Any, target_modules: tuple[str, ...], rank: int, gen: torch.Generator, scale: float
+) -> dict[str, torch.Tensor]:
+    """Random ``lora_A``/``lora_B`` weights (peft's key names) for every linear layer of `unet`
+    whose name ends with one of `target_modules`."""
+    lora = {}
+    for name, module in unet.named_modules():
+        if not isinstance(module, torch.nn.Linear):
+            continue
+        if not any(name == t or name.endswith("." + t) for t in target_modules):
+            continue
+        a = torch.randn(rank, module.in_features, generator=gen)
+        b = torch.randn(module.out_features, rank, generator=gen)
+        lora[f"{name}.lora_A.weight"], lora[f"{name}.lora_B.weight"] = a * scale, b * scale
+    return lora
 
 
 def tiny_dinov2(seed: int = 0, directory: str | os.PathLike[str] | None = None) -> Any:
