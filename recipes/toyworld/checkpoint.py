@@ -37,15 +37,18 @@ class Checkpoint:
         self.state_path = directory / f"{stage}.json"
 
     def state(self) -> dict[str, Any] | None:
+        """The saved state, or ``None`` where either file is missing (nothing to resume)."""
         if not self.state_path.is_file() or not self.tensors_path.is_file():
             return None
         state: dict[str, Any] = json.loads(self.state_path.read_text())
         return state
 
     def tensors(self) -> dict[str, torch.Tensor]:
+        """The saved tensors, on the CPU."""
         return load_file(str(self.tensors_path))
 
     def save(self, tensors: dict[str, torch.Tensor], state: dict[str, Any]) -> None:
+        """Writes both files, each atomically: the tensors first, so a state always has them."""
         self.tensors_path.parent.mkdir(parents=True, exist_ok=True)
         _atomic_save(tensors, self.tensors_path)
         atomic_write_text(self.state_path, json.dumps(state, indent=2))

@@ -48,6 +48,8 @@ def randint(high: int, n: int, gen: torch.Generator) -> torch.Tensor:
 
 @dataclass
 class LoopResult:
+    """How a stage's loop ended: its steps, seconds, last logged loss, and whether time cut it."""
+
     steps: int
     seconds: float
     loss: float

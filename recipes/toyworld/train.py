@@ -28,6 +28,7 @@ from recipes.toyworld.trainer import Trainer
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
+    """The command line's options, checked (positive scale, shares only with a budget)."""
     parser = argparse.ArgumentParser(
         prog="python -m recipes.toyworld.train",
         description="Train ToyWorld's pipeline, DINOv2 and probe from a seed.",
@@ -173,7 +174,9 @@ def _train(trainer: Trainer, stage: str, init_from: Path | None) -> bool:
     return not missing
 
 
-def _run_record(args: argparse.Namespace, trainer: Trainer, sizes: dict[str, float]) -> dict:
+def _run_record(
+    args: argparse.Namespace, trainer: Trainer, sizes: dict[str, float]
+) -> dict[str, Any]:
     """What ``metrics.json`` records of the run itself: its settings, times and versions."""
     device = trainer.device
     return {
@@ -191,6 +194,7 @@ def _run_record(args: argparse.Namespace, trainer: Trainer, sizes: dict[str, flo
 
 
 def _jsonable(value: Any) -> Any:
+    """`value` with its tuples as lists, so the metrics returned equal those read back."""
     if isinstance(value, dict):
         return {k: _jsonable(v) for k, v in value.items()}
     if isinstance(value, (list, tuple)):
