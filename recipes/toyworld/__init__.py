@@ -17,5 +17,5 @@ Modules, in the order a run uses them:
   `augment` for the pixel augmentations;
 - `loop`: the optimisation loop they share, with `checkpoint` for cut and resumed runs;
 - `export`: the folders the package ships; `evaluate`: ``metrics.json``;
-- `train`: the command line.
+- `train`: the command line, and `log` its log lines.
 """
