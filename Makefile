@@ -21,11 +21,11 @@ demo: $(STAMP)
 	$(BIN)/consistent-char extract "a creature" --model toy --out runs/demo
 
 lint: $(STAMP)
-	$(BIN)/ruff check src tests benchmarks examples scripts/*.py
-	$(BIN)/ruff format --check src tests benchmarks examples scripts/*.py
+	$(BIN)/ruff check src tests benchmarks examples recipes scripts/*.py
+	$(BIN)/ruff format --check src tests benchmarks examples recipes scripts/*.py
 
 typecheck: $(STAMP)
-	$(BIN)/mypy src
+	$(BIN)/mypy src recipes
 
 unit: $(STAMP)
 	$(BIN)/python -m pytest

@@ -32,7 +32,7 @@ PY="${PYTHON:-python3}"
 rm -rf "$WORK"
 # Stages stop at their share of the budget; rendering, export and evaluation come on top
 # (about a minute on an H200), hence the hard limit's margin.
-timeout -k 10 $(( ${BUDGET%.*} + 180 )) "$PY" -m consistent_char.toy.train --out "$WORK" \
+timeout -k 10 $(( ${BUDGET%.*} + 180 )) "$PY" -m recipes.toyworld.train --out "$WORK" \
     --device "$DEVICE" --scale "$SCALE" --init-from src/consistent_char/toy/weights \
     --time-budget "$BUDGET" --time-shares "$SHARES" 2>&1 | tee "$OUT/train.log"
 rc=${PIPESTATUS[0]}

@@ -422,32 +422,21 @@ class ExtractorConfig(_Strict):
 
 
 def toy_preset() -> dict[str, Any]:
-    """ToyWorld settings: small images, fast on a CPU (`--model toy`).
+    """ToyWorld settings (`--model toy`): small, fast on a CPU, and sized to its world.
 
-    - 64 images an iteration in K = 64 // 8 = 8 clusters of at least 5: a popular creature
-      drawn 6-10 times in 64 then fills a cluster of its own more often than it shares one.
-    - Beyond the paper, the clusters are ranked by their densest 5 members (`core_size`) and
-      the refinement trains on those 5: a cluster of creatures that share colours but not
-      shapes or hats is cohesive enough to be chosen, and the loop then learns a blend of them;
-      the densest few images of a cluster are nearly always one creature.
-    - Each image draws one of ToyWorld's five scenes in turn (`prompt_variations`), and its
-      refinement caption names that scene: the loop's images keep every scene, and the token
-      learns the creature rather than the chosen cluster's background.
-    - Guidance 3 and Euler's ancestral sampler: the toy UNet draws its prior's variety there, and
-      the stochastic sampler keeps eyes that the deterministic one fades.
-    - The convergence threshold is 0.45 of the first spread: the loop's images of one creature
-      across the five scenes lie at 0.32-0.46 of the spread of "a creature", two creatures
-      mixed at 0.65.
-    - The refinement (100 steps, batch 4, LoRA rank 4 at 5e-4, token rows at 1e-3) teaches a
-      cluster's creature within two or three iterations. The token's rows are capped at the mean
-      norm of the encoder's own rows: a token far larger than any word outweighs the rest of
-      the prompt, the loop's images then saturate and smear, and a smear is uniform enough for
-      its spread to pass d_conv.
-    - Beyond the paper, the loop stops once the spread has not fallen for two iterations, or
-      once its images are more than 1.3 times as saturated as iteration 0's (a loop that
-      trains on its guided images washes out into a few saturated colours), and returns the
-      identity whose images were most consistent before that (docs/algorithm.md).
-    - The identity's LoRA is fused while generating: it then costs nothing per denoising step.
+    - 64 images an iteration in K = 8 clusters of at least 5, so that a popular creature fills a
+      cluster of its own; 20 denoising steps at guidance 3 with Euler's ancestral sampler, where
+      the toy UNet draws its prior's variety.
+    - Each image draws one of the five scenes (`prompt_variations`), so the token learns the
+      creature rather than a background.
+    - A short refinement (100 steps, LoRA rank 4) with the token's rows capped at the encoder's
+      own row norm, so that the token cannot outweigh the rest of the prompt; the LoRA is fused
+      while generating, so it costs nothing per denoising step.
+    - Convergence at 0.45 of the first spread, where one creature's images across the scenes
+      lie; beyond the paper (docs/algorithm.md), clusters ranked and refined on their densest 5
+      (`core_size`), and the loop stopped on patience or saturation, returning its best identity.
+
+    What these settings measure on ToyWorld is in docs/status.md.
     """
     from consistent_char.toy.captions import SCENE_PHRASES
 

@@ -14,8 +14,9 @@ from consistent_char.toy.models import (
     build_tokenizers,
     dinov2_pixels,
     save_dinov2,
+    word_token_table,
+    words_to_ids,
 )
-from consistent_char.toy.train import word_token_table, words_to_ids
 from consistent_char.toy.world import ATTRIBUTES, render_creature, sample_record
 
 
@@ -117,7 +118,7 @@ def test_missing_weights_name_the_training_command(tmp_path, monkeypatch):
 
     monkeypatch.setattr(toy, "weights_dir", lambda: tmp_path)
     for locate in (toy.model_dir, toy.embedder_dir, toy.probe_dir):
-        with pytest.raises(toy.ToyWeightsMissingError, match="consistent_char.toy.train"):
+        with pytest.raises(toy.ToyWeightsMissingError, match="recipes.toyworld.train"):
             locate()
     (tmp_path / "probe").mkdir()
     (tmp_path / "probe" / "config.json").write_text("{}")

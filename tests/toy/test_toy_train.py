@@ -1,3 +1,5 @@
+"""The ToyWorld training recipe (`recipes/toyworld`), on tiny plans."""
+
 import argparse
 import json
 import math
@@ -9,16 +11,11 @@ from torch import nn
 
 from consistent_char.toy.data import INVALID_KINDS
 from consistent_char.toy.models import ToyModelConfig
-from consistent_char.toy.train import (
-    Checkpoint,
-    Plan,
-    StagePlan,
-    _parse_shares,
-    main,
-    make_plan,
-    nt_xent,
-    run_loop,
-)
+from recipes.toyworld.checkpoint import Checkpoint
+from recipes.toyworld.loop import run_loop
+from recipes.toyworld.plan import Plan, StagePlan, make_plan
+from recipes.toyworld.stages import nt_xent
+from recipes.toyworld.train import _parse_shares, main
 
 
 def _tiny_plan() -> Plan:

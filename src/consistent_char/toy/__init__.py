@@ -6,7 +6,8 @@ Cartoon creatures drawn procedurally (`render_creature`), captions from a small 
 `IdentityProbe`) that reads every attribute back from an image.
 
 The weights are package data under ``consistent_char/toy/weights/``, reproduced from a seed by
-``python -m consistent_char.toy.train --out DIR``.
+the training recipe in the repository, ``python -m recipes.toyworld.train --out DIR`` (run from
+the repository root; the recipe is not installed with the package).
 
 Example:
     >>> import consistent_char.toy as toy
@@ -74,7 +75,8 @@ __all__ = [
     "weights_dir",
 ]
 
-TRAIN_COMMAND = "python -m consistent_char.toy.train --out src/consistent_char/toy/weights"
+#: The training recipe's command line, run from the repository root.
+TRAIN_COMMAND = "python -m recipes.toyworld.train --out src/consistent_char/toy/weights"
 
 
 class ToyWeightsMissingError(FileNotFoundError):
@@ -91,8 +93,8 @@ def _existing(name: str, marker: str) -> Path:
     if not (path / marker).is_file():
         raise ToyWeightsMissingError(
             f"ToyWorld's {name!r} weights are missing: {path / marker} does not exist. "
-            f"Train them with `{TRAIN_COMMAND}` (a few minutes on a GPU, about 1.5 hours on "
-            "2 CPU cores), or reinstall a package that ships them."
+            f"Train them with `{TRAIN_COMMAND}` from the repository root (a few minutes on a "
+            "GPU, about 4 hours on 2 CPU cores), or reinstall a package that ships them."
         )
     return path
 

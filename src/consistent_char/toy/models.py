@@ -32,6 +32,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from consistent_char.toy.captions import VOCABULARY
+from consistent_char.toy.data import MAX_CAPTION_WORDS
 from consistent_char.toy.world import ATTRIBUTES, IMAGE_SIZE
 
 __all__ = [
@@ -49,6 +50,8 @@ __all__ = [
     "build_unet",
     "build_vae",
     "save_dinov2",
+    "word_token_table",
+    "words_to_ids",
 ]
 
 # ImageNet statistics, as the real DINOv2 processor uses.
@@ -100,6 +103,32 @@ def build_tokenizers(directory: str | os.PathLike[str]) -> tuple[Any, Any]:
         build_clip_tokenizer(VOCABULARY, root / "tokenizer"),
         build_clip_tokenizer(VOCABULARY, root / "tokenizer_2"),
     )
+
+
+def word_token_table(tokenizer: Any) -> torch.Tensor:
+    """Word index (0 = padding, k = ``VOCABULARY[k - 1]``) → the tokenizer's id for that word."""
+    table = [int(tokenizer.pad_token_id)]
+    for word in VOCABULARY:
+        ids = tokenizer(word, add_special_tokens=False).input_ids
+        if len(ids) != 1:
+            raise ValueError(f"{word!r} is not a single token of the toy tokenizer: {ids}")
+        table.append(int(ids[0]))
+    return torch.tensor(table, dtype=torch.long)
+
+
+def words_to_ids(
+    words: torch.Tensor, table: torch.Tensor, bos: int, eos: int, pad: int, length: int = 77
+) -> torch.Tensor:
+    """``(B, MAX_CAPTION_WORDS)`` word indices → ``(B, length)`` token ids, exactly as the
+    pipeline's ``tokenizer(prompt, padding="max_length", max_length=77)`` gives them: captions
+    stored as word indices (`consistent_char.toy.data`) are tokenized on the device, in batch."""
+    b = words.shape[0]
+    ids = torch.full((b, length), pad, dtype=torch.long, device=words.device)
+    ids[:, 0] = bos
+    ids[:, 1 : 1 + MAX_CAPTION_WORDS] = table[words]
+    n = (words > 0).sum(dim=1)
+    ids[torch.arange(b, device=words.device), 1 + n] = eos
+    return ids
 
 
 def build_text_encoders(
