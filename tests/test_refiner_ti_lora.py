@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import re
 
 import pytest
 import torch
@@ -257,7 +258,7 @@ def test_max_timestep_bounds_the_training_timesteps(pipe, images, monkeypatch):
 def test_large_images_are_encoded_a_few_at_a_time(pipe, images, monkeypatch):
     """`ENCODE_PIXELS` bounds each VAE encoder call (its activations grow with the pixels); the
     latents, and so the loss, do not depend on how the images are split."""
-    from consistent_char.refiners import ti_lora
+    from consistent_char.refiners.ti_lora import encoding
 
     calls: list[int] = []
     original = type(pipe.vae).encode
@@ -273,27 +274,27 @@ def test_large_images_are_encoded_a_few_at_a_time(pipe, images, monkeypatch):
     whole = refiner.denoising_loss(None, six, captions, seed=0)
     assert calls == [6]  # 32x32 images: all six under ENCODE_BATCH and ENCODE_PIXELS
     calls.clear()
-    monkeypatch.setattr(ti_lora, "ENCODE_PIXELS", 4 * 32 * 32)
+    monkeypatch.setattr(encoding, "ENCODE_PIXELS", 4 * 32 * 32)
     split = refiner.denoising_loss(None, six, captions, seed=0)
     assert calls == [4, 2]
     assert split == pytest.approx(whole, rel=1e-5)
     calls.clear()
-    monkeypatch.setattr(ti_lora, "ENCODE_PIXELS", 100)  # less than one image: still one a call
+    monkeypatch.setattr(encoding, "ENCODE_PIXELS", 100)  # less than one image: still one a call
     refiner.denoising_loss(None, six, captions, seed=0)
     assert calls == [1] * 6
 
 
 def test_lr_decay_scales_the_learning_rates_of_each_warm_start(pipe, images, monkeypatch):
-    from consistent_char.refiners import ti_lora
+    from consistent_char.refiners.ti_lora.state import _TrainingState
 
     rates: list[tuple[float, float]] = []
-    original = ti_lora._TrainingState.optimizer
+    original = _TrainingState.optimizer
 
     def spy(self, embedding_lr, lora_lr, weight_decay, mode, **kwargs):
         rates.append((embedding_lr, lora_lr))
         return original(self, embedding_lr, lora_lr, weight_decay, mode, **kwargs)
 
-    monkeypatch.setattr(ti_lora._TrainingState, "optimizer", spy)
+    monkeypatch.setattr(_TrainingState, "optimizer", spy)
     refiner = _refiner(pipe, steps=1, lr_decay=0.5)
     first = refiner.refine(None, images, CAPTIONS, seed=0)
     second = refiner.refine(first, images, CAPTIONS, seed=1)
@@ -323,6 +324,8 @@ def test_row_norm_cap_bounds_the_new_rows(pipe, images):
 def test_training_conditioning_is_the_inference_conditioning(pipe, images):
     """What refine trains through (its own encoding and LoRA) equals what apply_to + the
     pipeline's encode_prompt and UNet use at generation time."""
+    from consistent_char.refiners.ti_lora.state import trainable
+
     identity = tiny_identity(pipe, TOKEN, seed=4, num_vectors=2, lora_rank=2, lora_alpha=5.0)
     refiner = _refiner(pipe)
     captions = [f"a {TOKEN} cat", f"{TOKEN} in the city at night"]
@@ -330,7 +333,7 @@ def test_training_conditioning_is_the_inference_conditioning(pipe, images):
     timesteps = torch.tensor([10, 700])
     time_ids = torch.tensor([[32.0, 32, 0, 0, 32, 32]] * 2)
     with torch.no_grad():
-        with refiner._trainable(identity, TOKEN, seed=0) as state:
+        with trainable(pipe, refiner.settings, identity, TOKEN, seed=0) as state:
             embeds, pooled = state.encode(*state.tokenize(captions))
             trained = pipe.unet(
                 latents,
@@ -408,19 +411,21 @@ def test_identity_of_another_model_is_a_clear_error(pipe, images):
 @pytest.mark.parametrize(
     ("settings", "message"),
     [
-        ({"mode": "dreambooth"}, "mode must be one of ti_lora, ti, lora"),
-        ({"steps": -1}, "steps must be an int >= 0"),
-        ({"lora_lr": 0.0}, "lora_lr must be a number > 0"),
-        ({"num_vectors": 0}, "num_vectors must be an int >= 1"),
-        ({"token": "two words"}, "token must be a non-empty word without spaces"),
-        ({"mixed_precision": "fp8"}, "mixed_precision must be"),
-        ({"max_timestep": 0}, "max_timestep must be None or an int >= 1"),
-        ({"row_norm_cap": 0.0}, "row_norm_cap must be None or a number > 0"),
-        ({"lr_decay": 1.5}, "lr_decay must be a number in"),
+        ({"mode": "dreambooth"}, "mode = \"dreambooth\": Input should be 'ti_lora', 'ti' or"),
+        ({"steps": -1}, "steps = -1: Input should be greater than or equal to 0"),
+        ({"lora_lr": 0.0}, "lora_lr = 0.0: Input should be greater than 0"),
+        ({"num_vectors": 0}, "num_vectors = 0: Input should be greater than or equal to 1"),
+        ({"token": "two words"}, "token must be one word without spaces"),
+        ({"mixed_precision": "fp8"}, "mixed_precision = \"fp8\": Input should be 'auto'"),
+        ({"max_timestep": 0}, "max_timestep = 0: Input should be greater than or equal to 1"),
+        ({"row_norm_cap": 0.0}, "row_norm_cap = 0.0: Input should be greater than 0"),
+        ({"lr_decay": 1.5}, "lr_decay = 1.5: Input should be less than or equal to 1"),
+        ({"batch_size": True}, "batch_size = true: expected a number, got the boolean True"),
+        ({"weight_decay": -1.0}, "weight_decay = -1.0: Input should be greater than or equal"),
     ],
 )
 def test_bad_settings_are_clear_errors(pipe, settings, message):
-    with pytest.raises(ValueError, match=message):
+    with pytest.raises(ValueError, match=re.escape(message)):
         _refiner(pipe, **settings)
 
 
@@ -565,10 +570,10 @@ def _record_step_ops(monkeypatch, run) -> _OpRecorder:
         register_optimizer_step_pre_hook,
     )
 
-    from consistent_char.refiners import ti_lora
+    from consistent_char.refiners.ti_lora.acceleration import _StepRunner
 
     recorder = _OpRecorder()
-    original = ti_lora._StepRunner.__call__
+    original = _StepRunner.__call__
 
     def recorded(self):
         recorder.begin_step()
@@ -581,7 +586,7 @@ def _record_step_ops(monkeypatch, run) -> _OpRecorder:
     def resume(*_args):
         recorder.active = True
 
-    monkeypatch.setattr(ti_lora._StepRunner, "__call__", recorded)
+    monkeypatch.setattr(_StepRunner, "__call__", recorded)
     handles = [register_optimizer_step_pre_hook(pause), register_optimizer_step_post_hook(resume)]
     try:
         run()
@@ -632,14 +637,15 @@ def test_training_step_is_safe_to_capture(pipe, images, monkeypatch, settings):
 def test_graph_safety_check_catches_each_kind_of_problem(pipe, images, monkeypatch):
     # The check above is only as good as the recorder: a step that reads its loss on the host,
     # draws on a CPU generator, or reads a tensor made anew for each step must be caught.
-    from consistent_char.refiners import ti_lora
+    from consistent_char.refiners.ti_lora import denoising
+    from consistent_char.refiners.ti_lora.training import _StepInputs
 
-    original_loss = ti_lora.TextualInversionLoRARefiner._loss
-    original_fill = ti_lora._StepInputs.fill
+    original_loss = denoising.sdxl_loss
+    original_fill = _StepInputs.fill
     kept: list[torch.Tensor] = []  # no address reused: each new tensor is told apart
 
-    def bad_loss(self, *args, **kwargs):
-        loss = original_loss(self, *args, **kwargs)
+    def bad_loss(*args, **kwargs):
+        loss = original_loss(*args, **kwargs)
         float(loss)
         torch.randn(2, generator=torch.Generator().manual_seed(0))
         return loss
@@ -649,8 +655,8 @@ def test_graph_safety_check_catches_each_kind_of_problem(pipe, images, monkeypat
         self.noise = torch.empty_like(self.noise)
         original_fill(self, k, indices, noise, timesteps, keep)
 
-    monkeypatch.setattr(ti_lora.TextualInversionLoRARefiner, "_loss", bad_loss)
-    monkeypatch.setattr(ti_lora._StepInputs, "fill", fresh_noise)
+    monkeypatch.setattr(denoising, "sdxl_loss", bad_loss)
+    monkeypatch.setattr(_StepInputs, "fill", fresh_noise)
     recorder = _record_step_ops(
         monkeypatch, lambda: _refiner(pipe, steps=6).refine(None, images, CAPTIONS, seed=0)
     )
@@ -661,7 +667,7 @@ def test_graph_safety_check_catches_each_kind_of_problem(pipe, images, monkeypat
 
 
 def test_step_runner_warms_up_captures_once_then_replays(monkeypatch):
-    from consistent_char.refiners import ti_lora
+    from consistent_char.refiners.ti_lora.acceleration import _StepRunner
 
     calls: list[str] = []
     fake_cuda_graphs(monkeypatch, calls)
@@ -671,7 +677,7 @@ def test_step_runner_warms_up_captures_once_then_replays(monkeypatch):
         counter["n"] += 1
         return torch.tensor(float(counter["n"]))
 
-    runner = ti_lora._StepRunner(step, graphed=True, warmup=3)
+    runner = _StepRunner(step, graphed=True, warmup=3)
     outputs = [runner() for _ in range(6)]
     assert calls == ["warmup"] * 3 + ["capture"]
     assert runner.graph.replays == 3
@@ -702,16 +708,18 @@ def test_graphed_refine_trains_like_eager(pipe, images, monkeypatch, caplog):
 
 
 def test_step_runner_goes_on_eagerly_when_the_capture_fails(monkeypatch, caplog):
-    from consistent_char.refiners import ti_lora
+    from consistent_char.refiners.ti_lora import acceleration
 
     def capture(self):
         raise RuntimeError("operation not permitted when stream is capturing")
 
     fake_cuda_graphs(monkeypatch)
-    monkeypatch.setattr(ti_lora._StepRunner, "_capture", capture)
+    monkeypatch.setattr(acceleration._StepRunner, "_capture", capture)
     values = iter(range(1, 10))
-    runner = ti_lora._StepRunner(lambda: torch.tensor(float(next(values))), graphed=True, warmup=1)
-    with caplog.at_level("WARNING", logger=ti_lora.__name__):
+    runner = acceleration._StepRunner(
+        lambda: torch.tensor(float(next(values))), graphed=True, warmup=1
+    )
+    with caplog.at_level("WARNING", logger=acceleration.__name__):
         outputs = [float(runner()) for _ in range(4)]
     assert outputs == [1, 2, 3, 4]
     assert runner.graphed is False and runner.graph is None
@@ -722,7 +730,7 @@ def test_step_runner_goes_on_eagerly_when_the_capture_fails(monkeypatch, caplog)
 def test_cuda_graphs_need_cuda_and_exclude_compiled_blocks(pipe, images):
     with pytest.raises(ValueError, match="cuda_graphs=True needs the pipeline on a CUDA device"):
         _refiner(pipe, steps=1, cuda_graphs=True).refine(None, images, CAPTIONS, seed=0)
-    with pytest.raises(ValueError, match="choose one"):
+    with pytest.raises(ValueError, match="set at most one of cuda_graphs and compile_blocks"):
         _refiner(pipe, cuda_graphs=True, compile_blocks=True)
 
 
@@ -749,7 +757,7 @@ def test_caption_dropout_trains_some_images_on_the_unconditional_input(pipe, ima
     assert not _same_identity(plain, with_dropout)
     assert with_dropout.metadata["refiner"]["caption_dropout"] == 0.5
     for bad in (1.0, -0.1, True):
-        with pytest.raises(ValueError, match="caption_dropout must be"):
+        with pytest.raises(ValueError, match="caption_dropout = "):
             _refiner(pipe, caption_dropout=bad)
 
 
@@ -760,12 +768,14 @@ def test_prior_preservation_trains_on_the_prior_images_too(pipe, images, monkeyp
         generator=[torch.Generator().manual_seed(10 + i) for i in range(3)],
         output_type="pil",
     ).images
-    seen: list[int] = []
-    original = TextualInversionLoRARefiner._loss
+    from consistent_char.refiners.ti_lora import denoising
 
-    def spy(self, state, scheduler, latents, *args, **kwargs):
-        seen.append(latents.shape[0])
-        return original(self, state, scheduler, latents, *args, **kwargs)
+    seen: list[int] = []
+    original = denoising.sdxl_loss
+
+    def spy(unet, state, scheduler, batch, *args, **kwargs):
+        seen.append(len(batch))
+        return original(unet, state, scheduler, batch, *args, **kwargs)
 
     plain = _refiner(pipe, steps=3).refine(None, images, CAPTIONS, seed=0)
     # Weight 0 or no prior images: exactly the paper's loss, prior images ignored.
@@ -773,7 +783,7 @@ def test_prior_preservation_trains_on_the_prior_images_too(pipe, images, monkeyp
         None, images, CAPTIONS, seed=0, prior_images=prior, prior_captions=["a cat"] * 3
     )
     assert _same_identity(plain, off)
-    monkeypatch.setattr(TextualInversionLoRARefiner, "_loss", spy)
+    monkeypatch.setattr(denoising, "sdxl_loss", spy)
     refiner = _refiner(pipe, steps=3, prior_preservation=1.0, batch_size=2)
     with_prior = refiner.refine(
         None, images, CAPTIONS, seed=0, prior_images=prior, prior_captions=["a cat"] * 3
@@ -787,5 +797,5 @@ def test_prior_preservation_trains_on_the_prior_images_too(pipe, images, monkeyp
         )
     with pytest.raises(ValueError, match="prior captions"):
         refiner.refine(None, images, CAPTIONS, seed=0, prior_images=prior)
-    with pytest.raises(ValueError, match="prior_preservation must be"):
+    with pytest.raises(ValueError, match="prior_preservation = -1.0: Input should be greater"):
         _refiner(pipe, prior_preservation=-1.0)
