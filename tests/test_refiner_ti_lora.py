@@ -217,6 +217,29 @@ def test_multi_vector_tokens(pipe, images):
                 assert float((trained[i] - trained[j]).norm()) > 1e-3, (i, j)
 
 
+def test_multi_vector_tokens_start_as_distinct_variants_of_the_word(pipe, images):
+    def start(num_vectors, seed):
+        refiner = _refiner(pipe, num_vectors=num_vectors, steps=0)
+        return refiner.refine(None, images, CAPTIONS, seed=seed)
+
+    single = start(1, seed=0)
+    assert torch.equal(single.clip_l, _initial_row(pipe, 0))
+    assert torch.equal(single.clip_g, _initial_row(pipe, 1))
+    a, again, other = start(3, seed=0), start(3, seed=0), start(3, seed=1)
+    for k, (rows, same, reseeded) in enumerate(
+        ((a.clip_l, again.clip_l, other.clip_l), (a.clip_g, again.clip_g, other.clip_g))
+    ):
+        word = _initial_row(pipe, k)[0]
+        assert torch.equal(rows[0], word)
+        # The others a tenth of the word's norm away from it, in directions of their own...
+        offsets = (rows[1:] - word).norm(dim=-1)
+        torch.testing.assert_close(offsets, torch.full((2,), 0.1) * word.norm())
+        assert float((rows[1] - rows[2]).norm()) > 0.05 * float(word.norm())
+        # ...drawn from the seed.
+        assert torch.equal(rows, same)
+        assert torch.equal(reseeded[0], word) and not torch.equal(reseeded[1:], rows[1:])
+
+
 def test_batches_larger_than_the_image_set_and_accumulation(pipe, images, monkeypatch):
     """A batch larger than the image set holds every image equally often, and accumulated
     micro-batches are averaged: when every image gets the same noise and timestep, six images

@@ -88,7 +88,9 @@ class TextualInversionLoRARefiner:
         initializer_token: Word whose embedding (the mean over its sub-word tokens) initialises
             the new token rows of a new identity, in each encoder.
         num_vectors: Rows per text encoder for a new identity (diffusers' multi-vector names
-            ``token``, ``token_1``, ...).
+            ``token``, ``token_1``, ...). The first starts at the initializer word's embedding;
+            each further one at that embedding moved in a random direction (drawn from the
+            refine's seed) by a tenth of its norm, so the vectors start distinct.
         lora_rank: LoRA rank ``r`` for a new identity.
         lora_alpha: LoRA alpha (``None``: equal to the rank, i.e. scale 1).
         target_modules: UNet module names that get a LoRA.

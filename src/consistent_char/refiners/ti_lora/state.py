@@ -31,6 +31,9 @@ from consistent_char.refiners.ti_lora.settings import RefinerSettings
 
 #: The peft adapter name the LoRA is trained under (removed after each refine).
 TRAIN_ADAPTER = "consistent_char_refine"
+#: How far the second and later vectors of a new multi-vector token start from the initializer
+#: word's row, as a fraction of that row's norm (`_initial_rows`).
+INIT_SPREAD = 0.1
 
 
 class _EmbeddingWithNewRows(nn.Module):
@@ -85,6 +88,7 @@ class _TrainingState:
         token: str,
         settings: RefinerSettings,
         embeddings: list[nn.Module],
+        seed: int,
         *,
         train_rows: bool,
     ) -> _TrainingState:
@@ -109,7 +113,7 @@ class _TrainingState:
             if identity is not None:
                 init = (identity.clip_l, identity.clip_g)[k]
             else:
-                init = _initial_rows(tokenizer, emb, settings.initializer_token, n)
+                init = _initial_rows(tokenizer, emb, settings.initializer_token, n, seed)
             param = nn.Parameter(
                 init.detach().to(emb.weight.device, torch.float32).clone(),
                 requires_grad=train_rows,
@@ -306,7 +310,7 @@ def trainable(
             m.requires_grad_(False)
             m.eval()
         state = _TrainingState.build(
-            pipe, identity, token, settings, embeddings, train_rows=settings.mode != "lora"
+            pipe, identity, token, settings, embeddings, seed, train_rows=settings.mode != "lora"
         )
         for enc, emb, wrapper in zip(encoders, embeddings, state.wrappers, strict=True):
             enc.set_input_embeddings(wrapper)
@@ -372,12 +376,27 @@ def token_names(token: str, n: int) -> list[str]:
     return [token] + [f"{token}_{i}" for i in range(1, n)]
 
 
-def _initial_rows(tokenizer: Any, embedding: nn.Embedding, word: str, n: int) -> torch.Tensor:
+def _initial_rows(
+    tokenizer: Any, embedding: nn.Embedding, word: str, n: int, seed: int = 0
+) -> torch.Tensor:
+    """`n` float32 starting rows of a new token: the embedding of `word` (the mean of its
+    sub-word tokens' rows) first, then for each further vector that row moved in a random
+    direction, drawn from `seed`, by `INIT_SPREAD` times its norm."""
     ids = tokenizer(word, add_special_tokens=False).input_ids
     if not ids:
         raise ValueError(f"initializer_token {word!r} tokenizes to nothing")
     rows = embedding.weight.detach()[torch.tensor(ids, device=embedding.weight.device)]
-    return rows.float().mean(dim=0, keepdim=True).repeat(n, 1)
+    row = rows.float().mean(dim=0, keepdim=True)
+    if n == 1:
+        return row
+    # n copies of one row would start the token as the word said n times, each vector moved
+    # apart only by what its position feeds back. A small offset lets each start as a variant
+    # of the word of its own. (The word's sub-word rows would not do: most initializer words
+    # are one token.) Drawn on the CPU, so a seed gives the same rows on every device.
+    directions = torch.randn(n - 1, row.shape[-1], generator=torch.Generator().manual_seed(seed))
+    directions = directions / directions.norm(dim=-1, keepdim=True)
+    offsets = INIT_SPREAD * row.norm() * directions.to(row.device)
+    return torch.cat([row, row + offsets])
 
 
 def _remove_adapter(unet: Any, name: str, previously_active: list[str]) -> None:
