@@ -101,10 +101,14 @@ class ClustererConfig(_Strict):
     nredo: int = Field(1, ge=1, description="Independent runs; FAISS keeps the best objective.")
 
 
+#: What the refiner trains: tokens and LoRA (the paper), tokens only, or the LoRA only.
+RefineMode = Literal["ti_lora", "ti", "lora"]
+
+
 class RefinerConfig(_Strict):
     """Settings of the default textual inversion + LoRA refiner."""
 
-    mode: Literal["ti_lora", "ti", "lora"] = Field(
+    mode: RefineMode = Field(
         "ti_lora", description="ti_lora (paper), ti (tokens only) or lora (LoRA only)."
     )
     token: str = Field("<cc-char>", min_length=1, description="The identity's placeholder token.")

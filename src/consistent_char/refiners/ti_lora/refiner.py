@@ -338,13 +338,17 @@ class TextualInversionLoRARefiner:
         pipe, s = self.pipeline, self.settings
         token = identity.token if identity is not None else s.token
         images, captions = check_inputs(pipe, identity, token, images, captions, seed, s)
-        prior = check_prior(token, prior_images, prior_captions, s.prior_preservation)
+        prior_images, prior_captions = check_prior(
+            token, prior_images, prior_captions, s.prior_preservation
+        )
         height, width = training_size(pipe, images, s.height, s.width)
         gen = torch.Generator(device="cpu").manual_seed(seed)
         with self._training(identity, token, seed, accelerate=True) as state:
             # 2. Encode the images and tokenise the captions once (the VAE is frozen); prior
             #    images, if any, come after the identity's, with their own captions.
-            data = self._batch(state, [*images, *prior[0]], captions, prior[1], height, width)
+            data = self._batch(
+                state, [*images, *prior_images], captions, prior_captions, height, width
+            )
             # 3. Optimise the new rows and the LoRA with SDXL's denoising loss
             # A captured step must not keep autocast's cast weights past its own call.
             autocast = self._autocast(pipe.unet.device, cache=not s.cuda_graphs)
@@ -444,12 +448,15 @@ class TextualInversionLoRARefiner:
     def _autocast(
         self, device: torch.device, *, cache: bool = True
     ) -> contextlib.AbstractContextManager[Any]:
+        """The autocast region the UNet runs in on `device` (none without mixed precision)."""
         return acceleration.autocast(self._uses_autocast(device), device, cache=cache)
 
     def _uses_autocast(self, device: torch.device) -> bool:
+        """Whether the UNet runs under bfloat16 autocast on `device` (`mixed_precision`)."""
         return uses_autocast(self.settings.mixed_precision, device)
 
     def _settings(self) -> dict[str, Any]:
+        """The settings an identity records (`RECORDED_SETTINGS`)."""
         return {name: getattr(self.settings, name) for name in RECORDED_SETTINGS}
 
 
@@ -469,6 +476,8 @@ def _metadata(
     num_images: int,
     final_loss: float,
 ) -> dict[str, Any]:
+    """The new identity's metadata: the previous identity's, the refine count, and this
+    refine's settings, seed and outcome."""
     metadata = dict(previous.metadata) if previous is not None else {}
     refines = int(metadata.get("refine_count", 0)) + 1
     metadata["refine_count"] = refines

@@ -12,11 +12,10 @@ from typing import Any, Literal
 
 from pydantic import Field, ValidationError
 
-from consistent_char.config import ConfigError, RefinerConfig, _explain
+from consistent_char.config import ConfigError, RefineMode, RefinerConfig, _explain
 
 __all__ = ["MixedPrecision", "RefineMode", "RefinerSettings"]
 
-RefineMode = Literal["ti_lora", "ti", "lora"]
 MixedPrecision = Literal["auto", "bf16", "no"]
 
 _STEPS = RefinerConfig.model_fields["steps"]

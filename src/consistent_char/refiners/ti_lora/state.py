@@ -64,6 +64,9 @@ class _EmbeddingWithNewRows(nn.Module):
 
 @dataclass
 class _TrainingState:
+    """What `refine` trains while the pipeline is patched: the new rows of both encoders (behind
+    the tokenizer copies that know the new tokens) and the LoRA's parameters."""
+
     token: str
     tokens: list[str]
     tokenizers: list[Any]
@@ -200,6 +203,7 @@ class _TrainingState:
         *,
         capturable: bool = False,
     ) -> torch.optim.Optimizer:
+        """AdamW over what `mode` trains: the rows at `embedding_lr`, the LoRA at `lora_lr`."""
         groups: list[dict[str, Any]] = []
         if self.train_rows:
             groups.append({"params": list(self.rows), "lr": embedding_lr})
@@ -264,6 +268,7 @@ class _TrainingState:
         return prompt_embeds, pooled
 
     def identity(self, metadata: dict[str, Any]) -> Identity:
+        """The trained identity as detached CPU float32 copies (the pipeline's go on changing)."""
         lora = None
         if self.has_lora:
             from peft import get_peft_model_state_dict
@@ -400,6 +405,7 @@ def _initial_rows(
 
 
 def _remove_adapter(unet: Any, name: str, previously_active: list[str]) -> None:
+    """Removes adapter `name` from `unet` and makes `previously_active` active again."""
     if name in (getattr(unet, "peft_config", None) or {}):
         unet.delete_adapters(name)
     if getattr(unet, "peft_config", None):

@@ -113,9 +113,9 @@ class _TrainingStep:
         self.prior_inputs = _StepInputs.allocate(prior_rows, batch, shape, device)
 
     def draw(self) -> None:
-        """Draws the next step's images, noise, timesteps and caption drops into the inputs,
-        in the same order as ever: per micro-batch the indices, then noise and timesteps, then
-        the drops, then the same for the prior images."""
+        """Draws the next step's images, noise, timesteps and caption drops into the inputs.
+        The order is fixed, since a seed's training depends on it: per micro-batch the indices,
+        then the noise and timesteps, then the drops, then the same for the prior images."""
         gen, batch, shape = self.gen, self.settings.batch_size, self.inputs.noise.shape[1:]
         for k in range(self.settings.gradient_accumulation_steps):
             indices = self.order.take(batch)
