@@ -350,7 +350,6 @@ class TextualInversionLoRARefiner:
                 state, [*images, *prior_images], captions, prior_captions, height, width
             )
             # 3. Optimise the new rows and the LoRA with SDXL's denoising loss
-            # A captured step must not keep autocast's cast weights past its own call.
             autocast = self._autocast(pipe.unet.device, cache=not s.cuda_graphs)
             final_loss = optimise(s, pipe, state, data, len(images), gen, autocast, callback)
             # 4. Read the identity out before the pipeline is restored
