@@ -330,7 +330,8 @@ def as_on_cuda(
     runs under the same autocast state, and the VAE encode is its own phase."""
     import torch.utils.checkpoint as checkpoint_module
 
-    from consistent_char.refiners import ti_lora
+    from consistent_char.refiners.ti_lora import encoding
+    from consistent_char.refiners.ti_lora.state import TRAIN_ADAPTER
 
     saved: list[tuple[Any, str, Any]] = []
 
@@ -344,15 +345,15 @@ def as_on_cuda(
     patch(refiner, "_autocast", lambda device, cache=True: _Region(autocast))
     patch(refiner, "_uses_autocast", lambda device: True)
     if encode_pixels is not None:
-        patch(ti_lora, "ENCODE_PIXELS", encode_pixels)
+        patch(encoding, "ENCODE_PIXELS", encode_pixels)
 
-    encode = refiner._encode_images
+    encode = encoding.encode_images
 
     def encode_phase(*args: Any, **kwargs: Any) -> Any:
         with counter.during("encode"):
             return encode(*args, **kwargs)
 
-    patch(refiner, "_encode_images", encode_phase)
+    patch(encoding, "encode_images", encode_phase)
 
     unet = refiner.pipeline.unet
     add_adapter = unet.add_adapter
@@ -360,7 +361,7 @@ def as_on_cuda(
     def add_adapter_on_meta(*args: Any, **kwargs: Any) -> Any:
         out = add_adapter(*args, **kwargs)
         for name, p in unet.named_parameters():
-            if ti_lora.TRAIN_ADAPTER in name and not _on_meta(p):
+            if TRAIN_ADAPTER in name and not _on_meta(p):
                 p.data = p.data.to(META)
         return out
 

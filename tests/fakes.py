@@ -119,7 +119,7 @@ def fake_cuda_graphs(monkeypatch, calls: list[str] | None = None) -> None:
     """Lets `TextualInversionLoRARefiner(cuda_graphs=True)` run on the CPU: the device check
     passes, warm-up steps run on the current stream and the capture returns a `FakeCUDAGraph`
     (a capture records the step without running it)."""
-    from consistent_char.refiners import ti_lora
+    from consistent_char.refiners.ti_lora.acceleration import _StepRunner
 
     log = calls if calls is not None else []
 
@@ -132,6 +132,6 @@ def fake_cuda_graphs(monkeypatch, calls: list[str] | None = None) -> None:
         output = torch.zeros(())
         return FakeCUDAGraph(self.step, output), output
 
-    monkeypatch.setattr(ti_lora._StepRunner, "check_device", staticmethod(lambda device: None))
-    monkeypatch.setattr(ti_lora._StepRunner, "_on_side_stream", warmup)
-    monkeypatch.setattr(ti_lora._StepRunner, "_capture", capture)
+    monkeypatch.setattr(_StepRunner, "check_device", staticmethod(lambda device: None))
+    monkeypatch.setattr(_StepRunner, "_on_side_stream", warmup)
+    monkeypatch.setattr(_StepRunner, "_capture", capture)

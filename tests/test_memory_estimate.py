@@ -160,7 +160,7 @@ def test_tiny_estimate_is_set_against_the_measured_peaks(tiny: dict[str, Any]) -
 def test_the_refiner_is_left_as_it_was(tiny: dict[str, Any]) -> None:
     import torch.utils.checkpoint
 
-    from consistent_char.refiners import ti_lora
+    from consistent_char.refiners.ti_lora import encoding
 
-    assert ti_lora.ENCODE_PIXELS == 1024 * 1024
+    assert encoding.ENCODE_PIXELS == 1024 * 1024
     assert torch.utils.checkpoint.checkpoint.__module__ == "torch.utils.checkpoint"

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import re
 
 import pytest
 import torch
@@ -202,16 +203,127 @@ def test_lora_mode_keeps_the_token_rows_at_their_initialisation(pipe, images):
 
 
 def test_multi_vector_tokens(pipe, images):
+    start = _refiner(pipe, num_vectors=3, steps=0).refine(None, images, CAPTIONS, seed=0)
     identity = _refiner(pipe, num_vectors=3, steps=2).refine(None, images, CAPTIONS, seed=0)
     assert identity.clip_l.shape == (3, 32) and identity.clip_g.shape == (3, 48)
     assert identity.tokens == [TOKEN, f"{TOKEN}_1", f"{TOKEN}_2"]
+    for trained, initial in ((identity.clip_l, start.clip_l), (identity.clip_g, start.clip_g)):
+        # Each vector is trained (moved from where it started)...
+        moved = (trained - initial).norm(dim=-1)
+        assert bool((moved > 1e-3).all()), moved
+        # ...and each is a vector of its own.
+        for i in range(3):
+            for j in range(i + 1, 3):
+                assert float((trained[i] - trained[j]).norm()) > 1e-3, (i, j)
 
 
-def test_batches_larger_than_the_image_set_and_accumulation(pipe, images):
-    identity = _refiner(pipe, steps=2, batch_size=6, gradient_accumulation_steps=2).refine(
-        None, images[:2], CAPTIONS[:2], seed=0
-    )
-    assert identity.clip_l.isfinite().all()
+def test_multi_vector_tokens_start_as_distinct_variants_of_the_word(pipe, images):
+    def start(num_vectors, seed):
+        refiner = _refiner(pipe, num_vectors=num_vectors, steps=0)
+        return refiner.refine(None, images, CAPTIONS, seed=seed)
+
+    single = start(1, seed=0)
+    assert torch.equal(single.clip_l, _initial_row(pipe, 0))
+    assert torch.equal(single.clip_g, _initial_row(pipe, 1))
+    a, again, other = start(3, seed=0), start(3, seed=0), start(3, seed=1)
+    for k, (rows, same, reseeded) in enumerate(
+        ((a.clip_l, again.clip_l, other.clip_l), (a.clip_g, again.clip_g, other.clip_g))
+    ):
+        word = _initial_row(pipe, k)[0]
+        assert torch.equal(rows[0], word)
+        # The others a tenth of the word's norm away from it, in directions of their own...
+        offsets = (rows[1:] - word).norm(dim=-1)
+        torch.testing.assert_close(offsets, torch.full((2,), 0.1) * word.norm())
+        assert float((rows[1] - rows[2]).norm()) > 0.05 * float(word.norm())
+        # ...drawn from the seed.
+        assert torch.equal(rows, same)
+        assert torch.equal(reseeded[0], word) and not torch.equal(reseeded[1:], rows[1:])
+
+
+def test_batches_larger_than_the_image_set_and_accumulation(pipe, images, monkeypatch):
+    """A batch larger than the image set holds every image equally often, and accumulated
+    micro-batches are averaged: when every image gets the same noise and timestep, six images
+    a micro-batch over two micro-batches, one image over two, and both images at once give the
+    same gradients, losses and identity."""
+    from torch.optim.optimizer import register_optimizer_step_pre_hook
+
+    from consistent_char.refiners.ti_lora import denoising
+    from consistent_char.refiners.ti_lora.training import _StepInputs
+
+    def same_noise(gen, shape, high):
+        one = torch.randn(tuple(shape[1:]), generator=torch.Generator().manual_seed(0))
+        return one.expand(*shape).clone(), torch.full((shape[0],), high // 2)
+
+    batches: list[list[int]] = []
+    fill = _StepInputs.fill
+
+    def record(self, k, indices, *args, **kwargs):
+        batches.append(indices.tolist())
+        fill(self, k, indices, *args, **kwargs)
+
+    grads: list[list[torch.Tensor]] = []  # each step's gradients, as AdamW gets them
+
+    def keep_grads(optimizer, args, kwargs):
+        grads.append([p.grad.clone() for g in optimizer.param_groups for p in g["params"]])
+
+    monkeypatch.setattr(denoising, "draw_noise", same_noise)
+    monkeypatch.setattr(_StepInputs, "fill", record)
+    runs = {}
+    handle = register_optimizer_step_pre_hook(keep_grads)
+    try:
+        for batch_size, accumulation in ((2, 1), (6, 2), (1, 2)):
+            losses: list[float] = []
+            batches.clear()
+            grads.clear()
+            refiner = _refiner(
+                pipe, steps=3, batch_size=batch_size, gradient_accumulation_steps=accumulation
+            )
+            identity = refiner.refine(
+                None,
+                images[:2],
+                CAPTIONS[:2],
+                seed=0,
+                callback=lambda s, t, x, o=losses: o.append(x),
+            )
+            runs[batch_size, accumulation] = (identity, losses, grads[0])
+            # Three steps of `accumulation` micro-batches, each step every image equally often.
+            assert len(batches) == 3 * accumulation
+            for step in range(3):
+                seen = sum(batches[step * accumulation : (step + 1) * accumulation], [])
+                assert seen.count(0) == seen.count(1) == batch_size * accumulation // 2, batches
+    finally:
+        handle.remove()
+    plain, plain_losses, plain_grads = runs[2, 1]
+    for identity, losses, first_grads in (runs[6, 2], runs[1, 2]):
+        # The first step's gradients (AdamW would hide a factor in them) and what follows.
+        for grad, plain_grad in zip(first_grads, plain_grads, strict=True):
+            torch.testing.assert_close(grad, plain_grad, rtol=1e-4, atol=1e-7)
+        assert losses == pytest.approx(plain_losses, rel=1e-5)
+        torch.testing.assert_close(identity.clip_l, plain.clip_l, rtol=1e-4, atol=1e-6)
+        torch.testing.assert_close(identity.clip_g, plain.clip_g, rtol=1e-4, atol=1e-6)
+        assert identity.lora is not None and plain.lora is not None
+        for key, value in plain.lora.items():
+            # AdamW divides by the gradients' size, so where they are tiny their rounding shows:
+            # within 1% of one step (lora_lr 1e-2).
+            torch.testing.assert_close(identity.lora[key], value, rtol=1e-4, atol=1e-4)
+
+
+def test_lora_wraps_self_and_cross_attention_of_every_transformer_block(pipe, images):
+    identity = _refiner(pipe, steps=1).refine(None, images, CAPTIONS, seed=0)
+    assert identity.lora is not None
+    blocks = [
+        name
+        for name, module in pipe.unet.named_modules()
+        if type(module).__name__ in pipe.unet._repeated_blocks
+    ]
+    assert blocks, "the tiny UNet should have transformer blocks"
+    for block in blocks:
+        # attn1 is the image's self-attention, attn2 the cross-attention to the prompt.
+        for attention in ("attn1", "attn2"):
+            for target in ("to_q", "to_k", "to_v", "to_out.0"):
+                for matrix in ("lora_A", "lora_B"):
+                    key = f"{block}.{attention}.{target}.{matrix}.weight"
+                    assert key in identity.lora, f"{key} is not in the LoRA"
 
 
 def test_v_prediction_trains_against_the_velocity(images, monkeypatch):
@@ -257,7 +369,7 @@ def test_max_timestep_bounds_the_training_timesteps(pipe, images, monkeypatch):
 def test_large_images_are_encoded_a_few_at_a_time(pipe, images, monkeypatch):
     """`ENCODE_PIXELS` bounds each VAE encoder call (its activations grow with the pixels); the
     latents, and so the loss, do not depend on how the images are split."""
-    from consistent_char.refiners import ti_lora
+    from consistent_char.refiners.ti_lora import encoding
 
     calls: list[int] = []
     original = type(pipe.vae).encode
@@ -273,27 +385,27 @@ def test_large_images_are_encoded_a_few_at_a_time(pipe, images, monkeypatch):
     whole = refiner.denoising_loss(None, six, captions, seed=0)
     assert calls == [6]  # 32x32 images: all six under ENCODE_BATCH and ENCODE_PIXELS
     calls.clear()
-    monkeypatch.setattr(ti_lora, "ENCODE_PIXELS", 4 * 32 * 32)
+    monkeypatch.setattr(encoding, "ENCODE_PIXELS", 4 * 32 * 32)
     split = refiner.denoising_loss(None, six, captions, seed=0)
     assert calls == [4, 2]
     assert split == pytest.approx(whole, rel=1e-5)
     calls.clear()
-    monkeypatch.setattr(ti_lora, "ENCODE_PIXELS", 100)  # less than one image: still one a call
+    monkeypatch.setattr(encoding, "ENCODE_PIXELS", 100)  # less than one image: still one a call
     refiner.denoising_loss(None, six, captions, seed=0)
     assert calls == [1] * 6
 
 
 def test_lr_decay_scales_the_learning_rates_of_each_warm_start(pipe, images, monkeypatch):
-    from consistent_char.refiners import ti_lora
+    from consistent_char.refiners.ti_lora.state import _TrainingState
 
     rates: list[tuple[float, float]] = []
-    original = ti_lora._TrainingState.optimizer
+    original = _TrainingState.optimizer
 
     def spy(self, embedding_lr, lora_lr, weight_decay, mode, **kwargs):
         rates.append((embedding_lr, lora_lr))
         return original(self, embedding_lr, lora_lr, weight_decay, mode, **kwargs)
 
-    monkeypatch.setattr(ti_lora._TrainingState, "optimizer", spy)
+    monkeypatch.setattr(_TrainingState, "optimizer", spy)
     refiner = _refiner(pipe, steps=1, lr_decay=0.5)
     first = refiner.refine(None, images, CAPTIONS, seed=0)
     second = refiner.refine(first, images, CAPTIONS, seed=1)
@@ -323,6 +435,8 @@ def test_row_norm_cap_bounds_the_new_rows(pipe, images):
 def test_training_conditioning_is_the_inference_conditioning(pipe, images):
     """What refine trains through (its own encoding and LoRA) equals what apply_to + the
     pipeline's encode_prompt and UNet use at generation time."""
+    from consistent_char.refiners.ti_lora.state import trainable
+
     identity = tiny_identity(pipe, TOKEN, seed=4, num_vectors=2, lora_rank=2, lora_alpha=5.0)
     refiner = _refiner(pipe)
     captions = [f"a {TOKEN} cat", f"{TOKEN} in the city at night"]
@@ -330,7 +444,7 @@ def test_training_conditioning_is_the_inference_conditioning(pipe, images):
     timesteps = torch.tensor([10, 700])
     time_ids = torch.tensor([[32.0, 32, 0, 0, 32, 32]] * 2)
     with torch.no_grad():
-        with refiner._trainable(identity, TOKEN, seed=0) as state:
+        with trainable(pipe, refiner.settings, identity, TOKEN, seed=0) as state:
             embeds, pooled = state.encode(*state.tokenize(captions))
             trained = pipe.unet(
                 latents,
@@ -408,19 +522,21 @@ def test_identity_of_another_model_is_a_clear_error(pipe, images):
 @pytest.mark.parametrize(
     ("settings", "message"),
     [
-        ({"mode": "dreambooth"}, "mode must be one of ti_lora, ti, lora"),
-        ({"steps": -1}, "steps must be an int >= 0"),
-        ({"lora_lr": 0.0}, "lora_lr must be a number > 0"),
-        ({"num_vectors": 0}, "num_vectors must be an int >= 1"),
-        ({"token": "two words"}, "token must be a non-empty word without spaces"),
-        ({"mixed_precision": "fp8"}, "mixed_precision must be"),
-        ({"max_timestep": 0}, "max_timestep must be None or an int >= 1"),
-        ({"row_norm_cap": 0.0}, "row_norm_cap must be None or a number > 0"),
-        ({"lr_decay": 1.5}, "lr_decay must be a number in"),
+        ({"mode": "dreambooth"}, "mode = \"dreambooth\": Input should be 'ti_lora', 'ti' or"),
+        ({"steps": -1}, "steps = -1: Input should be greater than or equal to 0"),
+        ({"lora_lr": 0.0}, "lora_lr = 0.0: Input should be greater than 0"),
+        ({"num_vectors": 0}, "num_vectors = 0: Input should be greater than or equal to 1"),
+        ({"token": "two words"}, "token must be one word without spaces"),
+        ({"mixed_precision": "fp8"}, "mixed_precision = \"fp8\": Input should be 'auto'"),
+        ({"max_timestep": 0}, "max_timestep = 0: Input should be greater than or equal to 1"),
+        ({"row_norm_cap": 0.0}, "row_norm_cap = 0.0: Input should be greater than 0"),
+        ({"lr_decay": 1.5}, "lr_decay = 1.5: Input should be less than or equal to 1"),
+        ({"batch_size": True}, "batch_size = true: expected a number, got the boolean True"),
+        ({"weight_decay": -1.0}, "weight_decay = -1.0: Input should be greater than or equal"),
     ],
 )
 def test_bad_settings_are_clear_errors(pipe, settings, message):
-    with pytest.raises(ValueError, match=message):
+    with pytest.raises(ValueError, match=re.escape(message)):
         _refiner(pipe, **settings)
 
 
@@ -565,10 +681,10 @@ def _record_step_ops(monkeypatch, run) -> _OpRecorder:
         register_optimizer_step_pre_hook,
     )
 
-    from consistent_char.refiners import ti_lora
+    from consistent_char.refiners.ti_lora.acceleration import _StepRunner
 
     recorder = _OpRecorder()
-    original = ti_lora._StepRunner.__call__
+    original = _StepRunner.__call__
 
     def recorded(self):
         recorder.begin_step()
@@ -581,7 +697,7 @@ def _record_step_ops(monkeypatch, run) -> _OpRecorder:
     def resume(*_args):
         recorder.active = True
 
-    monkeypatch.setattr(ti_lora._StepRunner, "__call__", recorded)
+    monkeypatch.setattr(_StepRunner, "__call__", recorded)
     handles = [register_optimizer_step_pre_hook(pause), register_optimizer_step_post_hook(resume)]
     try:
         run()
@@ -632,14 +748,15 @@ def test_training_step_is_safe_to_capture(pipe, images, monkeypatch, settings):
 def test_graph_safety_check_catches_each_kind_of_problem(pipe, images, monkeypatch):
     # The check above is only as good as the recorder: a step that reads its loss on the host,
     # draws on a CPU generator, or reads a tensor made anew for each step must be caught.
-    from consistent_char.refiners import ti_lora
+    from consistent_char.refiners.ti_lora import denoising
+    from consistent_char.refiners.ti_lora.training import _StepInputs
 
-    original_loss = ti_lora.TextualInversionLoRARefiner._loss
-    original_fill = ti_lora._StepInputs.fill
+    original_loss = denoising.sdxl_loss
+    original_fill = _StepInputs.fill
     kept: list[torch.Tensor] = []  # no address reused: each new tensor is told apart
 
-    def bad_loss(self, *args, **kwargs):
-        loss = original_loss(self, *args, **kwargs)
+    def bad_loss(*args, **kwargs):
+        loss = original_loss(*args, **kwargs)
         float(loss)
         torch.randn(2, generator=torch.Generator().manual_seed(0))
         return loss
@@ -649,8 +766,8 @@ def test_graph_safety_check_catches_each_kind_of_problem(pipe, images, monkeypat
         self.noise = torch.empty_like(self.noise)
         original_fill(self, k, indices, noise, timesteps, keep)
 
-    monkeypatch.setattr(ti_lora.TextualInversionLoRARefiner, "_loss", bad_loss)
-    monkeypatch.setattr(ti_lora._StepInputs, "fill", fresh_noise)
+    monkeypatch.setattr(denoising, "sdxl_loss", bad_loss)
+    monkeypatch.setattr(_StepInputs, "fill", fresh_noise)
     recorder = _record_step_ops(
         monkeypatch, lambda: _refiner(pipe, steps=6).refine(None, images, CAPTIONS, seed=0)
     )
@@ -661,7 +778,7 @@ def test_graph_safety_check_catches_each_kind_of_problem(pipe, images, monkeypat
 
 
 def test_step_runner_warms_up_captures_once_then_replays(monkeypatch):
-    from consistent_char.refiners import ti_lora
+    from consistent_char.refiners.ti_lora.acceleration import _StepRunner
 
     calls: list[str] = []
     fake_cuda_graphs(monkeypatch, calls)
@@ -671,7 +788,7 @@ def test_step_runner_warms_up_captures_once_then_replays(monkeypatch):
         counter["n"] += 1
         return torch.tensor(float(counter["n"]))
 
-    runner = ti_lora._StepRunner(step, graphed=True, warmup=3)
+    runner = _StepRunner(step, graphed=True, warmup=3)
     outputs = [runner() for _ in range(6)]
     assert calls == ["warmup"] * 3 + ["capture"]
     assert runner.graph.replays == 3
@@ -702,16 +819,18 @@ def test_graphed_refine_trains_like_eager(pipe, images, monkeypatch, caplog):
 
 
 def test_step_runner_goes_on_eagerly_when_the_capture_fails(monkeypatch, caplog):
-    from consistent_char.refiners import ti_lora
+    from consistent_char.refiners.ti_lora import acceleration
 
     def capture(self):
         raise RuntimeError("operation not permitted when stream is capturing")
 
     fake_cuda_graphs(monkeypatch)
-    monkeypatch.setattr(ti_lora._StepRunner, "_capture", capture)
+    monkeypatch.setattr(acceleration._StepRunner, "_capture", capture)
     values = iter(range(1, 10))
-    runner = ti_lora._StepRunner(lambda: torch.tensor(float(next(values))), graphed=True, warmup=1)
-    with caplog.at_level("WARNING", logger=ti_lora.__name__):
+    runner = acceleration._StepRunner(
+        lambda: torch.tensor(float(next(values))), graphed=True, warmup=1
+    )
+    with caplog.at_level("WARNING", logger=acceleration.__name__):
         outputs = [float(runner()) for _ in range(4)]
     assert outputs == [1, 2, 3, 4]
     assert runner.graphed is False and runner.graph is None
@@ -722,7 +841,7 @@ def test_step_runner_goes_on_eagerly_when_the_capture_fails(monkeypatch, caplog)
 def test_cuda_graphs_need_cuda_and_exclude_compiled_blocks(pipe, images):
     with pytest.raises(ValueError, match="cuda_graphs=True needs the pipeline on a CUDA device"):
         _refiner(pipe, steps=1, cuda_graphs=True).refine(None, images, CAPTIONS, seed=0)
-    with pytest.raises(ValueError, match="choose one"):
+    with pytest.raises(ValueError, match="set at most one of cuda_graphs and compile_blocks"):
         _refiner(pipe, cuda_graphs=True, compile_blocks=True)
 
 
@@ -749,7 +868,7 @@ def test_caption_dropout_trains_some_images_on_the_unconditional_input(pipe, ima
     assert not _same_identity(plain, with_dropout)
     assert with_dropout.metadata["refiner"]["caption_dropout"] == 0.5
     for bad in (1.0, -0.1, True):
-        with pytest.raises(ValueError, match="caption_dropout must be"):
+        with pytest.raises(ValueError, match="caption_dropout = "):
             _refiner(pipe, caption_dropout=bad)
 
 
@@ -760,12 +879,14 @@ def test_prior_preservation_trains_on_the_prior_images_too(pipe, images, monkeyp
         generator=[torch.Generator().manual_seed(10 + i) for i in range(3)],
         output_type="pil",
     ).images
-    seen: list[int] = []
-    original = TextualInversionLoRARefiner._loss
+    from consistent_char.refiners.ti_lora import denoising
 
-    def spy(self, state, scheduler, latents, *args, **kwargs):
-        seen.append(latents.shape[0])
-        return original(self, state, scheduler, latents, *args, **kwargs)
+    seen: list[int] = []
+    original = denoising.sdxl_loss
+
+    def spy(unet, state, scheduler, batch, *args, **kwargs):
+        seen.append(len(batch))
+        return original(unet, state, scheduler, batch, *args, **kwargs)
 
     plain = _refiner(pipe, steps=3).refine(None, images, CAPTIONS, seed=0)
     # Weight 0 or no prior images: exactly the paper's loss, prior images ignored.
@@ -773,7 +894,7 @@ def test_prior_preservation_trains_on_the_prior_images_too(pipe, images, monkeyp
         None, images, CAPTIONS, seed=0, prior_images=prior, prior_captions=["a cat"] * 3
     )
     assert _same_identity(plain, off)
-    monkeypatch.setattr(TextualInversionLoRARefiner, "_loss", spy)
+    monkeypatch.setattr(denoising, "sdxl_loss", spy)
     refiner = _refiner(pipe, steps=3, prior_preservation=1.0, batch_size=2)
     with_prior = refiner.refine(
         None, images, CAPTIONS, seed=0, prior_images=prior, prior_captions=["a cat"] * 3
@@ -787,5 +908,5 @@ def test_prior_preservation_trains_on_the_prior_images_too(pipe, images, monkeyp
         )
     with pytest.raises(ValueError, match="prior captions"):
         refiner.refine(None, images, CAPTIONS, seed=0, prior_images=prior)
-    with pytest.raises(ValueError, match="prior_preservation must be"):
+    with pytest.raises(ValueError, match="prior_preservation = -1.0: Input should be greater"):
         _refiner(pipe, prior_preservation=-1.0)

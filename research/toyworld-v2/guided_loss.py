@@ -1,7 +1,8 @@
 """Trial: the refinement fits the *guided* prediction, ``u + g (c - u)`` with the
 unconditional ``u`` held fixed (no gradient), instead of the conditional one alone, so that
 what the loop draws at guidance g (not at guidance 1) reproduces the chosen images. Patches
-`TextualInversionLoRARefiner._loss`, then runs `evaluate_seeds` as `consistent-char eval seeds`.
+the refiner's loss (`denoising.sdxl_loss`), then runs `evaluate_seeds` as
+`consistent-char eval seeds`.
 
     python research/toyworld-v2/guided_loss.py --out runs/v2/guided "a red creature" --seeds 0-3
 """
@@ -13,32 +14,29 @@ import torch.nn.functional as F
 from trial import parse_args, run
 
 from consistent_char.config import toy_preset
-from consistent_char.refiners.ti_lora import TextualInversionLoRARefiner
+from consistent_char.refiners.ti_lora import denoising
 
 #: The loop's guidance scale, which the guided prediction is formed with.
 GUIDANCE = float(toy_preset()["generator"]["guidance_scale"])
 
 
 def _loss(
-    self,
+    unet,
     state,
     noise_scheduler,
-    latents,
-    ids_1,
-    ids_2,
-    time_ids,
+    batch,
     noise,
     timesteps,
     autocast,
     dtype,
     keep=None,
 ):  # type: ignore[no-untyped-def]
-    unet = self.pipeline.unet
-    noisy = noise_scheduler.add_noise(latents, noise, timesteps)
+    noisy = noise_scheduler.add_noise(batch.latents, noise, timesteps)
     assert noise_scheduler.config.prediction_type == "epsilon"
     target = noise
+    time_ids = batch.time_ids
     with autocast:
-        prompt_embeds, pooled = state.encode(ids_1, ids_2)
+        prompt_embeds, pooled = state.encode(batch.ids_1, batch.ids_2)
 
         def predict(pe, po):  # type: ignore[no-untyped-def]
             return unet(
@@ -57,5 +55,5 @@ def _loss(
 
 
 if __name__ == "__main__":
-    TextualInversionLoRARefiner._loss = _loss  # type: ignore[method-assign]
+    denoising.sdxl_loss = _loss
     run(parse_args())

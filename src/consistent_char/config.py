@@ -18,10 +18,18 @@ import os
 import re
 import string
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, get_args
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)
 
 from consistent_char.errors import UserError
 
@@ -103,10 +111,14 @@ class ClustererConfig(_Strict):
     )
 
 
+#: What the refiner trains: tokens and LoRA (the paper), tokens only, or the LoRA only.
+RefineMode = Literal["ti_lora", "ti", "lora"]
+
+
 class RefinerConfig(_Strict):
     """Settings of the default textual inversion + LoRA refiner."""
 
-    mode: Literal["ti_lora", "ti", "lora"] = Field(
+    mode: RefineMode = Field(
         "ti_lora", description="ti_lora (paper), ti (tokens only) or lora (LoRA only)."
     )
     token: str = Field("<cc-char>", min_length=1, description="The identity's placeholder token.")
@@ -174,6 +186,15 @@ class RefinerConfig(_Strict):
         description="Capture the training step in a CUDA graph after 3 eager steps and replay "
         "it (CUDA only; one launch per step instead of tens of thousands of ops).",
     )
+
+    @field_validator("*", mode="before")
+    @classmethod
+    def _numbers_are_not_booleans(cls, value: Any, info: ValidationInfo) -> Any:
+        # pydantic reads True as 1: a boolean where a number belongs is a mistake, not a value.
+        field = cls.model_fields[str(info.field_name)].annotation
+        if isinstance(value, bool) and {int, float} & {field, *get_args(field)}:
+            raise ValueError(f"expected a number, got the boolean {value!r}")
+        return value
 
     @field_validator("target_modules", mode="before")
     @classmethod

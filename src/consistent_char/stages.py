@@ -134,9 +134,7 @@ def build_refiner(settings: RefinerConfig, pipeline: Any, **overrides: Any) -> A
     `TextualInversionLoRARefiner`'s settings, name for name (`overrides` replace some)."""
     from consistent_char.refiners.ti_lora import TextualInversionLoRARefiner
 
-    return TextualInversionLoRARefiner.from_pipeline(
-        pipeline, **{**settings.model_dump(), **overrides}
-    )
+    return TextualInversionLoRARefiner.from_config(pipeline, settings, **overrides)
 
 
 def build_stages(

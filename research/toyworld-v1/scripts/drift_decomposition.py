@@ -29,7 +29,7 @@ from PIL import Image
 from consistent_char.config import ExtractorConfig
 from consistent_char.eval.run import generator_from_config, load_probe
 from consistent_char.identity import Identity
-from consistent_char.refiners.ti_lora import _initial_rows
+from consistent_char.refiners.ti_lora.state import _initial_rows
 from consistent_char.rundir import RunDirectory
 from consistent_char.toy.evaluate import identity_key
 
