@@ -12,7 +12,8 @@ from typing import Any, Literal
 
 from pydantic import Field, ValidationError
 
-from consistent_char.config import ConfigError, RefineMode, RefinerConfig, _explain
+from consistent_char.config import RefineMode, RefinerConfig
+from consistent_char.config_parsing import ConfigError, explain
 
 __all__ = ["MixedPrecision", "RefineMode", "RefinerSettings"]
 
@@ -72,4 +73,4 @@ class RefinerSettings(RefinerConfig):
         try:
             return cls.model_validate(settings)
         except ValidationError as err:
-            raise ConfigError(_explain(err, cls)) from None
+            raise ConfigError(explain(err, cls)) from None
