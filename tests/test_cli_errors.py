@@ -388,8 +388,9 @@ CLI_CASES: list[CliCase] = [
     cli(
         "unknown sampler",
         'extract "a fox" --out runs/a --config tiny.yaml --set generator.scheduler=NoSampler',
-        "scheduler must be None or the name of a diffusers scheduler class, e.g. "
-        "'EulerAncestralDiscreteScheduler' or 'DPMSolverMultistepScheduler'; got 'NoSampler'",
+        'invalid configuration: generator.scheduler = "NoSampler": not a diffusers scheduler '
+        "class; use null (the model's own) or a class name such as "
+        "'EulerAncestralDiscreteScheduler' or 'DPMSolverMultistepScheduler'",
     ),
     cli(
         "token is a word the model knows",
@@ -958,8 +959,8 @@ API_CASES: list[ApiCase] = [
     ApiCase(
         "a NaN guidance scale",
         'SDXLGenerator.from_pipeline(pipe, guidance_scale=float("nan"))',
-        "InvalidValueError",
-        "guidance_scale must be a finite number >= 0, got nan",
+        "ConfigError",
+        "invalid configuration: guidance_scale = NaN: Input should be a finite number",
     ),
     ApiCase(
         "a state.json that is not JSON",

@@ -154,22 +154,39 @@ def test_bad_inputs_are_clear_errors(pipe, prompts, seeds, message):
 @pytest.mark.parametrize(
     ("settings", "message"),
     [
-        ({"num_inference_steps": 0}, "num_inference_steps must be an int >= 1"),
-        ({"guidance_scale": -1.0}, "guidance_scale must be a finite number >= 0"),
-        ({"guidance_scale": float("nan")}, "guidance_scale must be a finite number >= 0"),
-        ({"lora_scale": float("inf")}, "lora_scale must be a finite number >= 0"),
-        ({"guidance_rescale": 1.5}, "guidance_rescale must be a number from 0 to 1"),
-        ({"guidance_rescale": float("nan")}, "guidance_rescale must be a number from 0 to 1"),
-        ({"num_inference_steps": True}, "num_inference_steps must be an int >= 1"),
-        ({"batch_size": 0}, "batch_size must be None"),
-        ({"height": 30}, "height must be None or a positive multiple of 8"),
-        ({"scheduler": "NoSuchScheduler"}, "name of a diffusers scheduler class"),
-        ({"scheduler": "StableDiffusionXLPipeline"}, "name of a diffusers scheduler class"),
+        ({"num_inference_steps": 0}, "num_inference_steps = 0: .* greater than or equal to 1"),
+        ({"guidance_scale": -1.0}, "guidance_scale = -1.0: .* greater than or equal to 0"),
+        ({"guidance_scale": float("nan")}, "guidance_scale = NaN: .* finite number"),
+        ({"lora_scale": float("inf")}, "lora_scale = Infinity: .* finite number"),
+        ({"guidance_rescale": 1.5}, "guidance_rescale = 1.5: .* less than or equal to 1"),
+        ({"guidance_rescale": float("nan")}, "guidance_rescale = NaN: .* finite number"),
+        ({"num_inference_steps": True}, "num_inference_steps = true: expected a number"),
+        ({"batch_size": 0}, "batch_size = 0: .* greater than or equal to 1"),
+        ({"height": 30}, "height = 30: .* multiple of 8"),
+        ({"scheduler": "NoSuchScheduler"}, "not a diffusers scheduler class"),
+        ({"scheduler": "StableDiffusionXLPipeline"}, "not a diffusers scheduler class"),
     ],
 )
 def test_bad_settings_are_clear_errors(pipe, settings, message):
     with pytest.raises(ValueError, match=message):
         SDXLGenerator.from_pipeline(pipe, **settings)
+
+
+def test_unknown_settings_are_type_errors_that_list_the_known_ones(pipe):
+    with pytest.raises(TypeError, match=r"unknown SDXLGenerator setting\(s\) \['guidance'\]"):
+        SDXLGenerator.from_pipeline(pipe, guidance=5.0)
+
+
+def test_settings_read_and_assign_through_the_one_model(pipe):
+    gen = _gen(pipe, guidance_scale=5)
+    assert gen.guidance_scale == 5.0 and gen.settings.guidance_scale == 5.0
+    gen.num_inference_steps = 3
+    assert gen.settings.num_inference_steps == 3
+    with pytest.raises(ValueError, match="greater than or equal to 1"):
+        gen.num_inference_steps = 0
+    assert gen._scheduler is None
+    gen.scheduler = "EulerDiscreteScheduler"
+    assert type(gen._scheduler).__name__ == "EulerDiscreteScheduler"
 
 
 def test_guidance_rescale_changes_guided_images_only(pipe):

@@ -917,6 +917,7 @@ def eval_real(
         evaluate_prompt_set,
     )
     from consistent_char.generators.sdxl import SDXLGenerator
+    from consistent_char.generators.settings import GeneratorSettings
     from consistent_char.identity import Identity
     from consistent_char.stages import resolve_device, resolve_dtype, resolve_model
 
@@ -938,7 +939,7 @@ def eval_real(
         settings["num_inference_steps"] = steps
     if guidance is not None:
         settings["guidance_scale"] = guidance
-    SDXLGenerator._check_settings(settings)
+    GeneratorSettings.from_keywords(settings, "SDXLGenerator")
     sdxl = resolve_model(model)
     clip_source = resolve_model(clip_model, kind="embedder")
     dino_source = resolve_model(dino_model, kind="embedder")

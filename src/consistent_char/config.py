@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import os
 import string
-from typing import Any, Literal, get_args
+from typing import Any, ClassVar, Literal, Self, get_args
 
 import yaml
 from pydantic import (
@@ -48,6 +48,7 @@ __all__ = [
     "GeneratorConfig",
     "RefineMode",
     "RefinerConfig",
+    "SettingsAttributes",
     "check_prompt_template",
     "load_mapping",
     "parse_assignment",
@@ -63,6 +64,54 @@ class _Strict(BaseModel):
     model_config = ConfigDict(
         extra="forbid", validate_assignment=True, frozen=False, allow_inf_nan=False
     )
+
+    @field_validator("*", mode="before")
+    @classmethod
+    def _numbers_are_not_booleans(cls, value: Any, info: ValidationInfo) -> Any:
+        # pydantic reads True as 1: a boolean where a number belongs is a mistake, not a value.
+        field = cls.model_fields[str(info.field_name)].annotation
+        if isinstance(value, bool) and {int, float} & {field, *get_args(field)}:
+            raise ValueError(f"expected a number, got the boolean {value!r}")
+        return value
+
+    @classmethod
+    def from_keywords(cls, settings: dict[str, Any], owner: str) -> Self:
+        """Validates the keyword settings of a stage built from this section (`owner` names it).
+
+        Raises:
+            TypeError: A name that is no setting (as an unknown keyword argument would).
+            ConfigError: A value the model refuses; the message names each field and why.
+        """
+        unknown = sorted(set(settings) - set(cls.model_fields))
+        if unknown:
+            raise TypeError(
+                f"unknown {owner} setting(s) {unknown}; known: {', '.join(cls.model_fields)}"
+            )
+        try:
+            return cls.model_validate(settings)
+        except ValidationError as err:
+            raise ConfigError(explain(err, cls)) from None
+
+
+class SettingsAttributes:
+    """Lets a stage read its settings (a pydantic model in ``self.settings``) as attributes, and
+    checks an assigned setting as the constructor does. `SETTINGS` names the model."""
+
+    SETTINGS: ClassVar[type[BaseModel]]
+    settings: BaseModel
+
+    def __getattr__(self, name: str) -> Any:
+        # Only reached for names that are not attributes: the settings read as attributes.
+        settings = self.__dict__.get("settings")
+        if settings is not None and name in type(self).SETTINGS.model_fields:
+            return getattr(settings, name)
+        raise AttributeError(f"{type(self).__name__!r} object has no attribute {name!r}")
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        if name in type(self).SETTINGS.model_fields:
+            setattr(self.settings, name, value)  # checked as the constructor checks it
+        else:
+            super().__setattr__(name, value)
 
 
 class GeneratorConfig(_Strict):
@@ -96,6 +145,14 @@ class GeneratorConfig(_Strict):
         description="A diffusers scheduler class to sample with, e.g. "
         "EulerAncestralDiscreteScheduler (None: the model's own).",
     )
+
+    @field_validator("scheduler")
+    @classmethod
+    def _a_scheduler_class(cls, name: str | None) -> str | None:
+        from consistent_char.generators.schedulers import scheduler_class
+
+        scheduler_class(name)  # checked with the config, before any model loads
+        return name
 
 
 class EmbedderConfig(_Strict):
@@ -202,15 +259,6 @@ class RefinerConfig(_Strict):
         description="Capture the training step in a CUDA graph after 3 eager steps and replay "
         "it (CUDA only; one launch per step instead of tens of thousands of ops).",
     )
-
-    @field_validator("*", mode="before")
-    @classmethod
-    def _numbers_are_not_booleans(cls, value: Any, info: ValidationInfo) -> Any:
-        # pydantic reads True as 1: a boolean where a number belongs is a mistake, not a value.
-        field = cls.model_fields[str(info.field_name)].annotation
-        if isinstance(value, bool) and {int, float} & {field, *get_args(field)}:
-            raise ValueError(f"expected a number, got the boolean {value!r}")
-        return value
 
     @field_validator("target_modules", mode="before")
     @classmethod

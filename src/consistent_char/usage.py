@@ -85,6 +85,7 @@ def identity_generator(
             in the local cache.
     """
     from consistent_char.generators.sdxl import SDXLGenerator
+    from consistent_char.generators.settings import GeneratorSettings
     from consistent_char.stages import resolve_device, resolve_dtype, resolve_model
 
     saved = identity.metadata.get("config")
@@ -107,7 +108,7 @@ def identity_generator(
         "guidance_scale": gen.guidance_scale if guidance_scale is None else guidance_scale,
         "lora_scale": lora_scale,
     }
-    SDXLGenerator._check_settings(settings)
+    GeneratorSettings.from_keywords(settings, "SDXLGenerator")
     dev = resolve_device(device)
     generator = SDXLGenerator.from_pretrained(
         resolve_model(base), device=dev, dtype=resolve_dtype(dtype, dev), **settings

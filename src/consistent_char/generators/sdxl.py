@@ -9,7 +9,6 @@ of a seed is the same on every device.
 from __future__ import annotations
 
 import contextlib
-import inspect
 import logging
 import math
 import os
@@ -22,7 +21,10 @@ from typing import TYPE_CHECKING, Any
 import torch
 from PIL import Image
 
+from consistent_char.config import SettingsAttributes
 from consistent_char.errors import InputFileError, InputNotFoundError, InvalidValueError
+from consistent_char.generators.schedulers import scheduler_class
+from consistent_char.generators.settings import GeneratorSettings
 from consistent_char.identity import Identity
 
 if TYPE_CHECKING:
@@ -48,7 +50,7 @@ CUDA_BATCH_CAP = 64
 CUDA_BYTES_PER_LATENT_PIXEL = 131_072
 
 
-class SDXLGenerator:
+class SDXLGenerator(SettingsAttributes):
     """Draws images with an SDXL-architecture pipeline, one seed per image.
 
     Build it with `from_pretrained` (loads a checkpoint) or `from_pipeline` (wraps a loaded
@@ -95,32 +97,11 @@ class SDXLGenerator:
         [(32, 32), (32, 32)]
     """
 
-    def __init__(
-        self,
-        pipeline: StableDiffusionXLPipeline,
-        *,
-        num_inference_steps: int = 35,
-        guidance_scale: float = 7.5,
-        guidance_rescale: float = 0.0,
-        height: int | None = None,
-        width: int | None = None,
-        batch_size: int | None = None,
-        negative_prompt: str | None = None,
-        lora_scale: float = 1.0,
-        fuse_identity: bool | None = None,
-        show_progress: bool = False,
-        scheduler: str | None = None,
-    ) -> None:
-        _check_values(
-            num_inference_steps,
-            guidance_scale,
-            height,
-            width,
-            batch_size,
-            lora_scale,
-            guidance_rescale,
-        )
-        scheduler_class = _scheduler_class(scheduler)
+    SETTINGS = GeneratorSettings
+    settings: GeneratorSettings
+
+    def __init__(self, pipeline: StableDiffusionXLPipeline, **settings: Any) -> None:
+        self.settings = GeneratorSettings.from_keywords(settings, "SDXLGenerator")
         for name in ("unet", "vae", "text_encoder", "text_encoder_2", "tokenizer", "tokenizer_2"):
             if getattr(pipeline, name, None) is None:
                 raise ValueError(
@@ -129,22 +110,19 @@ class SDXLGenerator:
                 )
         # Any: diffusers registers the components at run time, invisible to type checkers.
         self.pipeline: Any = pipeline
-        self.num_inference_steps = num_inference_steps
-        self.guidance_scale = float(guidance_scale)
-        self.guidance_rescale = float(guidance_rescale)
-        self.height = height
-        self.width = width
-        self.batch_size = batch_size
-        self.negative_prompt = negative_prompt
-        self.lora_scale = float(lora_scale)
-        self.fuse_identity = fuse_identity
-        self.show_progress = show_progress
-        self.scheduler = scheduler
-        self._scheduler: Any = (
-            None
-            if scheduler_class is None
-            else scheduler_class.from_config(pipeline.scheduler.config)
-        )
+
+    @property
+    def _scheduler(self) -> Any:
+        """The scheduler to sample with (built from the pipeline's own config), or None."""
+        name = self.settings.scheduler
+        if name is None:
+            return None
+        cached = self.__dict__.get("_built_scheduler")
+        if cached is None or cached[0] != name:
+            built = scheduler_class(name).from_config(self.pipeline.scheduler.config)
+            cached = (name, built)
+            self.__dict__["_built_scheduler"] = cached
+        return cached[1]
 
     # ------------------------------------------------------------ constructors
 
@@ -179,7 +157,7 @@ class SDXLGenerator:
             ... )  # doctest: +SKIP
         """
         # Validate settings before the (slow) load.
-        cls._check_settings(settings)
+        GeneratorSettings.from_keywords(settings, "SDXLGenerator")
         pipe = load_sdxl_pipeline(id_or_local_dir, device=device, dtype=dtype, variant=variant)
         return cls(pipe, **settings)
 
@@ -192,27 +170,6 @@ class SDXLGenerator:
             >>> gen = SDXLGenerator.from_pipeline(tiny_sdxl_pipeline(), guidance_scale=5.0)
         """
         return cls(pipeline, **settings)
-
-    @classmethod
-    def _check_settings(cls, settings: dict[str, Any]) -> None:
-        params = inspect.signature(cls.__init__).parameters
-        known = [name for name, p in params.items() if p.kind is p.KEYWORD_ONLY]
-        unknown = sorted(set(settings) - set(known))
-        if unknown:
-            raise TypeError(
-                f"unknown SDXLGenerator setting(s) {unknown}; known: {', '.join(known)}"
-            )
-        values = {name: settings.get(name, params[name].default) for name in known}
-        _check_values(
-            values["num_inference_steps"],
-            values["guidance_scale"],
-            values["height"],
-            values["width"],
-            values["batch_size"],
-            values["lora_scale"],
-            values["guidance_rescale"],
-        )
-        _scheduler_class(values["scheduler"])
 
     # -------------------------------------------------------------- generate
 
@@ -446,71 +403,6 @@ def _cuda_free_bytes(device: torch.device) -> int:
     if fraction is not None:  # torch >= 2.8
         free = min(free, int(fraction(device) * total) - allocated)
     return max(0, int(free))
-
-
-def _check_values(
-    num_inference_steps: int,
-    guidance_scale: float,
-    height: int | None,
-    width: int | None,
-    batch_size: int | None,
-    lora_scale: float = 1.0,
-    guidance_rescale: float = 0.0,
-) -> None:
-    if (
-        isinstance(num_inference_steps, bool)
-        or not isinstance(num_inference_steps, int)
-        or num_inference_steps < 1
-    ):
-        raise InvalidValueError(
-            f"num_inference_steps must be an int >= 1, got {num_inference_steps!r}"
-        )
-    for name, value in (("guidance_scale", guidance_scale), ("lora_scale", lora_scale)):
-        # NaN passes every comparison, and a NaN guidance scale draws black images.
-        if (
-            isinstance(value, bool)
-            or not isinstance(value, (int, float))
-            or not math.isfinite(value)
-            or value < 0
-        ):
-            raise InvalidValueError(f"{name} must be a finite number >= 0, got {value!r}")
-    if (
-        isinstance(guidance_rescale, bool)
-        or not isinstance(guidance_rescale, (int, float))
-        or not 0 <= guidance_rescale <= 1
-    ):
-        raise InvalidValueError(
-            f"guidance_rescale must be a number from 0 to 1, got {guidance_rescale!r}"
-        )
-    if batch_size is not None and (
-        isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1
-    ):
-        raise InvalidValueError(
-            f"batch_size must be None (automatic) or an int >= 1, got {batch_size!r}"
-        )
-    for name, size in (("height", height), ("width", width)):
-        if size is not None and (
-            isinstance(size, bool) or not isinstance(size, int) or size < 8 or size % 8
-        ):
-            raise InvalidValueError(
-                f"{name} must be None or a positive multiple of 8, got {size!r}"
-            )
-
-
-def _scheduler_class(name: str | None) -> Any:
-    """The diffusers scheduler class called `name` (``None`` stays ``None``)."""
-    if name is None:
-        return None
-    import diffusers
-    from diffusers import SchedulerMixin
-
-    found = getattr(diffusers, name, None) if isinstance(name, str) else None
-    if not (isinstance(found, type) and issubclass(found, SchedulerMixin)):
-        raise InvalidValueError(
-            f"scheduler must be None or the name of a diffusers scheduler class, e.g. "
-            f"'EulerAncestralDiscreteScheduler' or 'DPMSolverMultistepScheduler'; got {name!r}"
-        )
-    return found
 
 
 def load_sdxl_pipeline(

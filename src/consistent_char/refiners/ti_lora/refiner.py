@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 from PIL import Image
 
+from consistent_char.config import SettingsAttributes
 from consistent_char.errors import InvalidValueError
 from consistent_char.identity import Identity
 from consistent_char.refiners.ti_lora import acceleration, denoising, encoding
@@ -70,7 +71,7 @@ RECORDED_SETTINGS = (
 )
 
 
-class TextualInversionLoRARefiner:
+class TextualInversionLoRARefiner(SettingsAttributes):
     """Learns an identity from images: new tokens in both text encoders + a UNet LoRA.
 
     Build it with `from_pipeline` (shares a loaded pipeline, e.g. `SDXLGenerator.pipeline`, so
@@ -161,8 +162,11 @@ class TextualInversionLoRARefiner:
         ('<cat>', (1, 32), (1, 48))
     """
 
+    SETTINGS = RefinerSettings
+    settings: RefinerSettings
+
     def __init__(self, pipeline: StableDiffusionXLPipeline, **settings: Any) -> None:
-        self.settings = RefinerSettings.from_keywords(settings)
+        self.settings = RefinerSettings.from_keywords(settings, "TextualInversionLoRARefiner")
         for name in ("unet", "vae", "text_encoder", "text_encoder_2", "tokenizer", "tokenizer_2"):
             if getattr(pipeline, name, None) is None:
                 raise ValueError(
@@ -176,19 +180,6 @@ class TextualInversionLoRARefiner:
             )
         # Any: diffusers registers the components at run time, invisible to type checkers.
         self.pipeline: Any = pipeline
-
-    def __getattr__(self, name: str) -> Any:
-        # Only reached for names that are not attributes: the settings read as attributes.
-        settings = self.__dict__.get("settings")
-        if settings is not None and name in RefinerSettings.model_fields:
-            return getattr(settings, name)
-        raise AttributeError(f"{type(self).__name__!r} object has no attribute {name!r}")
-
-    def __setattr__(self, name: str, value: Any) -> None:
-        if name in RefinerSettings.model_fields:
-            setattr(self.settings, name, value)  # checked as the constructor checks it
-        else:
-            super().__setattr__(name, value)
 
     @property
     def lora_alpha(self) -> float:
@@ -257,7 +248,8 @@ class TextualInversionLoRARefiner:
         """
         from consistent_char.generators.sdxl import load_sdxl_pipeline
 
-        RefinerSettings.from_keywords(settings)  # before the minutes a load takes
+        # Before the minutes a load takes.
+        RefinerSettings.from_keywords(settings, "TextualInversionLoRARefiner")
         return cls(
             load_sdxl_pipeline(id_or_local_dir, device=device, dtype=dtype, variant=variant),
             **settings,

@@ -8,12 +8,11 @@ field with the same message.
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Literal
 
-from pydantic import Field, ValidationError
+from pydantic import Field
 
 from consistent_char.config import RefineMode, RefinerConfig
-from consistent_char.config_parsing import ConfigError, explain
 
 __all__ = ["MixedPrecision", "RefineMode", "RefinerSettings"]
 
@@ -55,22 +54,3 @@ class RefinerSettings(RefinerConfig):
     def lora_alpha_value(self) -> float:
         """The LoRA alpha in use: `lora_alpha`, or the rank when it is None (scale 1)."""
         return float(self.lora_rank if self.lora_alpha is None else self.lora_alpha)
-
-    @classmethod
-    def from_keywords(cls, settings: dict[str, Any]) -> RefinerSettings:
-        """Validates keyword settings as the refiner's constructor takes them.
-
-        Raises:
-            TypeError: A name that is no setting (as an unknown keyword argument would).
-            ConfigError: A value the model refuses; the message names each field and why.
-        """
-        unknown = sorted(set(settings) - set(cls.model_fields))
-        if unknown:
-            raise TypeError(
-                f"unknown TextualInversionLoRARefiner setting(s) {unknown}; "
-                f"known: {', '.join(cls.model_fields)}"
-            )
-        try:
-            return cls.model_validate(settings)
-        except ValidationError as err:
-            raise ConfigError(explain(err, cls)) from None
