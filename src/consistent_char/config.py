@@ -13,7 +13,6 @@ Example:
 from __future__ import annotations
 
 import os
-import string
 from typing import Any, ClassVar, Literal, Self, get_args
 
 import yaml
@@ -29,6 +28,7 @@ from pydantic import (
 
 from consistent_char.config_parsing import (
     ConfigError,
+    check_prompt_template,
     deep_merge,
     diff,
     explain,
@@ -557,46 +557,3 @@ def toy_preset() -> dict[str, Any]:
             "max_saturation_rise": 0.3,
         },
     }
-
-
-def check_prompt_template(
-    template: str,
-    fields: tuple[str, ...] = ("token", "prompt"),
-    what: str = "identity prompt template",
-) -> str:
-    """Checks a prompt template: plain text with each of `fields` (by default ``{token}`` and
-    ``{prompt}``) at least once, and nothing else in braces (``{{`` and ``}}`` are literal
-    braces). Attribute access, indexing, format specs and conversions are refused: the template
-    is applied with `str.format`, and ``{prompt:>999999999}`` would build a gigabyte string.
-
-    Raises:
-        ValueError: The template is malformed, names another field, or lacks one of `fields`.
-
-    Example:
-        >>> check_prompt_template("a photo of {token}, {prompt}")
-        'a photo of {token}, {prompt}'
-        >>> check_prompt_template("{prompt} in the snow", fields=("prompt",))
-        '{prompt} in the snow'
-    """
-    if not isinstance(template, str):
-        raise ValueError(f"the {what} must be a string, got {template!r}")
-    try:
-        parts = list(string.Formatter().parse(template))
-    except ValueError as err:
-        raise ValueError(
-            f"the {what} {template!r} is malformed ({err}); write {{{{ and }}}} for literal braces"
-        ) from None
-    allowed = " and ".join("{" + f + "}" for f in fields)
-    seen = set()
-    for _, name, spec, conversion in parts:
-        if name is None:
-            continue
-        if name not in fields or spec or conversion:
-            field = "{" + name + (f"!{conversion}" if conversion else "")
-            field += (f":{spec}" if spec else "") + "}"
-            raise ValueError(f"the {what} may hold only {allowed}, found {field} in {template!r}")
-        seen.add(name)
-    for name in fields:
-        if name not in seen:
-            raise ValueError(f"the {what} must contain {{{name}}}, got {template!r}")
-    return template

@@ -10,6 +10,7 @@ import difflib
 import json
 import os
 import re
+import string
 from pathlib import Path
 from typing import Any
 
@@ -20,6 +21,7 @@ from consistent_char.errors import UserError
 
 __all__ = [
     "ConfigError",
+    "check_prompt_template",
     "deep_merge",
     "diff",
     "explain",
@@ -143,3 +145,46 @@ def explain(err: ValidationError, root: type[BaseModel]) -> str:
         else:
             lines.append(f"  {msg}")
     return "\n".join(lines)
+
+
+def check_prompt_template(
+    template: str,
+    fields: tuple[str, ...] = ("token", "prompt"),
+    what: str = "identity prompt template",
+) -> str:
+    """Checks a prompt template: plain text with each of `fields` (by default ``{token}`` and
+    ``{prompt}``) at least once, and nothing else in braces (``{{`` and ``}}`` are literal
+    braces). Attribute access, indexing, format specs and conversions are refused: the template
+    is applied with `str.format`, and ``{prompt:>999999999}`` would build a gigabyte string.
+
+    Raises:
+        ValueError: The template is malformed, names another field, or lacks one of `fields`.
+
+    Example:
+        >>> check_prompt_template("a photo of {token}, {prompt}")
+        'a photo of {token}, {prompt}'
+        >>> check_prompt_template("{prompt} in the snow", fields=("prompt",))
+        '{prompt} in the snow'
+    """
+    if not isinstance(template, str):
+        raise ValueError(f"the {what} must be a string, got {template!r}")
+    try:
+        parts = list(string.Formatter().parse(template))
+    except ValueError as err:
+        raise ValueError(
+            f"the {what} {template!r} is malformed ({err}); write {{{{ and }}}} for literal braces"
+        ) from None
+    allowed = " and ".join("{" + f + "}" for f in fields)
+    seen = set()
+    for _, name, spec, conversion in parts:
+        if name is None:
+            continue
+        if name not in fields or spec or conversion:
+            field = "{" + name + (f"!{conversion}" if conversion else "")
+            field += (f":{spec}" if spec else "") + "}"
+            raise ValueError(f"the {what} may hold only {allowed}, found {field} in {template!r}")
+        seen.add(name)
+    for name in fields:
+        if name not in seen:
+            raise ValueError(f"the {what} must contain {{{name}}}, got {template!r}")
+    return template
