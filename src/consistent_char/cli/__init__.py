@@ -30,7 +30,3 @@ del _commands, _eval_commands
 
 def main() -> None:  # pragma: no cover - console entry point
     app()
-
-
-if __name__ == "__main__":  # pragma: no cover
-    main()
