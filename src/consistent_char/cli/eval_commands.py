@@ -176,13 +176,13 @@ def eval_toy(
 ) -> None:
     """Run the ToyWorld benchmark: methods × vague prompts, ablations, table and figure."""
     setup_logging(verbose)
-    from consistent_char.eval.benchmark import reductions
     from consistent_char.eval.commands import (
         estimate_lines,
         set_threads,
         toy_benchmark,
         toy_settings,
     )
+    from consistent_char.eval.presets import reductions
 
     settings = toy_settings(
         "quick" if quick else preset,

@@ -24,7 +24,7 @@ from typing import TYPE_CHECKING, Any
 from consistent_char.errors import InputNotFoundError, InvalidValueError, OutputExistsError
 
 if TYPE_CHECKING:
-    from consistent_char.eval.benchmark import ToyBenchmarkSettings
+    from consistent_char.eval.presets import ToyBenchmarkSettings
     from consistent_char.eval.real import PromptSet
     from consistent_char.identity import Identity
 
@@ -177,7 +177,7 @@ def toy_settings(
 ) -> ToyBenchmarkSettings:
     """A benchmark preset with the command line's changes: the prompts (the first one also for
     the ablations), the methods, the evaluation images, the seed and loop settings."""
-    from consistent_char.eval.benchmark import PRESETS
+    from consistent_char.eval.presets import PRESETS
 
     if preset not in PRESETS:
         raise InvalidValueError(f"unknown --preset {preset!r}; known: {', '.join(PRESETS)}")
@@ -202,7 +202,7 @@ def estimate_lines(
     settings: ToyBenchmarkSettings, *, probe: Path | None, device: str | None
 ) -> list[str]:
     """Times small pieces of the benchmark and says what each part would take, in minutes."""
-    from consistent_char.eval.benchmark import estimate_seconds, measure_unit_costs
+    from consistent_char.eval.estimate import estimate_seconds, measure_unit_costs
 
     costs = measure_unit_costs(settings, probe=probe, device=device)
     est = estimate_seconds(settings, costs)
