@@ -45,6 +45,7 @@ from consistent_char.eval.methods import (
     SINGLE_IMAGE_MODES,
     BenchmarkStages,
     MethodOutcome,
+    cache_key,
     loop_identities,
     single_image_identity,
 )
@@ -62,6 +63,7 @@ from consistent_char.eval.presets import (
 from consistent_char.eval.results import (
     RESULTS_FILE,
     SCHEMA_VERSION,
+    slug,
     summarize,
     write_outputs,
 )
@@ -165,7 +167,7 @@ def run_toy_benchmark(
     # 2. Run every entry, scoring each identity on the same evaluation seeds
     for done, job in enumerate(jobs, start=1):
         slot = _slot(results, job, settings)
-        shared = _key(job.overrides, job.prompt)
+        shared = cache_key(job.overrides, job.prompt)
         if job.prompt in slot["prompts"]:
             if job.method in ("loop", "loop_1"):  # a resumed run reuses it as a baseline too
                 loops.setdefault(shared, {})[job.method] = slot["prompts"][job.prompt]
@@ -211,13 +213,13 @@ def _run_job(
     elif job.method == "loop_1" and "loop" not in settings.methods:
         # No full loop to read the first iteration off: run just one.
         one = settings.config({**job.overrides, "max_iterations": 1})
-        run_dir = out / "runs" / "loop_1" / _slug(job.prompt)
+        run_dir = out / "runs" / "loop_1" / slug(job.prompt)
         outcome, _ = loop_identities(stages, one, job.prompt, run_dir=run_dir)
     else:
         # One run of the loop gives both the full loop and its first iteration; an ablation
         # variant reports the full loop only. Its run is kept, to read what each iteration kept.
-        folder = f"{job.group}-{_slug(job.variant or 'loop')}" if job.group else "loop"
-        run_dir = out / "runs" / folder / _slug(job.prompt)
+        folder = f"{job.group}-{slug(job.variant or 'loop')}" if job.group else "loop"
+        run_dir = out / "runs" / folder / slug(job.prompt)
         full, first = loop_identities(stages, config, job.prompt, run_dir=run_dir)
         wanted = [("loop", full)]
         if job.group is None and "loop_1" in settings.methods:
@@ -256,8 +258,8 @@ def _score(
     images = [image for _, image in drawn]
     records = probe.predict(images)
     score = score_records(records, [scene for scene, _ in drawn], base_prompt=prompt)
-    folder = out / "grids" / (f"{group}-{_slug(name)}" if group else _slug(name))
-    save_png_atomic(folder / f"{_slug(prompt)}.png", _grid(drawn, settings.seeds_per_scene))
+    folder = out / "grids" / (f"{group}-{slug(name)}" if group else slug(name))
+    save_png_atomic(folder / f"{slug(prompt)}.png", _grid(drawn, settings.seeds_per_scene))
     entry: dict[str, Any] = {
         **score,
         "iterations": outcome.iterations,
@@ -375,15 +377,6 @@ def _grid(drawn: list[tuple[str, Any]], per_row: int) -> Any:
     for k, (_, image) in enumerate(drawn):
         sheet.paste(image, ((k % per_row) * w, (k // per_row) * h))
     return sheet
-
-
-def _slug(text: str) -> str:
-    slug = "".join(c if c.isalnum() else "-" for c in text.lower())
-    return "-".join(p for p in slug.split("-") if p)[:60] or "x"
-
-
-def _key(*parts: Any) -> str:
-    return json.dumps(parts, sort_keys=True, default=str)
 
 
 def _versions() -> dict[str, str]:
