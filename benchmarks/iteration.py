@@ -155,8 +155,23 @@ def summarize(result: dict[str, Any]) -> None:
         summary["iteration_speedup_reference_style_naive"] = (
             reference_style / lib["iteration_s_at_defaults"]
         )
-    # Each refiner variant swaps its refinement into the library iteration (and, when the
-    # compiled generation was measured, that generation too: they change different stages).
+    variants = refine_variant_speedups(result, summary)
+    if variants:
+        summary["refine_variants"] = variants
+    fractions = {}
+    if lib and "unet" in lib:
+        fractions["library_eager"] = lib["unet"]["fraction_of_matmul_peak"]
+    if isinstance(gen, dict):
+        fractions["library_compiled"] = gen["unet"]["fraction_of_matmul_peak"]
+    summary["unet_fraction_of_peak"] = fractions
+    summary["targets"] = targets(summary, variants, fractions)
+    result["summary"] = summary
+
+
+def refine_variant_speedups(result: dict[str, Any], summary: dict[str, Any]) -> dict[str, Any]:
+    """Each refiner variant swaps its refinement into the library iteration (and, when the
+    compiled generation was measured, that generation too: they change different stages)."""
+    lib, naive = result["paths"].get("library"), result["paths"].get("naive")
     variants: dict[str, Any] = {}
     for name in REFINE_VARIANTS:
         part = result.get(name)
@@ -171,19 +186,19 @@ def summarize(result: dict[str, Any]) -> None:
         if "iteration_s_at_defaults" in naive:
             entry["iteration_speedup"] = naive["iteration_s_at_defaults"] / iteration
             if "compiled_iteration_s_at_defaults" in summary:
+                compiled_iteration = summary["compiled_iteration_s_at_defaults"]
                 both = iteration - lib["iteration_s_at_defaults"] + compiled_iteration
                 entry["with_compiled_generation_speedup"] = naive["iteration_s_at_defaults"] / both
         variants[name] = entry
-    if variants:
-        summary["refine_variants"] = variants
-    fractions = {}
-    if lib and "unet" in lib:
-        fractions["library_eager"] = lib["unet"]["fraction_of_matmul_peak"]
-    if isinstance(gen, dict):
-        fractions["library_compiled"] = gen["unet"]["fraction_of_matmul_peak"]
-    summary["unet_fraction_of_peak"] = fractions
-    # The best of the library's configurations measured in this run, and which one it was (the
-    # default path is `iteration_speedup`; the others turn on settings that are off by default).
+    return variants
+
+
+def targets(
+    summary: dict[str, Any], variants: dict[str, Any], fractions: dict[str, Any]
+) -> dict[str, Any]:
+    """The best of the library's configurations measured in this run against each target, and
+    which one it was (the default path is `iteration_speedup`; the others turn on settings that
+    are off by default)."""
     speedups = {k: v for k, v in summary.items() if k.endswith("iteration_speedup")}
     speedups |= {
         f"refine_variants.{name}.{k}": v
@@ -195,7 +210,7 @@ def summarize(result: dict[str, Any]) -> None:
     best_speedup = speedups[best_key] if best_key else None
     best_fraction_key = max(fractions, key=fractions.__getitem__, default=None)
     best_fraction = fractions[best_fraction_key] if best_fraction_key else None
-    summary["targets"] = {
+    return {
         "iteration_speedup": {
             "target": TARGET_ITERATION_SPEEDUP,
             "best": best_speedup,
@@ -209,7 +224,6 @@ def summarize(result: dict[str, Any]) -> None:
             "met": best_fraction is not None and best_fraction >= TARGET_UNET_FRACTION_OF_PEAK,
         },
     }
-    result["summary"] = summary
 
 
 def clean(value: Any) -> Any:
@@ -361,13 +375,49 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         "skipped": [],
         "errors": [],
     }
+    parts = Parts(result, clock, args.out)
+    # 1. Environment and the card's matmul ceiling, 2. the models
+    models, flops, peak_tflops = ceilings_and_models(parts, plan, device)
+    if models is None:
+        return finish(result, args, clock)
+    # 3. The naive reference, then 4. the library's path (on the same modules)
+    if args.skip_naive:
+        result["skipped"].append({"part": "naive", "reason": "--skip-naive"})
+    else:
+        naive = parts.run(
+            "naive", lambda: run_naive(models, plan, device, clock, flops, peak_tflops)
+        )
+        if naive is not None:
+            result["paths"]["naive"] = naive
+    library = parts.run(
+        "library", lambda: run_library(models, plan, device, clock, flops, peak_tflops)
+    )
+    if library is not None:
+        result["paths"]["library"] = library
+    summarize(result)
+    write_json(args.out, result)
+    # 5. Optional parts, each only if its estimate (from what the library path measured) fits
+    #    the budget.
+    optional_parts(parts, args, models, plan, device, flops, peak_tflops, library)
+    return finish(result, args, clock)
 
-    def part(name: str, fn: Callable[[], Any]) -> Any:
+
+class Parts:
+    """Runs the benchmark's parts: a part that fails is recorded in ``errors`` and the run goes
+    on, and the result is written to ``--out`` after every part, so a run cut short keeps what
+    it measured."""
+
+    def __init__(self, result: dict[str, Any], clock: Clock, out: str | None) -> None:
+        self.result, self.clock, self.out = result, clock, out
+        #: Each optional part's estimated seconds (`optional_estimates`).
+        self.estimates: dict[str, float] = {}
+
+    def run(self, name: str, fn: Callable[[], Any]) -> Any:
         try:
             return fn()
         except Exception as err:  # noqa: BLE001 - a failed part is recorded, the run goes on
-            clock.log(f"{name} FAILED: {err!r}")
-            result["errors"].append(
+            self.clock.log(f"{name} FAILED: {err!r}")
+            self.result["errors"].append(
                 {
                     "part": name,
                     "error": repr(err)[:500],
@@ -376,21 +426,34 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
             )
             return None
         finally:
-            result["elapsed_s"] = clock.elapsed()
-            result["timeline"] = clock.timeline
-            write_json(args.out, result)
+            self.result["elapsed_s"] = self.clock.elapsed()
+            self.result["timeline"] = self.clock.timeline
+            write_json(self.out, self.result)
 
-    # 1. Environment and the card's matmul ceiling
+    def optional(self, name: str, fn: Callable[[], Any]) -> None:
+        """Runs the part into ``result[name]`` if its estimate fits the time left."""
+        if self.clock.allows(self.estimates[name]):
+            self.result[name] = self.run(name, fn)
+        else:
+            self.result["skipped"].append({"part": name, "reason": "time budget"})
+            self.clock.log(f"{name} skipped (time budget)")
+
+
+def ceilings_and_models(
+    parts: Parts, plan: Plan, device: Device
+) -> tuple[Models | None, float, float]:
+    """The environment, the card's matmul ceiling, the models and the UNet's FLOPs per sample;
+    returns the models (``None`` when they could not be built), the FLOPs and the peak."""
+    result, clock = parts.result, parts.clock
     result["environment"] = environment(device)
     clock.log(f"{plan.mode} run on {result['environment']['device_name']}")
-    peak = part("matmul_peak", lambda: matmul_peak_tflops(device)) or {"median_tflops": 0.0}
+    peak = parts.run("matmul_peak", lambda: matmul_peak_tflops(device)) or {"median_tflops": 0.0}
     result["matmul_peak"] = peak
     clock.log(f"matmul peak {peak['median_tflops']:.1f} TFLOP/s")
 
-    # 2. Models
-    models = part("build", lambda: build_models(plan, device, clock))
+    models = parts.run("build", lambda: build_models(plan, device, clock))
     if models is None:
-        return finish(result, args, clock)
+        return None, 0.0, 0.0
     result["models"] = {
         "build_s": models.build_s,
         "unet_params_m": models.unet_params_m,
@@ -398,47 +461,42 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         "resolution": plan.resolution,
     }
     clock.log(f"models built in {models.build_s:.1f}s (UNet {models.unet_params_m:.0f}M params)")
-    flops = part("unet_flops", lambda: unet_flops_per_sample(models.pipe, plan.resolution)) or 0.0
+    flops = (
+        parts.run("unet_flops", lambda: unet_flops_per_sample(models.pipe, plan.resolution)) or 0.0
+    )
     result["unet_flops_per_sample"] = flops
     result["unet_tflop_per_sample"] = flops / 1e12
     clock.log(f"UNet forward: {flops / 1e12:.3f} TFLOP per sample at {plan.resolution}px")
     # The ceiling again, on a card that has now been busy: the higher median is the peak that
     # every fraction below is taken against.
-    again = part("matmul_peak_again", lambda: matmul_peak_tflops(device)) or {"median_tflops": 0.0}
+    again = parts.run("matmul_peak_again", lambda: matmul_peak_tflops(device)) or {
+        "median_tflops": 0.0
+    }
     result["matmul_peak_again"] = again
     peak_tflops = max(peak["median_tflops"], again["median_tflops"])
     result["matmul_peak_tflops"] = peak_tflops
     clock.log(f"matmul peak again {again['median_tflops']:.1f} TFLOP/s; using {peak_tflops:.1f}")
+    return models, flops, peak_tflops
 
-    # 3. The naive reference, then 4. the library's path (on the same modules)
-    if args.skip_naive:
-        result["skipped"].append({"part": "naive", "reason": "--skip-naive"})
-    else:
-        naive = part("naive", lambda: run_naive(models, plan, device, clock, flops, peak_tflops))
-        if naive is not None:
-            result["paths"]["naive"] = naive
-    library = part("library", lambda: run_library(models, plan, device, clock, flops, peak_tflops))
-    if library is not None:
-        result["paths"]["library"] = library
-    summarize(result)
-    write_json(args.out, result)
 
-    # 5. Optional parts, each only if its estimate (from what the library path measured) fits
-    #    the budget: refiner variants, the naive path checked against the reference's way of
-    #    calling the pipeline, the UNet under candidate settings, training at batch 4, compiled
-    #    training, regional compile.
+def optional_parts(
+    parts: Parts,
+    args: argparse.Namespace,
+    models: Models,
+    plan: Plan,
+    device: Device,
+    flops: float,
+    peak_tflops: float,
+    library: dict[str, Any] | None,
+) -> None:
+    """The optional parts, each only if its estimate fits the budget: refiner variants, the
+    naive path checked against the reference's way of calling the pipeline, the UNet under
+    candidate settings, training at batch 4, compiled training, regional compile."""
+    result, clock = parts.result, parts.clock
     batch = (library or {}).get("unet", {}).get("max_batch") or 2
     est = optional_estimates(library, batch, plan, device, result["paths"].get("naive"))
     per_image = (library or {}).get("stages", {}).get("generation", {}).get("s_per_unit", 1.0)
-    result["optional_estimates_s"] = est
-
-    def optional(name: str, fn: Callable[[], Any]) -> None:
-        if clock.allows(est[name]):
-            result[name] = part(name, fn)
-        else:
-            result["skipped"].append({"part": name, "reason": "time budget"})
-            clock.log(f"{name} skipped (time budget)")
-
+    result["optional_estimates_s"] = parts.estimates = est
     # The refiner variants first: the most likely gain, and before unet_variants, whose fused
     # and unfused identity LoRA leaves the UNet's weights a rounding error away from the main
     # fit's, which each variant's identity is checked against.
@@ -447,50 +505,66 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
             if settings.get("cuda_graphs") and not graphs_possible(device):
                 result["skipped"].append({"part": name, "reason": "needs CUDA"})
                 continue
-            optional(
+            parts.optional(
                 name,
                 lambda name=name: run_refine_variant(models, plan, device, clock, library, name),
             )
     # After the refiner variants: its round trip through fp16 moves the weights by rounding.
     naive = result["paths"].get("naive")
     if args.naive_check and naive is not None:
-        optional("naive_check", lambda: run_naive_check(models, plan, device, clock, naive))
+        parts.optional("naive_check", lambda: run_naive_check(models, plan, device, clock, naive))
     if args.variants:
         identity = (library or {}).get("_identity")
-        optional(
+        parts.optional(
             "unet_variants",
             lambda: run_unet_variants(
                 models, plan, device, clock, flops, peak_tflops, batch, identity
             ),
         )
     if args.refine_batches and library is not None:
-        optional("refine_batches", lambda: run_refine_batches(models, plan, device, clock, library))
+        parts.optional(
+            "refine_batches", lambda: run_refine_batches(models, plan, device, clock, library)
+        )
     if args.compile and library is not None:
         # Before run_compiled, which leaves the UNet channels_last with its blocks compiled.
-        optional(
+        parts.optional(
             "refine_compiled", lambda: run_refine_compiled(models, plan, device, clock, library)
         )
-    if args.compile:
-        result["compiled"] = "started"  # what a run killed while compiling leaves behind
-        write_json(args.out, result)
-        if clock.allows(est["compile"]):
-            result["compiled"] = part(
-                "compile",
-                lambda: run_compiled(
-                    models, plan, device, clock, flops, peak_tflops, batch, per_image
-                ),
-            )
-            if isinstance(result.get("compiled"), dict) and isinstance(
-                result["compiled"].get("generation"), str
-            ):
-                result["skipped"].append({"part": "compiled_generation", "reason": "time budget"})
-        else:
-            result["compiled"] = None
-            result["skipped"].append({"part": "compile", "reason": "time budget"})
-            clock.log("compile skipped (time budget)")
-    else:
+    compiled_part(parts, args, models, plan, device, flops, peak_tflops, batch, per_image, est)
+
+
+def compiled_part(
+    parts: Parts,
+    args: argparse.Namespace,
+    models: Models,
+    plan: Plan,
+    device: Device,
+    flops: float,
+    peak_tflops: float,
+    batch: int,
+    per_image: float,
+    est: dict[str, float],
+) -> None:
+    """Compiled generation (``--compile``), last: it leaves the UNet compiled."""
+    result, clock = parts.result, parts.clock
+    if not args.compile:
         result["skipped"].append({"part": "compile", "reason": "--no-compile"})
-    return finish(result, args, clock)
+        return
+    result["compiled"] = "started"  # what a run killed while compiling leaves behind
+    write_json(args.out, result)
+    if clock.allows(est["compile"]):
+        result["compiled"] = parts.run(
+            "compile",
+            lambda: run_compiled(models, plan, device, clock, flops, peak_tflops, batch, per_image),
+        )
+        if isinstance(result.get("compiled"), dict) and isinstance(
+            result["compiled"].get("generation"), str
+        ):
+            result["skipped"].append({"part": "compiled_generation", "reason": "time budget"})
+    else:
+        result["compiled"] = None
+        result["skipped"].append({"part": "compile", "reason": "time budget"})
+        clock.log("compile skipped (time budget)")
 
 
 def optional_estimates(
