@@ -95,29 +95,44 @@ def run_library(
     models: Models, plan: Plan, device: Device, clock: Clock, flops: float, peak: float
 ) -> dict[str, Any]:
     """The library's stages, built as `build_stages` builds them, in bf16 (fp32 on CPU)."""
-    from consistent_char.clusterers.faiss_kmeans import FaissKMeansClusterer
-    from consistent_char.clusterers.selection import choose_cluster
-    from consistent_char.embedders.dinov2 import DINOv2Embedder
-    from consistent_char.rundir import RunDirectory
-
     cfg = library_config(plan)
     dtype = torch.bfloat16 if device.is_cuda else torch.float32
     set_dtype(models, dtype, dtype)
     device.empty_cache()
-    pipe = models.pipe
     out: dict[str, Any] = {
         "dtype": str(dtype).removeprefix("torch."),
         "config_overrides": plan.overrides,
         "refiner_settings": cfg.refiner.model_dump(mode="json"),
     }
-    stages: dict[str, Any] = {}
-    out["stages"] = stages
+    out["stages"] = {}
     device.reset_peak()
+    times: dict[str, float] = {}
+    images = library_generation(models, plan, device, clock, cfg, flops, peak, out, times)
+    train_images = library_embedding_and_clustering(
+        models, plan, device, clock, cfg, images, out, times
+    )
+    library_refinement(models, plan, device, clock, cfg, flops, train_images, out, times)
+    return out
+
+
+def library_generation(
+    models: Models,
+    plan: Plan,
+    device: Device,
+    clock: Clock,
+    cfg: Any,
+    flops: float,
+    peak: float,
+    out: dict[str, Any],
+    times: dict[str, float],
+) -> list[Any]:
+    """1. Generation and 2. saving; returns the images."""
+    from consistent_char.rundir import RunDirectory
+
+    pipe, stages = models.pipe, out["stages"]
     n = plan.library_images
     seeds, prompts = seeds_for(plan, n), [PROMPT] * n
-    times: dict[str, float] = {}
-
-    # 1. Generation. The warm-up call has the same images (so the same batches) and 2 steps.
+    # The warm-up call has the same images (so the same batches) and 2 steps.
     warm = make_generator(pipe, plan, cfg, 2)
     with device.timed(times, "warmup"):
         warm.generate(prompts, seeds)
@@ -144,15 +159,31 @@ def run_library(
     with tempfile.TemporaryDirectory() as tmp, device.timed(times, "saving"):
         RunDirectory(tmp).save_images(0, 0, images)
     stages["saving"] = stage(times["saving"], n, "image", plan.images_at_defaults)
+    return images
 
-    # 3. Embedding.
+
+def library_embedding_and_clustering(
+    models: Models,
+    plan: Plan,
+    device: Device,
+    clock: Clock,
+    cfg: Any,
+    images: list[Any],
+    out: dict[str, Any],
+    times: dict[str, float],
+) -> list[Any]:
+    """3. Embedding and 4. clustering and the choice of c*; returns the training images."""
+    from consistent_char.clusterers.faiss_kmeans import FaissKMeansClusterer
+    from consistent_char.clusterers.selection import choose_cluster
+    from consistent_char.embedders.dinov2 import DINOv2Embedder
+
+    stages, n = out["stages"], plan.library_images
     embedder = DINOv2Embedder.from_model(models.dino, batch_size=cfg.embedder.batch_size)
     embedder.embed(images[:2])
     with device.timed(times, "embedding"):
         embeddings = embedder.embed(images)
     stages["embedding"] = stage(times["embedding"], n, "image", plan.images_at_defaults)
 
-    # 4. Clustering and the choice of c*.
     x = finite_embeddings(embeddings, out)
     k = min(plan.num_clusters, n)
     clusterer = FaissKMeansClusterer(niter=cfg.clusterer.niter, nredo=cfg.clusterer.nredo)
@@ -169,9 +200,23 @@ def run_library(
     clock.log(
         f"library: embedding {times['embedding']:.2f}s, clustering {times['clustering']:.3f}s"
     )
+    return train_images
 
-    # 5. Refinement: a short warm-up run, then (reduced) a short and a long run, whose difference
-    #    is the per-step cost; the rest of the short run is the fixed cost.
+
+def library_refinement(
+    models: Models,
+    plan: Plan,
+    device: Device,
+    clock: Clock,
+    cfg: Any,
+    flops: float,
+    train_images: list[Any],
+    out: dict[str, Any],
+    times: dict[str, float],
+) -> None:
+    """5. Refinement: a short warm-up run, then (reduced) a short and a long run, whose
+    difference is the per-step cost; the rest of the short run is the fixed cost."""
+    pipe = models.pipe
     captions = [cfg.identity_prompt_template.format(token=cfg.refiner.token, prompt=PROMPT)]
     captions = captions * len(train_images)
     device.empty_cache()
@@ -199,6 +244,22 @@ def run_library(
     out["refinement_breakdown"] = training_breakdown(
         probe.summary(), times["refine"], long_steps, flops
     )
+    record_refinement(plan, device, clock, cfg, out, times)
+    # For the optional training-batch part; keys starting with "_" are never written.
+    out["_train_images"], out["_captions"], out["_identity"] = train_images, captions, identity
+
+
+def record_refinement(
+    plan: Plan,
+    device: Device,
+    clock: Clock,
+    cfg: Any,
+    out: dict[str, Any],
+    times: dict[str, float],
+) -> None:
+    """The refinement stage from its timed runs: the per-step and fixed costs, the rates and
+    the peak memory."""
+    long_steps, short_steps = plan.library_train_steps, plan.library_train_steps_short
     if short_steps:
         out["refinement_short_run"] = {"steps": short_steps, "seconds": times["refine_short"]}
         per_step, fixed, fit = fit_steps(
@@ -207,7 +268,7 @@ def run_library(
     else:
         per_step, fixed, fit = times["refine"] / long_steps, 0.0, "total / steps"
     out["refinement_fit"] = fit
-    stages["refinement"] = stage(
+    out["stages"]["refinement"] = stage(
         times["refine"],
         long_steps,
         "train step",
@@ -228,6 +289,3 @@ def run_library(
         f"library: refinement {long_steps} steps in {times['refine']:.1f}s "
         f"(per step {per_step:.3f}s, fixed {fixed:.1f}s)"
     )
-    # For the optional training-batch part; keys starting with "_" are never written.
-    out["_train_images"], out["_captions"], out["_identity"] = train_images, captions, identity
-    return out

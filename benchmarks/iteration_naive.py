@@ -53,19 +53,31 @@ def run_naive(
     models: Models, plan: Plan, device: Device, clock: Clock, flops: float, peak: float
 ) -> dict[str, Any]:
     """Plain diffusers and transformers, one image at a time (fp16 generation, bf16 training)."""
-    import faiss
-
-    from consistent_char.embedders._preprocess import ResizeCropNormalize
-
     pipe = models.pipe
     out: dict[str, Any] = {"dtype_generation": str(pipe.unet.dtype).removeprefix("torch.")}
-    stages: dict[str, Any] = {}
-    out["stages"] = stages
+    out["stages"] = {}
     device.reset_peak()
+    times: dict[str, float] = {}
+    images = naive_generation(models, plan, device, clock, flops, peak, out, times)
+    train_images = naive_embedding_and_clustering(models, plan, device, clock, images, out, times)
+    naive_refinement(models, plan, device, clock, flops, train_images, out, times)
+    return out
+
+
+def naive_generation(
+    models: Models,
+    plan: Plan,
+    device: Device,
+    clock: Clock,
+    flops: float,
+    peak: float,
+    out: dict[str, Any],
+    times: dict[str, float],
+) -> list[Any]:
+    """1. Generation and 2. saving; returns the images."""
+    pipe, stages = models.pipe, out["stages"]
     n = plan.naive_images
     seeds = seeds_for(plan, n)
-    times: dict[str, float] = {}
-
     # 1. Generation: one pipeline call per image, the prompt encoded each time.
     with device.timed(times, "warmup"):
         naive_image(pipe, plan, seeds[0], 2)
@@ -88,7 +100,24 @@ def run_naive(
         for j, image in enumerate(images):
             image.save(os.path.join(tmp, f"{j:04d}.png"))
     stages["saving"] = stage(times["saving"], n, "image", plan.images_at_defaults)
+    return images
 
+
+def naive_embedding_and_clustering(
+    models: Models,
+    plan: Plan,
+    device: Device,
+    clock: Clock,
+    images: list[Any],
+    out: dict[str, Any],
+    times: dict[str, float],
+) -> list[Any]:
+    """3. Embedding and 4. clustering; returns the training images."""
+    import faiss
+
+    from consistent_char.embedders._preprocess import ResizeCropNormalize
+
+    stages, n = out["stages"], plan.naive_images
     # 3. Embedding: DINOv2 in fp32, one image per forward.
     dino = models.dino
     preprocess = ResizeCropNormalize(int(dino.config.image_size))
@@ -118,8 +147,20 @@ def run_naive(
     out["train_images"] = len(subset)
     out["peak_gib_generation_and_embedding"] = device.peak_gib()
     clock.log(f"naive: embedding {times['embedding']:.2f}s, clustering {times['clustering']:.3f}s")
+    return [images[i] for i in subset]
 
-    # 5. Refinement: TI (both encoders) + LoRA, batch 1, everything recomputed every step.
+
+def naive_refinement(
+    models: Models,
+    plan: Plan,
+    device: Device,
+    clock: Clock,
+    flops: float,
+    train_images: list[Any],
+    out: dict[str, Any],
+    times: dict[str, float],
+) -> None:
+    """5. Refinement: TI (both encoders) + LoRA, batch 1, everything recomputed every step."""
     train_dtype = torch.bfloat16 if device.is_cuda else torch.float32
     with device.timed(times, "dtype_switch"):
         set_dtype(models, train_dtype, torch.float32)
@@ -127,10 +168,10 @@ def run_naive(
     out["dtype_switch_s"] = times["dtype_switch"]
     device.empty_cache()
     device.reset_peak()
-    refine = naive_refine(models, plan, device, [images[i] for i in subset], flops)
+    refine = naive_refine(models, plan, device, train_images, flops)
     out["refinement_breakdown"] = refine["breakdown"]
     out["peak_gib_refinement"] = device.peak_gib()
-    stages["refinement"] = stage(
+    out["stages"]["refinement"] = stage(
         refine["setup_s"] + refine["steps_s"],
         refine["steps"],
         "train step",
@@ -148,7 +189,50 @@ def run_naive(
         f"naive: refinement {refine['steps']} steps in {refine['steps_s']:.1f}s "
         f"({out['train_steps_per_s']:.2f} steps/s), setup {refine['setup_s']:.1f}s"
     )
-    return out
+
+
+def naive_training_setup(
+    models: Models,
+    plan: Plan,
+    device: Device,
+    adapter: str,
+    scheduler_class: Any,
+    lora_config_class: Any,
+) -> tuple[Any, ...]:
+    """What `naive_refine` sets up before its first step, as the examples do: the noise
+    scheduler, a fresh LoRA in fp32, both whole embedding tables trainable (with copies to
+    restore every row but the token's), unfused AdamW and the SDXL time ids. The caller imports
+    diffusers' `DDPMScheduler` and peft's `LoraConfig` before its clock starts."""
+    pipe, dev, res = models.pipe, device.torch_device, plan.resolution
+    unet, tokenizer = pipe.unet, pipe.tokenizer
+    encoders = (pipe.text_encoder, pipe.text_encoder_2)
+    noise_scheduler = scheduler_class(
+        beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
+        num_train_timesteps=1000,
+    )  # fmt: skip
+    unet.add_adapter(
+        lora_config_class(
+            r=4, lora_alpha=4, init_lora_weights="gaussian",
+            target_modules=["to_k", "to_q", "to_v", "to_out.0"],
+        ),
+        adapter_name=adapter,
+    )  # fmt: skip
+    lora = [p for p in unet.parameters() if p.requires_grad]
+    for p in lora:
+        p.data = p.data.float()
+    tables = [enc.get_input_embeddings().weight for enc in encoders]
+    originals = [t.detach().clone() for t in tables]
+    token_id = tokenizer.convert_tokens_to_ids(PROMPT_WORDS[4] + "</w>")
+    keep = torch.ones(tables[0].shape[0], dtype=torch.bool, device=dev)
+    keep[token_id] = False
+    for t in tables:
+        t.requires_grad_(True)
+    optimizer = torch.optim.AdamW(
+        [{"params": lora, "lr": 1e-4}, {"params": tables, "lr": 5e-3}], fused=False
+    )
+    unet.train()
+    time_ids = torch.tensor([[res, res, 0, 0, res, res]], device=dev, dtype=unet.dtype)
+    return noise_scheduler, tables, originals, keep, optimizer, time_ids
 
 
 def naive_refine(
@@ -158,7 +242,7 @@ def naive_refine(
     from diffusers import DDPMScheduler
     from peft import LoraConfig
 
-    pipe, dev, res = models.pipe, device.torch_device, plan.resolution
+    pipe, dev = models.pipe, device.torch_device
     unet, vae = pipe.unet, pipe.vae
     encoders = (pipe.text_encoder, pipe.text_encoder_2)
     tokenizers = (pipe.tokenizer, pipe.tokenizer_2)
@@ -167,32 +251,9 @@ def naive_refine(
     adapter = "naive_benchmark"
     times: dict[str, float] = {}
     with device.timed(times, "setup"):
-        noise_scheduler = DDPMScheduler(
-            beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
-            num_train_timesteps=1000,
-        )  # fmt: skip
-        unet.add_adapter(
-            LoraConfig(
-                r=4, lora_alpha=4, init_lora_weights="gaussian",
-                target_modules=["to_k", "to_q", "to_v", "to_out.0"],
-            ),
-            adapter_name=adapter,
-        )  # fmt: skip
-        lora = [p for p in unet.parameters() if p.requires_grad]
-        for p in lora:
-            p.data = p.data.float()
-        tables = [enc.get_input_embeddings().weight for enc in encoders]
-        originals = [t.detach().clone() for t in tables]
-        token_id = tokenizers[0].convert_tokens_to_ids(PROMPT_WORDS[4] + "</w>")
-        keep = torch.ones(tables[0].shape[0], dtype=torch.bool, device=dev)
-        keep[token_id] = False
-        for t in tables:
-            t.requires_grad_(True)
-        optimizer = torch.optim.AdamW(
-            [{"params": lora, "lr": 1e-4}, {"params": tables, "lr": 5e-3}], fused=False
+        noise_scheduler, tables, originals, keep, optimizer, time_ids = naive_training_setup(
+            models, plan, device, adapter, DDPMScheduler, LoraConfig
         )
-        unet.train()
-        time_ids = torch.tensor([[res, res, 0, 0, res, res]], device=dev, dtype=unet.dtype)
 
     def step(i: int) -> None:
         image = images[i % len(images)]
@@ -234,15 +295,7 @@ def naive_refine(
                 step(i)
         spans = probe.summary()
     finally:
-        # Leave the modules as they were for the library's path.
-        unet.unload_lora()
-        unet.requires_grad_(False)
-        unet.eval()
-        with torch.no_grad():
-            for table, original in zip(tables, originals, strict=True):
-                table.requires_grad_(False)
-                table.copy_(original)
-        device.empty_cache()
+        restore_modules(unet, tables, originals, device)
     return {
         "setup_s": times["setup"],
         "warmup_s": times["warmup"],
@@ -250,6 +303,18 @@ def naive_refine(
         "steps": plan.naive_train_steps,
         "breakdown": training_breakdown(spans, times["steps"], plan.naive_train_steps, flops),
     }
+
+
+def restore_modules(unet: Any, tables: list[Any], originals: list[Any], device: Device) -> None:
+    """Leaves the modules as they were before `naive_refine`, for the library's path."""
+    unet.unload_lora()
+    unet.requires_grad_(False)
+    unet.eval()
+    with torch.no_grad():
+        for table, original in zip(tables, originals, strict=True):
+            table.requires_grad_(False)
+            table.copy_(original)
+    device.empty_cache()
 
 
 # ------------------------------------------------------------- optional: the naive path, checked
