@@ -191,18 +191,29 @@ def naive_refinement(
     )
 
 
+#: The naive training caption. An existing word stands for the new token: a real script adds a
+#: row, the cost is the same.
+NAIVE_CAPTION = f"a photo of {PROMPT_WORDS[4]} creature"
+NAIVE_ADAPTER = "naive_benchmark"
+
+
 def naive_training_setup(
-    models: Models,
-    plan: Plan,
-    device: Device,
-    adapter: str,
-    scheduler_class: Any,
-    lora_config_class: Any,
+    models: Models, plan: Plan, device: Device, times: dict[str, float]
 ) -> tuple[Any, ...]:
-    """What `naive_refine` sets up before its first step, as the examples do: the noise
-    scheduler, a fresh LoRA in fp32, both whole embedding tables trainable (with copies to
-    restore every row but the token's), unfused AdamW and the SDXL time ids. The caller imports
-    diffusers' `DDPMScheduler` and peft's `LoraConfig` before its clock starts."""
+    """What `naive_refine` sets up before its first step, as the examples do, timed as
+    ``times["setup"]``: the noise scheduler, a fresh LoRA in fp32, both whole embedding tables
+    trainable (with copies to restore every row but the token's), unfused AdamW and the SDXL
+    time ids."""
+    from diffusers import DDPMScheduler
+    from peft import LoraConfig
+
+    with device.timed(times, "setup"):
+        return _naive_training_setup(models, plan, device, DDPMScheduler, LoraConfig)
+
+
+def _naive_training_setup(
+    models: Models, plan: Plan, device: Device, scheduler_class: Any, lora_config_class: Any
+) -> tuple[Any, ...]:
     pipe, dev, res = models.pipe, device.torch_device, plan.resolution
     unet, tokenizer = pipe.unet, pipe.tokenizer
     encoders = (pipe.text_encoder, pipe.text_encoder_2)
@@ -215,7 +226,7 @@ def naive_training_setup(
             r=4, lora_alpha=4, init_lora_weights="gaussian",
             target_modules=["to_k", "to_q", "to_v", "to_out.0"],
         ),
-        adapter_name=adapter,
+        adapter_name=NAIVE_ADAPTER,
     )  # fmt: skip
     lora = [p for p in unet.parameters() if p.requires_grad]
     for p in lora:
@@ -239,21 +250,13 @@ def naive_refine(
     models: Models, plan: Plan, device: Device, images: Sequence[Any], flops: float
 ) -> dict[str, Any]:
     """The plain training loop of diffusers' TI and LoRA examples, at batch 1."""
-    from diffusers import DDPMScheduler
-    from peft import LoraConfig
-
-    pipe, dev = models.pipe, device.torch_device
-    unet, vae = pipe.unet, pipe.vae
+    pipe, dev, caption = models.pipe, device.torch_device, NAIVE_CAPTION
     encoders = (pipe.text_encoder, pipe.text_encoder_2)
     tokenizers = (pipe.tokenizer, pipe.tokenizer_2)
-    # An existing word stands for the new token: a real script adds a row, the cost is the same.
-    caption = f"a photo of {PROMPT_WORDS[4]} creature"
-    adapter = "naive_benchmark"
-    times: dict[str, float] = {}
-    with device.timed(times, "setup"):
-        noise_scheduler, tables, originals, keep, optimizer, time_ids = naive_training_setup(
-            models, plan, device, adapter, DDPMScheduler, LoraConfig
-        )
+    unet, vae, times = pipe.unet, pipe.vae, dict[str, float]()
+    noise_scheduler, tables, originals, keep, optimizer, time_ids = naive_training_setup(
+        models, plan, device, times
+    )
 
     def step(i: int) -> None:
         image = images[i % len(images)]
@@ -329,9 +332,8 @@ def run_naive_check(
     `torch.inference_mode`; the naive path encodes the prompt in every call, under the
     pipeline's own `no_grad`. Here both, in fp16 and in one process, on a few images at the
     plan's steps, and the UNet alone at batch 2 (one image with guidance) under each grad mode.
-    A faster reference style means the naive path's generation, and so the iteration speedup,
-    is flattered; `summary.iteration_speedup_reference_style_naive` has the speedup with it.
-    """
+    A faster reference style flatters the naive path's generation and so the iteration
+    speedup; `summary.iteration_speedup_reference_style_naive` is the speedup with it."""
     pipe = models.pipe
     unet_dtype, dino_dtype = pipe.unet.dtype, models.dino.dtype
     half = torch.float16 if device.is_cuda else torch.float32

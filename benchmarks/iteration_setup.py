@@ -419,14 +419,8 @@ def build_models(plan: Plan, device: Device, clock: Clock) -> Models:
     weights halved so that random-weight decoding stays finite in fp16 (as in the baseline script;
     the cost is unchanged). DINOv2 starts in fp32 (the naive path's dtype).
     """
-    from diffusers import (
-        AutoencoderKL,
-        EulerDiscreteScheduler,
-        StableDiffusionXLPipeline,
-        UNet2DConditionModel,
-    )
+    from diffusers import AutoencoderKL, StableDiffusionXLPipeline, UNet2DConditionModel
     from transformers import (
-        CLIPTextConfig,
         CLIPTextModel,
         CLIPTextModelWithProjection,
         Dinov2Config,
@@ -443,37 +437,19 @@ def build_models(plan: Plan, device: Device, clock: Clock) -> Models:
         tokenizer_2 = copy.deepcopy(tokenizer)
     clock.log(f"tokenizers built: {len(tokenizer)} tokens")
 
-    def text_config(base: dict[str, Any]) -> CLIPTextConfig:
-        return CLIPTextConfig(
-            **base,
-            vocab_size=len(tokenizer),
-            max_position_embeddings=77,
-            bos_token_id=tokenizer.bos_token_id,
-            eos_token_id=tokenizer.eos_token_id,
-            pad_token_id=tokenizer.pad_token_id,
-        )
-
     half = torch.float16 if device.is_cuda else torch.float32
     torch.manual_seed(plan.seed)
     with torch.device(device.torch_device):
         unet = UNet2DConditionModel(**(TINY_UNET if tiny else SDXL_UNET)).to(half)
         vae = AutoencoderKL(**(TINY_VAE if tiny else SDXL_VAE)).to(half)
-        text_encoder = CLIPTextModel(text_config(TINY_CLIP_L if tiny else CLIP_L)).to(half)
+        text_encoder = CLIPTextModel(
+            clip_text_config(TINY_CLIP_L if tiny else CLIP_L, tokenizer)
+        ).to(half)
         text_encoder_2 = CLIPTextModelWithProjection(
-            text_config(TINY_CLIP_G if tiny else CLIP_G)
+            clip_text_config(TINY_CLIP_G if tiny else CLIP_G, tokenizer)
         ).to(half)
         dino = Dinov2Model(Dinov2Config(**(TINY_DINOV2 if tiny else DINOV2_L)))
-    with torch.no_grad():
-        for p in vae.parameters():
-            p.mul_(0.5)
-    for module in (unet, vae, text_encoder, text_encoder_2, dino):
-        module.requires_grad_(False)
-        module.eval()
-    scheduler = EulerDiscreteScheduler(
-        beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
-        num_train_timesteps=1000, timestep_spacing="leading", steps_offset=1,
-        prediction_type="epsilon",
-    )  # fmt: skip
+    freeze(unet, vae, text_encoder, text_encoder_2, dino, halve=vae)
     pipe = StableDiffusionXLPipeline(
         vae=vae,
         text_encoder=text_encoder,
@@ -481,7 +457,7 @@ def build_models(plan: Plan, device: Device, clock: Clock) -> Models:
         tokenizer=tokenizer,
         tokenizer_2=tokenizer_2,
         unet=unet,
-        scheduler=scheduler,
+        scheduler=sdxl_scheduler(),
         add_watermarker=False,
     )
     pipe.set_progress_bar_config(disable=True)
@@ -493,6 +469,42 @@ def build_models(plan: Plan, device: Device, clock: Clock) -> Models:
         unet_params_m=sum(p.numel() for p in unet.parameters()) / 1e6,
         build_s=time.perf_counter() - t0,
     )
+
+
+def freeze(*modules: torch.nn.Module, halve: torch.nn.Module) -> None:
+    """Puts `modules` in eval mode without gradients, after halving the weights of `halve` (the
+    VAE: random-weight decoding then stays finite in fp16, at the same cost)."""
+    with torch.no_grad():
+        for p in halve.parameters():
+            p.mul_(0.5)
+    for module in modules:
+        module.requires_grad_(False)
+        module.eval()
+
+
+def clip_text_config(base: dict[str, Any], tokenizer: Any) -> Any:
+    """A CLIP text encoder's config (`base`) sized for `tokenizer`'s vocabulary and tokens."""
+    from transformers import CLIPTextConfig
+
+    return CLIPTextConfig(
+        **base,
+        vocab_size=len(tokenizer),
+        max_position_embeddings=77,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+    )
+
+
+def sdxl_scheduler() -> Any:
+    """SDXL's Euler scheduler, as its ``scheduler_config.json`` sets it."""
+    from diffusers import EulerDiscreteScheduler
+
+    return EulerDiscreteScheduler(
+        beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
+        num_train_timesteps=1000, timestep_spacing="leading", steps_offset=1,
+        prediction_type="epsilon",
+    )  # fmt: skip
 
 
 def set_dtype(models: Models, sdxl: torch.dtype, dino: torch.dtype) -> None:

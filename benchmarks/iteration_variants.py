@@ -395,6 +395,27 @@ def run_compiled(
         "fraction_of_matmul_peak": tflops / peak if peak else 0.0,
     }
     clock.log(f"compile: {out['compile_s']:.1f}s; {tflops:.0f} TFLOP/s")
+    out.update(
+        compiled_generation(models, plan, device, clock, flops, peak, batch, eager_s_per_image)
+    )
+    return out
+
+
+def compiled_generation(
+    models: Models,
+    plan: Plan,
+    device: Device,
+    clock: Clock,
+    flops: float,
+    peak: float,
+    batch: int,
+    eager_s_per_image: float,
+) -> dict[str, Any]:
+    """One generation batch through the library's generator on the compiled UNet, if the time
+    left allows it: ``generation`` (a rate, or why it was skipped) and
+    ``graphs_compiled_during_generation``."""
+    pipe = models.pipe
+    out: dict[str, Any] = {}
     cfg = library_config(plan)
     passes = 2 if plan.guidance_scale > 1 else 1
     n = max(1, batch // passes)
