@@ -77,6 +77,7 @@ class RunDirectory:
         return self.root / "identity"
 
     def exists(self) -> bool:
+        """Whether a run was started here (``state.json`` exists)."""
         return self.state_path.is_file()
 
     def iter_dir(self, iteration: int) -> Path:
@@ -178,6 +179,7 @@ class RunDirectory:
         return state
 
     def read_config(self) -> ExtractorConfig:
+        """Reads ``config.yaml``; one that is not a valid config is an `InputFileError`."""
         from consistent_char.config import ConfigError, ExtractorConfig
 
         try:
@@ -277,6 +279,7 @@ class RunDirectory:
         return True
 
     def load_images(self, iteration: int, count: int) -> list[Image.Image]:
+        """The first `count` images of `iteration`, each checked against its checksum."""
         images = []
         for j in range(count):
             path = self.image_path(iteration, j)
@@ -292,6 +295,7 @@ class RunDirectory:
     # ------------------------------------------------------------ embeddings
 
     def save_embeddings(self, iteration: int, embeddings: np.ndarray) -> None:
+        """Writes the embeddings of `iteration` and records their checksum."""
         path = self.embeddings_path(iteration)
         self.checksums[self._key(path)] = save_npy_atomic(path, embeddings)
 
@@ -317,6 +321,7 @@ class RunDirectory:
     # -------------------------------------------------------------- clusters
 
     def save_clusters(self, iteration: int, data: dict[str, Any]) -> None:
+        """Writes the clustering of `iteration` as JSON and records its checksum."""
         path = self.clusters_path(iteration)
         self.checksums[self._key(path)] = write_json_atomic(path, data)
 

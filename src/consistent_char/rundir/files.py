@@ -45,10 +45,12 @@ def follow_umask(path: str | os.PathLike[str], *, directory: bool = False) -> No
 
 
 def sha256_bytes(data: bytes) -> str:
+    """The SHA-256 of `data`, in hex: what the run records for each file it writes."""
     return hashlib.sha256(data).hexdigest()
 
 
 def sha256_file(path: str | os.PathLike[str]) -> str:
+    """The SHA-256 of the file at `path`, in hex, read in 1 MiB blocks."""
     digest = hashlib.sha256()
     with open(path, "rb") as f:
         for block in iter(lambda: f.read(1 << 20), b""):
@@ -80,10 +82,12 @@ def write_bytes_atomic(path: str | os.PathLike[str], data: bytes) -> str:
 
 
 def write_text_atomic(path: str | os.PathLike[str], text: str) -> str:
+    """`write_bytes_atomic` for UTF-8 text."""
     return write_bytes_atomic(path, text.encode("utf-8"))
 
 
 def write_json_atomic(path: str | os.PathLike[str], data: Any) -> str:
+    """`write_bytes_atomic` for `data` as indented JSON (NumPy scalars and arrays allowed)."""
     return write_text_atomic(path, json.dumps(data, indent=2, default=_json_default) + "\n")
 
 
@@ -96,12 +100,14 @@ def _json_default(obj: Any) -> Any:
 
 
 def save_png_atomic(path: str | os.PathLike[str], image: Image.Image) -> str:
+    """`write_bytes_atomic` for `image` encoded as PNG (lossless, so it loads back exactly)."""
     buf = io.BytesIO()
     image.save(buf, format="PNG")
     return write_bytes_atomic(path, buf.getvalue())
 
 
 def save_npy_atomic(path: str | os.PathLike[str], array: np.ndarray) -> str:
+    """`write_bytes_atomic` for `array` in NumPy's ``.npy`` format, without pickle."""
     buf = io.BytesIO()
     np.save(buf, array, allow_pickle=False)
     return write_bytes_atomic(path, buf.getvalue())

@@ -87,12 +87,14 @@ class RunLock:
 
     @staticmethod
     def locked_error(root: Path, holder: int | str | None) -> RunLockedError:
+        """The error for a run that process `holder` is writing."""
         return RunLockedError(
             f"{root} is being written by another run (process {holder or 'unknown'}); wait for "
             "it to end or stop it: two runs writing one folder would mix their files"
         )
 
     def release(self) -> None:
+        """Removes ``.lock`` and lets the lock go; nothing when it is not held."""
         if self._fd is None:
             return
         fd, self._fd = self._fd, None
