@@ -229,12 +229,12 @@ def test_saving_over_an_identity_keeps_the_users_other_files(models, tmp_path):
 def test_a_full_disk_is_one_line_that_says_what_to_do(models, tmp_path, monkeypatch):
     import errno
 
-    from consistent_char import rundir
+    from consistent_char.rundir import files
 
     def full(path, data):
         raise OSError(errno.ENOSPC, "No space left on device", str(path))
 
-    monkeypatch.setattr(rundir, "write_bytes_atomic", full)
+    monkeypatch.setattr(files, "write_bytes_atomic", full)
     result = CliRunner().invoke(
         app,
         ["generate", str(models / "identity"), "{token}", "--out", str(tmp_path / "out")]

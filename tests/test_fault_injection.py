@@ -84,7 +84,7 @@ def _kill_on_event(stage: str, iteration: int, done: int | None = None):
 def _kill_halfway_through_writing(name: str, nth: int = 1) -> Callable[[], None]:
     """Makes the `nth` atomic write of a file called `name` stop halfway, as a cut would."""
     seen = {"n": 0}
-    real = rundir.write_bytes_atomic
+    real = rundir.files.write_bytes_atomic
 
     def write(path, data):
         if Path(path).name == name:
@@ -99,7 +99,7 @@ def _kill_halfway_through_writing(name: str, nth: int = 1) -> Callable[[], None]
         return real(path, data)
 
     def install() -> None:
-        rundir.write_bytes_atomic = write
+        rundir.files.write_bytes_atomic = write
 
     return install
 

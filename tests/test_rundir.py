@@ -4,8 +4,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from consistent_char import rundir
 from consistent_char.rundir import RunDirectory
+from consistent_char.rundir import directory as rundir
 
 
 def _images(n: int) -> list[Image.Image]:

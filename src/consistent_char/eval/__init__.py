@@ -4,8 +4,12 @@
   probe (identity consistency, prompt adherence);
 - `consistent_char.eval.run`: score a finished run's identity beside its vanilla prompt;
 - `consistent_char.eval.benchmark`: the ToyWorld benchmark (methods × vague prompts, ablations);
+  what it runs is `consistent_char.eval.presets`, how long it takes
+  `consistent_char.eval.estimate`;
+- `consistent_char.eval.seeds`: the loop over many seeds, summarised per prompt;
 - `consistent_char.eval.results`: ``results.json``, the Markdown table, the scatter plot;
-- `consistent_char.eval.real`: CLIP-T and identity similarity for real (SDXL-class) models.
+- `consistent_char.eval.real`: CLIP-T and identity similarity for real (SDXL-class) models;
+- `consistent_char.eval.commands`: the work behind ``consistent-char eval``.
 
 Example:
     >>> from consistent_char.eval import evaluate_run

@@ -47,6 +47,7 @@ __all__ = [
     "METHOD_LABELS",
     "SINGLE_IMAGE_MODES",
     "BenchmarkStages",
+    "cache_key",
     "MethodOutcome",
     "loop_identities",
     "single_image_identity",
@@ -111,7 +112,7 @@ class BenchmarkStages:
         """The `SDXLGenerator` of `config`, loaded once per model and generator settings."""
         from consistent_char.eval.run import generator_from_config
 
-        key = _key(config.model, config.dtype, config.generator.model_dump(mode="json"))
+        key = cache_key(config.model, config.dtype, config.generator.model_dump(mode="json"))
         if key not in self._generators:
             self._generators[key] = generator_from_config(config, device=self.device)
         return self._generators[key]
@@ -126,7 +127,7 @@ class BenchmarkStages:
         )
 
         e = config.embedder
-        key = _key(e.kind, e.model, e.batch_size)
+        key = cache_key(e.kind, e.model, e.batch_size)
         if key not in self._embedders:
             model = e.model or DEFAULT_EMBEDDER_MODELS.get(e.kind, "")
             if e.kind != "pixels":
@@ -271,5 +272,7 @@ class _RecordingRefiner:
         return new
 
 
-def _key(*parts: Any) -> str:
+def cache_key(*parts: Any) -> str:
+    """One string for JSON-able `parts`, equal exactly when they are: what a model or a run is
+    cached and shared under."""
     return json.dumps(parts, sort_keys=True, default=str)

@@ -10,6 +10,7 @@ Example:
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Any
 
 from PIL import Image, ImageDraw, ImageFont
@@ -56,23 +57,54 @@ def scatter_plot(
     width, height = size
     image = Image.new("RGB", size, "white")
     draw = ImageDraw.Draw(image)
-    small, normal = _font(13), _font(16)
     # Plot area: room on the left for the y label and ticks, on the right for the legend.
-    left, top, right, bottom = 80, 50, width - 340, height - 70
+    frame = _Frame(80, 50, width - 340, height - 70)
+    _axes(image, frame, title, x_label, y_label)
 
-    pad = 12  # points at 0 or 1 stay whole inside the frame
+    # Per-prompt points (small, hollow), then the means (large, filled) on top
+    for i, p in enumerate(points):
+        colour = PALETTE[i % len(PALETTE)]
+        for px, py in p.get("per_prompt", []):
+            if px is None or py is None:
+                continue
+            x, y = frame.to_px(float(px), float(py))
+            draw.ellipse([x - 4, y - 4, x + 4, y + 4], outline=colour, width=2)
+    for i, p in enumerate(points):
+        colour = PALETTE[i % len(PALETTE)]
+        x, y = frame.to_px(float(p["x"]), float(p["y"]))
+        draw.ellipse([x - 9, y - 9, x + 9, y + 9], fill=colour, outline="black")
+    _legend(draw, frame, points, x_label, y_label)
+    return image
 
-    def to_px(x: float, y: float) -> tuple[float, float]:
+
+@dataclass(frozen=True)
+class _Frame:
+    """The plot area in pixels."""
+
+    left: int
+    top: int
+    right: int
+    bottom: int
+    #: Points at 0 or 1 stay whole inside the frame.
+    pad: int = 12
+
+    def to_px(self, x: float, y: float) -> tuple[float, float]:
+        """Pixel position of the point ``(x, y)`` of [0, 1] × [0, 1]."""
         return (
-            left + pad + x * (right - left - 2 * pad),
-            bottom - pad - y * (bottom - top - 2 * pad),
+            self.left + self.pad + x * (self.right - self.left - 2 * self.pad),
+            self.bottom - self.pad - y * (self.bottom - self.top - 2 * self.pad),
         )
 
-    # 1. Grid, ticks and axes
+
+def _axes(image: Image.Image, frame: _Frame, title: str, x_label: str, y_label: str) -> None:
+    """Grid, ticks every 0.2, the frame, the axis labels (the y label turned) and the title."""
+    draw = ImageDraw.Draw(image)
+    small, normal = _font(13), _font(16)
+    left, top, right, bottom = frame.left, frame.top, frame.right, frame.bottom
     for k in range(11):
         v = k / 10
-        x, _ = to_px(v, 0)
-        _, y = to_px(0, v)
+        x, _ = frame.to_px(v, 0)
+        _, y = frame.to_px(0, v)
         grid = (225, 225, 225) if k % 2 else (200, 200, 200)
         draw.line([(x, top), (x, bottom)], fill=grid)
         draw.line([(left, y), (right, y)], fill=grid)
@@ -90,21 +122,17 @@ def scatter_plot(
     if title:
         draw.text(((left + right) / 2, 18), title, fill="black", font=normal, anchor="mt")
 
-    # 2. Per-prompt points (small, hollow), then the means (large, filled) on top
-    for i, p in enumerate(points):
-        colour = PALETTE[i % len(PALETTE)]
-        for px, py in p.get("per_prompt", []):
-            if px is None or py is None:
-                continue
-            x, y = to_px(float(px), float(py))
-            draw.ellipse([x - 4, y - 4, x + 4, y + 4], outline=colour, width=2)
-    for i, p in enumerate(points):
-        colour = PALETTE[i % len(PALETTE)]
-        x, y = to_px(float(p["x"]), float(p["y"]))
-        draw.ellipse([x - 9, y - 9, x + 9, y + 9], fill=colour, outline="black")
 
-    # 3. Legend
-    lx, ly = right + 20, top
+def _legend(
+    draw: ImageDraw.ImageDraw,
+    frame: _Frame,
+    points: Sequence[dict[str, Any]],
+    x_label: str,
+    y_label: str,
+) -> None:
+    """Right of the plot: what the marks mean, then each method's colour and mean."""
+    small = _font(13)
+    lx, ly = frame.right + 20, frame.top
     draw.text((lx, ly), "mean (filled), per prompt (ring)", fill="black", font=small)
     draw.text((lx, ly + 16), f"({x_label}, {y_label})", fill="black", font=small)
     for i, p in enumerate(points):
@@ -113,4 +141,3 @@ def scatter_plot(
         draw.ellipse([lx, y, lx + 16, y + 16], fill=colour, outline="black")
         text = f"{p['label']}  ({float(p['x']):.2f}, {float(p['y']):.2f})"
         draw.text((lx + 24, y + 8), text, fill="black", font=small, anchor="lm")
-    return image

@@ -59,6 +59,7 @@ __all__ = [
     "markdown_table",
     "mean_entry",
     "scatter_points",
+    "slug",
     "summarize",
     "write_outputs",
 ]
@@ -104,6 +105,13 @@ def summarize(results: dict[str, Any]) -> dict[str, Any]:
     return results
 
 
+def slug(text: str, *, empty: str = "x") -> str:
+    """`text` as a file or folder name: lower-case letters and digits joined by ``-``, at most
+    60 characters; `empty` when nothing is left."""
+    kept = "".join(c if c.isalnum() else "-" for c in text.lower())
+    return "-".join(p for p in kept.split("-") if p)[:60] or empty
+
+
 def _f(value: Any, digits: int = 3) -> str:
     if value is None or (isinstance(value, float) and math.isnan(value)):
         return "–"
@@ -129,9 +137,29 @@ def markdown_table(results: dict[str, Any]) -> str:
         lines += ["Reduced from the full benchmark:", ""]
         lines += [f"- {r}" for r in results["reduced"]]
         lines.append("")
-    methods = results["methods"]
-    prompts = settings["prompts"]
-    lines += [
+    lines += _methods_tables(results["methods"], settings["prompts"])
+    if results["ablations"]:
+        lines += _ablations_table(results["ablations"], settings["ablation_prompts"])
+    lines += ["", _TABLE_NOTES, ""]
+    return "\n".join(lines)
+
+
+#: What each column of the tables measures.
+_TABLE_NOTES = (
+    "Identity consistency: fraction of image pairs drawn in different scenes whose identity "
+    "attributes (shape, colour, hat, hat colour, eyes) all agree. Prompt adherence: fraction "
+    "of images in the scene asked for. Base-prompt attributes: fraction of images that keep "
+    "the identity attributes the vague prompt names (– when it names none). Drift kept: the "
+    "fraction of identity attributes on which the final identity's images agree with the "
+    "character it was learned from (the cluster chosen at iteration 0, or the single "
+    "image). Validity: images the probe takes for ToyWorld images (of the scored images; "
+    "the lowest over the loop's iterations). Seconds: making the identity (not scoring it)."
+)
+
+
+def _methods_tables(methods: dict[str, Any], prompts: list[str]) -> list[str]:
+    """The methods' means, then each method's two scores by prompt."""
+    lines = [
         f"## Methods (mean over {len(prompts)} prompts)",
         "",
         "| method | identity consistency | prompt adherence | base-prompt attributes "
@@ -162,39 +190,30 @@ def markdown_table(results: dict[str, Any]) -> str:
                 f"{_f(e['identity_consistency'])} / {_f(e['prompt_adherence'])}" if e else "–"
             )
         lines.append(f"| {m['label']} | " + " | ".join(cells) + " |")
-    if results["ablations"]:
-        ablation_prompts = settings["ablation_prompts"]
-        lines += [
-            "",
-            f"## Ablations (the full loop, mean over {ablation_prompts})",
-            "",
-            "| group | variant | identity consistency | prompt adherence | drift kept "
-            "| lowest validity | iterations | seconds |",
-            "|---|---|---|---|---|---|---|---|",
-        ]
-        for group_name, group in results["ablations"].items():
-            for label, v in group["variants"].items():
-                mean = v.get("mean") or mean_entry(v["prompts"])
-                shown = f"`{label}` (baseline)" if label == group["baseline"] else f"`{label}`"
-                lines.append(
-                    f"| {group_name} | {shown} | {_f(mean['identity_consistency'])} "
-                    f"| {_f(mean['prompt_adherence'])} | {_f(mean.get('drift_kept'))} "
-                    f"| {_f(mean.get('min_validity'))} | {_f(mean['iterations'], 1)} "
-                    f"| {_f(mean['seconds'], 1)} |"
-                )
-    lines += [
+    return lines
+
+
+def _ablations_table(ablations: dict[str, Any], ablation_prompts: list[str]) -> list[str]:
+    """Each ablation variant's means, its group's baseline marked."""
+    lines = [
         "",
-        "Identity consistency: fraction of image pairs drawn in different scenes whose identity "
-        "attributes (shape, colour, hat, hat colour, eyes) all agree. Prompt adherence: fraction "
-        "of images in the scene asked for. Base-prompt attributes: fraction of images that keep "
-        "the identity attributes the vague prompt names (– when it names none). Drift kept: the "
-        "fraction of identity attributes on which the final identity's images agree with the "
-        "character it was learned from (the cluster chosen at iteration 0, or the single "
-        "image). Validity: images the probe takes for ToyWorld images (of the scored images; "
-        "the lowest over the loop's iterations). Seconds: making the identity (not scoring it).",
+        f"## Ablations (the full loop, mean over {ablation_prompts})",
         "",
+        "| group | variant | identity consistency | prompt adherence | drift kept "
+        "| lowest validity | iterations | seconds |",
+        "|---|---|---|---|---|---|---|---|",
     ]
-    return "\n".join(lines)
+    for group_name, group in ablations.items():
+        for label, v in group["variants"].items():
+            mean = v.get("mean") or mean_entry(v["prompts"])
+            shown = f"`{label}` (baseline)" if label == group["baseline"] else f"`{label}`"
+            lines.append(
+                f"| {group_name} | {shown} | {_f(mean['identity_consistency'])} "
+                f"| {_f(mean['prompt_adherence'])} | {_f(mean.get('drift_kept'))} "
+                f"| {_f(mean.get('min_validity'))} | {_f(mean['iterations'], 1)} "
+                f"| {_f(mean['seconds'], 1)} |"
+            )
+    return lines
 
 
 def scatter_points(results: dict[str, Any]) -> list[dict[str, Any]]:

@@ -20,6 +20,7 @@ import logging
 import os
 import time
 from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Any
 
 from consistent_char.config import TOY_MODEL, ExtractorConfig
@@ -117,13 +118,12 @@ def evaluate_run(
             run's own results).
 
     Returns:
-        ``{"run_dir", "prompt", "token", "model", "iterations", "converged", "scenes",
-        "seeds_per_scene", "seed", "identity": {...}, "vanilla": {...}, "drift": {...},
-        "per_iteration": [...], "min_validity", "seconds": {...}}``, where ``identity`` and
-        ``vanilla`` are `score_records` results with ``validity`` added (the fraction of
-        their images the probe takes for ToyWorld images), ``drift`` is
-        `consistent_char.eval.drift.drift` and ``per_iteration`` is
-        `consistent_char.eval.drift.iteration_measures`. It is also written to
+        The run's ``run_dir``, ``prompt``, ``token``, ``model``, ``iterations``, ``converged``;
+        what was drawn (``scenes``, ``seeds_per_scene``, ``seed``, ``guidance_scale``); the
+        `score_records` results of ``identity`` and ``vanilla``, each with ``validity`` (the
+        share of images the probe takes for ToyWorld's); ``per_iteration``
+        (`consistent_char.eval.drift.iteration_measures`), ``min_validity``, ``drift``
+        (`consistent_char.eval.drift.drift`) and ``seconds``. Also written to
         ``RUN_DIR/evaluation.json``.
 
     Raises:
@@ -132,19 +132,42 @@ def evaluate_run(
         ValueError: Both `generator` and `guidance_scale` are given, or `guidance_scale` is
             not a number > 0.
     """
-    if guidance_scale is not None:
-        if generator is not None:
-            raise ValueError(
-                "pass guidance_scale or a ready generator, not both: the generator's own "
-                "guidance scale would be used"
-            )
-        if (
-            isinstance(guidance_scale, bool)
-            or not isinstance(guidance_scale, int | float)
-            or not guidance_scale > 0
-        ):
-            raise ValueError(f"guidance_scale must be a number > 0, got {guidance_scale!r}")
-    # 1. Check the run before any model loads
+    _check_guidance_scale(guidance_scale, generator)
+    run = _finished_run(run_dir)
+    # Held while reading the run and writing evaluation.json and the report into it: a run
+    # another process is still writing is refused, not read half-way.
+    with run.lock():
+        drawing = _Drawing(list(scenes), seeds_per_scene, seed)
+        return _evaluate(run, drawing, probe, device, generator, guidance_scale, vanilla)
+
+
+@dataclass(frozen=True)
+class _Drawing:
+    """The evaluation images: every scene, `seeds_per_scene` seeds each, picked by `seed`."""
+
+    scenes: list[str]
+    seeds_per_scene: int
+    seed: int
+
+
+def _check_guidance_scale(guidance_scale: float | None, generator: Any) -> None:
+    if guidance_scale is None:
+        return
+    if generator is not None:
+        raise ValueError(
+            "pass guidance_scale or a ready generator, not both: the generator's own "
+            "guidance scale would be used"
+        )
+    if (
+        isinstance(guidance_scale, bool)
+        or not isinstance(guidance_scale, int | float)
+        or not guidance_scale > 0
+    ):
+        raise ValueError(f"guidance_scale must be a number > 0, got {guidance_scale!r}")
+
+
+def _finished_run(run_dir: str | os.PathLike[str]) -> RunDirectory:
+    """The run in `run_dir`, checked before any model loads: a run with a final identity."""
     run = RunDirectory(run_dir)
     if not run.exists() or not run.config_path.is_file():
         raise FileNotFoundError(
@@ -155,70 +178,100 @@ def evaluate_run(
             f"{run.root} has no final identity ({run.identity_dir}); finish the run first "
             "(consistent-char extract ... --resume)"
         )
-    # Held while reading the run and writing evaluation.json and the report into it: a run
-    # another process is still writing is refused, not read half-way.
-    with run.lock():
-        state = run.read_state()
-        config = ExtractorConfig.from_file(run.config_path)
-        identity = Identity.load(run.identity_dir)
+    return run
 
-        # 2. Load the models
-        if probe is None and config.model != TOY_MODEL:
-            logger.warning(
-                "%s was run on %s, but the default probe reads ToyWorld images only; pass a probe "
-                "trained for this model, or use consistent_char.eval.real",
-                run.root,
-                config.model,
-            )
-        scorer = load_probe(probe)
-        if generator is None:
-            generator = generator_from_config(config, device=device, guidance_scale=guidance_scale)
 
-        # 3. Draw and score the identity, then the prompt without it, with the same seeds
-        result: dict[str, Any] = {
-            "run_dir": str(run.root),
-            "prompt": state.prompt,
-            "token": identity.token,
-            "model": config.model,
-            "iterations": len(state.history),
-            "converged": bool(state.converged),
-            "scenes": list(scenes),
-            "seeds_per_scene": seeds_per_scene,
-            "seed": seed,
-            "guidance_scale": getattr(generator, "guidance_scale", None),
-        }
-        seconds: dict[str, float] = {}
-        final_records: list[dict[str, str]] = []
-        for name, which in (("identity", identity), ("vanilla", None)):
-            if which is None and vanilla is not None:
-                result[name] = vanilla
-                continue
-            t0 = time.perf_counter()
-            drawn = render_identity_in_scenes(
-                generator, which, state.prompt, scenes, seeds_per_scene, seed
-            )
-            images = [image for _, image in drawn]
-            records = scorer.predict(images)
-            result[name] = score_records(records, [s for s, _ in drawn], base_prompt=state.prompt)
-            result[name]["validity"] = image_validity(scorer, images)
-            if which is not None:
-                final_records = records
-            seconds[name] = time.perf_counter() - t0
-            logger.info("%s: %s", name, result[name])
+def _evaluate(
+    run: RunDirectory,
+    drawing: _Drawing,
+    probe: Probe | str | os.PathLike[str] | None,
+    device: str | None,
+    generator: Any,
+    guidance_scale: float | None,
+    vanilla: dict[str, Any] | None,
+) -> dict[str, Any]:
+    """`evaluate_run` on a checked run, holding its lock."""
+    state = run.read_state()
+    config = ExtractorConfig.from_file(run.config_path)
+    identity = Identity.load(run.identity_dir)
 
-        # 4. What the loop kept: every iteration's images, and the final identity's
+    # 1. Load the models
+    if probe is None and config.model != TOY_MODEL:
+        logger.warning(
+            "%s was run on %s, but the default probe reads ToyWorld images only; pass a probe "
+            "trained for this model, or use consistent_char.eval.real",
+            run.root,
+            config.model,
+        )
+    scorer = load_probe(probe)
+    if generator is None:
+        generator = generator_from_config(config, device=device, guidance_scale=guidance_scale)
+
+    # 2. Draw and score the identity, then the prompt without it, with the same seeds
+    result: dict[str, Any] = {
+        "run_dir": str(run.root),
+        "prompt": state.prompt,
+        "token": identity.token,
+        "model": config.model,
+        "iterations": len(state.history),
+        "converged": bool(state.converged),
+        "scenes": drawing.scenes,
+        "seeds_per_scene": drawing.seeds_per_scene,
+        "seed": drawing.seed,
+        "guidance_scale": getattr(generator, "guidance_scale", None),
+    }
+    seconds: dict[str, float] = {}
+    final_records: list[dict[str, str]] = []
+    for name, which in (("identity", identity), ("vanilla", None)):
+        if which is None and vanilla is not None:
+            result[name] = vanilla
+            continue
         t0 = time.perf_counter()
-        per_iteration = iteration_measures(run.root, scorer)
-        result["per_iteration"] = per_iteration
-        result["min_validity"] = min_validity(per_iteration)
-        result["drift"] = drift(per_iteration, final_records)
-        seconds["iterations"] = time.perf_counter() - t0
-        result["seconds"] = seconds
-        write_json_atomic(run.root / EVALUATION_FILE, result)
-        try:
-            from consistent_char.report import build_report
+        result[name], records = _score(generator, which, state.prompt, drawing, scorer)
+        if which is not None:
+            final_records = records
+        seconds[name] = time.perf_counter() - t0
+        logger.info("%s: %s", name, result[name])
 
-            build_report(run.root)
-        except Exception:  # the report is a by-product; the evaluation stands without it
-            logger.warning("could not rebuild the report of %s", run.root, exc_info=True)
-        return result
+    # 3. What the loop kept: every iteration's images, and the final identity's
+    t0 = time.perf_counter()
+    _add_what_the_loop_kept(result, run, scorer, final_records)
+    seconds["iterations"] = time.perf_counter() - t0
+    result["seconds"] = seconds
+    _save(run, result)
+    return result
+
+
+def _score(
+    generator: Any, identity: Identity | None, prompt: str, drawing: _Drawing, probe: Probe
+) -> tuple[dict[str, Any], list[dict[str, str]]]:
+    """Draws `prompt` (with `identity`, or plain) in every scene and scores what the probe
+    reads; returns the score, with ``validity``, and the probe's records."""
+    drawn = render_identity_in_scenes(
+        generator, identity, prompt, drawing.scenes, drawing.seeds_per_scene, drawing.seed
+    )
+    images = [image for _, image in drawn]
+    records = probe.predict(images)
+    score = score_records(records, [s for s, _ in drawn], base_prompt=prompt)
+    score["validity"] = image_validity(probe, images)
+    return score, records
+
+
+def _add_what_the_loop_kept(
+    result: dict[str, Any], run: RunDirectory, probe: Probe, final_records: list[dict[str, str]]
+) -> None:
+    per_iteration = iteration_measures(run.root, probe)
+    result["per_iteration"] = per_iteration
+    result["min_validity"] = min_validity(per_iteration)
+    result["drift"] = drift(per_iteration, final_records)
+
+
+def _save(run: RunDirectory, result: dict[str, Any]) -> None:
+    """Writes ``evaluation.json`` and rebuilds the run's report, which shows it."""
+    write_json_atomic(run.root / EVALUATION_FILE, result)
+    try:
+        from consistent_char.report import build_report
+
+        build_report(run.root)
+    except Exception:  # the report is a by-product; the evaluation stands without it
+        logger.warning("could not rebuild the report of %s", run.root, exc_info=True)

@@ -34,6 +34,7 @@ from typing import Any
 import numpy as np
 
 from consistent_char.config import ExtractorConfig, toy_preset
+from consistent_char.eval.results import slug
 from consistent_char.eval.run import EVALUATION_FILE, evaluate_run, load_probe
 from consistent_char.rundir import write_json_atomic, write_text_atomic
 
@@ -44,11 +45,6 @@ logger = logging.getLogger(__name__)
 #: A run "kept its character" when its final identity agrees with iteration 0's chosen
 #: cluster on at least this fraction of the identity attributes.
 DRIFT_KEPT = 0.8
-
-
-def _slug(text: str) -> str:
-    slug = "".join(c if c.isalnum() else "-" for c in text.lower())
-    return "-".join(p for p in slug.split("-") if p)[:60] or "prompt"
 
 
 def evaluate_seeds(
@@ -82,47 +78,21 @@ def evaluate_seeds(
     from consistent_char.eval.methods import BenchmarkStages
 
     seeds = list(seeds)
-    if not prompts or not seeds:
-        raise ValueError("evaluate_seeds needs at least one prompt and one seed")
-    overrides = dict(overrides or {})
     root = Path(out)
-    root.mkdir(parents=True, exist_ok=True)
-    # Fails at the door on a bad override, before any model loads.
-    ExtractorConfig.from_overrides({**overrides, "seed": seeds[0]}, base=toy_preset())
-    settings = {
-        "prompts": list(prompts),
-        "seeds": seeds,
-        "overrides": overrides,
-        "seeds_per_scene": seeds_per_scene,
-    }
-    previous = root / "results.json"
-    if previous.is_file():
-        saved = json.loads(previous.read_text()).get("settings", {})
-        if saved.get("overrides") != overrides or saved.get("seeds_per_scene") != seeds_per_scene:
-            raise ValueError(
-                f"{root} holds a study with other settings ({saved}); choose another folder"
-            )
+    study = _new_study(list(prompts), seeds, dict(overrides or {}), seeds_per_scene, root)
+    overrides, previous = study["settings"]["overrides"], root / "results.json"
     stages = BenchmarkStages(device=device)
     scorer = load_probe(probe)
-    study: dict[str, Any] = {"settings": settings, "prompts": {}, "seconds": 0.0}
     t0 = time.perf_counter()
     for prompt in prompts:
         entry: dict[str, Any] = {"vanilla": None, "runs": {}}
         study["prompts"][prompt] = entry
         for seed in seeds:
             config = ExtractorConfig.from_overrides({**overrides, "seed": seed}, base=toy_preset())
-            run_dir = root / "runs" / _slug(prompt) / f"seed-{seed}"
-            evaluation = _finished_evaluation(run_dir, seeds_per_scene)
-            if evaluation is None:
-                resume = (run_dir / "state.json").is_file()
-                stages.extractor(config).extract(prompt, run_dir=run_dir, resume=resume)
-                evaluation = evaluate_run(
-                    run_dir,
-                    seeds_per_scene=seeds_per_scene,
-                    probe=scorer,
-                    generator=stages.generator(config),
-                    vanilla=entry["vanilla"],  # the same prompt and evaluation images
-                )
+            run_dir = root / "runs" / slug(prompt, empty="prompt") / f"seed-{seed}"
+            evaluation = _finished_evaluation(run_dir, seeds_per_scene) or _run_and_score(
+                stages, config, prompt, run_dir, scorer, seeds_per_scene, entry["vanilla"]
+            )
             entry["vanilla"] = evaluation["vanilla"]
             entry["runs"][str(seed)] = _run_entry(evaluation)
             entry["summary"] = summarize_prompt(entry)
@@ -132,6 +102,57 @@ def evaluate_seeds(
             if callback is not None:
                 callback(prompt, seed, entry["runs"][str(seed)])
     return study
+
+
+def _new_study(
+    prompts: list[str],
+    seeds: list[int],
+    overrides: dict[str, Any],
+    seeds_per_scene: int,
+    root: Path,
+) -> dict[str, Any]:
+    """An empty study in `root`, checked before any model loads: prompts and seeds given, the
+    overrides valid, and no earlier study there with other settings."""
+    if not prompts or not seeds:
+        raise ValueError("evaluate_seeds needs at least one prompt and one seed")
+    root.mkdir(parents=True, exist_ok=True)
+    ExtractorConfig.from_overrides({**overrides, "seed": seeds[0]}, base=toy_preset())
+    previous = root / "results.json"
+    if previous.is_file():
+        saved = json.loads(previous.read_text()).get("settings", {})
+        if saved.get("overrides") != overrides or saved.get("seeds_per_scene") != seeds_per_scene:
+            raise ValueError(
+                f"{root} holds a study with other settings ({saved}); choose another folder"
+            )
+    settings = {
+        "prompts": prompts,
+        "seeds": seeds,
+        "overrides": overrides,
+        "seeds_per_scene": seeds_per_scene,
+    }
+    return {"settings": settings, "prompts": {}, "seconds": 0.0}
+
+
+def _run_and_score(
+    stages: Any,
+    config: ExtractorConfig,
+    prompt: str,
+    run_dir: Path,
+    probe: Any,
+    seeds_per_scene: int,
+    vanilla: dict[str, Any] | None,
+) -> dict[str, Any]:
+    """Runs (or resumes) the loop in `run_dir` and scores its identity; `vanilla` is the score
+    of the same prompt on the same evaluation images, when an earlier seed drew it."""
+    resume = (run_dir / "state.json").is_file()
+    stages.extractor(config).extract(prompt, run_dir=run_dir, resume=resume)
+    return evaluate_run(
+        run_dir,
+        seeds_per_scene=seeds_per_scene,
+        probe=probe,
+        generator=stages.generator(config),
+        vanilla=vanilla,
+    )
 
 
 def _finished_evaluation(run_dir: Path, seeds_per_scene: int) -> dict[str, Any] | None:

@@ -1,35 +1,21 @@
-"""The run directory: every artefact of a run, written so that a crash never leaves a file that a
-resumed run would trust half-written (temp name + `os.replace`, which is atomic on POSIX).
+"""`RunDirectory`: the paths of a run's files, and their checksummed readers and writers.
 
-    runs/<name>/
-      config.yaml        the full resolved config
-      state.json         finished steps, the history and a SHA-256 of every artefact
-      .lock              while a process writes the run: that process's pid
-      iter_000/ images/*.png  embeddings.npy  clusters.json  identity/
-      identity/          the final identity
-
-A run directory is written by one process at a time (`RunDirectory.lock`), and a resumed run
-checks each finished step's files against their recorded checksums, shapes and values before it
-trusts them (`RunDirectory.verify`): a step whose files changed is computed again.
+A resumed run checks each finished step's files against their recorded checksums, shapes and
+values before it trusts them (`RunDirectory.verify`): a step whose files changed is computed
+again.
 """
 
 from __future__ import annotations
 
-import contextlib
-import hashlib
 import io
 import json
 import logging
 import os
 import shutil
-import tempfile
-import threading
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
-from contextlib import contextmanager
-from dataclasses import MISSING, dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Literal
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 from PIL import Image
@@ -39,22 +25,25 @@ from consistent_char.errors import (
     InputNotFoundError,
     InvalidValueError,
     OutputExistsError,
-    OutputNotWritableError,
-    RunLockedError,
 )
+from consistent_char.rundir.files import (
+    TEMP_SUFFIX,
+    save_npy_atomic,
+    save_png_atomic,
+    sha256_bytes,
+    sha256_file,
+    write_json_atomic,
+    write_text_atomic,
+)
+from consistent_char.rundir.lock import LOCK_FILE, RunLock
+from consistent_char.rundir.outputs import check_output_dir
+from consistent_char.rundir.state import STEPS, RunState, Step
 
 if TYPE_CHECKING:
     from consistent_char.config import ExtractorConfig
 
 logger = logging.getLogger(__name__)
 
-Step = Literal["generated", "embedded", "clustered", "refined"]
-STEPS: tuple[Step, ...] = ("generated", "embedded", "clustered", "refined")
-
-STATE_VERSION = 1
-LOCK_FILE = ".lock"
-#: Suffix of every temporary file or folder this library writes before renaming it into place.
-TEMP_SUFFIX = ".tmp"
 #: The files an identity folder holds (identity.py writes them; kept here to clean up after it).
 _IDENTITY_FILES = frozenset(
     {"identity.json", "embeddings.safetensors", "pytorch_lora_weights.safetensors"}
@@ -64,374 +53,6 @@ _IDENTITY_FILES = frozenset(
 #: in parallel: on the GPU benchmark a 1024² image took 0.55 s to save on one core, 70 s for the
 #: 128 images of an iteration (benchmarks/README.md).
 PNG_WRITER_THREADS = min(8, os.cpu_count() or 1)
-
-
-# ----------------------------------------------------------------------------- files and modes
-
-_UMASK_LOCK = threading.Lock()
-
-
-def current_umask() -> int:
-    """The process's umask, read without changing it where Linux allows (``/proc``)."""
-    with contextlib.suppress(OSError, ValueError), open("/proc/self/status") as status:
-        for line in status:
-            if line.startswith("Umask:"):
-                return int(line.split()[1], 8)
-    with _UMASK_LOCK:  # os.umask can only be read by setting it
-        mask = os.umask(0o022)
-        os.umask(mask)
-    return mask
-
-
-def follow_umask(path: str | os.PathLike[str], *, directory: bool = False) -> None:
-    """Gives a file made by `tempfile` (always 0600, or 0700 for a folder) the mode an ordinary
-    ``open``/``mkdir`` would have given it under the user's umask."""
-    os.chmod(path, (0o777 if directory else 0o666) & ~current_umask())
-
-
-def sha256_bytes(data: bytes) -> str:
-    return hashlib.sha256(data).hexdigest()
-
-
-def sha256_file(path: str | os.PathLike[str]) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
-@contextmanager
-def _atomic_path(path: Path) -> Iterator[Path]:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=TEMP_SUFFIX, dir=path.parent)
-    os.close(fd)
-    try:
-        follow_umask(tmp)
-        yield Path(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
-def write_bytes_atomic(path: str | os.PathLike[str], data: bytes) -> str:
-    """Writes `data` to `path` through a temporary file and returns its SHA-256 (hex)."""
-    with _atomic_path(Path(path)) as tmp, open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    return sha256_bytes(data)
-
-
-def write_text_atomic(path: str | os.PathLike[str], text: str) -> str:
-    return write_bytes_atomic(path, text.encode("utf-8"))
-
-
-def write_json_atomic(path: str | os.PathLike[str], data: Any) -> str:
-    return write_text_atomic(path, json.dumps(data, indent=2, default=_json_default) + "\n")
-
-
-def _json_default(obj: Any) -> Any:
-    if isinstance(obj, np.generic):
-        return obj.item()
-    if isinstance(obj, np.ndarray):
-        return obj.tolist()
-    raise TypeError(f"cannot write {type(obj).__name__} as JSON")
-
-
-def save_png_atomic(path: str | os.PathLike[str], image: Image.Image) -> str:
-    buf = io.BytesIO()
-    image.save(buf, format="PNG")
-    return write_bytes_atomic(path, buf.getvalue())
-
-
-def save_npy_atomic(path: str | os.PathLike[str], array: np.ndarray) -> str:
-    buf = io.BytesIO()
-    np.save(buf, array, allow_pickle=False)
-    return write_bytes_atomic(path, buf.getvalue())
-
-
-def check_output_dir(
-    path: str | os.PathLike[str],
-    *,
-    option: str = "--out",
-    shown: str | os.PathLike[str] | None = None,
-) -> Path:
-    """Checks, without creating anything, that folder `path` can be created or written.
-
-    Args:
-        path: The folder.
-        option: How the message names the path's source (``"--out"``).
-        shown: The path as the user gave it, if `path` was derived from it (a file's folder).
-
-    Raises:
-        OutputNotWritableError: `path` or one of its parents is a file, or the deepest existing
-            folder on the way to it refuses a new entry (tried with a temporary folder that is
-            removed at once, since permission bits do not tell for root or read-only mounts).
-    """
-    target = Path(path).expanduser()
-    named = Path(shown) if shown is not None else target
-    existing = target
-    while not existing.exists() and not existing.is_symlink():
-        if existing.parent == existing:
-            break
-        existing = existing.parent
-    if existing.exists() and not existing.is_dir():
-        where = "is a file" if existing == named else f"is below the file {existing}"
-        raise OutputNotWritableError(
-            f"{option} {named} {where}; choose a folder path (nothing was written)"
-        )
-    try:
-        probe = tempfile.mkdtemp(prefix=".consistent-char-probe-", dir=existing)
-        os.rmdir(probe)
-    except OSError as err:
-        raise OutputNotWritableError(
-            f"{option} {named}: cannot write in {existing} ({err.strerror or err}); choose a "
-            "folder you can write to"
-        ) from None
-    return target
-
-
-def check_output_file(path: str | os.PathLike[str], *, option: str = "--out") -> Path:
-    """Like `check_output_dir` for a file to write: its folder must be writable and `path` must
-    not be a folder."""
-    target = Path(path).expanduser()
-    if target.is_dir():
-        raise OutputNotWritableError(f"{option} {target} is a folder; give a file name")
-    check_output_dir(target.parent, option=option, shown=target)
-    return target
-
-
-# ------------------------------------------------------------------------------------ the state
-
-
-@dataclass
-class RunState:
-    """What is finished: `(iteration, step)` is the last completed step; `history` holds the
-    records of the iterations so far (as dicts), `finished` is set when the run returned;
-    `checksums` maps run-relative file paths to their SHA-256 as written."""
-
-    prompt: str
-    iteration: int = -1
-    step: Step | None = None
-    history: list[dict[str, Any]] = field(default_factory=list)
-    finished: bool = False
-    converged: bool = False
-    version: int = STATE_VERSION
-    checksums: dict[str, str] = field(default_factory=dict)
-
-    def done(self, iteration: int, step: Step) -> bool:
-        """True when `step` of `iteration` finished before (so a resumed run skips it)."""
-        if self.step is None or iteration > self.iteration:
-            return False
-        if iteration < self.iteration:
-            return True
-        return STEPS.index(step) <= STEPS.index(self.step)
-
-    def roll_back_to_before(self, iteration: int, step: Step) -> None:
-        """Forgets `step` of `iteration` and everything after it, so a run computes it again."""
-        index = STEPS.index(step)
-        if index > 0:
-            self.iteration, self.step = iteration, STEPS[index - 1]
-        elif iteration > 0:
-            self.iteration, self.step = iteration - 1, "refined"
-        else:
-            self.iteration, self.step = -1, None
-        self.history = self.history[:iteration]
-        self.finished = self.converged = False
-
-    @classmethod
-    def from_dict(cls, data: Any, source: Path) -> RunState:
-        """Validates a parsed ``state.json``; raises `InputFileError` naming what is wrong."""
-
-        def bad(why: str) -> InputFileError:
-            return InputFileError(
-                f"{source} is not a valid run state ({why}): restore it, or start a new run in "
-                "another folder"
-            )
-
-        if not isinstance(data, dict):
-            raise bad(f"a JSON object was expected, found {type(data).__name__}")
-        known = set(cls.__dataclass_fields__)
-        unknown = sorted(set(data) - known)
-        if unknown:
-            raise bad(f"unknown keys {unknown}")
-        if not isinstance(data.get("prompt"), str) or not data["prompt"].strip():
-            raise bad("no prompt")
-        if data.get("version", STATE_VERSION) != STATE_VERSION:
-            raise bad(f"version {data.get('version')!r}, this library reads {STATE_VERSION}")
-        it = data.get("iteration", -1)
-        if isinstance(it, bool) or not isinstance(it, int) or it < -1:
-            raise bad(f"iteration {it!r}")
-        step = data.get("step")
-        if step is not None and step not in STEPS:
-            raise bad(f"step {step!r}")
-        if (step is None) != (it == -1):
-            raise bad(f"iteration {it} with step {step!r}")
-        history = data.get("history", [])
-        if not isinstance(history, list) or not all(isinstance(r, dict) for r in history):
-            raise bad("history is not a list of records")
-        for index, record in enumerate(history):
-            problem = _record_problem(record, index)
-            if problem:
-                raise bad(f"history[{index}] {problem}")
-        for name in ("finished", "converged"):
-            if not isinstance(data.get(name, False), bool):
-                raise bad(f"{name} is {data[name]!r}")
-        checksums = data.get("checksums", {})
-        if not isinstance(checksums, dict) or not all(
-            isinstance(k, str) and isinstance(v, str) for k, v in checksums.items()
-        ):
-            raise bad("checksums is not a mapping of file names to digests")
-        return cls(**data)
-
-
-def _record_problem(record: dict[str, Any], index: int) -> str | None:
-    """What is wrong with one saved `IterationRecord`, or None."""
-    from consistent_char.interfaces import IterationRecord
-
-    fields = IterationRecord.__dataclass_fields__
-    required = {
-        n for n, f in fields.items() if f.default is MISSING and f.default_factory is MISSING
-    }
-    if set(record) - set(fields) or required - set(record):
-        unknown, missing = sorted(set(record) - set(fields)), sorted(required - set(record))
-        return f"has unknown keys {unknown} or lacks {missing}"
-    if record["iteration"] != index:
-        return f"is iteration {record['iteration']!r}"
-    for name in ("spread", "threshold"):
-        value = record[name]
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or value != value:
-            return f"has {name} {value!r}"
-    return None
-
-
-# ------------------------------------------------------------------------------------- the lock
-
-try:
-    import fcntl
-except ImportError:  # pragma: no cover - not POSIX
-    fcntl = None  # type: ignore[assignment]
-
-
-class RunLock:
-    """Holds a run directory for one writer: ``.lock`` holds the writer's pid.
-
-    The lock is an `fcntl.flock` on that file, which the kernel releases when its process ends,
-    however it ends: the lock of a process that was killed is taken over by the next run, and
-    two live writers can never both hold it. The file is removed on release.
-    """
-
-    def __init__(self, root: str | os.PathLike[str]):
-        self.root = Path(root)
-        self.path = self.root / LOCK_FILE
-        self._fd: int | None = None
-
-    def acquire(self) -> RunLock:
-        """Takes the lock or raises `RunLockedError` naming the process that holds it."""
-        while True:
-            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o666)
-            try:
-                self._lock(fd)
-            except BlockingIOError:
-                holder = _read_pid(fd)
-                os.close(fd)
-                raise self.locked_error(self.root, holder) from None
-            except BaseException:
-                os.close(fd)
-                raise
-            # The previous holder removes the file as it releases it: a lock on a file that is
-            # no longer at `path` holds nothing, so try again.
-            try:
-                current = os.stat(self.path)
-            except FileNotFoundError:
-                os.close(fd)
-                continue
-            if os.path.samestat(os.fstat(fd), current):
-                break
-            os.close(fd)
-        previous = _read_pid(fd)
-        if previous is not None and previous != os.getpid():
-            logger.info(
-                "taking over the lock of %s from process %s, which ended", self.root, previous
-            )
-        os.ftruncate(fd, 0)
-        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
-        self._fd = fd
-        return self
-
-    def holder(self) -> int | str | None:
-        """The pid of the live process holding the lock (``"unknown"`` if it wrote none yet),
-        or ``None`` when the run is free; takes nothing."""
-        try:
-            fd = os.open(self.path, os.O_RDONLY)
-        except OSError:
-            return None
-        try:
-            if fcntl is None:
-                pid = _read_pid(fd)
-                return pid if pid is not None and _alive(pid) else None
-            try:
-                fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
-            except BlockingIOError:
-                pid = _read_pid(fd)
-                return "unknown" if pid is None else pid
-            return None
-        finally:
-            os.close(fd)  # also drops the shared lock taken to test it
-
-    @staticmethod
-    def locked_error(root: Path, holder: int | str | None) -> RunLockedError:
-        return RunLockedError(
-            f"{root} is being written by another run (process {holder or 'unknown'}); wait for "
-            "it to end or stop it: two runs writing one folder would mix their files"
-        )
-
-    def release(self) -> None:
-        if self._fd is None:
-            return
-        fd, self._fd = self._fd, None
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(self.path)
-        os.close(fd)  # closing releases the flock
-
-    def __enter__(self) -> RunLock:
-        return self.acquire()
-
-    def __exit__(self, *exc: object) -> None:
-        self.release()
-
-    @staticmethod
-    def _lock(fd: int) -> None:
-        if fcntl is not None:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            return
-        # Without flock: the pid in the file decides (a dead pid's lock is taken over).
-        pid = _read_pid(fd)
-        if pid is not None and pid != os.getpid() and _alive(pid):
-            raise BlockingIOError
-
-
-def _read_pid(fd: int) -> int | None:
-    try:
-        text = os.pread(fd, 64, 0).decode("ascii", "replace").strip()
-        return int(text) if text else None
-    except (OSError, ValueError):
-        return None
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
-# --------------------------------------------------------------------------- the run directory
 
 
 class RunDirectory:
@@ -456,6 +77,7 @@ class RunDirectory:
         return self.root / "identity"
 
     def exists(self) -> bool:
+        """Whether a run was started here (``state.json`` exists)."""
         return self.state_path.is_file()
 
     def iter_dir(self, iteration: int) -> Path:
@@ -557,6 +179,7 @@ class RunDirectory:
         return state
 
     def read_config(self) -> ExtractorConfig:
+        """Reads ``config.yaml``; one that is not a valid config is an `InputFileError`."""
         from consistent_char.config import ConfigError, ExtractorConfig
 
         try:
@@ -656,6 +279,7 @@ class RunDirectory:
         return True
 
     def load_images(self, iteration: int, count: int) -> list[Image.Image]:
+        """The first `count` images of `iteration`, each checked against its checksum."""
         images = []
         for j in range(count):
             path = self.image_path(iteration, j)
@@ -671,6 +295,7 @@ class RunDirectory:
     # ------------------------------------------------------------ embeddings
 
     def save_embeddings(self, iteration: int, embeddings: np.ndarray) -> None:
+        """Writes the embeddings of `iteration` and records their checksum."""
         path = self.embeddings_path(iteration)
         self.checksums[self._key(path)] = save_npy_atomic(path, embeddings)
 
@@ -696,6 +321,7 @@ class RunDirectory:
     # -------------------------------------------------------------- clusters
 
     def save_clusters(self, iteration: int, data: dict[str, Any]) -> None:
+        """Writes the clustering of `iteration` as JSON and records its checksum."""
         path = self.clusters_path(iteration)
         self.checksums[self._key(path)] = write_json_atomic(path, data)
 
@@ -807,75 +433,6 @@ class RunDirectory:
                     shutil.rmtree(path)
 
 
-# ------------------------------------------------------------------------------ output folders
-
-
-class OutputFolder:
-    """A user's folder that commands write named files into (images, a contact sheet), next to
-    files that are not theirs to touch.
-
-    A hidden manifest, ``.consistent-char-files.json``, lists the files this library wrote
-    there. A name the manifest does not list is never overwritten, and `remove_stale` deletes
-    only listed files. Names are recorded before their files are written, so a crash leaves no
-    file of ours unlisted.
-    """
-
-    MANIFEST = ".consistent-char-files.json"
-
-    def __init__(self, root: str | os.PathLike[str], *, option: str = "--out"):
-        self.root = Path(root)
-        self.option = option
-        self.owned = self._read()
-
-    def _read(self) -> set[str]:
-        try:
-            data = json.loads((self.root / self.MANIFEST).read_text(encoding="utf-8"))
-            return {str(name) for name in data["files"] if _plain_name(str(name))}
-        except (OSError, ValueError, KeyError, TypeError):
-            return set()
-
-    def check(self, names: Sequence[str]) -> None:
-        """Raises `OutputExistsError` when writing `names` would replace a file this library did
-        not write, and `OutputNotWritableError` when the folder cannot be written."""
-        check_output_dir(self.root, option=self.option)
-        if self.root.exists():
-            taken = [
-                n
-                for n in names
-                if ((self.root / n).exists() or (self.root / n).is_symlink())
-                and n not in self.owned
-            ]
-            if taken:
-                raise OutputExistsError(
-                    f"{self.root / taken[0]} exists and was not written by consistent-char; "
-                    f"move it or choose another {self.option} (nothing was written)"
-                )
-
-    def claim(self, names: Sequence[str]) -> None:
-        """Records `names` as this library's, before their files are written."""
-        self.check(names)
-        self.root.mkdir(parents=True, exist_ok=True)
-        self.owned |= set(names)
-        self._write()
-
-    def remove_stale(self, keep: Sequence[str]) -> list[str]:
-        """Deletes the files this library wrote here earlier that are not in `keep`."""
-        stale = sorted(self.owned - set(keep))
-        for name in stale:
-            path = self.root / name
-            if path.is_file() and not path.is_symlink():
-                path.unlink()
-        self.owned -= set(stale)
-        self._write()
-        return stale
-
-    def _write(self) -> None:
-        write_json_atomic(self.root / self.MANIFEST, {"files": sorted(self.owned)})
-
-
-# ------------------------------------------------------------------------------------- helpers
-
-
 def _entries(folder: Path) -> set[str]:
     try:
         return {p.name for p in folder.iterdir()}
@@ -886,10 +443,6 @@ def _entries(folder: Path) -> set[str]:
 def _some(names: set[str]) -> str:
     shown = sorted(names)[:3]
     return ", ".join(shown) + (f" and {len(names) - 3} more" if len(names) > 3 else "")
-
-
-def _plain_name(name: str) -> bool:
-    return bool(name) and "/" not in name and name not in (".", "..")
 
 
 def _free_name(path: Path) -> Path:

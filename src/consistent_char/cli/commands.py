@@ -1,0 +1,381 @@
+"""The commands that find and use an identity: ``extract``, ``generate``, ``report``, ``story``
+and ``export``."""
+
+from __future__ import annotations
+
+import shlex
+from pathlib import Path
+from typing import TYPE_CHECKING, Annotated, Any, NoReturn
+
+import typer
+from rich.progress import (
+    BarColumn,
+    MofNCompleteColumn,
+    Progress,
+    TaskID,
+    TextColumn,
+    TimeElapsedColumn,
+)
+
+from consistent_char.cli.core import (
+    INTERRUPTED,
+    app,
+    check_prompts,
+    check_seeds,
+    console,
+    fail,
+    finite,
+    say,
+    setup_logging,
+)
+from consistent_char.config import DEFAULT_MODEL, ExtractorConfig, load_mapping, parse_assignment
+from consistent_char.errors import InputNotFoundError
+
+if TYPE_CHECKING:
+    from consistent_char.extractor import IterativeIdentityExtractor
+    from consistent_char.interfaces import ExtractionResult
+    from consistent_char.rundir import RunDirectory
+
+_STAGE_LABEL = {
+    "generate": "generate",
+    "embed": "embed",
+    "cluster": "cluster",
+    "refine": "refine",
+}
+
+
+class _ProgressPrinter:
+    """Turns the extractor's `ProgressEvent`s into one bar per iteration and one per stage."""
+
+    def __init__(self, progress: Progress, max_iterations: int, core_size: int | None = None):
+        self.progress = progress
+        self.core_size = core_size
+        self.iterations: TaskID = progress.add_task("iterations", total=max_iterations)
+        self.stage_task: TaskID | None = None
+        self.stage_total = 1
+
+    def __call__(self, event: Any) -> None:
+        p = self.progress
+        if event.kind == "stage_start":
+            label = f"  iter {event.iteration} · {_STAGE_LABEL.get(event.stage, event.stage)}"
+            if self.stage_task is not None:
+                p.remove_task(self.stage_task)
+            self.stage_total = max(event.total, 1)
+            self.stage_task = p.add_task(label, total=self.stage_total)
+        elif event.kind == "progress" and self.stage_task is not None:
+            self.stage_total = max(event.total, 1)
+            p.update(self.stage_task, completed=event.done, total=self.stage_total)
+        elif event.kind == "stage_end" and self.stage_task is not None:
+            p.update(self.stage_task, completed=self.stage_total)
+        elif event.kind == "iteration_end" and event.record is not None:
+            r = event.record
+            p.advance(self.iterations)
+            if r.chosen_cluster is None:
+                chosen = "converged" if r.converged else "stopped"
+            else:
+                size = r.cluster_sizes[r.chosen_cluster]
+                detail = (
+                    f"{size} images, cohesion {r.chosen_cohesion:.3f}"
+                    if self.core_size is None
+                    else f"{size} images; learns from its densest {self.core_size}, "
+                    f"tightness {r.chosen_cohesion:.3f}"
+                )
+                chosen = f"cluster {r.chosen_cluster} ({detail})"
+            p.console.print(
+                f"iteration {r.iteration}: spread {r.spread:.4f} "
+                f"(threshold {r.threshold:.4f}) → {chosen}"
+            )
+
+
+@app.command()
+def extract(
+    prompt: Annotated[str, typer.Argument(help="What to draw, e.g. 'a watercolor fox'.")],
+    out: Annotated[Path, typer.Option("--out", help="Run directory to write.")],
+    model: Annotated[
+        str | None,
+        typer.Option(
+            help="SDXL hub id, local diffusers folder, or 'toy' (ToyWorld, offline); default: "
+            f"{DEFAULT_MODEL} (with --resume: the run's own).",
+        ),
+    ] = None,
+    config: Annotated[Path | None, typer.Option("--config", help="YAML/JSON config file.")] = None,
+    set_: Annotated[
+        list[str] | None,
+        typer.Option("--set", help="Override a setting: key=value (dotted, repeatable)."),
+    ] = None,
+    resume: Annotated[bool, typer.Option(help="Continue the run in --out.")] = False,
+    quiet: Annotated[bool, typer.Option(help="No progress bars.")] = False,
+    verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Log INFO messages.")] = False,
+) -> None:
+    """Run the iterative identity extraction (Algorithm 1) for PROMPT."""
+    setup_logging(verbose)
+    from consistent_char.extractor import IterativeIdentityExtractor
+    from consistent_char.stages import build_stages
+
+    # 1. Check inputs: the prompt, the settings and the run directory, before any model loads.
+    check_prompts([prompt], example="'a watercolor fox with a scarf'")
+    prompt = prompt.strip()
+    run, cfg = _run_settings(out, model, config, set_, resume)
+    for warning in cfg.warnings():
+        say(("warning:", "yellow"), " ", warning)
+    run.check(prompt, cfg, resume=resume)
+
+    # 2. Load the models (the extractor checks the refiner's token and modules before drawing).
+    stages = build_stages(cfg, warn=False)
+    extractor = IterativeIdentityExtractor(*stages, config=cfg)
+
+    # 3. Run, with a way back after Ctrl-C.
+    result = _extract_with_progress(extractor, run, cfg, prompt, out, resume=resume, quiet=quiet)
+    why = result.stop_reason
+    state = why if why == "converged" else f"stopped: {why}"
+    say(
+        ("done", "bold green"),
+        f": {result.iterations} iterations ({state}); identity token ",
+        (result.identity.token, "bold"),
+        f" in {out / 'identity'}",
+    )
+
+
+def _run_settings(
+    out: Path, model: str | None, config: Path | None, set_: list[str] | None, resume: bool
+) -> tuple[RunDirectory, ExtractorConfig]:
+    """The run directory and the settings of ``extract``: the config file, ``--model`` and
+    ``--set`` on the defaults, or, resuming with none of them, the run's own config."""
+    from consistent_char.rundir import RunDirectory
+
+    data = load_mapping(config) if config else {}
+    if model is not None:
+        data["model"] = model
+    overrides = dict(parse_assignment(s) for s in (set_ or []))
+    run = RunDirectory(out)
+    if resume and not config and not overrides and model is None and run.exists():
+        return run, run.read_config()
+    return run, ExtractorConfig.from_overrides(overrides, base=data)
+
+
+def _extract_with_progress(
+    extractor: IterativeIdentityExtractor,
+    run: RunDirectory,
+    cfg: ExtractorConfig,
+    prompt: str,
+    out: Path,
+    *,
+    resume: bool,
+    quiet: bool,
+) -> ExtractionResult:
+    """Runs the extraction under progress bars; Ctrl-C prints how to resume and exits 130."""
+    with Progress(
+        TextColumn("{task.description}", markup=False),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeElapsedColumn(),
+        console=console,
+        disable=quiet,
+        transient=False,
+    ) as progress:
+        printer = _ProgressPrinter(progress, cfg.max_iterations, cfg.core_size)
+        try:
+            return extractor.extract(prompt, run_dir=out, resume=resume, callback=printer)
+        except KeyboardInterrupt:
+            progress.stop()
+            _interrupted(run, prompt, out)
+
+
+def _interrupted(run: RunDirectory, prompt: str, out: Path) -> NoReturn:
+    if run.exists():
+        command = shlex.join(["consistent-char", "extract", prompt, "--out", str(out), "--resume"])
+        say(("interrupted;", "yellow"), " continue the run with: ", command)
+    else:
+        say(("interrupted", "yellow"), " before the run started; nothing to resume")
+    raise typer.Exit(INTERRUPTED)
+
+
+@app.command()
+def generate(
+    identity_dir: Annotated[Path, typer.Argument(help="An identity folder (run/identity).")],
+    prompts: Annotated[
+        list[str],
+        typer.Argument(help="Prompts; '{token}' marks the identity, else the run's template."),
+    ],
+    out: Annotated[Path, typer.Option("--out", help="Folder for the images.")],
+    model: Annotated[
+        str | None, typer.Option(help="Base model (default: the one the identity was learned on).")
+    ] = None,
+    seed: Annotated[
+        int, typer.Option(min=0, help="Seed of the first image; image j uses seed+j.")
+    ] = 0,
+    num_images: Annotated[
+        int, typer.Option("--num-images", "-n", min=1, help="Images per prompt.")
+    ] = 1,
+    steps: Annotated[int | None, typer.Option(min=1, help="Denoising steps.")] = None,
+    guidance_scale: Annotated[
+        float | None, typer.Option(callback=finite(0.0), help="CFG scale (>= 0).")
+    ] = None,
+    scale: Annotated[float, typer.Option(callback=finite(0.0), help="LoRA scale (>= 0).")] = 1.0,
+    device: Annotated[str, typer.Option(help="auto, cpu, cuda, ...")] = "auto",
+    verbose: Annotated[bool, typer.Option("--verbose", "-v")] = False,
+) -> None:
+    """Draw PROMPTS with a learned identity."""
+    setup_logging(verbose)
+    from consistent_char.identity import Identity
+    from consistent_char.rundir import OutputFolder, save_png_atomic
+    from consistent_char.stages import resolve_device
+    from consistent_char.usage import base_model, identity_generator, prompt_with_identity
+
+    # 1. Check inputs and outputs before the model loads.
+    check_prompts(prompts)
+    check_seeds(seed, num_images)
+    resolve_device(device)
+    identity = Identity.load(identity_dir)
+    full = [prompt_with_identity(identity, p) for p in prompts]
+    jobs = [(p, seed + j) for p in full for j in range(num_images)]
+    names = [f"{k:03d}_seed{s}.png" for k, (_, s) in enumerate(jobs)]
+    folder = OutputFolder(out)
+    folder.check(names)
+    base, why = base_model(identity, model)
+    say(f"model: {base} ({why})")
+
+    # 2. Draw and write.
+    generator = identity_generator(
+        identity,
+        model=base,
+        device=device,
+        num_inference_steps=steps,
+        guidance_scale=guidance_scale,
+        lora_scale=scale,
+    )
+    images = generator.generate([p for p, _ in jobs], [s for _, s in jobs], identity)
+    folder.claim(names)
+    for name, (p, _), image in zip(names, jobs, images, strict=True):
+        save_png_atomic(out / name, image)
+        say(f"{out / name}  ←  {p}")
+
+
+@app.command()
+def report(
+    run_dir: Annotated[Path, typer.Argument(help="A run directory (written by extract).")],
+    sample: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--sample",
+            help="Also draw the final identity for this prompt into RUN_DIR/samples "
+            "(repeatable; loads the model).",
+        ),
+    ] = None,
+    seed: Annotated[
+        int, typer.Option(min=0, help="Seed of the first sample; sample j uses seed+j.")
+    ] = 0,
+    device: Annotated[str, typer.Option(help="auto, cpu, cuda, ... (for --sample)")] = "auto",
+    verbose: Annotated[bool, typer.Option("--verbose", "-v")] = False,
+) -> None:
+    """(Re)build RUN_DIR/report.html: grids, clusters, spread curve, stage times, samples."""
+    setup_logging(verbose)
+    from consistent_char.identity import IDENTITY_JSON, Identity
+    from consistent_char.report import SAMPLES_DIR, build_report
+    from consistent_char.rundir import RunDirectory, check_output_dir
+
+    run = RunDirectory(run_dir)
+    if not run.exists():
+        raise InputNotFoundError(
+            f"{run_dir} is not a run directory: no state.json in it (extract writes one)"
+        )
+    run.read_state()
+    check_output_dir(run_dir)
+    # The report and samples are written into the run: not while another process writes it.
+    with run.lock():
+        if sample:
+            from consistent_char.rundir import OutputFolder
+            from consistent_char.story import illustrate, output_names
+            from consistent_char.usage import base_model, identity_generator
+
+            check_prompts(sample, "--sample prompt")
+            check_seeds(seed, len(sample))
+            if not (run.identity_dir / IDENTITY_JSON).is_file():
+                raise InputNotFoundError(
+                    f"{run_dir} has no final identity yet (the run has not finished); resume it "
+                    "with extract --resume, then draw samples"
+                )
+            identity = Identity.load(run.identity_dir)
+            OutputFolder(run_dir / SAMPLES_DIR).check(output_names(len(sample)))
+            base, why = base_model(identity)
+            say(f"model: {base} ({why})")
+            generator = identity_generator(identity, device=device)
+            illustrate(identity, sample, run_dir / SAMPLES_DIR, generator=generator, seed=seed)
+        path = build_report(run_dir)
+        say(f"report: {path}")
+
+
+@app.command()
+def story(
+    identity_dir: Annotated[Path, typer.Argument(help="An identity folder (run/identity).")],
+    prompts_file: Annotated[
+        Path,
+        typer.Argument(help="One prompt per line; blank lines and # comments are skipped."),
+    ],
+    out: Annotated[Path, typer.Option("--out", help="Folder for the images and contact sheet.")],
+    seed: Annotated[
+        int, typer.Option(min=0, help="Seed of the first image; image j uses seed+j.")
+    ] = 0,
+    model: Annotated[
+        str | None, typer.Option(help="Base model (default: the one the identity was learned on).")
+    ] = None,
+    device: Annotated[str, typer.Option(help="auto, cpu, cuda, ...")] = "auto",
+    steps: Annotated[int | None, typer.Option(min=1, help="Denoising steps.")] = None,
+    scale: Annotated[float, typer.Option(callback=finite(0.0), help="LoRA scale (>= 0).")] = 1.0,
+    verbose: Annotated[bool, typer.Option("--verbose", "-v")] = False,
+) -> None:
+    """Illustrate a story: one image per line of PROMPTS_FILE, plus contact_sheet.png."""
+    setup_logging(verbose)
+    from consistent_char.identity import Identity
+    from consistent_char.rundir import OutputFolder
+    from consistent_char.stages import resolve_device
+    from consistent_char.story import CONTACT_SHEET, illustrate, output_names, read_prompts
+    from consistent_char.usage import base_model, identity_generator, prompt_with_identity
+
+    prompts = read_prompts(prompts_file)
+    if not prompts:
+        fail(f"{prompts_file} has no prompts (blank lines and # comments are skipped)")
+    check_seeds(seed, len(prompts))
+    resolve_device(device)
+    identity = Identity.load(identity_dir)
+    for p in prompts:
+        prompt_with_identity(identity, p)
+    OutputFolder(out).check(output_names(len(prompts)))
+    base, why = base_model(identity, model)
+    say(f"model: {base} ({why})")
+    generator = identity_generator(
+        identity, model=base, device=device, num_inference_steps=steps, lora_scale=scale
+    )
+    paths = illustrate(identity, prompts, out, generator=generator, seed=seed)
+    for path, prompt in zip(paths, prompts, strict=True):
+        say(f"{path}  ←  {prompt}")
+    say(f"contact sheet: {out / CONTACT_SHEET}")
+
+
+@app.command()
+def export(
+    identity_dir: Annotated[Path, typer.Argument(help="An identity folder (run/identity).")],
+    out: Annotated[Path, typer.Option("--out", help="LoRA file to write, e.g. fox.safetensors.")],
+    format_: Annotated[
+        str,
+        typer.Option("--format", help="kohya: A1111 / ComfyUI LoRA + SDXL embedding file."),
+    ] = "kohya",
+    verbose: Annotated[bool, typer.Option("--verbose", "-v")] = False,
+) -> None:
+    """Export an identity for AUTOMATIC1111 and ComfyUI (LoRA + embedding file)."""
+    setup_logging(verbose)
+    from consistent_char.export import export_kohya
+    from consistent_char.identity import Identity
+
+    if format_ != "kohya":
+        fail(f"unknown --format {format_!r}; known: kohya")
+    lora_file, emb_file = export_kohya(Identity.load(identity_dir), out)
+    if lora_file is not None:
+        say(
+            f"LoRA: {lora_file}  (A1111: models/Lora, <lora:{lora_file.stem}:1>; "
+            "ComfyUI: models/loras)"
+        )
+    say(
+        f"embedding: {emb_file}  (A1111: embeddings/, write {emb_file.stem} in the prompt; "
+        f"ComfyUI: models/embeddings, write embedding:{emb_file.stem})"
+    )
