@@ -70,6 +70,7 @@ from consistent_char.eval.results import (
 from consistent_char.eval.run import load_probe
 from consistent_char.eval.toy import Probe, render_identity_in_scenes, score_records
 from consistent_char.identity import Identity
+from consistent_char.provenance import versions
 from consistent_char.rundir import save_png_atomic, write_json_atomic
 
 __all__ = [
@@ -294,7 +295,7 @@ def _start(
         "reduced": reductions(settings) if settings.name != "full" else [],
         "settings": settings.to_dict(),
         "config": base.to_dict(),
-        "versions": _versions(),
+        "versions": versions(),
         "machine": {
             "platform": platform.platform(),
             "processor": platform.processor() or platform.machine(),
@@ -377,9 +378,3 @@ def _grid(drawn: list[tuple[str, Any]], per_row: int) -> Any:
     for k, (_, image) in enumerate(drawn):
         sheet.paste(image, ((k % per_row) * w, (k // per_row) * h))
     return sheet
-
-
-def _versions() -> dict[str, str]:
-    from consistent_char.provenance import versions
-
-    return versions()
