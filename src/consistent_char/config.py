@@ -501,6 +501,18 @@ class ExtractorConfig(_Strict):
     def to_yaml(self) -> str:
         return yaml.safe_dump(self.to_dict(), sort_keys=False)
 
+    def get(self, dotted: str) -> Any:
+        """The value of a dotted setting, e.g. ``config.get("refiner.steps")`` (None if absent).
+
+        Example:
+            >>> ExtractorConfig().get("refiner.steps")
+            500
+        """
+        node: Any = self.to_dict()
+        for part in dotted.split("."):
+            node = node.get(part) if isinstance(node, dict) else None
+        return node
+
     def differences(self, other: ExtractorConfig) -> list[str]:
         """Dotted names of the fields whose values differ, e.g. ``["refiner.steps"]``."""
         return sorted(diff(self.to_dict(), other.to_dict()))

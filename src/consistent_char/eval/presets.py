@@ -236,7 +236,7 @@ def reductions(
     for name in mine.differences(theirs):
         if name == "seed":
             continue
-        out.append(f"{name}: {_dotted(mine, name)!r} instead of {_dotted(theirs, name)!r}")
+        out.append(f"{name}: {mine.get(name)!r} instead of {theirs.get(name)!r}")
     if settings.single_image_steps != ref.single_image_steps:
         out.append(
             f"single_image_steps: {settings.single_image_steps} instead of {ref.single_image_steps}"
@@ -249,10 +249,3 @@ def reductions(
             f"on {ref.ablation_prompts}"
         )
     return out
-
-
-def _dotted(config: ExtractorConfig, name: str) -> Any:
-    node: Any = config.to_dict()
-    for part in name.split("."):
-        node = node.get(part) if isinstance(node, dict) else None
-    return node

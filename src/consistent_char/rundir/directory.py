@@ -151,9 +151,7 @@ class RunDirectory:
 
             raise ConfigError(
                 f"cannot resume {self.root} with a different config; differing fields: "
-                + ", ".join(
-                    f"{d} (run: {_get(saved, d)!r}, now: {_get(config, d)!r})" for d in diff
-                )
+                + ", ".join(f"{d} (run: {saved.get(d)!r}, now: {config.get(d)!r})" for d in diff)
                 + "; resume without --config/--set/--model to use the run's own"
             )
         if state.prompt != prompt:
@@ -455,10 +453,3 @@ def _free_name(path: Path) -> Path:
 
 def _short(err: BaseException) -> str:
     return " ".join(str(err).split()) or type(err).__name__
-
-
-def _get(config: ExtractorConfig, dotted: str) -> Any:
-    node: Any = config.to_dict()
-    for part in dotted.split("."):
-        node = node.get(part) if isinstance(node, dict) else None
-    return node
