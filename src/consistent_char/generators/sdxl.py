@@ -30,7 +30,7 @@ from consistent_char.identity import Identity
 if TYPE_CHECKING:
     from diffusers import StableDiffusionXLPipeline
 
-__all__ = ["ProgressCallback", "SDXLGenerator", "load_sdxl_pipeline"]
+__all__ = ["ProgressCallback", "SDXLGenerator", "check_sdxl_components", "load_sdxl_pipeline"]
 
 logger = logging.getLogger(__name__)
 
@@ -102,12 +102,7 @@ class SDXLGenerator(SettingsAttributes):
 
     def __init__(self, pipeline: StableDiffusionXLPipeline, **settings: Any) -> None:
         self.settings = GeneratorSettings.from_keywords(settings, "SDXLGenerator")
-        for name in ("unet", "vae", "text_encoder", "text_encoder_2", "tokenizer", "tokenizer_2"):
-            if getattr(pipeline, name, None) is None:
-                raise ValueError(
-                    f"the pipeline has no {name}: SDXLGenerator needs an SDXL-architecture "
-                    f"pipeline with both text encoders, got {type(pipeline).__name__}"
-                )
+        check_sdxl_components(pipeline, "SDXLGenerator")
         # Any: diffusers registers the components at run time, invisible to type checkers.
         self.pipeline: Any = pipeline
 
@@ -403,6 +398,17 @@ def _cuda_free_bytes(device: torch.device) -> int:
     if fraction is not None:  # torch >= 2.8
         free = min(free, int(fraction(device) * total) - allocated)
     return max(0, int(free))
+
+
+def check_sdxl_components(pipeline: Any, who: str) -> None:
+    """Raises a ValueError naming the first SDXL component (both text encoders, both
+    tokenizers, the UNet, the VAE) that `pipeline` lacks; `who` names what needs it."""
+    for name in ("unet", "vae", "text_encoder", "text_encoder_2", "tokenizer", "tokenizer_2"):
+        if getattr(pipeline, name, None) is None:
+            raise ValueError(
+                f"the pipeline has no {name}: {who} needs an SDXL-architecture pipeline with "
+                f"both text encoders, got {type(pipeline).__name__}"
+            )
 
 
 def load_sdxl_pipeline(

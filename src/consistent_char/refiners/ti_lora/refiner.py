@@ -20,6 +20,7 @@ from PIL import Image
 
 from consistent_char.config import SettingsAttributes
 from consistent_char.errors import InvalidValueError
+from consistent_char.generators.sdxl import check_sdxl_components
 from consistent_char.identity import Identity
 from consistent_char.refiners.ti_lora import acceleration, denoising, encoding
 from consistent_char.refiners.ti_lora.acceleration import (
@@ -167,12 +168,7 @@ class TextualInversionLoRARefiner(SettingsAttributes):
 
     def __init__(self, pipeline: StableDiffusionXLPipeline, **settings: Any) -> None:
         self.settings = RefinerSettings.from_keywords(settings, "TextualInversionLoRARefiner")
-        for name in ("unet", "vae", "text_encoder", "text_encoder_2", "tokenizer", "tokenizer_2"):
-            if getattr(pipeline, name, None) is None:
-                raise ValueError(
-                    f"the pipeline has no {name}: the refiner needs an SDXL-architecture "
-                    f"pipeline with both text encoders, got {type(pipeline).__name__}"
-                )
+        check_sdxl_components(pipeline, "the refiner")
         if self.settings.compile_blocks and not repeated_blocks(pipeline.unet):
             raise ValueError(
                 "compile_blocks=True needs a UNet that names its repeated blocks (diffusers' "
