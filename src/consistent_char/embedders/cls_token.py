@@ -108,6 +108,7 @@ class ClsTokenEmbedder(ModelEmbedder):
 
         Example:
             >>> from transformers import Dinov2Config, Dinov2Model
+            >>> from consistent_char.embedders import DINOv2Embedder
             >>> model = Dinov2Model(Dinov2Config(hidden_size=32, num_hidden_layers=1,
             ...     num_attention_heads=2, intermediate_size=64, image_size=28, patch_size=14))
             >>> DINOv2Embedder.from_model(model).embedding_dim
