@@ -193,7 +193,9 @@ class IterativeIdentityExtractor:
 
         # 2. S ← Generator(prompt_i, seeds, Θ)
         with self._progress.stage(i, "generate", cfg.num_images, seconds):
-            images = self._generate(loop.run, loop.state, i, prompts_i, seeds, identity)
+            images = generate_images(
+                self.generator, loop.run, loop.state, i, prompts_i, seeds, identity, self._progress
+            )
         if i == 0:
             loop.base_images = images  # the base model's own images of the prompt
 
@@ -442,19 +444,6 @@ class IterativeIdentityExtractor:
         if not templates:
             return [prompt] * n
         return [templates[j % len(templates)].format(prompt=prompt) for j in range(n)]
-
-    def _generate(
-        self,
-        run: RunDirectory | None,
-        state: RunState,
-        iteration: int,
-        prompts: Sequence[str],
-        seeds: Sequence[int],
-        identity: Identity | None,
-    ) -> list[Image.Image]:
-        return generate_images(
-            self.generator, run, state, iteration, prompts, seeds, identity, self._progress
-        )
 
     def _cluster(
         self,
