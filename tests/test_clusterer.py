@@ -200,10 +200,12 @@ def test_cluster_input_errors(
 
 
 def test_clusterer_settings_are_validated() -> None:
-    with pytest.raises(ValueError, match="niter must be an integer >= 1, got 0"):
+    with pytest.raises(ValueError, match="niter = 0: Input should be greater than or equal to 1"):
         FaissKMeansClusterer(niter=0)
-    with pytest.raises(ValueError, match="nredo must be an integer >= 1"):
+    with pytest.raises(ValueError, match="nredo = -1: Input should be greater than or equal to 1"):
         FaissKMeansClusterer(nredo=-1)
+    with pytest.raises(ValueError, match="niter = true: expected a number"):
+        FaissKMeansClusterer(niter=True)
     with pytest.raises(ValueError, match="seed must be a non-negative integer, got -1"):
         FaissKMeansClusterer().cluster(np.zeros((3, 2), np.float32), 1, seed=-1)
     if faiss.get_num_gpus() == 0:

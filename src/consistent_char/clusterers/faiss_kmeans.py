@@ -9,7 +9,11 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from consistent_char.config import ClustererConfig
+
 logger = logging.getLogger(__name__)
+#: The default settings, from the loop's ``clusterer`` section.
+_DEFAULTS = ClustererConfig()
 
 __all__ = ["FaissKMeansClusterer", "check_embeddings", "kmeans_plusplus"]
 
@@ -134,16 +138,16 @@ class FaissKMeansClusterer:
         ((40,), (2, 8), 1, 1)
     """
 
-    niter: int = 20
-    nredo: int = 1
+    niter: int = _DEFAULTS.niter
+    nredo: int = _DEFAULTS.nredo
     spherical: bool = False
     use_gpu: bool = False
 
     def __post_init__(self) -> None:
-        for name in ("niter", "nredo"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
+        # Checked by the config's own fields, so a keyword and a clusterer.* key say the same.
+        ClustererConfig.from_keywords(
+            {"niter": self.niter, "nredo": self.nredo}, "FaissKMeansClusterer"
+        )
         if self.use_gpu:
             import faiss
 

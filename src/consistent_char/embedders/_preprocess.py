@@ -20,7 +20,12 @@ import torch
 from PIL import Image
 from typing_extensions import Self
 
+from consistent_char.config import EmbedderConfig
+
 logger = logging.getLogger(__name__)
+
+#: Images per forward pass unless told otherwise: the config's ``embedder.batch_size`` default.
+BATCH_SIZE: int = EmbedderConfig.model_fields["batch_size"].default
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -282,7 +287,7 @@ class ModelEmbedder:
     #: processor config and none is given: resize, center crop, ImageNet normalisation.
     fallback_preprocess: Callable[..., Preprocess] = ResizeCropNormalize
 
-    def __init__(self, model: Any, preprocess: Preprocess, *, batch_size: int = 32) -> None:
+    def __init__(self, model: Any, preprocess: Preprocess, *, batch_size: int = BATCH_SIZE) -> None:
         self.model = model
         self.preprocess = preprocess
         self.batch_size = check_batch_size(batch_size)

@@ -9,6 +9,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from consistent_char.embedders._preprocess import (
+    BATCH_SIZE,
     CLIP_MEAN,
     CLIP_STD,
     ModelEmbedder,
@@ -52,7 +53,7 @@ class CLIPImageEmbedder(ModelEmbedder):
         *,
         device: torch.device | str | None = None,
         dtype: torch.dtype | str | None = None,
-        batch_size: int = 32,
+        batch_size: int = BATCH_SIZE,
     ) -> CLIPImageEmbedder:
         """Loads the vision tower and projection of a CLIP checkpoint (a full `CLIPModel`
         checkpoint works too: only its vision half is read).
@@ -100,7 +101,7 @@ class CLIPImageEmbedder(ModelEmbedder):
         processor: Any | None = None,
         image_size: int | None = None,
         *,
-        batch_size: int = 32,
+        batch_size: int = BATCH_SIZE,
     ) -> CLIPImageEmbedder:
         """Wraps an already loaded `CLIPVisionModelWithProjection`.
 

@@ -10,6 +10,7 @@ import torch
 from typing_extensions import Self
 
 from consistent_char.embedders._preprocess import (
+    BATCH_SIZE,
     ModelEmbedder,
     check_batch_size,
     resolve_source,
@@ -50,7 +51,7 @@ class ClsTokenEmbedder(ModelEmbedder):
         *,
         device: torch.device | str | None = None,
         dtype: torch.dtype | str | None = None,
-        batch_size: int = 32,
+        batch_size: int = BATCH_SIZE,
     ) -> Self:
         """Loads a checkpoint from the hub or a folder written by ``save_pretrained``.
 
@@ -94,7 +95,7 @@ class ClsTokenEmbedder(ModelEmbedder):
         processor: Any | None = None,
         image_size: int | None = None,
         *,
-        batch_size: int = 32,
+        batch_size: int = BATCH_SIZE,
     ) -> Self:
         """Wraps an already loaded model, e.g. one that is also used elsewhere.
 

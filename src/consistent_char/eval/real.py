@@ -30,6 +30,7 @@ import torch
 from PIL import Image
 
 from consistent_char.embedders._preprocess import (
+    BATCH_SIZE,
     CLIP_MEAN,
     CLIP_STD,
     Preprocess,
@@ -179,7 +180,7 @@ class CLIPScorer:
     DEFAULT_MODEL_ID = "openai/clip-vit-large-patch14"
 
     def __init__(
-        self, model: Any, tokenizer: Any, preprocess: Preprocess, *, batch_size: int = 32
+        self, model: Any, tokenizer: Any, preprocess: Preprocess, *, batch_size: int = BATCH_SIZE
     ) -> None:
         self.model = model.eval()
         self.tokenizer = tokenizer
@@ -193,7 +194,7 @@ class CLIPScorer:
         *,
         device: torch.device | str | None = None,
         dtype: torch.dtype | str | None = None,
-        batch_size: int = 32,
+        batch_size: int = BATCH_SIZE,
     ) -> CLIPScorer:
         """Loads a CLIP checkpoint (hub id or folder with ``config.json``, the tokenizer files
         and, optionally, ``preprocessor_config.json``).
