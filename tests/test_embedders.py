@@ -18,7 +18,6 @@ from transformers import (  # noqa: E402
     BitImageProcessor,
     CLIPConfig,
     CLIPModel,
-    Dinov2Config,
     Dinov2Model,
 )
 
@@ -119,17 +118,7 @@ def test_builtin_preprocessing_matches_the_dinov2_processor(tmp_path: Path) -> N
     # At DINOv2's real sizes (256 -> 224) on non-square images whose resized long edge is not a
     # whole number of pixels (301 x 203 -> 379.6 x 256), where rounding, resampling, crop offset
     # or normalisation differences change the pixels; the model is tiny, the sizes are real.
-    config = Dinov2Config(
-        hidden_size=32,
-        num_hidden_layers=1,
-        num_attention_heads=2,
-        mlp_ratio=2,
-        image_size=224,
-        patch_size=14,
-    )
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(0)
-        model = Dinov2Model(config).eval()
+    model = tiny_dinov2(image_size=224)
     with_processor, bare = tmp_path / "with_processor", tmp_path / "bare"
     model.save_pretrained(with_processor)
     model.save_pretrained(bare)

@@ -13,7 +13,7 @@ Example:
 from __future__ import annotations
 
 import os
-from typing import Any, ClassVar, Literal, Self, get_args
+from typing import Any, ClassVar, Literal, get_args
 
 import yaml
 from pydantic import (
@@ -25,6 +25,7 @@ from pydantic import (
     field_validator,
     model_validator,
 )
+from typing_extensions import Self
 
 from consistent_char.config_parsing import (
     ConfigError,

@@ -411,6 +411,8 @@ class IterativeIdentityExtractor:
         the mean of the images drawn from the same prompt variation; with the clusterer's
         ``distance: cosine``, scaled to unit length, so that Euclidean distances between them
         order pairs as cosine distances do."""
+        if not self.config.centre_variations and self.config.clusterer.distance == "euclidean":
+            return embeddings
         out = np.array(embeddings, dtype=np.float32, copy=True)
         if self.config.centre_variations:
             keys = np.asarray(variations)

@@ -112,12 +112,11 @@ class SDXLGenerator(SettingsAttributes):
         name = self.settings.scheduler
         if name is None:
             return None
-        cached = self.__dict__.get("_built_scheduler")
-        if cached is None or cached[0] != name:
+        # Built once per name: `scheduler` may be assigned after construction.
+        if getattr(self, "_built_scheduler", (None, None))[0] != name:
             built = scheduler_class(name).from_config(self.pipeline.scheduler.config)
-            cached = (name, built)
-            self.__dict__["_built_scheduler"] = cached
-        return cached[1]
+            self._built_scheduler = (name, built)
+        return self._built_scheduler[1]
 
     # ------------------------------------------------------------ constructors
 

@@ -265,9 +265,12 @@ def _random_lora(
     return lora
 
 
-def tiny_dinov2(seed: int = 0, directory: str | os.PathLike[str] | None = None) -> Any:
-    """A tiny random `transformers.Dinov2Model` (28×28 input, width 32), saved to and loaded
-    from `directory` when given, for tests of the DINOv2 embedder's real loading path."""
+def tiny_dinov2(
+    seed: int = 0, directory: str | os.PathLike[str] | None = None, image_size: int = 28
+) -> Any:
+    """A tiny random `transformers.Dinov2Model` (`image_size` input, 28 by default; width 32),
+    saved to and loaded from `directory` when given, for tests of the DINOv2 embedder's real
+    loading path."""
     from transformers import Dinov2Config, Dinov2Model
 
     with torch.random.fork_rng(devices=[]):
@@ -278,7 +281,7 @@ def tiny_dinov2(seed: int = 0, directory: str | os.PathLike[str] | None = None) 
                 num_hidden_layers=2,
                 num_attention_heads=4,
                 mlp_ratio=2,
-                image_size=28,
+                image_size=image_size,
                 patch_size=14,
             )
         ).eval()
