@@ -114,7 +114,8 @@ def resolve_model(model: str, *, kind: str = "pipeline") -> str:
     if model == TOY_MODEL:
         from consistent_char import toy
 
-        return str(toy.model_dir() if kind == "pipeline" else toy.embedder_dir())
+        toy_dirs = {"pipeline": toy.model_dir, "controlnet": toy.controlnet_dir}
+        return str(toy_dirs.get(kind, toy.embedder_dir)())
     expanded = os.path.expanduser(model)
     if Path(expanded).exists():
         return expanded
@@ -122,6 +123,8 @@ def resolve_model(model: str, *, kind: str = "pipeline") -> str:
         raise ModelNotFoundError(f"model folder not found: {model}")
     if kind == "pipeline":
         check_hub_model(model, "model_index.json")
+    elif kind == "controlnet":
+        check_hub_model(model, "config.json", instead="pass a local folder of the ControlNet")
     else:
         check_hub_model(
             model, "config.json", instead="set embedder.model to a local folder of the model"

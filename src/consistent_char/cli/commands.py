@@ -213,9 +213,19 @@ def generate(
     ] = None,
     scale: Annotated[float, typer.Option(callback=finite(0.0), help="LoRA scale (>= 0).")] = 1.0,
     device: Annotated[str, typer.Option(help="auto, cpu, cuda, ...")] = "auto",
+    control_image: Annotated[
+        Path | None, typer.Option(help="A control image (e.g. a pose) for --controlnet.")
+    ] = None,
+    controlnet: Annotated[
+        str | None,
+        typer.Option(help="ControlNet for the base model: folder, hub id, or 'toy' (ToyWorld)."),
+    ] = None,
+    control_scale: Annotated[
+        float, typer.Option(callback=finite(0.0), help="ControlNet strength (>= 0).")
+    ] = 1.0,
     verbose: Annotated[bool, typer.Option("--verbose", "-v")] = False,
 ) -> None:
-    """Draw PROMPTS with a learned identity."""
+    """Draw PROMPTS with a learned identity (following a control image with --controlnet)."""
     setup_logging(verbose)
     from consistent_char.identity import Identity
     from consistent_char.rundir import OutputFolder, save_png_atomic
@@ -226,6 +236,7 @@ def generate(
     check_prompts(prompts)
     check_seeds(seed, num_images)
     resolve_device(device)
+    control = _control_input(control_image, controlnet)
     identity = Identity.load(identity_dir)
     full = [prompt_with_identity(identity, p) for p in prompts]
     jobs = [(p, seed + j) for p in full for j in range(num_images)]
@@ -244,11 +255,34 @@ def generate(
         guidance_scale=guidance_scale,
         lora_scale=scale,
     )
-    images = generator.generate([p for p, _ in jobs], [s for _, s in jobs], identity)
+    kwargs = {}
+    if control is not None:
+        from consistent_char.control import ControlledGenerator, load_controlnet
+
+        pipe = generator.pipeline
+        net = load_controlnet(str(controlnet), device=pipe.device, dtype=pipe.unet.dtype)
+        say(f"controlnet: {controlnet}, control image {control_image}")
+        settings = generator.settings.model_dump()
+        generator = ControlledGenerator(pipe, net, control_scale=control_scale, **settings)
+        kwargs["control_images"] = control
+    images = generator.generate([p for p, _ in jobs], [s for _, s in jobs], identity, **kwargs)
     folder.claim(names)
     for name, (p, _), image in zip(names, jobs, images, strict=True):
         save_png_atomic(out / name, image)
         say(f"{out / name}  ←  {p}")
+
+
+def _control_input(image: Path | None, controlnet: str | None) -> Any:
+    """The control image, read and checked before any model loads (None without control)."""
+    if (image is None) != (controlnet is None):
+        fail("--control-image and --controlnet go together: give both, or neither")
+    if image is None:
+        return None
+    from consistent_char.control import load_control_image
+    from consistent_char.stages import resolve_model
+
+    resolve_model(str(controlnet), kind="controlnet")
+    return load_control_image(image)
 
 
 @app.command()

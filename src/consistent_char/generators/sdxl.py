@@ -311,7 +311,11 @@ class SDXLGenerator(SettingsAttributes):
                 stop = min(start + batch, total)
                 try:
                     images += self._call_pipeline(
-                        prompts[start:stop], seeds[start:stop], height, width
+                        prompts[start:stop],
+                        seeds[start:stop],
+                        height,
+                        width,
+                        **self._call_kwargs(start, stop),
                     )
                 except torch.cuda.OutOfMemoryError:
                     if batch == 1 or self.batch_size is not None:
@@ -328,8 +332,13 @@ class SDXLGenerator(SettingsAttributes):
             pipe._progress_bar_config = previous_bar
         return images
 
+    def _call_kwargs(self, start: int, stop: int) -> dict[str, Any]:
+        """Further pipeline arguments for images ``start:stop`` of a call (a subclass's, e.g.
+        the control images of `consistent_char.control.ControlledGenerator`)."""
+        return {}
+
     def _call_pipeline(
-        self, prompts: list[str], seeds: list[int], height: int, width: int
+        self, prompts: list[str], seeds: list[int], height: int, width: int, **extra: Any
     ) -> list[Image.Image]:
         # One generator per image: diffusers draws image j's starting noise from generator[j].
         generators = [torch.Generator(device="cpu").manual_seed(s) for s in seeds]
@@ -344,6 +353,7 @@ class SDXLGenerator(SettingsAttributes):
             width=width,
             generator=generators,
             output_type="pil",
+            **extra,
         )
         return [im.convert("RGB") for im in out.images]
 
@@ -353,7 +363,8 @@ class SDXLGenerator(SettingsAttributes):
     def resolution(self) -> tuple[int, int]:
         """``(height, width)`` of the generated images."""
         pipe = self.pipeline
-        default = pipe.default_sample_size * pipe.vae_scale_factor
+        # What SDXL pipelines call default_sample_size (other SDXL pipelines lack the name).
+        default = pipe.unet.config.sample_size * pipe.vae_scale_factor
         return (self.height or default, self.width or default)
 
     def _auto_batch_size(self, n: int, height: int, width: int) -> int:

@@ -37,6 +37,7 @@ from consistent_char.tokenizers import build_clip_tokenizer
 __all__ = [
     "TINY_WORDS",
     "tiny_clip_vision",
+    "tiny_controlnet",
     "tiny_dinov2",
     "tiny_identity",
     "tiny_sdxl_pipeline",
@@ -135,6 +136,34 @@ def _tiny_unet() -> UNet2DConditionModel:
         cross_attention_dim=TEXT_ENCODER_WIDTH + TEXT_ENCODER_2_WIDTH,
         norm_num_groups=8,
     )
+
+
+def tiny_controlnet(
+    pipe: Any, seed: int = 0, directory: str | os.PathLike[str] | None = None
+) -> Any:
+    """A ControlNet made from the tiny pipeline's UNet, whose outputs are *not* zero (a fresh
+    ControlNet's are, and would not change an image), so tests can see it steer.
+
+    Its conditioning embedding halves the control image once: the tiny VAE's factor (32 px
+    images, 16 px latents). With `directory`, it is saved there and read back.
+    """
+    from diffusers import ControlNetModel
+
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        net = ControlNetModel.from_unet(pipe.unet, conditioning_embedding_out_channels=(8, 16))
+        zero_convs = [
+            *net.controlnet_down_blocks,
+            net.controlnet_mid_block,
+            net.controlnet_cond_embedding.conv_out,
+        ]
+        with torch.no_grad():
+            for conv in zero_convs:
+                conv.weight.normal_(0.0, 0.2)
+    if directory is not None:
+        net.save_pretrained(str(directory))
+        net = ControlNetModel.from_pretrained(str(directory))
+    return net.eval()
 
 
 def _tiny_scheduler(

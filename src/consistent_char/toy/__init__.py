@@ -55,17 +55,20 @@ __all__ = [
     "IMAGE_SIZE",
     "SCENES",
     "SCENE_PHRASES",
+    "CONTROLNET_COMMAND",
     "TRAIN_COMMAND",
     "VOCABULARY",
     "CreatureRecord",
     "IdentityProbe",
     "ToyWeightsMissingError",
     "caption",
+    "controlnet_dir",
     "embedder_dir",
     "full_caption",
     "model_dir",
     "parse_caption",
     "parse_scene",
+    "pose_probe_dir",
     "probe_dir",
     "render",
     "render_creature",
@@ -77,6 +80,10 @@ __all__ = [
 
 #: The training recipe's command line, run from the repository root.
 TRAIN_COMMAND = "python -m recipes.toyworld.train --out src/consistent_char/toy/weights"
+#: The pose ControlNet's and pose probe's recipe (it starts from the trained pipeline).
+CONTROLNET_COMMAND = (
+    "python -m recipes.toyworld.controlnet --weights src/consistent_char/toy/weights"
+)
 
 
 class ToyWeightsMissingError(FileNotFoundError):
@@ -88,13 +95,13 @@ def weights_dir() -> Path:
     return Path(__file__).resolve().parent / "weights"
 
 
-def _existing(name: str, marker: str) -> Path:
+def _existing(name: str, marker: str, command: str = TRAIN_COMMAND, hours: float = 4) -> Path:
     path = weights_dir() / name
     if not (path / marker).is_file():
         raise ToyWeightsMissingError(
             f"ToyWorld's {name!r} weights are missing: {path / marker} does not exist. "
-            f"Train them with `{TRAIN_COMMAND}` from the repository root (a few minutes on a "
-            "GPU, about 4 hours on 2 CPU cores), or reinstall a package that ships them."
+            f"Train them with `{command}` from the repository root (about {hours:g} hours on "
+            "2 CPU cores), or reinstall a package that ships them."
         )
     return path
 
@@ -112,6 +119,18 @@ def embedder_dir() -> Path:
 def probe_dir() -> Path:
     """The identity probe, for `IdentityProbe.from_pretrained`."""
     return _existing("probe", "config.json")
+
+
+def controlnet_dir() -> Path:
+    """The pose ControlNet for the toy pipeline, for ``ControlNetModel.from_pretrained``; its
+    control images are `consistent_char.toy.pose.pose_map`."""
+    return _existing("controlnet", "config.json", CONTROLNET_COMMAND, 1.5)
+
+
+def pose_probe_dir() -> Path:
+    """The pose probe (an `IdentityProbe` with a pose head, trained on creatures in wide poses),
+    for `IdentityProbe.from_pretrained`."""
+    return _existing("pose_probe", "config.json", CONTROLNET_COMMAND, 1.5)
 
 
 def __getattr__(name: str) -> Any:

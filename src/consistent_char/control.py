@@ -1,0 +1,178 @@
+"""Pose control: an identity drawn through diffusers' SDXL ControlNet pipeline.
+
+The identity is learned on the base model; a ControlNet made for that base model steers where
+and how the character is drawn (the paper's pose control). The ControlNet pipeline is built
+from the base pipeline's own components, so applying the identity to it is applying it to the
+base model::
+
+    controlnet = ControlNetModel.from_pretrained(controlnet_dir)
+    pipe = StableDiffusionXLControlNetPipeline.from_pretrained(base, controlnet=controlnet)
+    Identity.load(identity_dir).apply_to(pipe)
+    image = pipe("<cc-char> on a beach", image=pose_image).images[0]
+
+`ControlledGenerator` does the same as an `SDXLGenerator` (one seed per image, the identity
+applied for one call only), with one control image per image or one for all.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+from PIL import Image
+
+from consistent_char.errors import (
+    InputFileError,
+    InputNotFoundError,
+    InvalidValueError,
+    UserError,
+)
+from consistent_char.generators.sdxl import SDXLGenerator
+
+__all__ = [
+    "ControlledGenerator",
+    "ControlNetMismatchError",
+    "check_controlnet_fits",
+    "control_pipeline",
+    "load_control_image",
+    "load_controlnet",
+]
+
+# The UNet settings a ControlNet copies from its base model: where they differ, its residuals
+# do not fit the UNet's blocks, or it reads other text or time conditioning.
+_MATCHING = (
+    "in_channels",
+    "block_out_channels",
+    "layers_per_block",
+    "cross_attention_dim",
+    "transformer_layers_per_block",
+    "addition_embed_type",
+    "addition_time_embed_dim",
+    "projection_class_embeddings_input_dim",
+)
+
+
+class ControlNetMismatchError(UserError, ValueError):
+    """The ControlNet was not made for the base model's UNet."""
+
+
+def load_controlnet(
+    id_or_local_dir: str | os.PathLike[str],
+    *,
+    device: str | torch.device = "cpu",
+    dtype: torch.dtype | None = None,
+) -> Any:
+    """Loads a diffusers ``ControlNetModel`` (hub id, local folder, or ``"toy"`` for ToyWorld's
+    pose ControlNet), on `device`, in `dtype` (default: float32)."""
+    from diffusers import ControlNetModel
+
+    from consistent_char.stages import resolve_model
+
+    path = resolve_model(str(id_or_local_dir), kind="controlnet")
+    model = ControlNetModel.from_pretrained(path, torch_dtype=dtype or torch.float32)
+    return model.to(device).eval()
+
+
+def check_controlnet_fits(pipeline: Any, controlnet: Any) -> None:
+    """Raises `ControlNetMismatchError` naming the first UNet setting in which `controlnet`
+    differs from `pipeline`'s UNet (a ControlNet for another base model)."""
+    unet, own = pipeline.unet.config, controlnet.config
+    for name in _MATCHING:
+        a, b = _normalised(unet.get(name)), _normalised(own.get(name))
+        if a != b:
+            raise ControlNetMismatchError(
+                f"the ControlNet does not match the base model: its {name} is {b}, the "
+                f"UNet's is {a}"
+            )
+
+
+def _normalised(value: Any) -> Any:
+    # Configs keep tuples and lists, and one number for "the same in every block".
+    return list(value) if isinstance(value, (list, tuple)) else value
+
+
+def control_pipeline(pipeline: Any, controlnet: Any) -> Any:
+    """An SDXL ControlNet pipeline sharing `pipeline`'s components (nothing is copied)."""
+    from diffusers import StableDiffusionXLControlNetPipeline
+
+    check_controlnet_fits(pipeline, controlnet)
+    if (controlnet.device, controlnet.dtype) != (pipeline.unet.device, pipeline.unet.dtype):
+        controlnet.to(device=pipeline.unet.device, dtype=pipeline.unet.dtype)
+    parts = {k: v for k, v in pipeline.components.items() if k != "controlnet"}
+    return StableDiffusionXLControlNetPipeline(**parts, controlnet=controlnet)
+
+
+def load_control_image(path: str | os.PathLike[str]) -> Image.Image:
+    """Reads a control image (any format PIL reads) as RGB.
+
+    Raises:
+        InputNotFoundError: No such file.
+        InputFileError: The file is not an image.
+    """
+    file = Path(path)
+    if not file.is_file():
+        raise InputNotFoundError(f"control image not found: {file}")
+    try:
+        with Image.open(file) as image:
+            return image.convert("RGB")
+    except (OSError, ValueError) as err:
+        raise InputFileError(f"control image {file} is not an image ({err})") from None
+
+
+class ControlledGenerator(SDXLGenerator):
+    """An `SDXLGenerator` whose images follow control images through a ControlNet.
+
+    Args:
+        pipeline: The base SDXL pipeline (its components are shared with the ControlNet one).
+        controlnet: A ``ControlNetModel`` made for the pipeline's UNet.
+        control_scale: How strongly the ControlNet steers (``controlnet_conditioning_scale``).
+        **settings: `SDXLGenerator`'s settings.
+
+    Example:
+        >>> gen = ControlledGenerator(pipe, controlnet, num_inference_steps=20)  # doctest: +SKIP
+        >>> prompts = ["<cc-char> a creature"]
+        >>> gen.generate(prompts, [0], identity, control_images=[pose])  # doctest: +SKIP
+    """
+
+    def __init__(
+        self, pipeline: Any, controlnet: Any, *, control_scale: float = 1.0, **settings: Any
+    ) -> None:
+        if not control_scale >= 0:
+            raise InvalidValueError(f"control_scale must be >= 0, got {control_scale}")
+        super().__init__(control_pipeline(pipeline, controlnet), **settings)
+        self.control_scale = float(control_scale)
+        self._controls: list[Image.Image] = []
+
+    def generate(  # type: ignore[override]
+        self,
+        prompts: Sequence[str],
+        seeds: Sequence[int],
+        identity: Any = None,
+        *,
+        control_images: Sequence[Image.Image] | Image.Image,
+        callback: Any = None,
+    ) -> list[Image.Image]:
+        """`SDXLGenerator.generate` with a control image per prompt (or one for all)."""
+        if isinstance(control_images, Image.Image):
+            controls = [control_images] * len(prompts)
+        else:
+            controls = list(control_images)
+        if len(controls) != len(prompts):
+            raise InvalidValueError(
+                f"need one control image per prompt (or one for all): got {len(controls)} for "
+                f"{len(prompts)} prompts"
+            )
+        self._controls = [im.convert("RGB") for im in controls]
+        try:
+            return super().generate(prompts, seeds, identity, callback=callback)
+        finally:
+            self._controls = []
+
+    def _call_kwargs(self, start: int, stop: int) -> dict[str, Any]:
+        return {
+            "image": self._controls[start:stop],
+            "controlnet_conditioning_scale": self.control_scale,
+        }

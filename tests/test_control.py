@@ -1,0 +1,172 @@
+"""Pose control: an identity drawn through an SDXL ControlNet pipeline built from the base
+pipeline's components, in Python and from the command line, and the inputs it refuses."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from diffusers import UNet2DConditionModel
+from PIL import Image
+from typer.testing import CliRunner
+
+from consistent_char.cli import app
+from consistent_char.control import (
+    ControlledGenerator,
+    ControlNetMismatchError,
+    check_controlnet_fits,
+)
+from consistent_char.errors import InvalidValueError
+from consistent_char.generators.sdxl import SDXLGenerator
+from consistent_char.testing.tiny import tiny_controlnet, tiny_identity, tiny_sdxl_pipeline
+
+STEPS = 2
+
+
+@pytest.fixture(scope="module")
+def parts():
+    pipe = tiny_sdxl_pipeline(seed=0)
+    return pipe, tiny_controlnet(pipe, seed=3), tiny_identity(pipe, "<tiny>", seed=1)
+
+
+def _control(seed: int) -> Image.Image:
+    pixels = np.random.default_rng(seed).integers(0, 256, (32, 32, 3), dtype=np.uint8)
+    return Image.fromarray(pixels)
+
+
+def _arrays(images):
+    return [np.asarray(im) for im in images]
+
+
+def test_at_control_scale_zero_the_identity_draws_as_without_the_controlnet(parts):
+    pipe, net, identity = parts
+    prompts, seeds = ["<tiny> in the snow", "<tiny> in the city"], [4, 5]
+    plain = SDXLGenerator.from_pipeline(pipe, num_inference_steps=STEPS)
+    controlled = ControlledGenerator(pipe, net, control_scale=0.0, num_inference_steps=STEPS)
+    expected = plain.generate(prompts, seeds, identity)
+    got = controlled.generate(prompts, seeds, identity, control_images=_control(0))
+    for a, b in zip(_arrays(expected), _arrays(got), strict=True):
+        np.testing.assert_array_equal(a, b)
+
+
+def test_the_control_image_steers_the_drawing_and_the_same_one_repeats_it(parts):
+    pipe, net, identity = parts
+    gen = ControlledGenerator(pipe, net, num_inference_steps=STEPS)
+    prompts, seeds = ["<tiny> standing"] * 3, [7, 7, 7]
+    images = _arrays(
+        gen.generate(
+            prompts, seeds, identity, control_images=[_control(0), _control(1), _control(0)]
+        )
+    )
+    assert not np.array_equal(images[0], images[1])
+    np.testing.assert_array_equal(images[0], images[2])
+
+
+def test_one_control_image_for_all_equals_it_repeated(parts):
+    pipe, net, identity = parts
+    gen = ControlledGenerator(pipe, net, num_inference_steps=STEPS)
+    prompts, seeds = ["<tiny> a", "<tiny> b"], [1, 2]
+    one = gen.generate(prompts, seeds, identity, control_images=_control(2))
+    listed = gen.generate(prompts, seeds, identity, control_images=[_control(2)] * 2)
+    for a, b in zip(_arrays(one), _arrays(listed), strict=True):
+        np.testing.assert_array_equal(a, b)
+
+
+def test_the_identity_is_applied_through_the_controlnet_pipeline(parts):
+    pipe, net, identity = parts
+    gen = ControlledGenerator(pipe, net, num_inference_steps=STEPS)
+    with_it = gen.generate(["<tiny> a"], [3], identity, control_images=_control(0))
+    without = gen.generate(["<tiny> a"], [3], None, control_images=_control(0))
+    assert not np.array_equal(_arrays(with_it)[0], _arrays(without)[0])
+    # And removed after the call: the base pipeline has no adapter left.
+    assert not pipe.get_active_adapters()
+
+
+def test_a_control_image_count_that_differs_from_the_prompts_is_refused(parts):
+    pipe, net, identity = parts
+    gen = ControlledGenerator(pipe, net, num_inference_steps=STEPS)
+    with pytest.raises(InvalidValueError, match="one control image per prompt"):
+        gen.generate(["a", "b"], [0, 1], None, control_images=[_control(0)] * 3)
+
+
+def test_a_controlnet_made_for_another_unet_is_refused_naming_the_setting(parts):
+    pipe, _, _ = parts
+    other = UNet2DConditionModel.from_config(
+        {**pipe.unet.config, "cross_attention_dim": pipe.unet.config.cross_attention_dim + 8}
+    )
+    stranger = tiny_controlnet(type("P", (), {"unet": other})(), seed=0)
+    with pytest.raises(ControlNetMismatchError, match="cross_attention_dim"):
+        check_controlnet_fits(pipe, stranger)
+    with pytest.raises(ControlNetMismatchError):
+        ControlledGenerator(pipe, stranger)
+
+
+# ----------------------------------------------------------------------------- command line
+
+
+@pytest.fixture(scope="module")
+def saved(tmp_path_factory):
+    root = tmp_path_factory.mktemp("control")
+    pipe = tiny_sdxl_pipeline(seed=0, directory=root / "sdxl")
+    tiny_controlnet(pipe, seed=3, directory=root / "controlnet")
+    identity = tiny_identity(pipe, "<tiny>", seed=1)
+    identity.metadata = {"base_model": str(root / "sdxl")}
+    identity.save(root / "identity")
+    _control(0).save(root / "pose.png")
+    (root / "notes.png").write_text("not an image")
+    other = UNet2DConditionModel.from_config({**pipe.unet.config, "layers_per_block": 2})
+    tiny_controlnet(type("P", (), {"unet": other})(), directory=root / "other_controlnet")
+    return root
+
+
+def _generate(saved, out, *extra: str):
+    args = ["generate", str(saved / "identity"), "{token} standing", "--out", str(out)]
+    return CliRunner().invoke(app, [*args, "--steps", "2", "--device", "cpu", *extra])
+
+
+def test_generate_follows_a_control_image_and_at_scale_zero_draws_as_without(saved, tmp_path):
+    control = [
+        "--control-image",
+        str(saved / "pose.png"),
+        "--controlnet",
+        str(saved / "controlnet"),
+    ]
+    plain = _generate(saved, tmp_path / "plain")
+    steered = _generate(saved, tmp_path / "steered", *control)
+    zero = _generate(saved, tmp_path / "zero", *control, "--control-scale", "0")
+    for result in (plain, steered, zero):
+        assert result.exit_code == 0, result.output
+    read = {
+        k: np.asarray(Image.open(tmp_path / k / "000_seed0.png"))
+        for k in ("plain", "steered", "zero")
+    }
+    np.testing.assert_array_equal(read["plain"], read["zero"])
+    assert not np.array_equal(read["plain"], read["steered"])
+
+
+@pytest.mark.parametrize(
+    ("extra", "message"),
+    [
+        (["--control-image", "{root}/pose.png"], "go together"),
+        (["--controlnet", "{root}/controlnet"], "go together"),
+        (
+            ["--control-image", "{root}/missing.png", "--controlnet", "{root}/controlnet"],
+            "not found",
+        ),
+        (
+            ["--control-image", "{root}/notes.png", "--controlnet", "{root}/controlnet"],
+            "not an image",
+        ),
+        (["--control-image", "{root}/pose.png", "--controlnet", "{root}/nowhere"], "not found"),
+        (
+            ["--control-image", "{root}/pose.png", "--controlnet", "{root}/other_controlnet"],
+            "does not match the base model: its layers_per_block",
+        ),
+    ],
+)
+def test_bad_control_input_is_one_line_and_exit_2(saved, tmp_path, extra, message):
+    result = _generate(saved, tmp_path / "out", *[e.format(root=saved) for e in extra])
+    assert result.exit_code == 2, result.output
+    errors = [line for line in result.output.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and message in errors[0], result.output
+    assert "Traceback" not in result.output
+    assert not (tmp_path / "out").exists() or not any((tmp_path / "out").iterdir())
