@@ -259,3 +259,19 @@ def test_an_extraction_with_two_workers_writes_the_same_images_as_with_one(tmp_p
     assert len(alone) == 16 and {name.split("/")[0] for name in alone} == {"iter_000", "iter_001"}
     assert sharded.keys() == alone.keys()
     assert all(sharded[name] == alone[name] for name in alone)
+
+
+def test_devices_of_the_machine_a_run_used_stay_with_that_machine(one, monkeypatch):
+    from consistent_char.eval.run import generator_from_config
+    from consistent_char.usage import identity_generator
+
+    config = ExtractorConfig.from_overrides(
+        {"generator.devices": ["cuda:0", "cuda:1"]}, base={"model": "toy"}
+    )
+    # Drawing a run's images again on another device, or on a loaded pipeline: that one alone.
+    assert generator_from_config(config, pipeline=one.pipeline).devices is None
+    # An identity learned on two GPUs draws on this CPU.
+    owl = tiny_identity(one.pipeline, "<owl>", seed=4)
+    owl.metadata.update(base_model="toy", config=config.to_dict())
+    monkeypatch.setattr(SDXLGenerator, "from_pretrained", lambda *a, **settings: settings)
+    assert identity_generator(owl, device="cpu")["devices"] is None
