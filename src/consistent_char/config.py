@@ -189,6 +189,11 @@ class ClustererConfig(_Strict):
 
     niter: int = Field(20, ge=1, description="Lloyd iterations after k-means++ seeding.")
     nredo: int = Field(1, ge=1, description="Independent runs; FAISS keeps the best objective.")
+    use_gpu: bool = Field(
+        False,
+        description="Run k-means on the GPU(s) with a FAISS GPU build (the [gpu] extra); "
+        "centroids may differ from the CPU's by rounding.",
+    )
     distance: Literal["euclidean", "cosine"] = Field(
         "euclidean",
         description=(
