@@ -275,3 +275,18 @@ def test_devices_of_the_machine_a_run_used_stay_with_that_machine(one, monkeypat
     owl.metadata.update(base_model="toy", config=config.to_dict())
     monkeypatch.setattr(SDXLGenerator, "from_pretrained", lambda *a, **settings: settings)
     assert identity_generator(owl, device="cpu")["devices"] is None
+
+
+def test_the_sharding_benchmark_runs_and_compares_with_one_device(capsys):
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "sharding.py"
+    spec = importlib.util.spec_from_file_location("sharding_benchmark", path)
+    assert spec is not None and spec.loader is not None
+    benchmark = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(benchmark)
+    result = benchmark.main(["--model", "tiny", "--devices", "cpu,cpu", "--images", "4"])
+    assert [run["devices"] for run in result["runs"]] == [["cpu"], ["cpu", "cpu"]]
+    assert all(run["identical_to_one_device"] and run["images_per_s"] > 0 for run in result["runs"])
+    assert '"speedup"' in capsys.readouterr().out
