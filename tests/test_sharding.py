@@ -6,6 +6,7 @@ each worker drawing its own contiguous run of whole batches on its own copy of t
 
 from __future__ import annotations
 
+import logging
 import threading
 
 import pytest
@@ -290,3 +291,21 @@ def test_the_sharding_benchmark_runs_and_compares_with_one_device(capsys):
     assert [run["devices"] for run in result["runs"]] == [["cpu"], ["cpu", "cpu"]]
     assert all(run["identical_to_one_device"] and run["images_per_s"] > 0 for run in result["runs"])
     assert '"speedup"' in capsys.readouterr().out
+
+
+def test_fewer_batches_than_devices_is_a_warning_and_draws_on_one(two, monkeypatch, caplog):
+    calls = _record_calls(monkeypatch)
+    monkeypatch.setattr(two.settings, "batch_size", 6)
+    with caplog.at_level(logging.WARNING):
+        two.generate(PROMPTS, SEEDS)
+    assert "6 image(s) in batches of 6 keep 1 of 2 devices busy" in caplog.text
+    assert [(pipeline, prompts) for pipeline, _, prompts in calls] == [(two.pipeline, PROMPTS)]
+
+
+def test_the_automatic_batch_is_the_one_every_device_holds(two, monkeypatch):
+    calls = _record_calls(monkeypatch)
+    monkeypatch.setattr(two.settings, "batch_size", None)
+    copy = two._workers()[1]
+    monkeypatch.setattr(copy, "_batch_cap", lambda height, width: 2)  # a fuller device
+    two.generate(PROMPTS, SEEDS)
+    assert sorted(len(prompts) for _, _, prompts in calls) == [2, 2, 2]

@@ -174,7 +174,8 @@ class SDXLGenerator(SettingsAttributes):
 
     @classmethod
     def from_pipeline(cls, pipeline: StableDiffusionXLPipeline, **settings: Any) -> SDXLGenerator:
-        """Wraps an already loaded pipeline (shared: nothing is copied or moved).
+        """Wraps an already loaded pipeline (shared: nothing is copied or moved, but for the
+        copies that further `devices` draw on).
 
         Example:
             >>> from consistent_char.testing import tiny_sdxl_pipeline
@@ -234,8 +235,11 @@ class SDXLGenerator(SettingsAttributes):
         if len(shards) < len(workers):
             logger.warning(
                 "%d image(s) in batches of %d keep %d of %d devices busy: lower batch_size",
-                len(prompts), batch, len(shards), len(workers),
-            )  # fmt: skip
+                len(prompts),
+                batch,
+                len(shards),
+                len(workers),
+            )
         with contextlib.ExitStack() as applied:
             # 3. Apply the identity to each pipeline used, for this call only. In turn: applying
             #    draws from the global RNG and puts its state back, which threads would tangle.
