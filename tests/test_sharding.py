@@ -309,3 +309,20 @@ def test_the_automatic_batch_is_the_one_every_device_holds(two, monkeypatch):
     monkeypatch.setattr(copy, "_batch_cap", lambda height, width: 2)  # a fuller device
     two.generate(PROMPTS, SEEDS)
     assert sorted(len(prompts) for _, _, prompts in calls) == [2, 2, 2]
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two CUDA devices")
+def test_two_gpus_draw_the_same_images_as_one():
+    from consistent_char.testing import tiny_sdxl_pipeline
+
+    pipe = tiny_sdxl_pipeline(seed=0).to("cuda:0")
+    settings = {"num_inference_steps": 2, "batch_size": 2}
+    one = SDXLGenerator.from_pipeline(pipe, **settings)
+    two = SDXLGenerator.from_pipeline(pipe, devices=["cuda:0", "cuda:1"], **settings)
+    assert _copy(two).unet.device == torch.device("cuda", 1)
+    prompts = [p.replace("<fox>", "<owl>") for p in PROMPTS]
+    owl = tiny_identity(pipe, "<owl>", seed=3)
+    for identity in (None, owl):
+        alone = one.generate(prompts, SEEDS, identity)
+        assert _bytes(two.generate(prompts, SEEDS, identity)) == _bytes(alone)
