@@ -150,8 +150,9 @@ class GeneratorConfig(_Strict):
     devices: list[str] | Literal["auto"] | None = Field(
         None,
         description="Devices that draw an iteration's images together, each a contiguous run "
-        "of whole batches on its own copy of the pipeline, e.g. [cuda:0, cuda:1]; the same "
-        "images as one device. The first is the run's device, where the refinement runs; "
+        "of whole batches on its own copy of the pipeline, e.g. [cuda:0, cuda:1]: byte for byte "
+        "one device's images at the same batch_size. The first is the run's device, where the "
+        "refinement runs; "
         "auto: every visible CUDA device (None: the run's device alone).",
     )
 
