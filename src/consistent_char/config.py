@@ -147,6 +147,23 @@ class GeneratorConfig(_Strict):
         "EulerAncestralDiscreteScheduler (None: the model's own).",
     )
 
+    devices: list[str] | Literal["auto"] | None = Field(
+        None,
+        description="Devices that draw an iteration's images together, each a contiguous run "
+        "of whole batches on its own copy of the pipeline, e.g. [cuda:0, cuda:1]: byte for byte "
+        "one device's images at the same batch_size. The first is the run's device, where the "
+        "refinement runs; "
+        "auto: every visible CUDA device (None: the run's device alone).",
+    )
+
+    @field_validator("devices", mode="before")
+    @classmethod
+    def _a_device_list(cls, value: Any) -> Any:
+        from consistent_char.generators.sharding import check_device_list
+
+        check_device_list(value)  # checked with the config, before any model loads
+        return value
+
     @field_validator("scheduler")
     @classmethod
     def _a_scheduler_class(cls, name: str | None) -> str | None:
@@ -173,6 +190,11 @@ class ClustererConfig(_Strict):
 
     niter: int = Field(20, ge=1, description="Lloyd iterations after k-means++ seeding.")
     nredo: int = Field(1, ge=1, description="Independent runs; FAISS keeps the best objective.")
+    use_gpu: bool = Field(
+        False,
+        description="Run k-means on the GPU(s) with a FAISS GPU build (the [gpu] extra); "
+        "centroids may differ from the CPU's by rounding.",
+    )
     distance: Literal["euclidean", "cosine"] = Field(
         "euclidean",
         description=(

@@ -155,6 +155,13 @@ def build_stages(
     for warning in config.warnings() if warn else []:
         logger.warning(warning)
     device = resolve_device(config.device)
+    # Cheap, and its FAISS check (clusterer.use_gpu) comes before any model loads.
+    clusterer = FaissKMeansClusterer(
+        niter=config.clusterer.niter,
+        nredo=config.clusterer.nredo,
+        spherical=config.clusterer.distance == "cosine",
+        use_gpu=config.clusterer.use_gpu,
+    )
     dtype = resolve_dtype(config.dtype, device)
     model = resolve_model(config.model)
     embedder_model = config.embedder.model or DEFAULT_EMBEDDER_MODELS.get(config.embedder.kind, "")
@@ -169,11 +176,6 @@ def build_stages(
     refiner = build_refiner(config.refiner, generator.pipeline)
     embedder = build_embedder(
         config.embedder.kind, embedder_model, device=device, batch_size=config.embedder.batch_size
-    )
-    clusterer = FaissKMeansClusterer(
-        niter=config.clusterer.niter,
-        nredo=config.clusterer.nredo,
-        spherical=config.clusterer.distance == "cosine",
     )
     criterion = PairwiseDistanceCriterion(
         d_conv=config.convergence.d_conv, d_conv_relative=config.convergence.d_conv_relative

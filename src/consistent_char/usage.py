@@ -107,6 +107,8 @@ def identity_generator(
         else num_inference_steps,
         "guidance_scale": gen.guidance_scale if guidance_scale is None else guidance_scale,
         "lora_scale": lora_scale,
+        # The devices the identity was learned on belong to that machine, not to the identity.
+        "devices": None,
     }
     GeneratorSettings.from_keywords(settings, "SDXLGenerator")
     dev = resolve_device(device)

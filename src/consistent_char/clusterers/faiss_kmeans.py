@@ -9,6 +9,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from consistent_char.clusterers.faiss_gpu import check_faiss_gpu
 from consistent_char.config import ClustererConfig
 
 logger = logging.getLogger(__name__)
@@ -128,7 +129,8 @@ class FaissKMeansClusterer:
             k-means objective (sum of squared distances) is kept.
         spherical: Normalise centroids to unit length after each iteration (for cosine
             clustering of L2-normalised embeddings).
-        use_gpu: Run on the GPU(s) through faiss-gpu.
+        use_gpu: Run on the GPU(s) through a FAISS GPU build (the ``[gpu]`` extra); checked
+            by `check_faiss_gpu` when the clusterer is built.
 
     Example:
         >>> rng = np.random.default_rng(0)
@@ -146,16 +148,12 @@ class FaissKMeansClusterer:
     def __post_init__(self) -> None:
         # Checked by the config's own fields, so a keyword and a clusterer.* key say the same.
         ClustererConfig.from_keywords(
-            {"niter": self.niter, "nredo": self.nredo}, "FaissKMeansClusterer"
+            {"niter": self.niter, "nredo": self.nredo, "use_gpu": self.use_gpu},
+            "FaissKMeansClusterer",
         )
-        if self.use_gpu:
-            import faiss
-
-            if not hasattr(faiss, "StandardGpuResources") or faiss.get_num_gpus() < 1:
-                raise ValueError(
-                    "use_gpu=True needs faiss-gpu and a visible GPU; install faiss-gpu or set "
-                    "use_gpu=False"
-                )
+        # A FAISS without GPU support fails here; a CUDA mismatch with torch is only logged.
+        for warning in check_faiss_gpu(use_gpu=self.use_gpu):
+            logger.warning(warning)
 
     def cluster(self, embeddings: np.ndarray, k: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
         """Partitions `embeddings` into `k` clusters.

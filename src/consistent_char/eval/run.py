@@ -61,6 +61,9 @@ def generator_from_config(
     settings = config.generator.model_dump()
     if guidance_scale is not None:
         settings["guidance_scale"] = guidance_scale
+    if device is not None or pipeline is not None:
+        # The run's devices start with the run's device: on another one, draw there alone.
+        settings["devices"] = None
     if pipeline is not None:
         return SDXLGenerator.from_pipeline(pipeline, **settings)
     dev = resolve_device(device or config.device)

@@ -1,7 +1,8 @@
 """`SDXLGenerator`: the default `Generator`, over diffusers' `StableDiffusionXLPipeline`.
 
 Every image has its own `torch.Generator`, seeded from its own seed, so image j depends only on
-``prompts[j]`` and ``seeds[j]``: not on its batch, its batch size or the images drawn before it.
+``prompts[j]`` and ``seeds[j]``: not on the images drawn before it, and on its batch only by
+rounding (a batched matmul rounds differently: a grey level at most on the tiny models).
 The generators live on the CPU, as diffusers recommends for reproducibility, so the starting noise
 of a seed is the same on every device.
 """
@@ -9,22 +10,28 @@ of a seed is the same on every device.
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
 import math
 import os
-import warnings
 from collections.abc import Callable, Iterator, Sequence
 from numbers import Integral
-from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import torch
 from PIL import Image
 
 from consistent_char.config import SettingsAttributes
-from consistent_char.errors import InputFileError, InputNotFoundError, InvalidValueError
+from consistent_char.errors import InvalidValueError
+from consistent_char.generators.loading import check_sdxl_components, load_sdxl_pipeline
 from consistent_char.generators.schedulers import scheduler_class
 from consistent_char.generators.settings import GeneratorSettings
+from consistent_char.generators.sharding import (
+    copy_pipeline,
+    draw_shards,
+    plan_shards,
+    resolve_devices,
+)
 from consistent_char.identity import Identity
 
 if TYPE_CHECKING:
@@ -87,6 +94,12 @@ class SDXLGenerator(SettingsAttributes):
             so a shared pipeline keeps its own. A stochastic ("ancestral" or SDE) sampler draws
             its fresh noise from each image's own generator, so image j still depends only on
             its prompt and seed.
+        devices: Devices that draw each call's images together (`sharding` says how): ``None``
+            is the pipeline's device alone, ``"auto"`` every visible CUDA device, or a list
+            starting with the pipeline's device (``["cuda:0", "cuda:1"]``). The pipeline is
+            copied onto each further device when the generator is built (copies of its state
+            then: a LoRA the user loads into it later is not copied); the images are byte for
+            byte those of one device drawing the same batches.
 
     Example:
         >>> from consistent_char.generators.sdxl import SDXLGenerator
@@ -105,6 +118,7 @@ class SDXLGenerator(SettingsAttributes):
         check_sdxl_components(pipeline, "SDXLGenerator")
         # Any: diffusers registers the components at run time, invisible to type checkers.
         self.pipeline: Any = pipeline
+        self._workers()  # the devices are checked, and the pipeline copied, at the door
 
     @property
     def _scheduler(self) -> Any:
@@ -150,14 +164,18 @@ class SDXLGenerator(SettingsAttributes):
             ...     "stabilityai/stable-diffusion-xl-base-1.0", device="cuda"
             ... )  # doctest: +SKIP
         """
-        # Validate settings before the (slow) load.
-        GeneratorSettings.from_keywords(settings, "SDXLGenerator")
+        # Validate settings (and devices) before the (slow) load.
+        checked = GeneratorSettings.from_keywords(settings, "SDXLGenerator")
+        if device is None:
+            device = "cuda" if torch.cuda.is_available() else "cpu"
+        resolve_devices(checked.devices, torch.device(device))
         pipe = load_sdxl_pipeline(id_or_local_dir, device=device, dtype=dtype, variant=variant)
         return cls(pipe, **settings)
 
     @classmethod
     def from_pipeline(cls, pipeline: StableDiffusionXLPipeline, **settings: Any) -> SDXLGenerator:
-        """Wraps an already loaded pipeline (shared: nothing is copied or moved).
+        """Wraps an already loaded pipeline (shared: nothing is copied or moved, but for the
+        copies that further `devices` draw on).
 
         Example:
             >>> from consistent_char.testing import tiny_sdxl_pipeline
@@ -208,16 +226,68 @@ class SDXLGenerator(SettingsAttributes):
                     "identity %r is applied but no prompt contains its token", identity.token
                 )
 
-        # 2. Apply the identity for this call only
+        # 2. Deal the batches one device would draw to the devices, a contiguous run each
+        workers = self._workers()
+        batch = self.batch_size or self._auto_batch_size(
+            len(prompts), *self.resolution, workers[1:]
+        )
+        shards = plan_shards(len(prompts), batch, len(workers))
+        if len(shards) < len(workers):
+            logger.warning(
+                "%d image(s) in batches of %d keep %d of %d devices busy: lower batch_size",
+                len(prompts),
+                batch,
+                len(shards),
+                len(workers),
+            )
+        with contextlib.ExitStack() as applied:
+            # 3. Apply the identity to each pipeline used, for this call only. In turn: applying
+            #    draws from the global RNG and puts its state back, which threads would tangle.
+            for worker, _ in zip(workers, shards, strict=False):
+                applied.enter_context(worker._applied(identity))
+            # 4. Each device draws its shard, all at once; the images come back in order
+            jobs = [
+                functools.partial(worker._draw_shard, prompts[a:b], seed_list[a:b], batch)
+                for worker, (a, b) in zip(workers, shards, strict=False)
+            ]
+            return draw_shards(jobs, len(prompts), callback)
+
+    def _workers(self) -> list[SDXLGenerator]:
+        """This generator and one per further device of `devices`, each on its own copy of the
+        pipeline and sharing these settings (copied once per device list)."""
+        devices = resolve_devices(self.devices, self.pipeline.device)
+        key = tuple(str(d) for d in devices)
+        if getattr(self, "_copies", (None, None))[0] != key:
+            copies = []
+            for device in devices[1:]:
+                logger.info("copying the pipeline onto %s", device)
+                worker = SDXLGenerator(copy_pipeline(self.pipeline, device))
+                worker.settings = self.settings  # a setting assigned later reaches every device
+                copies.append(worker)
+            self._copies = (key, copies)
+        return [self, *self._copies[1]]
+
+    @contextlib.contextmanager
+    def _applied(self, identity: Identity | None) -> Iterator[None]:
+        """The identity applied (and fused), and the sampler swapped in, on this pipeline."""
         if identity is not None:
             identity.apply_to(self.pipeline, scale=self.lora_scale)
         try:
             with self._fused(identity), self.sampler():
-                return self._generate_batches(prompts, seed_list, callback)
+                yield
         finally:
-            # 3. Leave the pipeline as it was
+            # Leave the pipeline as it was
             if identity is not None:
                 identity.remove_from(self.pipeline)
+
+    def _draw_shard(
+        self, prompts: list[str], seeds: list[int], batch: int, report: ProgressCallback
+    ) -> list[Image.Image]:
+        device = self.pipeline.device
+        # On a worker thread the current CUDA device is the default one: make it this one's.
+        place = torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext()
+        with place:
+            return self._generate_batches(prompts, seeds, report, batch)
 
     @contextlib.contextmanager
     def sampler(self) -> Iterator[None]:
@@ -296,12 +366,11 @@ class SDXLGenerator(SettingsAttributes):
         return prompts, out
 
     def _generate_batches(
-        self, prompts: list[str], seeds: list[int], callback: ProgressCallback | None
+        self, prompts: list[str], seeds: list[int], callback: ProgressCallback, batch: int
     ) -> list[Image.Image]:
         pipe = self.pipeline
         height, width = self.resolution
         total = len(prompts)
-        batch = self.batch_size or self._auto_batch_size(total, height, width)
         images: list[Image.Image] = []
         previous_bar = dict(getattr(pipe, "_progress_bar_config", {}))
         pipe.set_progress_bar_config(disable=not self.show_progress)
@@ -326,8 +395,7 @@ class SDXLGenerator(SettingsAttributes):
                     continue
                 start = stop
                 logger.debug("generated %d/%d images", start, total)
-                if callback is not None:
-                    callback(start, total)
+                callback(start, total)
         finally:
             pipe._progress_bar_config = previous_bar
         return images
@@ -367,10 +435,18 @@ class SDXLGenerator(SettingsAttributes):
         default = pipe.unet.config.sample_size * pipe.vae_scale_factor
         return (self.height or default, self.width or default)
 
-    def _auto_batch_size(self, n: int, height: int, width: int) -> int:
+    def _auto_batch_size(
+        self, n: int, height: int, width: int, others: Sequence[SDXLGenerator] = ()
+    ) -> int:
+        """Batches as large as this device and the `others` all hold, split evenly over `n`."""
+        caps = [worker._batch_cap(height, width) for worker in (self, *others)]
+        return _even_batch_size(n, min(caps))
+
+    def _batch_cap(self, height: int, width: int) -> int:
+        """The most images this pipeline's device draws at once, by its free memory."""
         device = self.pipeline.device
         if device.type != "cuda":
-            return _even_batch_size(n, CPU_BATCH_CAP)
+            return CPU_BATCH_CAP
         free = _cuda_free_bytes(device)
         passes = 2 if self.guidance_scale > 1 else 1
         latent_pixels = (height // self.pipeline.vae_scale_factor) * (
@@ -378,14 +454,14 @@ class SDXLGenerator(SettingsAttributes):
         )
         per_image = CUDA_BYTES_PER_LATENT_PIXEL * latent_pixels * passes
         fit = max(1, math.floor(0.8 * free / per_image))
-        batch = _even_batch_size(n, min(fit, CUDA_BATCH_CAP))
         logger.debug(
-            "automatic batch size %d (%.1f GiB free, ~%.2f GiB per image)",
-            batch,
+            "at most %d images a batch on %s (%.1f GiB free, ~%.2f GiB per image)",
+            fit,
+            device,
             free / 2**30,
             per_image / 2**30,
         )
-        return batch
+        return min(fit, CUDA_BATCH_CAP)
 
 
 def _even_batch_size(n: int, cap: int) -> int:
@@ -408,87 +484,3 @@ def _cuda_free_bytes(device: torch.device) -> int:
     if fraction is not None:  # torch >= 2.8
         free = min(free, int(fraction(device) * total) - allocated)
     return max(0, int(free))
-
-
-def check_sdxl_components(pipeline: Any, who: str) -> None:
-    """Raises a ValueError naming the first SDXL component (both text encoders, both
-    tokenizers, the UNet, the VAE) that `pipeline` lacks; `who` names what needs it."""
-    for name in ("unet", "vae", "text_encoder", "text_encoder_2", "tokenizer", "tokenizer_2"):
-        if getattr(pipeline, name, None) is None:
-            raise ValueError(
-                f"the pipeline has no {name}: {who} needs an SDXL-architecture pipeline with "
-                f"both text encoders, got {type(pipeline).__name__}"
-            )
-
-
-def load_sdxl_pipeline(
-    id_or_local_dir: str | os.PathLike[str],
-    *,
-    device: str | torch.device | None = None,
-    dtype: torch.dtype | None = None,
-    variant: str | None = None,
-) -> StableDiffusionXLPipeline:
-    """Loads a `StableDiffusionXLPipeline` with the library's device and dtype defaults.
-
-    Args:
-        id_or_local_dir: A hub id or a folder written by `save_pretrained`.
-        device: ``None`` is CUDA when available, else CPU.
-        dtype: ``None`` is bfloat16 on CUDA (SDXL's VAE overflows in float16), float32 on CPU.
-        variant: The checkpoint variant (e.g. ``"fp16"``), if any.
-
-    Raises:
-        FileNotFoundError: A local path that does not exist or holds no ``model_index.json``,
-            checked before anything loads.
-
-    Example:
-        >>> pipe = load_sdxl_pipeline("runs/toy-model", device="cpu")  # doctest: +SKIP
-    """
-    from diffusers import StableDiffusionXLPipeline
-
-    source = _check_source(id_or_local_dir)
-    torch_device = torch.device(
-        device if device is not None else ("cuda" if torch.cuda.is_available() else "cpu")
-    )
-    if dtype is None:
-        dtype = torch.bfloat16 if torch_device.type == "cuda" else torch.float32
-    logger.info("loading SDXL pipeline %s (%s on %s)", source, dtype, torch_device)
-    try:
-        with warnings.catch_warnings():
-            # Newer diffusers renamed `torch_dtype` to `dtype`; the old name works on every
-            # version this library supports.
-            warnings.filterwarnings("ignore", message=".*torch_dtype.*", category=FutureWarning)
-            pipe = StableDiffusionXLPipeline.from_pretrained(
-                source, torch_dtype=dtype, variant=variant
-            )
-    except (OSError, ValueError) as err:
-        # Missing or damaged weight files, a hub id that does not exist, no network.
-        raise InputFileError(
-            f"cannot load {source} as an SDXL pipeline ({' '.join(str(err).split())[:400]}); "
-            "check the model id or folder, or pass --model with a local diffusers SDXL folder"
-        ) from err
-    pipe.to(torch_device)
-    return pipe
-
-
-def _check_source(id_or_local_dir: str | os.PathLike[str]) -> str:
-    """A local folder must exist and hold a diffusers pipeline; anything else is a hub id."""
-    text = os.fspath(id_or_local_dir)
-    path = Path(text).expanduser()
-    looks_local = (
-        isinstance(id_or_local_dir, os.PathLike)
-        or text.startswith(("/", ".", "~"))
-        or text.count("/") > 1
-        or path.exists()
-    )
-    if not looks_local:
-        from consistent_char.stages import check_hub_model
-
-        check_hub_model(text, "model_index.json")
-        return text
-    if not path.is_dir():
-        raise InputNotFoundError(f"SDXL model folder not found: {text}")
-    if not (path / "model_index.json").is_file():
-        raise InputNotFoundError(
-            f"{text} is not a diffusers pipeline folder: no model_index.json in it"
-        )
-    return str(path)
