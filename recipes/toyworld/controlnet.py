@@ -57,11 +57,12 @@ class AppsPlan:
     """Sizes and optimisation of both stages."""
 
     train_images: int = 8_000
+    probe_images: int = 16_000
     heldout_images: int = 1_000
     captions_per_image: int = 4
     caption_drop: float = 0.1
     min_snr_gamma: float = 5.0
-    pose_weight: float = 10.0
+    pose_weight: float = 50.0
     eval_images: int = 128
     eval_steps: int = 20
     eval_guidance: float = 3.0
@@ -75,12 +76,12 @@ class AppsPlan:
     controlnet_seconds: float | None = None
     pose_probe: StagePlan = field(
         default_factory=lambda: StagePlan(
-            800, 64, 2e-3, weight_decay=1e-4, checkpoint_every=200, log_every=50
+            2500, 64, 2e-3, weight_decay=1e-4, checkpoint_every=250, log_every=50
         )
     )
     controlnet: StagePlan = field(
         default_factory=lambda: StagePlan(
-            4000, 32, 3e-4, warmup=100, weight_decay=0.01, checkpoint_every=100, log_every=25
+            6000, 16, 5e-4, warmup=100, weight_decay=0.01, checkpoint_every=100, log_every=25
         )
     )
 
@@ -112,9 +113,7 @@ def posed_set(n: int, seed: int, prior: str, captions_per_image: int) -> PosedSe
 # ----------------------------------------------------------------------------- pose probe
 
 
-def train_pose_probe(
-    plan: AppsPlan, data: PosedSet, pipe: Any, ckpt: Path, seed: int
-) -> IdentityProbe:
+def train_pose_probe(plan: AppsPlan, data: PosedSet, ckpt: Path, seed: int) -> IdentityProbe:
     """An identity probe with a pose head, trained on posed renders with photometric
     augmentation only (brightness, blur, noise): a shift or a flip would change the pose it must
     read. Unlike the identity probe, no share goes through the VAE: on a CPU that round trip
@@ -148,7 +147,9 @@ def train_pose_probe(
         seed=seed,
         device=device,
     )
-    return trained["probe"].eval()  # type: ignore[no-any-return]
+    trained_probe = trained["probe"]
+    assert isinstance(trained_probe, IdentityProbe)
+    return trained_probe.eval()
 
 
 # ----------------------------------------------------------------------------- ControlNet
@@ -314,13 +315,17 @@ def _image(array: np.ndarray) -> Any:
 # ----------------------------------------------------------------------------- command line
 
 
+STAGES = ("pose_probe", "controlnet", "measure")
+
+
 def main(argv: Sequence[str] | None = None, *, plan: AppsPlan | None = None) -> dict[str, Any]:
-    """Trains (or resumes) both stages, exports them and writes the metrics."""
-    from diffusers import StableDiffusionXLPipeline
+    """Trains (or resumes) the stages asked for, exports them and, last, writes the metrics."""
+    from diffusers import ControlNetModel, StableDiffusionXLPipeline
 
     parser = argparse.ArgumentParser(prog="python -m recipes.toyworld.controlnet")
     parser.add_argument("--weights", type=Path, required=True, help="the toy weights folder")
     parser.add_argument("--ckpt", type=Path, default=None, help="checkpoint folder")
+    parser.add_argument("--stage", choices=["all", *STAGES], default="all")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     parser.add_argument(
@@ -332,20 +337,34 @@ def main(argv: Sequence[str] | None = None, *, plan: AppsPlan | None = None) -> 
     plan = plan or AppsPlan(controlnet_seconds=args.controlnet_seconds)
     ckpt: Path = args.ckpt or args.weights.resolve().parent / "controlnet-checkpoints"
     ckpt.mkdir(parents=True, exist_ok=True)
+    stages = STAGES if args.stage == "all" else (args.stage,)
     pipe = StableDiffusionXLPipeline.from_pretrained(args.weights / "pipeline")
-    t0 = time.perf_counter()
-    train = posed_set(plan.train_images, seed_of(args.seed, 80), "world", plan.captions_per_image)
-    uniform = posed_set(plan.train_images, seed_of(args.seed, 81), "uniform", 1)
-    heldout = posed_set(plan.heldout_images, seed_of(args.seed, 82), "world", 1)
-    log("data", f"rendered {3 * plan.train_images} posed images in {time.perf_counter() - t0:.0f}s")
-    probe = train_pose_probe(plan, uniform, pipe, ckpt, args.seed)
-    probe.save_pretrained(args.weights / POSE_PROBE_DIR)
-    controlnet = train_controlnet(plan, train, pipe, ckpt, args.seed)
-    controlnet.save_pretrained(args.weights / CONTROLNET_DIR)
+    if "pose_probe" in stages:
+        uniform = _rendered(plan.probe_images, seed_of(args.seed, 81), "uniform", 1)
+        probe = train_pose_probe(plan, uniform, ckpt, args.seed)
+        probe.save_pretrained(args.weights / POSE_PROBE_DIR)
+    if "controlnet" in stages:
+        train = _rendered(
+            plan.train_images, seed_of(args.seed, 80), "world", plan.captions_per_image
+        )
+        controlnet = train_controlnet(plan, train, pipe, ckpt, args.seed)
+        controlnet.save_pretrained(args.weights / CONTROLNET_DIR)
+    if "measure" not in stages:
+        return {}
+    heldout = _rendered(plan.heldout_images, seed_of(args.seed, 82), "world", 1)
+    probe = IdentityProbe.from_pretrained(args.weights / POSE_PROBE_DIR)
+    controlnet = ControlNetModel.from_pretrained(args.weights / CONTROLNET_DIR)
     metrics = {"plan": asdict(plan), **measure(plan, pipe, controlnet, probe, heldout)}
     atomic_write_text(ckpt.parent / "controlnet-metrics.json", json.dumps(metrics, indent=2))
     log("done", json.dumps({k: v for k, v in metrics.items() if k != "plan"}))
     return metrics
+
+
+def _rendered(n: int, seed: int, prior: str, captions: int) -> PosedSet:
+    t0 = time.perf_counter()
+    data = posed_set(n, seed, prior, captions)
+    log("data", f"rendered {n} posed images ({prior} prior) in {time.perf_counter() - t0:.0f}s")
+    return data
 
 
 if __name__ == "__main__":

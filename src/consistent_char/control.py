@@ -143,6 +143,10 @@ class ControlledGenerator(SDXLGenerator):
         if not control_scale >= 0:
             raise InvalidValueError(f"control_scale must be >= 0, got {control_scale}")
         super().__init__(control_pipeline(pipeline, controlnet), **settings)
+        if self.devices is not None:
+            raise InvalidValueError(
+                "pose control draws on one device: leave generator.devices unset"
+            )
         self.control_scale = float(control_scale)
         self._controls: list[Image.Image] = []
 

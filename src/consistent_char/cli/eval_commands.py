@@ -8,7 +8,15 @@ from typing import Annotated, Any
 
 import typer
 
-from consistent_char.cli.core import app, check_prompts, console, finite, say, setup_logging
+from consistent_char.cli.core import (
+    app,
+    check_prompts,
+    console,
+    fail,
+    finite,
+    say,
+    setup_logging,
+)
 from consistent_char.config import parse_assignment
 
 eval_app = typer.Typer(
@@ -271,3 +279,47 @@ def eval_real(
         console.print(line)
     if out is not None:
         _write_result(out, real_record(result, prompt_set, model, identities))
+
+
+@eval_app.command("toy-apps")
+def eval_toy_apps(
+    out: Annotated[Path, typer.Option("--out", help="Output folder (results, pictures, run).")],
+    quick: Annotated[
+        bool, typer.Option("--quick", help="Fewer images: a few minutes on a CPU.")
+    ] = False,
+    identity: Annotated[
+        Path | None,
+        typer.Option(help="A ToyWorld identity folder (default: extract 'a creature' into OUT)."),
+    ] = None,
+    seed: Annotated[int, typer.Option(min=0, help="Picks the scenes, poses and seeds.")] = 0,
+    device: Annotated[str, typer.Option(help="auto, cpu, cuda, ...")] = "auto",
+    threads: ThreadsOption = None,
+    verbose: Annotated[bool, typer.Option("--verbose", "-v")] = False,
+) -> None:
+    """Measure the paper's applications in ToyWorld: local editing and pose control."""
+    setup_logging(verbose)
+    import consistent_char.toy as toy
+    from consistent_char.eval.apps import apps_settings, apps_table, run_toy_apps
+    from consistent_char.eval.commands import check_result_file, set_threads
+    from consistent_char.identity import Identity
+    from consistent_char.rundir import check_output_dir, write_text_atomic
+    from consistent_char.stages import resolve_device
+
+    # Everything is checked before a model loads.
+    check_output_dir(out)
+    check_result_file(out / "results.json")
+    resolve_device(device)
+    if identity is not None:
+        Identity.load(identity)
+    try:
+        toy.controlnet_dir(), toy.pose_probe_dir(), toy.probe_dir()
+    except toy.ToyWeightsMissingError as err:
+        fail(str(err))
+    set_threads(threads)
+    settings = apps_settings(quick, seed)
+    results = run_toy_apps(settings, out, identity_dir=identity, device=device, say=console.print)
+    _write_result(out / "results.json", results)
+    write_text_atomic(out / "results.md", apps_table(results))
+    for name, t in results["targets"].items():
+        mark = ("met", "green") if t["met"] else ("not met", "yellow")
+        say(f"{name}: {t['value']:.3f} (target {t['target']}) ", mark)

@@ -14,7 +14,8 @@ own effect: the identity with and without the ControlNet, and plain prompting (t
 without the identity) with and without it.
 
 Example:
-    >>> section = score_pose_control(gen, controlled, identity, probe, ref, "a creature")  # doctest: +SKIP
+    >>> args = (gen, controlled, identity, probe, reference, "a creature")
+    >>> section, images = score_pose_control(*args)  # doctest: +SKIP
     >>> section["controlnet"]["identity"]["control_followed"]  # doctest: +SKIP
     0.95
 """
@@ -75,9 +76,7 @@ def reference_attributes(records: Sequence[Mapping[str, str]]) -> dict[str, str]
     """The identity's attributes: per attribute, the value read most often on its images."""
     if not records:
         raise ValueError("no records to take the identity's attributes from")
-    return {
-        a: Counter(r[a] for r in records).most_common(1)[0][0] for a in IDENTITY_ATTRIBUTES
-    }
+    return {a: Counter(r[a] for r in records).most_common(1)[0][0] for a in IDENTITY_ATTRIBUTES}
 
 
 def identity_kept(records: Sequence[Mapping[str, str]], reference: Mapping[str, str]) -> float:
