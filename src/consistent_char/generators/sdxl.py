@@ -200,7 +200,7 @@ class SDXLGenerator(SettingsAttributes):
             1
         """
         # 1. Check inputs
-        prompts, seed_list = self._check_inputs(prompts, seeds)
+        prompts, seed_list = self.check_inputs(prompts, seeds)
         if identity is not None:
             identity.check_fits(self.pipeline)
             if not any(identity.token in p for p in prompts):
@@ -208,14 +208,29 @@ class SDXLGenerator(SettingsAttributes):
                     "identity %r is applied but no prompt contains its token", identity.token
                 )
 
-        # 2. Apply the identity for this call only
+        # 2. Draw with the identity applied for this call only
+        with self.applied(identity):
+            return self._generate_batches(prompts, seed_list, callback)
+
+    @contextlib.contextmanager
+    def applied(self, identity: Identity | None) -> Iterator[None]:
+        """Applies `identity` (tokens, LoRA at `lora_scale`, fused as `fuse_identity` says) and
+        this generator's `sampler` for the block, and leaves the pipeline as it was after it.
+
+        `generate` draws inside it; other pipelines built from ``self.pipeline``'s components
+        (diffusers' ``from_pipe``: inpainting, img2img) inside the block share the identity and
+        the sampler.
+
+        Example:
+            >>> with generator.applied(identity):  # doctest: +SKIP
+            ...     pipe = StableDiffusionXLInpaintPipeline.from_pipe(generator.pipeline)
+        """
         if identity is not None:
             identity.apply_to(self.pipeline, scale=self.lora_scale)
         try:
             with self._fused(identity), self.sampler():
-                return self._generate_batches(prompts, seed_list, callback)
+                yield
         finally:
-            # 3. Leave the pipeline as it was
             if identity is not None:
                 identity.remove_from(self.pipeline)
 
@@ -270,9 +285,14 @@ class SDXLGenerator(SettingsAttributes):
                 for layer, weight in zip(layers, originals, strict=True):
                     layer.get_base_layer().weight.copy_(weight)
 
-    def _check_inputs(
+    def check_inputs(
         self, prompts: Sequence[str], seeds: Sequence[int]
     ) -> tuple[list[str], list[int]]:
+        """The prompts and seeds as lists, checked: one int seed in ``[0, 2**63)`` per prompt.
+
+        Raises:
+            InvalidValueError: Empty input, lengths that differ, or a bad prompt or seed.
+        """
         if isinstance(prompts, str):
             raise InvalidValueError("prompts must be a sequence of strings, got a single string")
         prompts = list(prompts)
