@@ -292,9 +292,9 @@ def test_edit_command_writes_one_image_per_prompt_and_seed(files, tmp_path):
         (["--mask", "missing.png"], "--mask {root}/missing.png not found"),
         (["--mask", "notes.png"], "--mask {root}/notes.png is not an image PIL can read"),
         (
-                ["--mask", "mask.png", "--strength", "0"],
-                "invalid configuration: strength = 0.0: Input should be greater than 0",
-            ),
+            ["--mask", "mask.png", "--strength", "0"],
+            "invalid configuration: strength = 0.0: Input should be greater than 0",
+        ),
     ],
     ids=["wrong-size", "empty", "full", "missing", "not-an-image", "strength"],
 )
