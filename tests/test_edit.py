@@ -1,5 +1,6 @@
 """Local editing with an identity (Blended Latent Diffusion): the library, the stock diffusers
-recipe of docs/editing.md, the ``edit`` command and its bad inputs, on tiny components."""
+recipe of docs/editing.md and the ``edit`` command, on tiny components (the command's bad
+inputs are rows of tests/test_cli_errors.py)."""
 
 from __future__ import annotations
 
@@ -241,11 +242,6 @@ def files(model_dir, pipe, tmp_path_factory):
     identity.save(root / "identity")
     _scene().save(root / "scene.png")
     _box().save(root / "mask.png")
-    _box(size=16).save(root / "small.png")
-    Image.new("L", (SIZE, SIZE), 0).save(root / "empty.png")
-    Image.new("L", (SIZE, SIZE), 255).save(root / "full.png")
-    _scene(size=20).save(root / "odd.png")
-    (root / "notes.png").write_text("not an image")
     return root
 
 
@@ -269,40 +265,3 @@ def test_edit_command_writes_one_image_per_prompt_and_seed(files, tmp_path):
         edited = _px(Image.open(out / name))
         assert np.array_equal(edited[~inside], scene[~inside]), name
     assert not np.array_equal(_px(Image.open(out / names[0])), _px(Image.open(out / names[1])))
-
-
-@pytest.mark.parametrize(
-    ("extra", "message"),
-    [
-        (
-            ["--mask", "small.png"],
-            "--mask {root}/small.png is 16x16 pixels but the image is "
-            "32x32: the mask must have the image's size",
-        ),
-        (
-            ["--mask", "empty.png"],
-            "--mask {root}/empty.png is empty (no pixel is white, at 0.5): "
-            "there is no region to edit",
-        ),
-        (
-            ["--mask", "full.png"],
-            "--mask {root}/full.png is full (every pixel is white, at 0.5): "
-            "nothing of the image would be kept; to draw a whole new image use generate",
-        ),
-        (["--mask", "missing.png"], "--mask {root}/missing.png not found"),
-        (["--mask", "notes.png"], "--mask {root}/notes.png is not an image PIL can read"),
-        (
-            ["--mask", "mask.png", "--strength", "0"],
-            "invalid configuration: strength = 0.0: Input should be greater than 0",
-        ),
-    ],
-    ids=["wrong-size", "empty", "full", "missing", "not-an-image", "strength"],
-)
-def test_edit_command_refuses_bad_input_with_one_line_and_status_2(files, tmp_path, extra, message):
-    extra = [str(files / e) if e.endswith(".png") else e for e in extra]
-    result = _edit(files, tmp_path / "out", "{token} in the snow", *extra)
-    errors = [line for line in result.output.splitlines() if line.startswith("error: ")]
-    assert result.exit_code == 2, result.output
-    assert "Traceback" not in result.output
-    assert len(errors) == 1 and errors[0].startswith("error: " + message.format(root=files)), errors
-    assert not (tmp_path / "out").exists(), "something was written before the error"
