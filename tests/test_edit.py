@@ -152,6 +152,16 @@ def test_each_edit_depends_only_on_its_own_seed(gen, identity):
     assert np.abs(_px(other_seed[0]) - _px(alone[0])).max() > 10
 
 
+def test_images_of_different_sizes_are_edited_in_one_call(gen):
+    scenes = [_scene(0, 32), _scene(1, 48), _scene(2, 32)]
+    masks = [_box(32), _box(48, (8, 8, 40, 40)), _box(32)]
+    edited = blended_edit(gen, scenes, masks, ["a fox"] * 3, [1, 2, 3])
+    assert [im.size for im in edited] == [(32, 32), (48, 48), (32, 32)]
+    for scene, mask, im in zip(scenes, masks, edited, strict=True):
+        inside = np.asarray(mask) > 0
+        assert np.array_equal(_px(im)[~inside], _px(scene)[~inside])
+
+
 def test_a_thin_mask_reaches_the_latents():
     line = np.zeros((SIZE, SIZE), dtype=bool)
     line[:, 13] = True  # one pixel wide: nearest-neighbour shrinking by 2 would keep no column

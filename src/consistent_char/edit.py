@@ -222,20 +222,35 @@ def blended_edit(
         identity.check_fits(generator.pipeline)
 
     # 2. Draw the masked regions, batch by batch, with the identity applied
-    batch = generator.batch_size or 8
     edited: list[Image.Image] = []
     with generator.applied(identity):
         inpaint = inpainting_pipeline(generator.pipeline)
         inpaint.set_progress_bar_config(disable=not generator.show_progress)
-        for start in range(0, len(rgb), batch):
-            part = slice(start, start + batch)
+        for batch in _batches([im.size for im in rgb], generator.batch_size or 8):
             edited += _inpaint(
-                inpaint, generator, rgb[part], regions[part], prompt_list[part], seed_list[part],
+                inpaint,
+                generator,
+                [rgb[j] for j in batch],
+                [regions[j] for j in batch],
+                [prompt_list[j] for j in batch],
+                [seed_list[j] for j in batch],
                 settings.strength,
-            )  # fmt: skip
+            )
 
     # 3. Keep every pixel outside the mask
     return [composite(im, out, r) for im, out, r in zip(rgb, edited, regions, strict=True)]
+
+
+def _batches(sizes: list[tuple[int, int]], cap: int) -> list[list[int]]:
+    """Consecutive indices in batches of at most `cap` images of one size (a pipeline call
+    draws one size)."""
+    batches: list[list[int]] = []
+    for j, size in enumerate(sizes):
+        if batches and len(batches[-1]) < cap and sizes[batches[-1][0]] == size:
+            batches[-1].append(j)
+        else:
+            batches.append([j])
+    return batches
 
 
 def _inpaint(
@@ -247,21 +262,7 @@ def _inpaint(
     seeds: list[int],
     strength: float,
 ) -> list[Image.Image]:
-    """One pipeline call; images of different sizes go one by one (a batch shares its size)."""
-    if len({im.size for im in images}) > 1:
-        return [
-            im
-            for j in range(len(images))
-            for im in _inpaint(
-                inpaint,
-                generator,
-                images[j : j + 1],
-                regions[j : j + 1],
-                prompts[j : j + 1],
-                seeds[j : j + 1],
-                strength,
-            )  # fmt: skip
-        ]
+    """One pipeline call on images of one size."""
     width, height = images[0].size
     negative = [generator.negative_prompt] * len(prompts) if generator.negative_prompt else None
     out = inpaint(
