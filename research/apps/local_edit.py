@@ -86,10 +86,7 @@ def _sheet(gen, identity, args, reference) -> None:
         )
         for c, a, b in zip(cases, *rows, strict=True)
     ]
-    sheet = Image.fromarray(np.concatenate(lines, axis=0))
-    sheet.resize((sheet.width * 2, sheet.height * 2), Image.Resampling.NEAREST).save(
-        args.out / "sheet.png"
-    )
+    Image.fromarray(np.concatenate(lines, axis=0)).save(args.out / "sheet.png", optimize=True)
 
 
 if __name__ == "__main__":
