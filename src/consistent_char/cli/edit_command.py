@@ -17,7 +17,7 @@ _STRENGTH_HELP = EditConfig.model_fields["strength"].description
 @app.command()
 def edit(
     identity_dir: Annotated[Path, typer.Argument(help="An identity folder (run/identity).")],
-    image_path: Annotated[Path, typer.Argument(metavar="IMAGE", help="The image to edit.")],
+    image: Annotated[Path, typer.Argument(help="The image to edit (sides multiples of 8).")],
     prompts: Annotated[
         list[str],
         typer.Argument(help="Prompts; '{token}' marks the identity, else the run's template."),
@@ -44,7 +44,7 @@ def edit(
     ] = None,
     scale: Annotated[float, typer.Option(callback=finite(0.0), help="LoRA scale (>= 0).")] = 1.0,
     strength: Annotated[
-        float, typer.Option(callback=finite(), help=f"{_STRENGTH_HELP} (0 < s <= 1).")
+        float, typer.Option(callback=finite(), help=f"{_STRENGTH_HELP} In (0, 1].")
     ] = EditConfig().strength,
     device: Annotated[str, typer.Option(help="auto, cpu, cuda, ...")] = "auto",
     verbose: Annotated[bool, typer.Option("--verbose", "-v")] = False,
@@ -62,9 +62,9 @@ def edit(
     check_seeds(seed, num_images)
     EditConfig.from_keywords({"strength": strength}, "edit")
     resolve_device(device)
-    image = check_image(read_image(image_path, "IMAGE"), f"IMAGE {image_path}")
+    scene = check_image(read_image(image, "IMAGE"), f"IMAGE {image}")
     mask = read_image(mask_path, "--mask")
-    binary_mask(mask, image.size, f"--mask {mask_path}")
+    binary_mask(mask, scene.size, f"--mask {mask_path}")
     identity = Identity.load(identity_dir)
     full = [prompt_with_identity(identity, p) for p in prompts]
     jobs = [(p, seed + j) for p in full for j in range(num_images)]
@@ -85,7 +85,7 @@ def edit(
     )
     edited = blended_edit(
         generator,
-        [image] * len(jobs),
+        [scene] * len(jobs),
         [mask] * len(jobs),
         [p for p, _ in jobs],
         [s for _, s in jobs],
