@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from consistent_char.edit import blended_edit
 from consistent_char.eval.local_edit import (
     edit_cases,
     edit_region,
@@ -118,3 +119,26 @@ def test_score_local_edit_measures_the_reference_from_plain_drawings():
     scores = score_local_edit(gen, identity, probe, "a creature", ["snow", "city"], per_scene=1)
     assert {a: scores["reference"][a] for a in IDENTITY_ATTRIBUTES} == REFERENCE
     assert probe.images == 2 + 2 + 2, "2 plain drawings, then 2 edits with and 2 without"
+
+
+def test_the_toy_model_edits_at_its_latent_size(monkeypatch):
+    from diffusers import StableDiffusionXLInpaintPipeline
+
+    import consistent_char.toy as toy
+
+    used = []
+    prepare = StableDiffusionXLInpaintPipeline.prepare_mask_latents
+
+    def spy(self, *args, **kwargs):
+        mask, masked = prepare(self, *args, **kwargs)
+        used.append(mask)
+        return mask, masked
+
+    monkeypatch.setattr(StableDiffusionXLInpaintPipeline, "prepare_mask_latents", spy)
+    gen = SDXLGenerator.from_pretrained(toy.model_dir(), device="cpu", num_inference_steps=2)
+    [case] = edit_cases(["snow"], per_scene=1)
+    [edited] = blended_edit(gen, [case.image], [case.mask], ["a creature in the snow"], [0])
+    # 64 px images, a VAE that shrinks by 4: the mask the latents are blended with is 16x16.
+    assert gen.pipeline.vae_scale_factor == 4
+    assert used[0].shape[-2:] == (16, 16)
+    assert outside_unchanged(case.image, edited, case.mask, levels=0) == 1.0
