@@ -241,6 +241,36 @@ def test_the_docs_recipe_with_stock_diffusers_keeps_the_outside(model_dir, ident
     assert np.abs(_px(image)[inside] - _px(init)[inside]).mean() > 10
 
 
+def test_stock_diffusers_loading_on_the_inpainting_pipeline_matches_apply_to(
+    model_dir, identity, tmp_path
+):
+    from safetensors.torch import load_file
+
+    folder = identity.save(tmp_path / "identity")
+    init, mask = _scene(), _box()
+
+    def edit(pipe):
+        g = torch.Generator().manual_seed(2)
+        call = {"image": init, "mask_image": mask, "strength": 1.0, "num_inference_steps": 2}
+        return _px(pipe(f"{TOKEN} in the snow", generator=g, **call).images[0])
+
+    # using.md's plain diffusers calls, on an inpainting pipeline.
+    stock = StableDiffusionXLInpaintPipeline.from_pretrained(str(model_dir))
+    stock.load_lora_weights(str(folder))
+    emb = load_file(str(folder / "embeddings.safetensors"))
+    stock.load_textual_inversion(
+        emb["clip_l"], token=TOKEN, text_encoder=stock.text_encoder, tokenizer=stock.tokenizer
+    )
+    stock.load_textual_inversion(
+        emb["clip_g"], token=TOKEN, text_encoder=stock.text_encoder_2, tokenizer=stock.tokenizer_2
+    )
+    ours = StableDiffusionXLInpaintPipeline.from_pretrained(str(model_dir))
+    plain = edit(ours)
+    identity.apply_to(ours)
+    assert np.array_equal(edit(stock), edit(ours))
+    assert not np.array_equal(edit(ours), plain), "the identity changed nothing"
+
+
 # ------------------------------------------------------------------------------- the command
 
 
