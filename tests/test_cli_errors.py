@@ -200,6 +200,21 @@ class CliCase:
         return re.sub(r"[^a-z0-9]+", "-", self.given.lower()).strip("-")
 
 
+def an_edit(cwd: Path) -> None:
+    """An identity, a 32x32 scene (``scene.png``, the tiny model's size) and masks for it."""
+    from PIL import Image
+
+    an_identity(cwd)
+    Image.new("RGB", (32, 32), "skyblue").save(cwd / "scene.png")
+    Image.new("RGB", (30, 30), "skyblue").save(cwd / "odd.png")
+    box = Image.new("L", (32, 32), 0)
+    box.paste(255, (8, 8, 24, 24))
+    box.save(cwd / "mask.png")
+    box.resize((16, 16)).save(cwd / "small.png")
+    Image.new("L", (32, 32), 0).save(cwd / "empty.png")
+    Image.new("L", (32, 32), 255).save(cwd / "full.png")
+
+
 def cli(given: str, command: str, message: str, **kw: Any) -> CliCase:
     return CliCase(given, tuple(shlex.split(command)), message, **kw)
 
@@ -736,6 +751,46 @@ CLI_CASES: list[CliCase] = [
         "them first (Identity.remove_from), or give the identity a new token",
         found=BEFORE_DRAWING,
         setup=word_token_identity,
+    ),
+    # ---- edit
+    cli(
+        "edit mask of another size",
+        'edit identity scene.png "{token} in the snow" --mask small.png --out out',
+        "--mask small.png is 16x16 pixels but the image is 32x32: the mask must have the "
+        "image's size",
+        setup=an_edit,
+    ),
+    cli(
+        "empty edit mask",
+        'edit identity scene.png "{token} in the snow" --mask empty.png --out out',
+        "--mask empty.png is empty (no pixel is white, at 0.5): there is no region to edit",
+        setup=an_edit,
+    ),
+    cli(
+        "full edit mask",
+        'edit identity scene.png "{token} in the snow" --mask full.png --out out',
+        "--mask full.png is full (every pixel is white, at 0.5): nothing of the image would be "
+        "kept; to draw a whole new image use generate",
+        setup=an_edit,
+    ),
+    cli(
+        "edit mask that is no image",
+        'edit identity scene.png "{token} in the snow" --mask notes.txt --out out',
+        "--mask notes.txt is not an image PIL can read (cannot identify image file 'notes.txt')",
+        setup=both(an_edit, notes),
+    ),
+    cli(
+        "edit image side not a multiple of 8",
+        'edit identity odd.png "{token} in the snow" --mask mask.png --out out',
+        "IMAGE odd.png is 30x30 pixels; SDXL needs sides that are multiples of 8: crop or "
+        "resize it",
+        setup=an_edit,
+    ),
+    cli(
+        "edit --strength 0",
+        'edit identity scene.png "{token} in the snow" --mask mask.png --out out --strength 0',
+        "invalid configuration: strength = 0.0: Input should be greater than 0",
+        setup=an_edit,
     ),
     # ---- story
     cli(

@@ -44,6 +44,7 @@ __all__ = [
     "ClustererConfig",
     "ConfigError",
     "ConvergenceConfig",
+    "EditConfig",
     "EmbedderConfig",
     "ExtractorConfig",
     "GeneratorConfig",
@@ -171,6 +172,18 @@ class GeneratorConfig(_Strict):
 
         scheduler_class(name)  # checked with the config, before any model loads
         return name
+
+
+class EditConfig(_Strict):
+    """Settings of local editing (`consistent_char.edit`) beyond the generator's own."""
+
+    strength: float = Field(
+        1.0,
+        gt=0.0,
+        le=1.0,
+        description="How much of the masked region is redrawn: 1 starts it from pure noise "
+        "(Blended Latent Diffusion); less keeps some of the input's layout there.",
+    )
 
 
 class EmbedderConfig(_Strict):

@@ -218,7 +218,7 @@ class SDXLGenerator(SettingsAttributes):
             1
         """
         # 1. Check inputs
-        prompts, seed_list = self._check_inputs(prompts, seeds)
+        prompts, seed_list = self.check_inputs(prompts, seeds)
         if identity is not None:
             identity.check_fits(self.pipeline)
             if not any(identity.token in p for p in prompts):
@@ -244,7 +244,7 @@ class SDXLGenerator(SettingsAttributes):
             # 3. Apply the identity to each pipeline used, for this call only. In turn: applying
             #    draws from the global RNG and puts its state back, which threads would tangle.
             for worker, _ in zip(workers, shards, strict=False):
-                applied.enter_context(worker._applied(identity))
+                applied.enter_context(worker.applied(identity))
             # 4. Each device draws its shard, all at once; the images come back in order
             jobs = [
                 functools.partial(worker._draw_shard, prompts[a:b], seed_list[a:b], batch)
@@ -268,8 +268,18 @@ class SDXLGenerator(SettingsAttributes):
         return [self, *self._copies[1]]
 
     @contextlib.contextmanager
-    def _applied(self, identity: Identity | None) -> Iterator[None]:
-        """The identity applied (and fused), and the sampler swapped in, on this pipeline."""
+    def applied(self, identity: Identity | None) -> Iterator[None]:
+        """Applies `identity` (tokens, LoRA at `lora_scale`, fused as `fuse_identity` says) and
+        this generator's `sampler` for the block, and leaves the pipeline as it was after it.
+
+        `generate` draws inside it; other pipelines built from ``self.pipeline``'s components
+        (diffusers' ``from_pipe``: inpainting, img2img) inside the block share the identity and
+        the sampler.
+
+        Example:
+            >>> with generator.applied(identity):  # doctest: +SKIP
+            ...     pipe = StableDiffusionXLInpaintPipeline.from_pipe(generator.pipeline)
+        """
         if identity is not None:
             identity.apply_to(self.pipeline, scale=self.lora_scale)
         try:
@@ -340,9 +350,14 @@ class SDXLGenerator(SettingsAttributes):
                 for layer, weight in zip(layers, originals, strict=True):
                     layer.get_base_layer().weight.copy_(weight)
 
-    def _check_inputs(
+    def check_inputs(
         self, prompts: Sequence[str], seeds: Sequence[int]
     ) -> tuple[list[str], list[int]]:
+        """The prompts and seeds as lists, checked: one int seed in ``[0, 2**63)`` per prompt.
+
+        Raises:
+            InvalidValueError: Empty input, lengths that differ, or a bad prompt or seed.
+        """
         if isinstance(prompts, str):
             raise InvalidValueError("prompts must be a sequence of strings, got a single string")
         prompts = list(prompts)

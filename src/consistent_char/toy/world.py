@@ -44,6 +44,7 @@ __all__ = [
     "SCENES",
     "SHAPES",
     "CreatureRecord",
+    "creature_mask",
     "num_identities",
     "record_with",
     "render",
@@ -230,9 +231,23 @@ def render_without_eyes(record: CreatureRecord, *, size: int = IMAGE_SIZE) -> Im
     return _render(record, size, eyes=False)
 
 
+def creature_mask(record: CreatureRecord, *, size: int = IMAGE_SIZE) -> Image.Image:
+    """Where `render(record)` draws the creature (body, feet, eyes, hat): an ``L`` image, 255 on
+    every pixel the creature covers even in part, 0 on the background alone."""
+    big = size * _SUPERSAMPLE
+    alpha = _creature_layer(record, big, eyes=True).getchannel("A")
+    return alpha.resize((size, size), Image.Resampling.BOX).point(lambda v: 255 if v else 0)
+
+
 def _render(record: CreatureRecord, size: int, *, eyes: bool) -> Image.Image:
     big = size * _SUPERSAMPLE
     image = _background(record.scene, record.background, big).convert("RGBA")
+    image.alpha_composite(_creature_layer(record, big, eyes=eyes))
+    return image.convert("RGB").resize((size, size), Image.Resampling.BOX)
+
+
+def _creature_layer(record: CreatureRecord, big: int, *, eyes: bool) -> Image.Image:
+    """The creature alone on a transparent ``big``×``big`` layer, tilted."""
     layer = Image.new("RGBA", (big, big), (0, 0, 0, 0))
     _draw_creature(ImageDraw.Draw(layer), record, big, eyes=eyes)
     if record.tilt:
@@ -240,8 +255,7 @@ def _render(record: CreatureRecord, size: int, *, eyes: bool) -> Image.Image:
         # cost of a bicubic rotation.
         feet = (record.x * big, record.bottom * big)
         layer = layer.rotate(record.tilt, resample=Image.Resampling.NEAREST, center=feet)
-    image.alpha_composite(layer)
-    return image.convert("RGB").resize((size, size), Image.Resampling.BOX)
+    return layer
 
 
 def record_with(record: CreatureRecord, **changes: Any) -> CreatureRecord:
