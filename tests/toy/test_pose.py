@@ -7,7 +7,8 @@ import numpy as np
 import pytest
 import torch
 
-from consistent_char.eval.pose_control import identity_kept, pose_jobs, reference_attributes
+from consistent_char.eval.pose_control import pose_jobs
+from consistent_char.toy.evaluate import identity_kept, majority_identity
 from consistent_char.toy.pose import (
     POSE,
     POSE_RANGES,
@@ -97,7 +98,8 @@ def test_pose_jobs_are_reproducible_with_distinct_seeds_and_scenes_in_turn():
 def test_reference_and_identity_kept_count_all_five_attributes():
     a = {"shape": "round", "color": "red", "hat": "cap", "hat_color": "blue", "eyes": "big"}
     b = {**a, "eyes": "dots"}
-    assert reference_attributes([a, a, b]) == a
+    assert majority_identity([a, b, a]) == a
+    assert majority_identity([b, b, a]) == b
     assert identity_kept([a, a, b, b], a) == 0.5
 
 

@@ -71,8 +71,9 @@ def run_toy_apps(
     import consistent_char.toy as toy
     from consistent_char.control import ControlledGenerator, load_controlnet
     from consistent_char.eval.local_edit import score_local_edit
-    from consistent_char.eval.pose_control import reference_attributes, score_pose_control
+    from consistent_char.eval.pose_control import score_pose_control
     from consistent_char.eval.toy import render_identity_in_scenes
+    from consistent_char.toy.evaluate import majority_identity
     from consistent_char.toy.probe import IdentityProbe
 
     t0 = time.perf_counter()
@@ -81,30 +82,29 @@ def run_toy_apps(
     identity, generator, prompt = _identity(out, identity_dir, device, say)
     probe = IdentityProbe.from_pretrained(toy.probe_dir())
     pose_probe = IdentityProbe.from_pretrained(toy.pose_probe_dir())
-    # 2. Its reference attributes, by each probe
+    # 2. Its reference attributes, as each probe reads its plain images
     plain = render_identity_in_scenes(
         generator, identity, prompt, seeds_per_scene=settings.reference_per_scene, seed=1
     )
     images = [im for _, im in plain]
     references = {
-        "identity_probe": reference_attributes(probe.predict(images)),
-        "pose_probe": reference_attributes(pose_probe.predict(images)),
+        "identity_probe": majority_identity(probe.predict(images)),
+        "pose_probe": majority_identity(pose_probe.predict(images)),
     }
     say(f"identity {identity.token}: {references['identity_probe']}")
     # 3. Local editing
-    edit = score_local_edit(
-        generator.pipeline,
+    local_edit = score_local_edit(
+        generator,
         identity,
         probe,
         prompt,
-        references["identity_probe"],
         per_scene=settings.edits_per_scene,
         seed=settings.seed,
-        settings=generator.settings.model_dump(),
+        reference=references["identity_probe"],
     )
-    local_edit, edit_sheet = edit
     say(
-        f"local edit: identity kept {local_edit['identity_kept']:.3f}, outside unchanged "
+        f"local edit: identity kept {local_edit['identity_kept']:.3f} (plain prompt "
+        f"{local_edit['baseline']['identity_kept']:.3f}), outside unchanged "
         f"{local_edit['outside_unchanged']:.4f}"
     )
     # 4. Pose control
@@ -129,7 +129,7 @@ def run_toy_apps(
         f"{with_both['identity_kept']:.3f}"
     )
     # 5. Results and pictures
-    edit_sheet.save(out / "edit_sheet.png")
+    _edit_sheet(generator, identity, prompt, settings.seed).save(out / "edit_sheet.png")
     _pose_sheet(drawn, settings).save(out / "pose_sheet.png")
     results = {
         "settings": asdict(settings),
@@ -177,6 +177,33 @@ def _targets(local_edit: dict[str, Any], pose: dict[str, Any]) -> dict[str, Any]
         name: {"value": value, "target": TARGETS[name], "met": bool(value >= TARGETS[name])}
         for name, value in figures.items()
     }
+
+
+def _edit_sheet(generator: Any, identity: Identity, prompt: str, seed: int) -> Image.Image:
+    """Three scenes (rows): the input, the edit region and the identity edited into it."""
+    import numpy as np
+
+    from consistent_char.edit import blended_edit
+    from consistent_char.eval.local_edit import edit_cases
+    from consistent_char.eval.toy import scene_prompts
+
+    scenes = ("forest", "beach", "snow")
+    cases = edit_cases(scenes, per_scene=1, seed=seed)
+    prompts = {s: p for s, p, _ in scene_prompts(identity, prompt, scenes, 1, seed)}
+    edited = blended_edit(
+        generator,
+        [c.image for c in cases],
+        [c.mask for c in cases],
+        [prompts[c.scene] for c in cases],
+        [c.seed for c in cases],
+        identity,
+    )
+    rows = [
+        np.concatenate([np.asarray(c.image), np.asarray(c.mask.convert("RGB")), np.asarray(e)], 1)
+        for c, e in zip(cases, edited, strict=True)
+    ]
+    sheet = Image.fromarray(np.concatenate(rows, axis=0))
+    return sheet.resize((sheet.width * 2, sheet.height * 2), Image.Resampling.NEAREST)
 
 
 def _pose_sheet(drawn: dict[str, list[Image.Image]], settings: AppsSettings) -> Image.Image:

@@ -23,7 +23,6 @@ Example:
 
 from __future__ import annotations
 
-from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
@@ -34,7 +33,7 @@ from PIL import Image, ImageFilter
 from consistent_char.edit import blended_edit
 from consistent_char.eval.toy import Probe, render_identity_in_scenes, scene_prompts
 from consistent_char.identity import Identity
-from consistent_char.toy.evaluate import identity_key
+from consistent_char.toy.evaluate import identity_key, majority_identity
 from consistent_char.toy.world import (
     HATS,
     IDENTITY_ATTRIBUTES,
@@ -138,9 +137,7 @@ def reference_identity(
 ) -> dict[str, str]:
     """The identity's attributes: the probe's majority reading of it drawn plainly in `scenes`."""
     drawn = render_identity_in_scenes(generator, identity, base_prompt, scenes, per_scene, seed)
-    records = probe.predict([image for _, image in drawn])
-    key, _ = Counter(identity_key(r) for r in records).most_common(1)[0]
-    return dict(zip(IDENTITY_ATTRIBUTES, key, strict=True))
+    return majority_identity(probe.predict([image for _, image in drawn]))
 
 
 def outside_unchanged(

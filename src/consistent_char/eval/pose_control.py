@@ -7,7 +7,7 @@ with a pose head, trained on creatures in those poses):
 - **control_followed**: the fraction of images whose read pose is within
   `consistent_char.toy.pose.POSE_TOLERANCE` of the asked one, in every field;
 - **identity_kept**: the fraction whose five identity attributes are the identity's own (its
-  `reference`: what the probe reads on the identity drawn without control).
+  `reference`: what the probe reads most often on the identity drawn without control).
 
 Four ways of drawing are measured, so that each of the ControlNet and the identity shows its
 own effect: the identity with and without the ControlNet, and plain prompting (the prompt
@@ -22,8 +22,7 @@ Example:
 
 from __future__ import annotations
 
-from collections import Counter
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from typing import Any
 
 import numpy as np
@@ -31,17 +30,12 @@ from PIL import Image
 
 from consistent_char.identity import Identity
 from consistent_char.toy.captions import scene_phrase
+from consistent_char.toy.evaluate import identity_kept
 from consistent_char.toy.pose import POSE, pose_followed, pose_map, pose_of, sample_pose
-from consistent_char.toy.world import IDENTITY_ATTRIBUTES, SCENES
+from consistent_char.toy.world import SCENES
 from consistent_char.usage import prompt_with_identity
 
-__all__ = [
-    "PoseJob",
-    "identity_kept",
-    "pose_jobs",
-    "reference_attributes",
-    "score_pose_control",
-]
+__all__ = ["PoseJob", "pose_jobs", "score_pose_control"]
 
 #: Mixed into the seeds so that pose control never draws with the loop's or another
 #: evaluation's starting noise.
@@ -72,21 +66,6 @@ def pose_jobs(poses: int, per_pose: int, seed: int = 0) -> list[PoseJob]:
     return jobs
 
 
-def reference_attributes(records: Sequence[Mapping[str, str]]) -> dict[str, str]:
-    """The identity's attributes: per attribute, the value read most often on its images."""
-    if not records:
-        raise ValueError("no records to take the identity's attributes from")
-    return {a: Counter(r[a] for r in records).most_common(1)[0][0] for a in IDENTITY_ATTRIBUTES}
-
-
-def identity_kept(records: Sequence[Mapping[str, str]], reference: Mapping[str, str]) -> float:
-    """The fraction of records whose identity attributes all equal `reference`'s."""
-    if not records:
-        return float("nan")
-    kept = [all(r[a] == reference[a] for a in IDENTITY_ATTRIBUTES) for r in records]
-    return float(np.mean(kept))
-
-
 def score_pose_control(
     generator: Any,
     controlled: Any,
@@ -107,7 +86,8 @@ def score_pose_control(
         controlled: A `consistent_char.control.ControlledGenerator` on the same model.
         identity: The identity to draw.
         probe: An `IdentityProbe` with a pose head (`consistent_char.toy.pose_probe_dir`).
-        reference: The identity's attributes as `probe` reads them (`reference_attributes`).
+        reference: The identity's attributes as `probe` reads them
+            (`consistent_char.toy.evaluate.majority_identity` of its plain images).
         base_prompt: The prompt the identity was learned from, e.g. ``"a creature"``.
         poses, per_pose, seed: What `pose_jobs` draws.
 

@@ -20,6 +20,7 @@ Example:
 
 from __future__ import annotations
 
+from collections import Counter
 from collections.abc import Callable, Mapping, Sequence
 from itertools import combinations
 from typing import Any
@@ -160,6 +161,23 @@ def identity_key(record: Mapping[str, str]) -> tuple[str, ...]:
     """The identity attributes of a probe record, in `IDENTITY_ATTRIBUTES` order: two images
     show the same creature when their keys are equal."""
     return tuple(record[a] for a in IDENTITY_ATTRIBUTES)
+
+
+def majority_identity(records: Sequence[Mapping[str, str]]) -> dict[str, str]:
+    """The identity read most often (all five attributes together) among probe records: an
+    identity's reference attributes, from images of it."""
+    if not records:
+        raise ValueError("no records to take the identity's attributes from")
+    key, _ = Counter(identity_key(r) for r in records).most_common(1)[0]
+    return dict(zip(IDENTITY_ATTRIBUTES, key, strict=True))
+
+
+def identity_kept(records: Sequence[Mapping[str, str]], reference: Mapping[str, str]) -> float:
+    """The fraction of probe records whose five identity attributes all equal `reference`'s."""
+    if not records:
+        return float("nan")
+    key = identity_key(reference)
+    return float(np.mean([identity_key(r) == key for r in records]))
 
 
 def distinct_identities(records: Sequence[Mapping[str, str]]) -> int:
