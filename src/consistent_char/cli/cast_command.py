@@ -1,0 +1,129 @@
+"""The ``cast`` command: one identity per subject of a prompt set, in this process or on Ray."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import TYPE_CHECKING, Annotated
+
+import typer
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+from consistent_char.cli.commands import _run_settings
+from consistent_char.cli.core import INTERNAL_ERROR, INTERRUPTED, app, console, say, setup_logging
+from consistent_char.config import DEFAULT_MODEL, CastConfig
+
+if TYPE_CHECKING:
+    from consistent_char.cast import CastEvent, CastRecord
+
+_FIELDS = CastConfig.model_fields
+
+
+@app.command()
+def cast(
+    subjects: Annotated[
+        str,
+        typer.Argument(help="A prompt-set file (as for eval real) or a built-in set: consistory+."),
+    ],
+    out: Annotated[Path, typer.Option("--out", help="Cast folder (an earlier cast's resumes).")],
+    model: Annotated[
+        str | None,
+        typer.Option(
+            help=f"SDXL hub id, local diffusers folder, or 'toy'; default {DEFAULT_MODEL}."
+        ),
+    ] = None,
+    config: Annotated[Path | None, typer.Option("--config", help="YAML/JSON config file.")] = None,
+    set_: Annotated[
+        list[str] | None,
+        typer.Option("--set", help="Override a setting: key=value (dotted, repeatable)."),
+    ] = None,
+    ray: Annotated[
+        str | None,
+        typer.Option(
+            "--ray",
+            help="Run each subject as a Ray task: 'auto' (this machine's cluster, else a local "
+            "instance) or a cluster address. Needs consistent-char[ray].",
+        ),
+    ] = None,
+    gpus_per_subject: Annotated[
+        float | None,
+        typer.Option(min=0, help=str(_FIELDS["gpus_per_subject"].description)),
+    ] = None,
+    cpus_per_subject: Annotated[
+        float,
+        typer.Option(min=0.01, help=str(_FIELDS["cpus_per_subject"].description)),
+    ] = _FIELDS["cpus_per_subject"].default,
+    max_retries: Annotated[
+        int, typer.Option(min=0, help=str(_FIELDS["max_retries"].description))
+    ] = _FIELDS["max_retries"].default,
+    quiet: Annotated[bool, typer.Option(help="No progress bar.")] = False,
+    verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Log INFO messages.")] = False,
+) -> None:
+    """Find a consistent character for every subject of SUBJECTS, one run folder each."""
+    setup_logging(verbose)
+    from consistent_char.cast import load_subjects, plan_cast, run_cast
+
+    # 1. Check inputs: the subjects, the settings, the cast folder and Ray, before any model loads.
+    prompts, source = load_subjects(subjects)
+    _, cfg = _run_settings(out, model, config, set_, resume=False)
+    for warning in cfg.warnings():
+        say(("warning:", "yellow"), " ", warning)
+    plan_cast(prompts, out, source=source)
+    backend = None
+    if ray is not None:
+        from consistent_char.cast.ray_backend import RayBackend
+
+        settings = CastConfig(
+            gpus_per_subject=gpus_per_subject,
+            cpus_per_subject=cpus_per_subject,
+            max_retries=max_retries,
+        ).with_defaults_for(cfg)
+        backend = RayBackend(ray, settings, log_to_driver=verbose)
+
+    # 2. Run every subject; each ends as one line, the bar counts the whole cast.
+    with Progress(
+        TextColumn("{task.description}", markup=False),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeElapsedColumn(),
+        console=console,
+        disable=quiet,
+    ) as progress:
+        bar = progress.add_task("cast", total=len(prompts.subjects))
+
+        def show(event: CastEvent) -> None:
+            if event.kind == "end":
+                progress.update(bar, completed=event.finished)
+                progress.console.print(_subject_line(event))
+
+        try:
+            record = run_cast(prompts, out, cfg, source=source, backend=backend, callback=show)
+        except KeyboardInterrupt:
+            progress.stop()
+            say(("interrupted;", "yellow"), " run the same command again to resume the cast")
+            raise typer.Exit(INTERRUPTED) from None
+    _summary(record, out)
+
+
+def _subject_line(event: CastEvent) -> str:
+    r = event.record
+    where = f"[{event.finished}/{event.total}] {r.subject!r}"
+    if r.status == "failed":
+        return f"{where}: failed: {r.error}"
+    state = "converged" if r.converged else "not converged"
+    seconds = "" if event.reused else f", {r.seconds:.1f} s"
+    reused = " (finished before)" if event.reused else ""
+    return f"{where}: {r.iterations} iterations ({state}){seconds} → {r.run}{reused}"
+
+
+def _summary(record: CastRecord, out: Path) -> None:
+    counts = record.counts()
+    total = len(record.subjects)
+    seconds = record.seconds or 0.0
+    if counts["failed"]:
+        say(
+            ("done with failures", "bold red"),
+            f": {counts['done']} of {total} subjects done, {counts['failed']} failed, in "
+            f"{seconds:.1f} s; see {out / 'cast.json'}; run the same command again to retry them",
+        )
+        raise typer.Exit(INTERNAL_ERROR)
+    say(("done", "bold green"), f": {total} subjects in {seconds:.1f} s; {out / 'cast.json'}")
