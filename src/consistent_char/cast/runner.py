@@ -188,19 +188,22 @@ def plan_cast(prompt_set: PromptSet, out: str | os.PathLike[str], *, source: str
 
     Raises:
         OutputNotWritableError: `out` cannot be created or written.
-        OutputExistsError: `out` holds files and is not a cast folder.
+        OutputExistsError: `out` holds other files than the subjects' run folders and is not
+            a cast folder.
     """
     from consistent_char.rundir import RunDirectory, check_output_dir
 
     root = check_output_dir(out)
-    if root.is_dir() and any(root.iterdir()) and not (root / CAST_FILE).is_file():
+    names = [s.name for s in prompt_set.subjects]
+    folders = run_folder_names(names)
+    others = {p.name for p in root.iterdir()} - set(folders) if root.is_dir() else set()
+    if others and not (root / CAST_FILE).is_file():
         raise OutputExistsError(
             f"{root} exists and is not a cast folder (no {CAST_FILE}); choose a new or empty "
             "folder, or the folder of an earlier cast to resume it (nothing was changed)"
         )
-    names = [s.name for s in prompt_set.subjects]
     record = CastRecord(source)
-    for name, folder in zip(names, run_folder_names(names), strict=True):
+    for name, folder in zip(names, folders, strict=True):
         entry = SubjectRecord(name, folder)
         run = RunDirectory(root / folder)
         if run.exists():
