@@ -75,18 +75,19 @@ def test_cast_resumes_skips_finished_subjects_and_equals_extract(tmp_path):
         )
     cut_image = (out / "a-red-creature" / "iter_000" / "images" / "0000.png").stat().st_mtime_ns
 
-    both = _subjects_file(tmp_path / "two.yaml", ["a creature", "a red creature"])
-    second = _cast(both, out)
+    three = ["a creature", "a red creature", "a round creature"]
+    subjects = _subjects_file(tmp_path / "three.yaml", three)
+    second = _cast(subjects, out)
     assert second.exit_code == 0, second.output
-    assert "[1/2] 'a creature': 2 iterations" in second.output
-    assert "(finished before)" in second.output and "done: 2 subjects" in second.output
+    assert "[1/3] 'a creature': 2 iterations" in second.output
+    assert "(finished before)" in second.output and "done: 3 subjects" in second.output
     # The finished run was not touched; the cut one continued from its files.
     assert (out / "a-creature" / "state.json").stat().st_mtime_ns == done_state
     red = out / "a-red-creature"
     assert (red / "iter_000" / "images" / "0000.png").stat().st_mtime_ns == cut_image
 
     record = json.loads((out / "cast.json").read_text())
-    assert record["prompt_set"] == str(both)
+    assert record["prompt_set"] == str(subjects)
     entries = {e["subject"]: e for e in record["subjects"]}
     assert entries["a red creature"]["run"] == "a-red-creature"
     for entry in entries.values():
@@ -94,14 +95,21 @@ def test_cast_resumes_skips_finished_subjects_and_equals_extract(tmp_path):
         assert entry["iterations"] == 2 and isinstance(entry["converged"], bool)
     assert entries["a red creature"]["seconds"] > 0
 
-    # A cast's subject is exactly what `extract SUBJECT --out` learns.
-    args = ["extract", "a red creature", "--out", str(tmp_path / "alone"), "--model", "toy"]
+    # Its runs were made with these settings: other ones are refused before anything loads.
+    other = _cast(subjects, out, **{"refiner.steps": 3})
+    assert other.exit_code == 2 and other.output.count("error:") == 1
+    assert "was run with other settings; differing fields: refiner.steps" in other.output
+
+    # A cast's subject is exactly what `extract SUBJECT --out` learns, also when it is not the
+    # first that the cast's process extracted (the models are loaded once per process).
+    args = ["extract", "a round creature", "--out", str(tmp_path / "alone"), "--model", "toy"]
     for key, value in TINY.items():
         args += ["--set", f"{key}={value}"]
     alone = CliRunner().invoke(app, [*args, "--quiet"])
     assert alone.exit_code == 0, alone.output
     assert _same_identity(
-        Identity.load(red / "identity"), Identity.load(tmp_path / "alone" / "identity")
+        Identity.load(out / "a-round-creature" / "identity"),
+        Identity.load(tmp_path / "alone" / "identity"),
     )
 
 

@@ -34,6 +34,7 @@ if TYPE_CHECKING:
     from consistent_char.config import ExtractorConfig
     from consistent_char.eval.real import PromptSet
     from consistent_char.extractor import IterativeIdentityExtractor
+    from consistent_char.rundir import RunDirectory
 
 __all__ = [
     "CastBackend",
@@ -182,11 +183,15 @@ class SequentialBackend:
 # ----------------------------------------------------------------------------- the cast
 
 
-def plan_cast(prompt_set: PromptSet, out: str | os.PathLike[str], *, source: str) -> CastRecord:
+def plan_cast(
+    prompt_set: PromptSet, out: str | os.PathLike[str], config: ExtractorConfig, *, source: str
+) -> CastRecord:
     """The cast's record before it runs: each subject's run folder, and ``done`` for those
     whose run finished before (their iterations and convergence read from it).
 
     Raises:
+        ConfigError: A subject's run was made with other settings than `config` (a finished
+            run would be kept, an unfinished one could not resume).
         OutputNotWritableError: `out` cannot be created or written.
         OutputExistsError: `out` holds other files than the subjects' run folders and is not
             a cast folder.
@@ -205,17 +210,35 @@ def plan_cast(prompt_set: PromptSet, out: str | os.PathLike[str], *, source: str
     record = CastRecord(source)
     for name, folder in zip(names, folders, strict=True):
         entry = SubjectRecord(name, folder)
-        run = RunDirectory(root / folder)
-        if run.exists():
-            try:
-                state = run.read_state()
-            except UserError:  # its extraction fails with this error, recorded with the subject
-                state = None
-            if state is not None and state.finished:
-                entry.status, entry.iterations = "done", len(state.history)
-                entry.converged = state.converged
-        record.subjects.append(entry)
+        record.subjects.append(_planned(entry, RunDirectory(root / folder), config))
     return record
+
+
+def _planned(entry: SubjectRecord, run: RunDirectory, config: ExtractorConfig) -> SubjectRecord:
+    """`entry`, marked ``done`` when its run finished before (with `config`)."""
+    if not run.exists():
+        return entry
+    try:
+        state, saved = run.read_state(), run.read_config()
+    except UserError:  # its extraction fails with this error, recorded with the subject
+        return entry
+    _check_same_settings(run.root, saved, config)
+    if state.finished:
+        entry.status, entry.iterations = "done", len(state.history)
+        entry.converged = state.converged
+    return entry
+
+
+def _check_same_settings(run: Path, saved: ExtractorConfig, config: ExtractorConfig) -> None:
+    from consistent_char.config import ConfigError
+
+    diff = saved.differences(config)
+    if diff:
+        raise ConfigError(
+            f"{run} was run with other settings; differing fields: "
+            + ", ".join(f"{d} (run: {saved.get(d)!r}, now: {config.get(d)!r})" for d in diff)
+            + "; run the cast with the settings it started with, or choose another --out"
+        )
 
 
 def run_cast(
@@ -242,7 +265,7 @@ def run_cast(
         The cast's record, as written to ``cast.json``.
     """
     started = time.perf_counter()
-    record = plan_cast(prompt_set, out, source=source)
+    record = plan_cast(prompt_set, out, config, source=source)
     root = Path(out).expanduser().absolute()
     root.mkdir(parents=True, exist_ok=True)
     total, finished = len(record.subjects), 0

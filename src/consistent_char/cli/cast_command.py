@@ -67,7 +67,7 @@ def cast(
     _, cfg = _run_settings(out, model, config, set_, resume=False)
     for warning in cfg.warnings():
         say(("warning:", "yellow"), " ", warning)
-    plan_cast(prompts, out, source=source)
+    plan_cast(prompts, out, cfg, source=source)
     backend = None
     if ray is not None:
         from consistent_char.cast.ray_backend import RayBackend
