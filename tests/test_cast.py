@@ -145,6 +145,7 @@ def test_a_failed_subject_is_recorded_and_the_rest_go_on(tmp_path):
         (["good.yaml", "--set", "num_images=3"], "K = num_images // d_size_c = 3 // 20 = 0"),
         (["good.yaml", "--out", "busy"], "busy exists and is not a cast folder"),
         (["good.yaml", "--ray", " "], "--ray needs 'auto' or a cluster address"),
+        (["good.yaml", "--max-retries", "1"], "--max-retries: Ray task settings, which apply"),
     ],
 )
 def test_cast_bad_inputs_end_in_one_line_and_exit_2(tmp_path, monkeypatch, args, message):

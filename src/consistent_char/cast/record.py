@@ -7,8 +7,9 @@ record that a later ``consistent-char cast`` (which resumes) and ``eval real --c
      "subjects": [{"subject": "...", "run": "a-fiery-...", "status": "done", "error": null,
                    "iterations": 4, "converged": true, "seconds": 201.7}, ...]}
 
-``run`` is relative to the cast folder; ``status`` is ``pending``, ``running``, ``done`` or
-``failed`` (with the error's text in ``error``).
+``run`` is relative to the cast folder; ``status`` is ``pending``, ``running`` (on Ray: handed
+to the cluster, maybe still queued), ``done`` or ``failed`` (with the error's text in
+``error``).
 """
 
 from __future__ import annotations

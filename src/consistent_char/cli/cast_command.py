@@ -9,13 +9,26 @@ import typer
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 from consistent_char.cli.commands import _run_settings
-from consistent_char.cli.core import INTERNAL_ERROR, INTERRUPTED, app, console, say, setup_logging
+from consistent_char.cli.core import (
+    INTERNAL_ERROR,
+    INTERRUPTED,
+    app,
+    console,
+    fail,
+    say,
+    setup_logging,
+)
 from consistent_char.config import DEFAULT_MODEL, CastConfig
 
 if TYPE_CHECKING:
     from consistent_char.cast import CastEvent, CastRecord
 
-_FIELDS = CastConfig.model_fields
+
+def _help(name: str) -> str:
+    """A Ray option's help: its `CastConfig` field's description and default."""
+    field = CastConfig.model_fields[name]
+    default = "" if field.default is None else f" Default {field.default:g}."
+    return f"{field.description}{default} With --ray."
 
 
 @app.command()
@@ -46,15 +59,13 @@ def cast(
     ] = None,
     gpus_per_subject: Annotated[
         float | None,
-        typer.Option(min=0, help=str(_FIELDS["gpus_per_subject"].description)),
+        typer.Option(min=0, help=_help("gpus_per_subject")),
     ] = None,
     cpus_per_subject: Annotated[
-        float,
-        typer.Option(min=0.01, help=str(_FIELDS["cpus_per_subject"].description)),
-    ] = _FIELDS["cpus_per_subject"].default,
-    max_retries: Annotated[
-        int, typer.Option(min=0, help=str(_FIELDS["max_retries"].description))
-    ] = _FIELDS["max_retries"].default,
+        float | None,
+        typer.Option(min=0.01, help=_help("cpus_per_subject")),
+    ] = None,
+    max_retries: Annotated[int | None, typer.Option(min=0, help=_help("max_retries"))] = None,
     quiet: Annotated[bool, typer.Option(help="No progress bar.")] = False,
     verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Log INFO messages.")] = False,
 ) -> None:
@@ -68,16 +79,21 @@ def cast(
     for warning in cfg.warnings():
         say(("warning:", "yellow"), " ", warning)
     plan_cast(prompts, out, cfg, source=source)
+    chosen = {
+        "gpus_per_subject": gpus_per_subject,
+        "cpus_per_subject": cpus_per_subject,
+        "max_retries": max_retries,
+    }
+    chosen = {k: v for k, v in chosen.items() if v is not None}
     backend = None
     if ray is not None:
         from consistent_char.cast.ray_backend import RayBackend
 
-        settings = CastConfig(
-            gpus_per_subject=gpus_per_subject,
-            cpus_per_subject=cpus_per_subject,
-            max_retries=max_retries,
-        ).with_defaults_for(cfg)
+        settings = CastConfig(**chosen).with_defaults_for(cfg)
         backend = RayBackend(ray, settings, log_to_driver=verbose)
+    elif chosen:
+        options = ", ".join("--" + k.replace("_", "-") for k in chosen)
+        fail(f"{options}: Ray task settings, which apply only with --ray")
 
     # 2. Run every subject; each ends as one line, the bar counts the whole cast.
     with Progress(
