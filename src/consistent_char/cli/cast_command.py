@@ -22,6 +22,9 @@ from consistent_char.config import DEFAULT_MODEL, CastConfig
 
 if TYPE_CHECKING:
     from consistent_char.cast import CastEvent, CastRecord
+    from consistent_char.cast.ray_backend import RayBackend
+    from consistent_char.config import ExtractorConfig
+    from consistent_char.eval.real import PromptSet
 
 
 def _help(name: str) -> str:
@@ -71,7 +74,7 @@ def cast(
 ) -> None:
     """Find a consistent character for every subject of SUBJECTS, one run folder each."""
     setup_logging(verbose)
-    from consistent_char.cast import load_subjects, plan_cast, run_cast
+    from consistent_char.cast import load_subjects, plan_cast
 
     # 1. Check inputs: the subjects, the settings, the cast folder and Ray, before any model loads.
     prompts, source = load_subjects(subjects)
@@ -79,23 +82,46 @@ def cast(
     for warning in cfg.warnings():
         say(("warning:", "yellow"), " ", warning)
     plan_cast(prompts, out, cfg, source=source)
-    chosen = {
+    task_options = {
         "gpus_per_subject": gpus_per_subject,
         "cpus_per_subject": cpus_per_subject,
         "max_retries": max_retries,
     }
-    chosen = {k: v for k, v in chosen.items() if v is not None}
-    backend = None
-    if ray is not None:
-        from consistent_char.cast.ray_backend import RayBackend
-
-        settings = CastConfig(**chosen).with_defaults_for(cfg)
-        backend = RayBackend(ray, settings, log_to_driver=verbose)
-    elif chosen:
-        options = ", ".join("--" + k.replace("_", "-") for k in chosen)
-        fail(f"{options}: Ray task settings, which apply only with --ray")
+    backend = _backend(ray, task_options, cfg, verbose=verbose)
 
     # 2. Run every subject; each ends as one line, the bar counts the whole cast.
+    record = _run_with_progress(prompts, out, cfg, source, backend, quiet=quiet)
+    _summary(record, out)
+
+
+def _backend(
+    ray: str | None, options: dict[str, float | None], cfg: ExtractorConfig, *, verbose: bool
+) -> RayBackend | None:
+    """The Ray backend `--ray` asks for, with the Ray task options given; None without it."""
+    chosen = {k: v for k, v in options.items() if v is not None}
+    if ray is None:
+        if chosen:
+            names = ", ".join("--" + k.replace("_", "-") for k in chosen)
+            fail(f"{names}: Ray task settings, which apply only with --ray")
+        return None
+    from consistent_char.cast.ray_backend import RayBackend
+
+    settings = CastConfig.model_validate(chosen).with_defaults_for(cfg)
+    return RayBackend(ray, settings, log_to_driver=verbose)
+
+
+def _run_with_progress(
+    prompts: PromptSet,
+    out: Path,
+    cfg: ExtractorConfig,
+    source: str,
+    backend: RayBackend | None,
+    *,
+    quiet: bool,
+) -> CastRecord:
+    """Runs the cast under one bar for all its subjects; Ctrl-C says how to resume, exits 130."""
+    from consistent_char.cast import run_cast
+
     with Progress(
         TextColumn("{task.description}", markup=False),
         BarColumn(),
@@ -112,12 +138,11 @@ def cast(
                 progress.console.print(_subject_line(event))
 
         try:
-            record = run_cast(prompts, out, cfg, source=source, backend=backend, callback=show)
+            return run_cast(prompts, out, cfg, source=source, backend=backend, callback=show)
         except KeyboardInterrupt:
             progress.stop()
             say(("interrupted;", "yellow"), " run the same command again to resume the cast")
             raise typer.Exit(INTERRUPTED) from None
-    _summary(record, out)
 
 
 def _subject_line(event: CastEvent) -> str:

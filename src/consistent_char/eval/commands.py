@@ -374,7 +374,8 @@ def score_prompt_set(
 
 def real_table(result: Mapping[str, Any], identities: Mapping[str, Identity]) -> list[str]:
     """The lines ``eval real`` prints: one row of scores per subject and their mean; with the
-    vanilla baseline, the paper-style comparison over the subjects that have an identity."""
+    vanilla baseline, the paper-style comparison over the subjects that have an identity (each
+    drawn with and without it, same prompts and seeds)."""
 
     def cell(value: float | None) -> str:
         return "-" if value is None else f"{value:.3f}"
@@ -395,7 +396,7 @@ def real_table(result: Mapping[str, Any], identities: Mapping[str, Identity]) ->
         n = len(result["vanilla"]["subjects"])
         lines += [
             "",
-            f"{f'{n} subjects with an identity, same prompts and seeds':<40} {header}",
+            f"{f'{n} subjects with an identity':<40} {header}",
             row("The Chosen One (identity)", "yes", result["mean_with_identity"]),
             row("vanilla (base model)", "no", result["vanilla"]["mean"]),
         ]
