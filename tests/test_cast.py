@@ -128,6 +128,8 @@ def test_a_failed_subject_is_recorded_and_the_rest_go_on(tmp_path):
     assert failed.status == "failed" and "being written by another run" in (failed.error or "")
     assert done.status == "done" and (out / done.run / "identity" / "identity.json").is_file()
 
+    # As a writer killed between its config.yaml and its state.json leaves it: not a run yet.
+    (out / "a-creature" / "config.yaml").write_text("model: toy\n")
     again = _cast(subjects, out, max_iterations=1)
     assert again.exit_code == 0, again.output
     assert [r.status for r in CastRecord.read(out).subjects] == ["done", "done"]
