@@ -452,8 +452,99 @@ def test_evaluate_prompt_set_on_tiny_models(models, tiny_clip_dir):
         if not dreamsim_available():
             assert score["dreamsim_similarity"] is None
     assert result["subjects"]["a red cat"]["n_images"] == 4
+    for score in result["subjects"].values():
+        assert -1.0 <= score["clip_i"] <= 1.0 + 1e-6
+    assert "vanilla" not in result
     with pytest.raises(ValueError, match="not in the prompt set"):
         evaluate_prompt_set(generator, prompt_set, clip=None, dino=None, identities={"a fox": None})
+
+
+def test_clip_i_is_the_mean_pairwise_cosine_of_clip_image_embeddings(models, tiny_clip_dir):
+    from transformers import CLIPModel
+
+    from consistent_char.embedders.dinov2 import DINOv2Embedder
+    from consistent_char.eval.real import CLIPScorer, score_images
+
+    clip = CLIPScorer.from_pretrained(tiny_clip_dir)
+    dino = DINOv2Embedder.from_pretrained(models / "dinov2")
+    images = [Image.new("RGB", (40, 40), c) for c in ("red", "blue", "white")]
+    drawn = {"a cat": [(f"a cat {k}", im) for k, im in enumerate(images)]}
+    drawn["a dog"] = [("a dog", images[0]), ("a dog at night", images[0])]
+    result = score_images(drawn, clip=clip, dino=dino)
+
+    model = CLIPModel.from_pretrained(tiny_clip_dir).eval()
+    with torch.no_grad():
+        pixels = torch.from_numpy(clip.preprocess(images))
+        x = model.visual_projection(model.vision_model(pixel_values=pixels).pooler_output)
+    x = torch.nn.functional.normalize(x.double(), dim=1)
+    pairs = [float(x[i] @ x[j]) for i, j in combinations(range(3), 2)]
+    assert result["subjects"]["a cat"]["clip_i"] == pytest.approx(np.mean(pairs), abs=1e-5)
+    assert result["subjects"]["a dog"]["clip_i"] == pytest.approx(1.0, abs=1e-5)
+    expected = (np.mean(pairs) + 1.0) / 2
+    assert result["mean"]["clip_i"] == pytest.approx(expected, abs=1e-5)
+
+
+def test_vanilla_draws_the_identity_subjects_again_without_it(models, tiny_clip_dir):
+    from consistent_char.embedders.dinov2 import DINOv2Embedder
+    from consistent_char.eval.real import CLIPScorer, PromptSet, evaluate_prompt_set
+
+    class Recorder:
+        """The tiny SDXL generator, noting each call's seeds and identity."""
+
+        def __init__(self, generator):
+            self.generator, self.calls = generator, []
+
+        def generate(self, prompts, seeds, identity=None):
+            self.calls.append((list(prompts), list(seeds), identity))
+            return self.generator.generate(prompts, seeds, identity)
+
+    pipe = tiny_sdxl_pipeline()
+    generator = Recorder(SDXLGenerator.from_pipeline(pipe, num_inference_steps=2))
+    identity = tiny_identity(pipe, "<tiny>")
+    prompt_set = PromptSet.from_mapping({"settings": ["at night"], "subjects": ["a cat", "a dog"]})
+    result = evaluate_prompt_set(
+        generator,
+        prompt_set,
+        clip=CLIPScorer.from_pretrained(tiny_clip_dir),
+        dino=DINOv2Embedder.from_pretrained(models / "dinov2"),
+        identities={"a dog": identity},
+        seeds_per_setting=2,
+        vanilla=True,
+    )
+    # The dog twice (with and without its identity, same seeds), the cat once.
+    assert [(seeds, i is identity) for _, seeds, i in generator.calls] == [
+        ([0, 1], False),
+        ([1000, 1001], True),
+        ([1000, 1001], False),
+    ]
+    assert generator.calls[2][0] == ["a dog at night"] * 2
+    assert set(result["vanilla"]["subjects"]) == {"a dog"}
+    assert result["mean_with_identity"] == {
+        k: result["subjects"]["a dog"][k] for k in result["mean_with_identity"]
+    }
+
+
+def test_eval_real_reads_a_cast_folder_and_the_built_in_set(tmp_path):
+    from consistent_char.cast import CastRecord, SubjectRecord, load_subjects
+    from consistent_char.eval.commands import load_prompt_set
+
+    names = [s.name for s in load_subjects("consistory+")[0].subjects]
+    pipe = tiny_sdxl_pipeline()
+    tiny_identity(pipe, "<tiny>").save(tmp_path / "cast" / "first" / "identity")
+    record = CastRecord("consistory+", [SubjectRecord(names[0], "first", "done")])
+    record.subjects.append(SubjectRecord(names[1], "second", "failed", error="boom"))
+    record.write(tmp_path / "cast")
+
+    prompts, identities, unfinished = load_prompt_set("consistory+", [], tmp_path / "cast")
+    assert len(prompts.subjects) == 184
+    assert list(identities) == [names[0]] and identities[names[0]].token == "<tiny>"
+    assert len(unfinished) == 183 and names[1] in unfinished
+
+    (tmp_path / "other.yaml").write_text("settings: [x]\nsubjects: [a fox]\n")
+    with pytest.raises(ValueError, match="whose subjects .* are not in this prompt set"):
+        load_prompt_set(str(tmp_path / "other.yaml"), [], tmp_path / "cast")
+    with pytest.raises(FileNotFoundError, match="not a cast folder"):
+        load_prompt_set("consistory+", [], tmp_path)
 
 
 def test_eval_real_cli_scores_a_prompt_set_from_folders(models, tiny_clip_dir, tmp_path):
@@ -493,6 +584,25 @@ def test_eval_real_cli_scores_a_prompt_set_from_folders(models, tiny_clip_dir, t
     assert unknown.exit_code == 2 and "not in" in unknown.output
     malformed = CliRunner().invoke(app, [*args[:5], "--identity", "no-equals-sign", *args[7:]])
     assert malformed.exit_code == 2 and "SUBJECT=IDENTITY_DIR" in malformed.output
+
+    # --cast maps each finished subject of a cast folder to its identity.
+    from consistent_char.cast import CastRecord, SubjectRecord
+
+    tiny_identity(pipe, "<tiny>").save(tmp_path / "cast" / "a-red-cat" / "identity")
+    CastRecord("prompts.yaml", [SubjectRecord("a red cat", "a-red-cat", "done")]).write(
+        tmp_path / "cast"
+    )
+    (tmp_path / "real.json").unlink()
+    from_cast = CliRunner().invoke(app, [*args[:5], "--cast", str(tmp_path / "cast"), *args[7:]])
+    assert from_cast.exit_code == 0, from_cast.output
+    saved = json.loads((tmp_path / "real.json").read_text())
+    assert saved["cast"] == str(tmp_path / "cast")
+    assert saved["identities"] == {"a red cat": "<tiny>"}
+    assert "1 subjects with an identity" in from_cast.output
+    assert "The Chosen One (identity)" in from_cast.output
+    assert "vanilla (base model)" in from_cast.output
+    assert list(saved["vanilla"]["subjects"]) == ["a red cat"]
+    assert "no finished identity for 1 of the set's 2 subjects" in from_cast.output
 
 
 # ------------------------------------------------------- presets, estimate, outputs

@@ -41,6 +41,7 @@ from consistent_char.config_parsing import (
 __all__ = [
     "DEFAULT_MODEL",
     "TOY_MODEL",
+    "CastConfig",
     "ClustererConfig",
     "ConfigError",
     "ConvergenceConfig",
@@ -552,6 +553,29 @@ class ExtractorConfig(_Strict):
     def differences(self, other: ExtractorConfig) -> list[str]:
         """Dotted names of the fields whose values differ, e.g. ``["refiner.steps"]``."""
         return sorted(diff(self.to_dict(), other.to_dict()))
+
+
+class CastConfig(_Strict):
+    """How ``consistent-char cast`` runs its subjects on Ray (`RayBackend`); not part of a
+    run's config, so that changing them never stops a subject's run from resuming."""
+
+    gpus_per_subject: float | None = Field(
+        None,
+        ge=0,
+        description="GPUs each subject's Ray task asks for (None: 1, or 0 on ToyWorld or with "
+        "device cpu).",
+    )
+    cpus_per_subject: float = Field(1.0, gt=0, description="CPUs each subject's Ray task asks for.")
+    max_retries: int = Field(
+        3, ge=0, description="Times Ray retries a subject whose worker died; the retry resumes."
+    )
+
+    def with_defaults_for(self, config: ExtractorConfig) -> CastConfig:
+        """These settings with `gpus_per_subject` chosen for `config` where it is None."""
+        if self.gpus_per_subject is not None:
+            return self
+        on_cpu = config.model == TOY_MODEL or config.device == "cpu"
+        return self.model_copy(update={"gpus_per_subject": 0.0 if on_cpu else 1.0})
 
 
 def toy_preset() -> dict[str, Any]:

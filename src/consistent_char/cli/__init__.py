@@ -14,11 +14,13 @@ markup, emoji codes or highlighting.
 - `consistent_char.cli.core`: the command group, error-to-exit-status handling, shared checks;
 - `consistent_char.cli.commands`: ``extract``, ``generate``, ``report``, ``story``, ``export``;
 - `consistent_char.cli.edit_command`: ``edit`` (an identity drawn into a region of an image);
+- `consistent_char.cli.cast_command`: ``cast``, many subjects at once (in process or on Ray);
 - `consistent_char.cli.eval_commands`: the ``eval`` subcommands, which parse their options and
   hand the work to `consistent_char.eval.commands`.
 """
 
 # Importing the command modules registers their commands on `app`, in the order --help lists.
+from consistent_char.cli import cast_command as _cast_command
 from consistent_char.cli import commands as _commands
 from consistent_char.cli import edit_command as _edit_command
 from consistent_char.cli import eval_commands as _eval_commands
@@ -27,7 +29,7 @@ from consistent_char.cli.core import INTERNAL_ERROR, INTERRUPTED, USER_ERROR, ap
 
 __all__ = ["INTERNAL_ERROR", "INTERRUPTED", "USER_ERROR", "app", "console", "main"]
 
-del _commands, _edit_command, _eval_commands
+del _cast_command, _commands, _edit_command, _eval_commands
 
 
 def main() -> None:  # pragma: no cover - console entry point

@@ -221,10 +221,26 @@ def eval_toy(
 @eval_app.command("real")
 def eval_real(
     prompt_set: Annotated[
-        Path, typer.Argument(help="Prompt-set file (YAML/JSON): subjects × settings.")
+        str,
+        typer.Argument(
+            help="Prompt-set file (YAML/JSON): subjects × settings, or a built-in set: consistory+."
+        ),
     ],
     model: Annotated[str, typer.Option(help="SDXL hub id or local diffusers folder.")],
     identity: IdentitiesOption = None,
+    cast: Annotated[
+        Path | None,
+        typer.Option(
+            "--cast", help="A cast folder: draw each subject it finished with its identity."
+        ),
+    ] = None,
+    vanilla: Annotated[
+        bool,
+        typer.Option(
+            help="Also draw each subject that has an identity without it (same seeds), the "
+            "base model's baseline."
+        ),
+    ] = True,
     clip_model: ClipOption = "openai/clip-vit-large-patch14",
     dino_model: DinoOption = "facebook/dinov2-large",
     dreamsim: Annotated[
@@ -242,7 +258,8 @@ def eval_real(
     device: Annotated[str, typer.Option(help="auto, cpu, cuda, ...")] = "auto",
     verbose: Annotated[bool, typer.Option("--verbose", "-v")] = False,
 ) -> None:
-    """Score CLIP-T and identity similarity over a prompt set on a real (SDXL-class) model."""
+    """Score CLIP-T, CLIP-I and identity similarity over a prompt set on a real (SDXL-class)
+    model, with identities beside the base model's own images."""
     setup_logging(verbose)
     from consistent_char.eval.commands import (
         check_result_file,
@@ -256,7 +273,13 @@ def eval_real(
     from consistent_char.stages import resolve_device
 
     # 1. Check inputs and outputs before any model loads.
-    prompts, identities = load_prompt_set(prompt_set, identity or [])
+    prompts, identities, unfinished = load_prompt_set(prompt_set, identity or [], cast)
+    if cast is not None and unfinished:
+        say(
+            ("warning:", "yellow"),
+            f" the cast has no finished identity for {len(unfinished)} of the set's "
+            f"{len(prompts.subjects)} subjects; they are drawn without one",
+        )
     check_result_file(out)
     dev = resolve_device(device)
     settings = generator_settings(steps, guidance)
@@ -274,11 +297,12 @@ def eval_real(
         dreamsim=dreamsim,
         seeds_per_setting=seeds_per_setting,
         seed=seed,
+        vanilla=vanilla,
     )
     for line in real_table(result, identities):
         console.print(line)
     if out is not None:
-        _write_result(out, real_record(result, prompt_set, model, identities))
+        _write_result(out, real_record(result, prompt_set, model, identities, cast))
 
 
 @eval_app.command("toy-apps")

@@ -260,25 +260,52 @@ def toy_benchmark(
 
 
 def load_prompt_set(
-    prompt_set: Path, items: Sequence[str]
-) -> tuple[PromptSet, dict[str, Identity]]:
-    """The prompt set in `prompt_set`, and the ``SUBJECT=IDENTITY_DIR`` options as each
-    subject's identity, loaded and checked against the set's subjects."""
-    from consistent_char.eval.real import PromptSet
+    prompt_set: str, items: Sequence[str], cast: Path | None = None
+) -> tuple[PromptSet, dict[str, Identity], list[str]]:
+    """The prompt set `prompt_set` names (a file or a built-in set such as ``consistory+``),
+    each subject's identity (from the ``SUBJECT=IDENTITY_DIR`` options and the finished
+    subjects of the cast folder `cast`), checked against the set's subjects, and the set's
+    subjects that the cast has no finished identity for."""
+    from consistent_char.cast import load_subjects
     from consistent_char.identity import Identity
 
-    prompts = PromptSet.from_file(prompt_set)
-
-    identities: dict[str, Identity] = {}
+    prompts, _ = load_subjects(prompt_set)
+    names = {s.name for s in prompts.subjects}
+    identities, unfinished = cast_identities(cast, names) if cast is not None else ({}, [])
     for item in items:
         subject, sep, folder = item.rpartition("=")
         if not sep or not subject.strip() or not folder:
             raise InvalidValueError(f"--identity takes SUBJECT=IDENTITY_DIR, got {item!r}")
+        if subject.strip() in identities:
+            raise InvalidValueError(f"--identity {subject.strip()!r}: that subject has one already")
         identities[subject.strip()] = Identity.load(folder)
-    unknown = sorted(set(identities) - {s.name for s in prompts.subjects})
+    unknown = sorted(set(identities) - names)
     if unknown:
         raise InvalidValueError(f"--identity names subjects not in {prompt_set}: {unknown}")
-    return prompts, identities
+    return prompts, identities, unfinished
+
+
+def cast_identities(cast: Path, names: set[str]) -> tuple[dict[str, Identity], list[str]]:
+    """The identity of every finished subject of the cast folder `cast` that is in `names`,
+    and the subjects of `names` the cast has not finished.
+
+    Raises:
+        InputNotFoundError: `cast` is not a cast folder.
+        InvalidValueError: The cast has subjects that are not in `names` (another prompt set).
+    """
+    from consistent_char.cast import CastRecord
+    from consistent_char.identity import Identity
+
+    record = CastRecord.read(cast)
+    foreign = sorted({r.subject for r in record.subjects} - names)
+    if foreign:
+        raise InvalidValueError(
+            f"--cast {cast} was cast from {record.prompt_set}, whose subjects {foreign[:3]}"
+            f"{' ...' if len(foreign) > 3 else ''} are not in this prompt set"
+        )
+    done = {r.subject: r for r in record.subjects if r.status == "done"}
+    identities = {name: Identity.load(cast / r.run / "identity") for name, r in done.items()}
+    return identities, sorted(names - set(done))
 
 
 def generator_settings(steps: int | None, guidance: float | None) -> dict[str, Any]:
@@ -305,6 +332,7 @@ def score_prompt_set(
     dreamsim: bool,
     seeds_per_setting: int,
     seed: int,
+    vanilla: bool = False,
 ) -> dict[str, Any]:
     """Loads SDXL, CLIP, DINOv2 (and DreamSim when asked and installed) and scores the prompt
     set with `evaluate_prompt_set`. Every model is found before any loads."""
@@ -340,37 +368,54 @@ def score_prompt_set(
         identities=identities,
         seeds_per_setting=seeds_per_setting,
         seed=seed,
+        vanilla=vanilla,
     )
 
 
 def real_table(result: Mapping[str, Any], identities: Mapping[str, Identity]) -> list[str]:
-    """The lines ``eval real`` prints: one row of scores per subject, then the mean."""
+    """The lines ``eval real`` prints: one row of scores per subject and their mean; with the
+    vanilla baseline, the paper-style comparison over the subjects that have an identity (each
+    drawn with and without it, same prompts and seeds)."""
 
     def cell(value: float | None) -> str:
         return "-" if value is None else f"{value:.3f}"
 
-    lines = [f"{'subject':<40} {'identity':>8} {'CLIP-T':>7} {'DINOv2':>7} {'DreamSim':>8}"]
-    for name, score in result["subjects"].items():
-        marked = "yes" if name in identities else "no"
-        lines.append(
-            f"{name[:40]:<40} {marked:>8} {cell(score['clip_t']):>7} "
-            f"{cell(score['dino_similarity']):>7} {cell(score['dreamsim_similarity']):>8}"
+    def row(label: str, marked: str, score: Mapping[str, Any]) -> str:
+        cells = [cell(score[k]) for k in ("clip_t", "clip_i", "dino_similarity")]
+        return (
+            f"{label[:40]:<40} {marked:>8} {cells[0]:>7} {cells[1]:>7} {cells[2]:>7} "
+            f"{cell(score['dreamsim_similarity']):>8}"
         )
-    mean = result["mean"]
-    lines.append(
-        f"{'mean':<40} {'':>8} {cell(mean['clip_t']):>7} {cell(mean['dino_similarity']):>7} "
-        f"{cell(mean['dreamsim_similarity']):>8}"
-    )
+
+    header = f"{'identity':>8} {'CLIP-T':>7} {'CLIP-I':>7} {'DINOv2':>7} {'DreamSim':>8}"
+    lines = [f"{'subject':<40} {header}"]
+    for name, score in result["subjects"].items():
+        lines.append(row(name, "yes" if name in identities else "no", score))
+    lines.append(row("mean", "", result["mean"]))
+    if result.get("vanilla"):
+        n = len(result["vanilla"]["subjects"])
+        lines += [
+            "",
+            f"{f'{n} subjects with an identity':<40} {header}",
+            row("The Chosen One (identity)", "yes", result["mean_with_identity"]),
+            row("vanilla (base model)", "no", result["vanilla"]["mean"]),
+        ]
     return lines
 
 
 def real_record(
-    result: dict[str, Any], prompt_set: Path, model: str, identities: Mapping[str, Identity]
+    result: dict[str, Any],
+    prompt_set: str,
+    model: str,
+    identities: Mapping[str, Identity],
+    cast: Path | None = None,
 ) -> dict[str, Any]:
-    """`result` with what it measured: the prompt-set file, the model and each identity's token."""
+    """`result` with what it measured: the prompt set, the model, the cast folder and each
+    identity's token."""
     return {
         **result,
-        "prompt_set": str(prompt_set),
+        "prompt_set": prompt_set,
+        "cast": None if cast is None else str(cast),
         "model": model,
         "identities": {name: str(i.token) for name, i in identities.items()},
     }

@@ -3,6 +3,8 @@
 - **CLIP-T**: the cosine similarity of CLIP's projected image and text embeddings, image against
   the prompt it was drawn from *without* the identity's token (CLIP does not know the token).
   Papers that follow The Chosen One report it; ×100 gives the usual "CLIP score" scale.
+- **CLIP-I**: the mean cosine similarity of CLIP's projected image embeddings over all pairs of
+  images of one subject, the image-image CLIP measure of ConsiStory and later papers.
 - **Identity similarity**: the mean cosine similarity of DINOv2 CLS embeddings over all pairs of
   images of one subject (across settings and seeds); with `dreamsim` installed, the same with
   DreamSim embeddings (DreamSim's distance is 1 − this cosine).
@@ -21,7 +23,7 @@ from __future__ import annotations
 import importlib.util
 import logging
 import os
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -54,6 +56,7 @@ __all__ = [
     "dreamsim_available",
     "evaluate_prompt_set",
     "identity_similarity",
+    "mean_scores",
     "score_images",
 ]
 
@@ -359,27 +362,39 @@ def score_images(
         dreamsim: A second identity embedder (`DreamSimEmbedder`), if any.
 
     Returns:
-        ``{"subjects": {subject: {"clip_t", "dino_similarity", "dreamsim_similarity",
-        "n_images"}}, "mean": {"clip_t", "dino_similarity", "dreamsim_similarity"}}`` with
-        ``dreamsim_similarity`` ``None`` without `dreamsim`. Means are over subjects.
+        ``{"subjects": {subject: {"clip_t", "clip_i", "dino_similarity", "dreamsim_similarity",
+        "n_images"}}, "mean": {"clip_t", "clip_i", "dino_similarity", "dreamsim_similarity"}}``
+        with ``dreamsim_similarity`` ``None`` without `dreamsim`. Means are over subjects.
     """
     subjects: dict[str, dict[str, Any]] = {}
     for subject, pairs in drawn.items():
         prompts = [p for p, _ in pairs]
         images = [im.convert("RGB") for _, im in pairs]
+        image = clip.image_embeddings(images)
         subjects[subject] = {
-            "clip_t": float(np.mean(clip.scores(images, prompts))),
+            "clip_t": float(np.mean(np.sum(image * clip.text_embeddings(prompts), axis=1))),
+            "clip_i": identity_similarity(image),
             "dino_similarity": identity_similarity(dino.embed(images)),
             "dreamsim_similarity": identity_similarity(dreamsim.embed(images))
             if dreamsim is not None
             else None,
             "n_images": len(images),
         }
-    mean: dict[str, Any] = {}
-    for key in ("clip_t", "dino_similarity", "dreamsim_similarity"):
-        values = [s[key] for s in subjects.values() if s[key] is not None]
+    return {"subjects": subjects, "mean": mean_scores(subjects.values())}
+
+
+#: The scores `score_images` gives each subject, and their means.
+SCORES = ("clip_t", "clip_i", "dino_similarity", "dreamsim_similarity")
+
+
+def mean_scores(subjects: Iterable[Mapping[str, Any]]) -> dict[str, float | None]:
+    """The mean of each of `SCORES` over `subjects` (None where no subject has it)."""
+    rows = list(subjects)
+    mean: dict[str, float | None] = {}
+    for key in SCORES:
+        values = [s[key] for s in rows if s.get(key) is not None]
         mean[key] = float(np.mean(values)) if values else None
-    return {"subjects": subjects, "mean": mean}
+    return mean
 
 
 def evaluate_prompt_set(
@@ -392,8 +407,9 @@ def evaluate_prompt_set(
     dreamsim: Embedder | None = None,
     seeds_per_setting: int = 1,
     seed: int = 0,
+    vanilla: bool = False,
 ) -> dict[str, Any]:
-    """Draws every subject in every setting and scores CLIP-T and identity similarity.
+    """Draws every subject in every setting and scores CLIP-T, CLIP-I and identity similarity.
 
     Args:
         generator: Draws the images (e.g. `SDXLGenerator` on SDXL).
@@ -408,9 +424,14 @@ def evaluate_prompt_set(
             (subject, setting) pair, counted over the whole prompt set, has seed
             ``seed + 1000 * n + j``.
         seed: The first seed.
+        vanilla: Also draw each subject that has an identity without it, with the same
+            prompts and seeds: the base model's own images, the baseline the identity is
+            compared with.
 
     Returns:
-        `score_images`' result plus ``"with_identity"``: the subjects drawn with an identity.
+        `score_images`' result plus ``"with_identity"``: the subjects drawn with an identity;
+        with `vanilla`, ``"vanilla"``: `score_images`' result on the baseline images, and
+        ``"mean_with_identity"``: the means over the same subjects drawn with their identity.
     """
     if not 1 <= seeds_per_setting <= 1000:
         raise ValueError(f"seeds_per_setting must be in [1, 1000], got {seeds_per_setting}")
@@ -419,6 +440,7 @@ def evaluate_prompt_set(
     if unknown:
         raise ValueError(f"identities for subjects not in the prompt set: {unknown}")
     drawn: dict[str, list[tuple[str, Image.Image]]] = {}
+    baseline: dict[str, list[tuple[str, Image.Image]]] = {}
     n = 0  # (subject, setting) pairs so far: every image of the set gets its own seed
     for subject in prompt_set.subjects:
         identity = identities.get(subject.name)
@@ -431,9 +453,15 @@ def evaluate_prompt_set(
         ]
         images = generator.generate(prompts, [s for _, s in jobs], identity)
         drawn[subject.name] = [(p, im) for (p, _), im in zip(jobs, images, strict=True)]
+        if vanilla and identity is not None:
+            plain = generator.generate([p for p, _ in jobs], [s for _, s in jobs], None)
+            baseline[subject.name] = [(p, im) for (p, _), im in zip(jobs, plain, strict=True)]
     result = score_images(drawn, clip=clip, dino=dino, dreamsim=dreamsim)
     result["with_identity"] = sorted(identities)
     result["seeds_per_setting"] = seeds_per_setting
+    if vanilla and baseline:
+        result["vanilla"] = score_images(baseline, clip=clip, dino=dino, dreamsim=dreamsim)
+        result["mean_with_identity"] = mean_scores(result["subjects"][n] for n in baseline)
     return result
 
 
