@@ -13,20 +13,18 @@ Example:
 from __future__ import annotations
 
 import os
-from typing import Any, ClassVar, Literal, get_args
+from typing import Any, Literal
 
 import yaml
 from pydantic import (
-    BaseModel,
-    ConfigDict,
     Field,
     ValidationError,
-    ValidationInfo,
     field_validator,
     model_validator,
 )
-from typing_extensions import Self
 
+from consistent_char.config_base import TOY_MODEL, SettingsAttributes, _Strict
+from consistent_char.config_commands import CastConfig, EditConfig
 from consistent_char.config_parsing import (
     ConfigError,
     check_prompt_template,
@@ -59,62 +57,6 @@ __all__ = [
 ]
 
 DEFAULT_MODEL = "stabilityai/stable-diffusion-xl-base-1.0"
-TOY_MODEL = "toy"
-
-
-class _Strict(BaseModel):
-    # No NaN or infinity anywhere: a guidance scale of nan draws black images without an error.
-    model_config = ConfigDict(
-        extra="forbid", validate_assignment=True, frozen=False, allow_inf_nan=False
-    )
-
-    @field_validator("*", mode="before")
-    @classmethod
-    def _numbers_are_not_booleans(cls, value: Any, info: ValidationInfo) -> Any:
-        # pydantic reads True as 1: a boolean where a number belongs is a mistake, not a value.
-        field = cls.model_fields[str(info.field_name)].annotation
-        if isinstance(value, bool) and {int, float} & {field, *get_args(field)}:
-            raise ValueError(f"expected a number, got the boolean {value!r}")
-        return value
-
-    @classmethod
-    def from_keywords(cls, settings: dict[str, Any], owner: str) -> Self:
-        """Validates the keyword settings of a stage built from this section (`owner` names it).
-
-        Raises:
-            TypeError: A name that is no setting (as an unknown keyword argument would).
-            ConfigError: A value the model refuses; the message names each field and why.
-        """
-        unknown = sorted(set(settings) - set(cls.model_fields))
-        if unknown:
-            raise TypeError(
-                f"unknown {owner} setting(s) {unknown}; known: {', '.join(cls.model_fields)}"
-            )
-        try:
-            return cls.model_validate(settings)
-        except ValidationError as err:
-            raise ConfigError(explain(err, cls)) from None
-
-
-class SettingsAttributes:
-    """Lets a stage read its settings (a pydantic model in ``self.settings``) as attributes, and
-    checks an assigned setting as the constructor does. `SETTINGS` names the model."""
-
-    SETTINGS: ClassVar[type[BaseModel]]
-    settings: BaseModel
-
-    def __getattr__(self, name: str) -> Any:
-        # Only reached for names that are not attributes: the settings read as attributes.
-        settings = self.__dict__.get("settings")
-        if settings is not None and name in type(self).SETTINGS.model_fields:
-            return getattr(settings, name)
-        raise AttributeError(f"{type(self).__name__!r} object has no attribute {name!r}")
-
-    def __setattr__(self, name: str, value: Any) -> None:
-        if name in type(self).SETTINGS.model_fields:
-            setattr(self.settings, name, value)  # checked as the constructor checks it
-        else:
-            super().__setattr__(name, value)
 
 
 class GeneratorConfig(_Strict):
@@ -173,18 +115,6 @@ class GeneratorConfig(_Strict):
 
         scheduler_class(name)  # checked with the config, before any model loads
         return name
-
-
-class EditConfig(_Strict):
-    """Settings of local editing (`consistent_char.edit`) beyond the generator's own."""
-
-    strength: float = Field(
-        1.0,
-        gt=0.0,
-        le=1.0,
-        description="How much of the masked region is redrawn: 1 starts it from pure noise "
-        "(Blended Latent Diffusion); less keeps some of the input's layout there.",
-    )
 
 
 class EmbedderConfig(_Strict):
@@ -553,29 +483,6 @@ class ExtractorConfig(_Strict):
     def differences(self, other: ExtractorConfig) -> list[str]:
         """Dotted names of the fields whose values differ, e.g. ``["refiner.steps"]``."""
         return sorted(diff(self.to_dict(), other.to_dict()))
-
-
-class CastConfig(_Strict):
-    """How ``consistent-char cast`` runs its subjects on Ray (`RayBackend`); not part of a
-    run's config, so that changing them never stops a subject's run from resuming."""
-
-    gpus_per_subject: float | None = Field(
-        None,
-        ge=0,
-        description="GPUs each subject's Ray task asks for (None: 1, or 0 on ToyWorld or with "
-        "device cpu).",
-    )
-    cpus_per_subject: float = Field(1.0, gt=0, description="CPUs each subject's Ray task asks for.")
-    max_retries: int = Field(
-        3, ge=0, description="Times Ray retries a subject whose worker died; the retry resumes."
-    )
-
-    def with_defaults_for(self, config: ExtractorConfig) -> CastConfig:
-        """These settings with `gpus_per_subject` chosen for `config` where it is None."""
-        if self.gpus_per_subject is not None:
-            return self
-        on_cpu = config.model == TOY_MODEL or config.device == "cpu"
-        return self.model_copy(update={"gpus_per_subject": 0.0 if on_cpu else 1.0})
 
 
 def toy_preset() -> dict[str, Any]:

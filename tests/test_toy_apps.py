@@ -1,0 +1,69 @@
+"""``consistent-char eval toy-apps``: both applications measured on ToyWorld's model, with what
+results.json holds, and the inputs it refuses before any model loads."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from diffusers import StableDiffusionXLPipeline
+from typer.testing import CliRunner
+
+import consistent_char.toy as toy
+from consistent_char.cli import app
+from consistent_char.eval.apps import TARGETS, AppsSettings, apps_table, run_toy_apps
+from consistent_char.testing.tiny import tiny_identity
+from consistent_char.toy.world import SCENES
+
+
+@pytest.fixture(scope="module")
+def toy_identity(tmp_path_factory):
+    """A random identity that fits the toy model (what is measured here is the bookkeeping)."""
+    pipe = StableDiffusionXLPipeline.from_pretrained(toy.model_dir())
+    identity = tiny_identity(pipe, "<cc-char>", seed=3, scale=0.05)
+    identity.metadata = {"base_model": "toy", "prompt": "a creature"}
+    return identity.save(tmp_path_factory.mktemp("identity") / "identity")
+
+
+def test_both_applications_are_measured_into_results(toy_identity, tmp_path):
+    settings = AppsSettings("test", edits_per_scene=1, poses=2, images_per_pose=1,
+                            reference_per_scene=1)  # fmt: skip
+    lines: list[str] = []
+    results = run_toy_apps(
+        settings, tmp_path, identity_dir=toy_identity, device="cpu", say=lines.append
+    )
+    edit, pose = results["local_edit"], results["pose_control"]
+    assert list(edit["per_scene"]) == list(SCENES)
+    assert all(row["n"] == 1 for row in edit["per_scene"].values())
+    # Outside the mask the input is composited back: every pixel within 2/255.
+    assert edit["outside_unchanged"] == 1.0
+    assert set(edit["baseline"]["per_scene"]) == set(SCENES)
+    for way in ("controlnet", "no_controlnet"):
+        for who in ("identity", "plain_prompt"):
+            for figure in ("control_followed", "identity_kept"):
+                assert 0.0 <= pose[way][who][figure] <= 1.0
+    assert pose["poses"] == 2 and pose["images_per_pose"] == 1
+    assert set(results["targets"]) == set(TARGETS)
+    for t in results["targets"].values():
+        assert t["met"] == (t["value"] >= t["target"])
+    assert (tmp_path / "edit_sheet.png").is_file() and (tmp_path / "pose_sheet.png").is_file()
+    table = apps_table(results)
+    assert table.count("\n| ") >= len(SCENES) + 4 + len(TARGETS)
+    assert any(line.startswith("pose control:") for line in lines)
+
+
+def test_toy_apps_refuses_bad_input_in_one_line_before_loading(tmp_path):
+    user_file = tmp_path / "mine"
+    user_file.mkdir()
+    (user_file / "results.json").write_text(json.dumps({"mine": True}))
+    cases = [
+        (["--out", str(tmp_path / "a"), "--identity", str(tmp_path / "nowhere")], "identity"),
+        (["--out", str(user_file)], "not a result of consistent-char eval"),
+        (["--out", str(tmp_path / "b"), "--device", "tpu9"], "not a torch device"),
+    ]
+    for args, message in cases:
+        result = CliRunner().invoke(app, ["eval", "toy-apps", *args])
+        assert result.exit_code == 2, result.output
+        errors = [line for line in result.output.splitlines() if line.startswith("error:")]
+        assert len(errors) == 1 and message in errors[0], result.output
+    assert json.loads((user_file / "results.json").read_text()) == {"mine": True}
