@@ -1,5 +1,5 @@
 """Local editing with an identity (Blended Latent Diffusion): the library, the stock diffusers
-recipe of docs/editing.md and the ``edit`` command, on tiny components (the command's bad
+recipe of docs/applications.md and the ``edit`` command, on tiny components (the command's bad
 inputs are rows of tests/test_cli_errors.py)."""
 
 from __future__ import annotations
@@ -230,7 +230,7 @@ def test_bad_images_lengths_and_strength_are_refused(gen):
 
 def test_the_docs_recipe_with_stock_diffusers_keeps_the_outside(model_dir, identity):
     init, mask = _scene(), _box()
-    # docs/editing.md's recipe: an inpainting pipeline from the base model, the identity, overlay.
+    # docs/applications.md's recipe: an inpainting pipeline from the base model, the identity, overlay.
     pipe = StableDiffusionXLInpaintPipeline.from_pretrained(str(model_dir))
     identity.apply_to(pipe)
     image = pipe(f"{TOKEN} in the snow", image=init, mask_image=mask, strength=1.0,
