@@ -6,15 +6,14 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Annotated
 
 import typer
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 from consistent_char.cli.commands import _run_settings
 from consistent_char.cli.core import (
     INTERNAL_ERROR,
     INTERRUPTED,
     app,
-    console,
     fail,
+    progress_bars,
     say,
     setup_logging,
 )
@@ -122,14 +121,7 @@ def _run_with_progress(
     """Runs the cast under one bar for all its subjects; Ctrl-C says how to resume, exits 130."""
     from consistent_char.cast import run_cast
 
-    with Progress(
-        TextColumn("{task.description}", markup=False),
-        BarColumn(),
-        MofNCompleteColumn(),
-        TimeElapsedColumn(),
-        console=console,
-        disable=quiet,
-    ) as progress:
+    with progress_bars(quiet) as progress:
         bar = progress.add_task("cast", total=len(prompts.subjects))
 
         def show(event: CastEvent) -> None:

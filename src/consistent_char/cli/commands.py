@@ -9,12 +9,8 @@ from typing import TYPE_CHECKING, Annotated, Any, NoReturn
 
 import typer
 from rich.progress import (
-    BarColumn,
-    MofNCompleteColumn,
     Progress,
     TaskID,
-    TextColumn,
-    TimeElapsedColumn,
 )
 
 from consistent_char.cli.core import (
@@ -22,9 +18,9 @@ from consistent_char.cli.core import (
     app,
     check_prompts,
     check_seeds,
-    console,
     fail,
     finite,
+    progress_bars,
     say,
     setup_logging,
 )
@@ -164,15 +160,7 @@ def _extract_with_progress(
     quiet: bool,
 ) -> ExtractionResult:
     """Runs the extraction under progress bars; Ctrl-C prints how to resume and exits 130."""
-    with Progress(
-        TextColumn("{task.description}", markup=False),
-        BarColumn(),
-        MofNCompleteColumn(),
-        TimeElapsedColumn(),
-        console=console,
-        disable=quiet,
-        transient=False,
-    ) as progress:
+    with progress_bars(quiet) as progress:
         printer = _ProgressPrinter(progress, cfg.max_iterations, cfg.core_size)
         try:
             return extractor.extract(prompt, run_dir=out, resume=resume, callback=printer)
@@ -228,9 +216,7 @@ def generate(
     """Draw PROMPTS with a learned identity (following a control image with --controlnet)."""
     setup_logging(verbose)
     from consistent_char.identity import Identity
-    from consistent_char.rundir import OutputFolder, save_png_atomic
     from consistent_char.stages import resolve_device
-    from consistent_char.usage import base_model, identity_generator, prompt_with_identity
 
     # 1. Check inputs and outputs before the model loads.
     check_prompts(prompts)
@@ -238,23 +224,11 @@ def generate(
     resolve_device(device)
     control = _control_input(control_image, controlnet)
     identity = Identity.load(identity_dir)
-    full = [prompt_with_identity(identity, p) for p in prompts]
-    jobs = [(p, seed + j) for p in full for j in range(num_images)]
-    names = [f"{k:03d}_seed{s}.png" for k, (_, s) in enumerate(jobs)]
-    folder = OutputFolder(out)
-    folder.check(names)
-    base, why = base_model(identity, model)
-    say(f"model: {base} ({why})")
+    drawing = IdentityDrawing(identity, prompts, seed, num_images, out)
 
     # 2. Draw and write.
-    generator = identity_generator(
-        identity,
-        model=base,
-        device=device,
-        num_inference_steps=steps,
-        guidance_scale=guidance_scale,
-        lora_scale=scale,
-    )
+    generator = drawing.generator(model, device, steps, guidance_scale, scale)
+    jobs = drawing.jobs
     kwargs = {}
     if control is not None:
         from consistent_char.control import ControlledGenerator, load_controlnet
@@ -266,10 +240,57 @@ def generate(
         generator = ControlledGenerator(pipe, net, control_scale=control_scale, **settings)
         kwargs["control_images"] = control
     images = generator.generate([p for p, _ in jobs], [s for _, s in jobs], identity, **kwargs)
-    folder.claim(names)
-    for name, (p, _), image in zip(names, jobs, images, strict=True):
-        save_png_atomic(out / name, image)
-        say(f"{out / name}  ←  {p}")
+    drawing.write(images)
+
+
+class IdentityDrawing:
+    """What ``generate`` and ``edit`` share: every (prompt, seed) to draw with an identity, the
+    output folder checked for their files before any model loads, the generator on the
+    identity's base model, and the writing of the images."""
+
+    def __init__(
+        self, identity: Any, prompts: list[str], seed: int, num_images: int, out: Path
+    ) -> None:
+        from consistent_char.rundir import OutputFolder
+        from consistent_char.usage import prompt_with_identity
+
+        self.identity, self.out = identity, out
+        full = [prompt_with_identity(identity, p) for p in prompts]
+        self.jobs = [(p, seed + j) for p in full for j in range(num_images)]
+        self.names = [f"{k:03d}_seed{s}.png" for k, (_, s) in enumerate(self.jobs)]
+        self.folder = OutputFolder(out)
+        self.folder.check(self.names)
+
+    def generator(
+        self,
+        model: str | None,
+        device: str,
+        steps: int | None,
+        guidance_scale: float | None,
+        lora_scale: float,
+    ) -> Any:
+        """The identity's generator on its base model (or `model`), saying which and why."""
+        from consistent_char.usage import base_model, identity_generator
+
+        base, why = base_model(self.identity, model)
+        say(f"model: {base} ({why})")
+        return identity_generator(
+            self.identity,
+            model=base,
+            device=device,
+            num_inference_steps=steps,
+            guidance_scale=guidance_scale,
+            lora_scale=lora_scale,
+        )
+
+    def write(self, images: list[Any]) -> None:
+        """Writes the images under their names, one line each."""
+        from consistent_char.rundir import save_png_atomic
+
+        self.folder.claim(self.names)
+        for name, (prompt, _), image in zip(self.names, self.jobs, images, strict=True):
+            save_png_atomic(self.out / name, image)
+            say(f"{self.out / name}  ←  {prompt}")
 
 
 def _control_input(image: Path | None, controlnet: str | None) -> Any:

@@ -219,3 +219,18 @@ def check_seeds(seed: int, count: int) -> None:
     """Refuses a first seed that leaves no room for `count` images below 2**63."""
     if seed + count - 1 >= 2**63:
         fail(f"--seed {seed} leaves no room for {count} images below 2**63; choose a smaller seed")
+
+
+def progress_bars(quiet: bool) -> Any:
+    """The progress display of long commands (extract, cast): description, bar, count, time;
+    nothing with `quiet`."""
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    return Progress(
+        TextColumn("{task.description}", markup=False),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeElapsedColumn(),
+        console=console,
+        disable=quiet,
+    )

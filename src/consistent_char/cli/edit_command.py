@@ -8,7 +8,8 @@ from typing import Annotated
 
 import typer
 
-from consistent_char.cli.core import app, check_prompts, check_seeds, finite, say, setup_logging
+from consistent_char.cli.commands import IdentityDrawing
+from consistent_char.cli.core import app, check_prompts, check_seeds, finite, setup_logging
 from consistent_char.config import EditConfig
 
 _STRENGTH_HELP = EditConfig.model_fields["strength"].description
@@ -53,9 +54,7 @@ def edit(
     setup_logging(verbose)
     from consistent_char.edit import binary_mask, blended_edit, check_image, read_image
     from consistent_char.identity import Identity
-    from consistent_char.rundir import OutputFolder, save_png_atomic
     from consistent_char.stages import resolve_device
-    from consistent_char.usage import base_model, identity_generator, prompt_with_identity
 
     # 1. Check inputs and outputs before the model loads.
     check_prompts(prompts)
@@ -66,23 +65,11 @@ def edit(
     mask = read_image(mask_path, "--mask")
     binary_mask(mask, scene.size, f"--mask {mask_path}")
     identity = Identity.load(identity_dir)
-    full = [prompt_with_identity(identity, p) for p in prompts]
-    jobs = [(p, seed + j) for p in full for j in range(num_images)]
-    names = [f"{k:03d}_seed{s}.png" for k, (_, s) in enumerate(jobs)]
-    folder = OutputFolder(out)
-    folder.check(names)
-    base, why = base_model(identity, model)
-    say(f"model: {base} ({why})")
+    drawing = IdentityDrawing(identity, prompts, seed, num_images, out)
 
     # 2. Edit and write.
-    generator = identity_generator(
-        identity,
-        model=base,
-        device=device,
-        num_inference_steps=steps,
-        guidance_scale=guidance_scale,
-        lora_scale=scale,
-    )
+    generator = drawing.generator(model, device, steps, guidance_scale, scale)
+    jobs = drawing.jobs
     edited = blended_edit(
         generator,
         [scene] * len(jobs),
@@ -92,7 +79,4 @@ def edit(
         identity,
         strength=strength,
     )
-    folder.claim(names)
-    for name, (p, _), picture in zip(names, jobs, edited, strict=True):
-        save_png_atomic(out / name, picture)
-        say(f"{out / name}  ←  {p}")
+    drawing.write(edited)

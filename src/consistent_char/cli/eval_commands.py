@@ -316,6 +316,9 @@ def eval_toy_apps(
         typer.Option(help="A ToyWorld identity folder (default: extract 'a creature' into OUT)."),
     ] = None,
     seed: Annotated[int, typer.Option(min=0, help="Picks the scenes, poses and seeds.")] = 0,
+    control_scale: Annotated[
+        float, typer.Option(callback=finite(0.0), help="ControlNet strength (>= 0).")
+    ] = 1.0,
     device: Annotated[str, typer.Option(help="auto, cpu, cuda, ...")] = "auto",
     threads: ThreadsOption = None,
     verbose: Annotated[bool, typer.Option("--verbose", "-v")] = False,
@@ -340,7 +343,7 @@ def eval_toy_apps(
     except toy.ToyWeightsMissingError as err:
         fail(str(err))
     set_threads(threads)
-    settings = apps_settings(quick, seed)
+    settings = apps_settings(quick, seed, control_scale)
     results = run_toy_apps(settings, out, identity_dir=identity, device=device, say=console.print)
     _write_result(out / "results.json", results)
     write_text_atomic(out / "results.md", apps_table(results))

@@ -50,13 +50,14 @@ class AppsSettings:
     images_per_pose: int
     reference_per_scene: int
     seed: int = 0
+    control_scale: float = 1.0
 
 
-def apps_settings(quick: bool, seed: int = 0) -> AppsSettings:
+def apps_settings(quick: bool, seed: int = 0, control_scale: float = 1.0) -> AppsSettings:
     """The full measurement, or the quick one (the same path, fewer images)."""
     if quick:
-        return AppsSettings("quick", 2, 5, 2, 2, seed)
-    return AppsSettings("full", 8, 20, 4, 8, seed)
+        return AppsSettings("quick", 2, 5, 2, 2, seed, control_scale)
+    return AppsSettings("full", 8, 20, 4, 8, seed, control_scale)
 
 
 def run_toy_apps(
@@ -110,7 +111,10 @@ def run_toy_apps(
     # 4. Pose control
     controlnet = load_controlnet("toy", device=generator.pipeline.device)
     controlled = ControlledGenerator(
-        generator.pipeline, controlnet, **generator.settings.model_dump()
+        generator.pipeline,
+        controlnet,
+        control_scale=settings.control_scale,
+        **generator.settings.model_dump(),
     )
     pose, drawn = score_pose_control(
         generator,
@@ -183,21 +187,10 @@ def _edit_sheet(generator: Any, identity: Identity, prompt: str, seed: int) -> I
     """Three scenes (rows): the input, the edit region and the identity edited into it."""
     import numpy as np
 
-    from consistent_char.edit import blended_edit
-    from consistent_char.eval.local_edit import edit_cases
-    from consistent_char.eval.toy import scene_prompts
+    from consistent_char.eval.local_edit import edit_cases, edit_cases_with
 
-    scenes = ("forest", "beach", "snow")
-    cases = edit_cases(scenes, per_scene=1, seed=seed)
-    prompts = {s: p for s, p, _ in scene_prompts(identity, prompt, scenes, 1, seed)}
-    edited = blended_edit(
-        generator,
-        [c.image for c in cases],
-        [c.mask for c in cases],
-        [prompts[c.scene] for c in cases],
-        [c.seed for c in cases],
-        identity,
-    )
+    cases = edit_cases(("forest", "beach", "snow"), per_scene=1, seed=seed)
+    edited = edit_cases_with(generator, cases, identity, prompt, seed)
     rows = [
         np.concatenate([np.asarray(c.image), np.asarray(c.mask.convert("RGB")), np.asarray(e)], 1)
         for c, e in zip(cases, edited, strict=True)
@@ -235,7 +228,8 @@ def apps_table(results: dict[str, Any]) -> str:
         "# ToyWorld applications",
         "",
         f"Identity `{results['identity']['token']}` from {results['identity']['prompt']!r}; "
-        f"preset {results['settings']['name']}, {results['seconds']:.0f} s.",
+        f"preset {results['settings']['name']}, control scale "
+        f"{results['settings']['control_scale']:g}, {results['seconds']:.0f} s.",
         "",
         "## Local editing (blended latents)",
         "",

@@ -189,22 +189,37 @@ def score_local_edit(
     cases = edit_cases(scenes, per_scene, seed, avoid=key)
     scores: dict[str, Any] = {}
     for name, who in (("identity", identity), ("baseline", None)):
-        prompts = {scene: p for scene, p, _ in scene_prompts(who, base_prompt, scenes, 1, seed)}
-        edited = blended_edit(
-            generator,
-            [c.image for c in cases],
-            [c.mask for c in cases],
-            [prompts[c.scene] for c in cases],
-            [c.seed for c in cases],
-            who,
-            strength=strength,
-        )
+        edited = edit_cases_with(generator, cases, who, base_prompt, seed, strength=strength)
         kept = [identity_key(r) == key for r in probe.predict(edited)]
         unchanged = [
             outside_unchanged(c.image, e, c.mask) for c, e in zip(cases, edited, strict=True)
         ]
         scores[name] = _summary(cases, kept, unchanged)
     return {**scores["identity"], "reference": reference, "baseline": scores["baseline"]}
+
+
+def edit_cases_with(
+    generator: SDXLGenerator,
+    cases: Sequence[EditCase],
+    identity: Identity | None,
+    base_prompt: str,
+    seed: int = 0,
+    *,
+    strength: float = 1.0,
+) -> list[Image.Image]:
+    """Each case edited with the identity (or, with ``None``, the plain prompt) in its scene:
+    ``<token> a creature`` + the scene's phrase, at the case's seed."""
+    scenes = list(dict.fromkeys(c.scene for c in cases))
+    prompts = {s: p for s, p, _ in scene_prompts(identity, base_prompt, scenes, 1, seed)}
+    return blended_edit(
+        generator,
+        [c.image for c in cases],
+        [c.mask for c in cases],
+        [prompts[c.scene] for c in cases],
+        [c.seed for c in cases],
+        identity,
+        strength=strength,
+    )
 
 
 def _summary(

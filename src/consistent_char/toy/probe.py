@@ -182,13 +182,13 @@ class IdentityProbe(nn.Module):
         """
         if self.pose_head is None:
             raise ValueError("this probe has no pose head (trained without one)")
-        lo, hi = (np.asarray([POSE_RANGES[k][i] for k in POSE]) for i in (0, 1))
+        lo, hi = _pose_bounds()
         return lo + self._outputs(images, batch_size)[POSE_KEY] * (hi - lo)
 
     @staticmethod
     def pose_targets(poses: np.ndarray) -> torch.Tensor:
         """``(N, 4)`` poses in `POSE` units → the pose head's targets (ranges → [0, 1])."""
-        lo, hi = (np.asarray([POSE_RANGES[k][i] for k in POSE]) for i in (0, 1))
+        lo, hi = _pose_bounds()
         return torch.as_tensor((np.asarray(poses) - lo) / (hi - lo), dtype=torch.float32)
 
     def save_pretrained(self, directory: str | os.PathLike[str]) -> Path:
@@ -224,3 +224,8 @@ class IdentityProbe(nn.Module):
         probe = cls(config)
         probe.load_state_dict(load_file(str(root / PROBE_WEIGHTS)))
         return probe.to(device).eval()
+
+
+def _pose_bounds() -> tuple[np.ndarray, np.ndarray]:
+    """The low and high ends of `POSE_RANGES`, in `POSE` order."""
+    return tuple(np.asarray([POSE_RANGES[k][i] for k in POSE]) for i in (0, 1))  # type: ignore[return-value]
