@@ -165,13 +165,21 @@ def build_controlnet(unet: Any) -> Any:
     )
 
 
-def train_controlnet(plan: AppsPlan, data: PosedSet, pipe: Any, ckpt: Path, seed: int) -> Any:
-    """Trains the ControlNet on min-SNR-weighted epsilon prediction through the frozen UNet."""
+def train_controlnet(
+    plan: AppsPlan, data: PosedSet, pipe: Any, ckpt: Path, seed: int, init: Path | None = None
+) -> Any:
+    """Trains the ControlNet on min-SNR-weighted epsilon prediction through the frozen UNet,
+    from the UNet's encoder or, with `init`, from an exported ControlNet (a later session
+    training on: a new schedule, warm-up included, from those weights)."""
+    from diffusers import ControlNetModel
+
     device = torch.device("cpu")
     torch.manual_seed(seed_of(seed, 70))
     for module in (pipe.unet, pipe.vae, pipe.text_encoder, pipe.text_encoder_2):
         module.requires_grad_(False).eval()
-    controlnet = build_controlnet(pipe.unet)
+    controlnet = (
+        ControlNetModel.from_pretrained(init) if init is not None else build_controlnet(pipe.unet)
+    )
     checkpoint = Checkpoint(ckpt, "controlnet")
     state = checkpoint.state()
     latents = maps = ids = ids_2 = torch.zeros(0)
@@ -331,6 +339,12 @@ def main(argv: Sequence[str] | None = None, *, plan: AppsPlan | None = None) -> 
     parser.add_argument(
         "--controlnet-seconds", type=float, default=None, help="time budget of the ControlNet"
     )
+    parser.add_argument(
+        "--init-controlnet",
+        type=Path,
+        default=None,
+        help="an exported ControlNet folder to train on from (with a new --ckpt folder)",
+    )
     args = parser.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -347,7 +361,7 @@ def main(argv: Sequence[str] | None = None, *, plan: AppsPlan | None = None) -> 
         train = _rendered(
             plan.train_images, seed_of(args.seed, 80), "world", plan.captions_per_image
         )
-        controlnet = train_controlnet(plan, train, pipe, ckpt, args.seed)
+        controlnet = train_controlnet(plan, train, pipe, ckpt, args.seed, init=args.init_controlnet)
         controlnet.save_pretrained(args.weights / CONTROLNET_DIR)
     if "measure" not in stages:
         return {}
