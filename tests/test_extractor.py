@@ -253,6 +253,23 @@ def test_patience_stops_when_the_spread_stops_falling_and_return_best_keeps_the_
     assert float(best.identity.clip_l[0, 3]) == 20.0  # the identity that drew iteration 1
 
 
+def test_a_run_stopped_by_patience_resumes_as_finished_without_computing_again(
+    tmp_path, caplog
+):
+    settings = {"convergence.d_conv_relative": 0.001, "convergence.patience": 2}
+    first = scripted_extractor(ScriptedRefiner([20.0, 0.5, 0.5, 0.5, 0.5, 0.5]), **settings)
+    stopped = first.extract("a colour", run_dir=tmp_path / "run")
+    assert not stopped.converged and stopped.stop_reason == "no lower spread in 2 iterations"
+    refiner = ScriptedRefiner([20.0, 0.5, 0.5, 0.5, 0.5, 0.5])
+    with caplog.at_level("WARNING"):
+        again = scripted_extractor(refiner, **settings).extract(
+            "a colour", run_dir=tmp_path / "run", resume=True
+        )
+    assert not [r for r in caplog.records if "again" in r.getMessage()]
+    assert not refiner.calls and again.iterations == stopped.iterations
+    assert torch.equal(again.identity.clip_l, stopped.identity.clip_l)
+
+
 def test_prior_preservation_gives_the_refiner_iteration_0s_images_without_the_token():
     refiner = ScriptedRefiner([1.0, 2.0, 3.0, 4.0, 5.0, 6.0])
     extractor = scripted_extractor(refiner, **{"refiner.prior_preservation": 0.5})

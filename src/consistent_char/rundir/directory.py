@@ -380,10 +380,14 @@ class RunDirectory:
             elif step == "embedded":
                 self.load_embeddings(iteration, num_images)
             elif step == "clustered":
-                converged_here = (
-                    iteration == state.iteration and state.converged and state.step == "clustered"
+                # The last iteration of a run that stopped (converged, patience, saturation)
+                # ends before clustering: it has no clusters to check.
+                stopped_here = (
+                    iteration == state.iteration
+                    and (state.converged or state.finished)
+                    and state.step == "clustered"
                 )
-                if not converged_here:
+                if not stopped_here:
                     self.load_clusters(iteration, num_images)
             else:
                 from consistent_char.identity import Identity
