@@ -13,6 +13,7 @@ import consistent_char.toy as toy
 from consistent_char.cli import app
 from consistent_char.eval.apps import TARGETS, AppsSettings, apps_table, run_toy_apps
 from consistent_char.testing.tiny import tiny_identity
+from consistent_char.toy.pose import POSE
 from consistent_char.toy.world import SCENES
 
 
@@ -40,8 +41,12 @@ def test_both_applications_are_measured_into_results(toy_identity, tmp_path):
     assert set(edit["baseline"]["per_scene"]) == set(SCENES)
     for way in ("controlnet", "no_controlnet"):
         for who in ("identity", "plain_prompt"):
+            row = pose[way][who]
             for figure in ("control_followed", "identity_kept"):
-                assert 0.0 <= pose[way][who][figure] <= 1.0
+                assert 0.0 <= row[figure] <= 1.0
+            # Every field followed is needed to follow the pose.
+            assert list(row["fields_followed"]) == list(POSE)
+            assert row["control_followed"] <= min(row["fields_followed"].values())
     assert pose["poses"] == 2 and pose["images_per_pose"] == 1
     assert set(results["targets"]) == set(TARGETS)
     for t in results["targets"].values():

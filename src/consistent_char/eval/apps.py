@@ -246,16 +246,18 @@ def apps_table(results: dict[str, Any]) -> str:
         "",
         "## Pose control",
         "",
-        "| drawn with | control followed | identity kept |",
-        "|---|---|---|",
+        "| drawn with | control followed | identity kept | x, feet, scale, tilt followed alone |",
+        "|---|---|---|---|",
     ]
     for way in ("controlnet", "no_controlnet"):
         for who in ("identity", "plain_prompt"):
             row = pose[way][who]
             with_or_not = "with" if way == "controlnet" else "without"
             label = f"{who.replace('_', ' ')}, {with_or_not} ControlNet"
+            alone = ", ".join(f"{v:.2f}" for v in row["fields_followed"].values())
             lines.append(
-                f"| {label} | {row['control_followed']:.3f} | {row['identity_kept']:.3f} |"
+                f"| {label} | {row['control_followed']:.3f} | {row['identity_kept']:.3f} | "
+                f"{alone} |"
             )
     lines += ["", "## Targets", "", "| figure | value | target | met |", "|---|---|---|---|"]
     for name, t in results["targets"].items():

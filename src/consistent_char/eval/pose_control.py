@@ -31,7 +31,14 @@ from PIL import Image
 from consistent_char.identity import Identity
 from consistent_char.toy.captions import scene_phrase
 from consistent_char.toy.evaluate import identity_kept
-from consistent_char.toy.pose import POSE, pose_followed, pose_map, pose_of, sample_pose
+from consistent_char.toy.pose import (
+    POSE,
+    POSE_TOLERANCE,
+    pose_followed,
+    pose_map,
+    pose_of,
+    sample_pose,
+)
 from consistent_char.toy.world import SCENES
 from consistent_char.usage import prompt_with_identity
 
@@ -108,10 +115,13 @@ def score_pose_control(
                 images = controlled.generate(prompts, seeds, ident, control_images=maps)
             else:
                 images = generator.generate(prompts, seeds, ident)
-            read = pose_followed(probe.predict_pose(images), asked)
+            poses_read = probe.predict_pose(images)
+            within = np.abs(poses_read - asked) <= [POSE_TOLERANCE[k] for k in POSE]
             section[way][who] = {
-                "control_followed": float(np.mean(read)),
+                "control_followed": float(np.mean(pose_followed(poses_read, asked))),
                 "identity_kept": identity_kept(probe.predict(images), reference),
+                # Which fields of the pose are followed, each alone.
+                "fields_followed": {k: float(within[:, i].mean()) for i, k in enumerate(POSE)},
             }
             drawn[f"{way}/{who}"] = images
     section.update(
