@@ -70,9 +70,7 @@ def run_toy_apps(
 ) -> dict[str, Any]:
     """Runs the five steps above into `out` and returns the results."""
     import consistent_char.toy as toy
-    from consistent_char.control import ControlledGenerator, load_controlnet
     from consistent_char.eval.local_edit import score_local_edit
-    from consistent_char.eval.pose_control import score_pose_control
     from consistent_char.eval.toy import render_identity_in_scenes
     from consistent_char.toy.evaluate import majority_identity
     from consistent_char.toy.probe import IdentityProbe
@@ -109,24 +107,7 @@ def run_toy_apps(
         f"{local_edit['outside_unchanged']:.4f}"
     )
     # 4. Pose control
-    controlnet = load_controlnet("toy", device=generator.pipeline.device)
-    controlled = ControlledGenerator(
-        generator.pipeline,
-        controlnet,
-        control_scale=settings.control_scale,
-        **generator.settings.model_dump(),
-    )
-    pose, drawn = score_pose_control(
-        generator,
-        controlled,
-        identity,
-        pose_probe,
-        references["pose_probe"],
-        prompt,
-        poses=settings.poses,
-        per_pose=settings.images_per_pose,
-        seed=settings.seed,
-    )
+    pose, drawn = _pose_control(generator, identity, pose_probe, references, prompt, settings)
     with_both = pose["controlnet"]["identity"]
     say(
         f"pose control: control followed {with_both['control_followed']:.3f}, identity kept "
@@ -144,6 +125,38 @@ def run_toy_apps(
         "seconds": round(time.perf_counter() - t0, 1),
     }
     return results
+
+
+def _pose_control(
+    generator: Any,
+    identity: Identity,
+    probe: Any,
+    references: dict[str, dict[str, str]],
+    prompt: str,
+    settings: AppsSettings,
+) -> tuple[dict[str, Any], dict[str, list[Image.Image]]]:
+    """The pose-control section, through ToyWorld's pose ControlNet on the same pipeline."""
+    from consistent_char.control import ControlledGenerator, load_controlnet
+    from consistent_char.eval.pose_control import score_pose_control
+
+    controlnet = load_controlnet("toy", device=generator.pipeline.device)
+    controlled = ControlledGenerator(
+        generator.pipeline,
+        controlnet,
+        control_scale=settings.control_scale,
+        **generator.settings.model_dump(),
+    )
+    return score_pose_control(
+        generator,
+        controlled,
+        identity,
+        probe,
+        references["pose_probe"],
+        prompt,
+        poses=settings.poses,
+        per_pose=settings.images_per_pose,
+        seed=settings.seed,
+    )
 
 
 def _identity(
