@@ -5,6 +5,7 @@ while the rest go on; bad inputs end in one line and exit 2; the built-in ConsiS
 from __future__ import annotations
 
 import json
+import shutil
 from importlib import resources
 from pathlib import Path
 
@@ -128,8 +129,13 @@ def test_a_failed_subject_is_recorded_and_the_rest_go_on(tmp_path):
     assert failed.status == "failed" and "being written by another run" in (failed.error or "")
     assert done.status == "done" and (out / done.run / "identity" / "identity.json").is_file()
 
-    # As a writer killed between its config.yaml and its state.json leaves it: not a run yet.
+    # A config.yaml that is not this cast's is not ours to remove: the subject fails again.
     (out / "a-creature" / "config.yaml").write_text("model: toy\n")
+    kept = _cast(subjects, out, max_iterations=1)
+    assert kept.exit_code == 1, kept.output
+    assert (out / "a-creature" / "config.yaml").read_text() == "model: toy\n"
+    # As a writer killed between its config.yaml and its state.json leaves it: not a run yet.
+    shutil.copy(out / done.run / "config.yaml", out / "a-creature" / "config.yaml")
     again = _cast(subjects, out, max_iterations=1)
     assert again.exit_code == 0, again.output
     assert [r.status for r in CastRecord.read(out).subjects] == ["done", "done"]

@@ -133,7 +133,7 @@ def extract_subject(job: SubjectJob) -> Outcome:
         config = ExtractorConfig.build(job.config)
         run = RunDirectory(job.run_dir)
         if not run.exists():
-            _clear_unstarted(Path(job.run_dir))
+            _clear_unstarted(Path(job.run_dir), config)
         result = _extractor_for(config).extract(
             job.subject, run_dir=job.run_dir, resume=run.exists()
         )
@@ -154,15 +154,23 @@ def _since(start: float) -> float:
     return round(time.perf_counter() - start, 3)
 
 
-def _clear_unstarted(folder: Path) -> None:
-    """Removes the ``config.yaml`` of a run whose writer died before its ``state.json``: the
-    run never started, and the file would make the folder look like someone else's."""
+def _clear_unstarted(folder: Path, config: Any) -> None:
+    """Removes the ``config.yaml`` of this subject's run whose writer died before its
+    ``state.json``: the run never started, and the file would make the folder look like someone
+    else's. Only a file that holds this very config is removed; any other is left alone."""
+    from consistent_char.config import ExtractorConfig, load_mapping
     from consistent_char.rundir import LOCK_FILE, TEMP_SUFFIX, RunLock
 
     if not folder.is_dir() or RunLock(folder).holder() is not None:
         return
     names = {p.name for p in folder.iterdir() if not p.name.endswith(TEMP_SUFFIX)}
-    if names - {LOCK_FILE} == {"config.yaml"}:
+    if names - {LOCK_FILE} != {"config.yaml"}:
+        return
+    try:
+        ours = ExtractorConfig.build(load_mapping(folder / "config.yaml")) == config
+    except (OSError, ValueError):
+        ours = False
+    if ours:
         (folder / "config.yaml").unlink()
 
 
