@@ -14,7 +14,7 @@ own effect: the identity with and without the ControlNet, and plain prompting (t
 without the identity) with and without it.
 
 Example:
-    >>> args = (gen, controlled, identity, probe, reference, "a creature")
+    >>> args = (gen, controlled, identity, probe, reference, "a creature")  # doctest: +SKIP
     >>> section, images = score_pose_control(*args)  # doctest: +SKIP
     >>> section["controlnet"]["identity"]["control_followed"]  # doctest: +SKIP
     0.95
