@@ -230,7 +230,8 @@ def test_bad_images_lengths_and_strength_are_refused(gen):
 
 def test_the_docs_recipe_with_stock_diffusers_keeps_the_outside(model_dir, identity):
     init, mask = _scene(), _box()
-    # docs/applications.md's recipe: an inpainting pipeline from the base model, the identity, overlay.
+    # docs/applications.md's recipe: an inpainting pipeline from the base model, the identity,
+    # overlay.
     pipe = StableDiffusionXLInpaintPipeline.from_pretrained(str(model_dir))
     identity.apply_to(pipe)
     image = pipe(f"{TOKEN} in the snow", image=init, mask_image=mask, strength=1.0,

@@ -253,9 +253,7 @@ def test_patience_stops_when_the_spread_stops_falling_and_return_best_keeps_the_
     assert float(best.identity.clip_l[0, 3]) == 20.0  # the identity that drew iteration 1
 
 
-def test_a_run_stopped_by_patience_resumes_as_finished_without_computing_again(
-    tmp_path, caplog
-):
+def test_a_run_stopped_by_patience_resumes_as_finished_without_computing_again(tmp_path, caplog):
     settings = {"convergence.d_conv_relative": 0.001, "convergence.patience": 2}
     first = scripted_extractor(ScriptedRefiner([20.0, 0.5, 0.5, 0.5, 0.5, 0.5]), **settings)
     stopped = first.extract("a colour", run_dir=tmp_path / "run")

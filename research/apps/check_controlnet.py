@@ -18,6 +18,7 @@ from safetensors.torch import load_file
 
 from consistent_char.control import ControlledGenerator
 from consistent_char.generators.sdxl import SDXLGenerator
+from consistent_char.toy.captions import full_caption
 from consistent_char.toy.pose import (
     POSE,
     POSE_TOLERANCE,
@@ -26,7 +27,6 @@ from consistent_char.toy.pose import (
     pose_of,
     sample_posed_record,
 )
-from consistent_char.toy.captions import full_caption
 from consistent_char.toy.probe import IdentityProbe
 
 sys.path.insert(0, ".")
@@ -62,8 +62,15 @@ def main() -> None:
     for name, images in (("without", plain), ("with", steered)):
         read = probe.predict_pose(images)
         within = np.abs(read - asked) <= np.asarray([POSE_TOLERANCE[k] for k in POSE])
-        print(name, "followed", pose_followed(read, asked).mean(), "mean abs error",
-              np.abs(read - asked).mean(0).round(3), "within per field", within.mean(0).round(3))
+        print(
+            name,
+            "followed",
+            pose_followed(read, asked).mean(),
+            "mean abs error",
+            np.abs(read - asked).mean(0).round(3),
+            "within per field",
+            within.mean(0).round(3),
+        )
     sheet = Image.new("RGB", (64 * args.n, 192))
     for k in range(args.n):
         for r, im in enumerate((maps[k], steered[k], plain[k])):

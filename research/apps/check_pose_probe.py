@@ -31,10 +31,13 @@ def main() -> None:
         images = [render(r) for r in records]
         read = probe.predict(images)
         identity = np.mean(
-            [all(p[a] == getattr(r, a) for a in IDENTITY_ATTRIBUTES) for p, r in zip(read, records)]
+            [
+                all(p[a] == getattr(r, a) for a in IDENTITY_ATTRIBUTES)
+                for p, r in zip(read, records, strict=True)
+            ]
         )
         poses, asked = probe.predict_pose(images), pose_of(records)
-        errors = dict(zip(POSE, np.abs(poses - asked).mean(0).round(4)))
+        errors = dict(zip(POSE, np.abs(poses - asked).mean(0).round(4), strict=True))
         print(
             f"{name}: identity {identity:.3f}, pose within tolerance "
             f"{pose_followed(poses, asked).mean():.3f}, mean errors {errors}"
