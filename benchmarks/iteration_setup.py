@@ -419,38 +419,60 @@ def build_models(plan: Plan, device: Device, clock: Clock) -> Models:
     weights halved so that random-weight decoding stays finite in fp16 (as in the baseline script;
     the cost is unchanged). DINOv2 starts in fp32 (the naive path's dtype).
     """
-    from diffusers import AutoencoderKL, StableDiffusionXLPipeline, UNet2DConditionModel
-    from transformers import (
-        CLIPTextModel,
-        CLIPTextModelWithProjection,
-        Dinov2Config,
-        Dinov2Model,
-    )
-
-    from consistent_char.tokenizers import build_clip_tokenizer
+    from transformers import Dinov2Config, Dinov2Model
 
     tiny = plan.mode == "tiny"
     t0 = time.perf_counter()
+    half = torch.float16 if device.is_cuda else torch.float32
+    torch.manual_seed(plan.seed)
+    pipe = random_sdxl(tiny, half, device.torch_device, log=clock.log)
+    with torch.device(device.torch_device):
+        # Drawn after SDXL's four models, from the same seeded stream.
+        dino = Dinov2Model(Dinov2Config(**(TINY_DINOV2 if tiny else DINOV2_L)))
+    dino.requires_grad_(False)
+    dino.eval()
+    pipe.set_progress_bar_config(disable=True)
+    device.sync()
+    return Models(
+        pipe=pipe,
+        dino=dino,
+        vocab_size=len(pipe.tokenizer),
+        unet_params_m=sum(p.numel() for p in pipe.unet.parameters()) / 1e6,
+        build_s=time.perf_counter() - t0,
+    )
+
+
+def random_sdxl(
+    tiny: bool,
+    dtype: torch.dtype,
+    torch_device: Any,
+    *,
+    log: Callable[[str], None] | None = None,
+) -> Any:
+    """Full-size (or tiny) SDXL from configs with random weights, from the global RNG, on
+    `torch_device` in `dtype`, frozen, its VAE weights halved (see `freeze`)."""
+    from diffusers import AutoencoderKL, StableDiffusionXLPipeline, UNet2DConditionModel
+    from transformers import CLIPTextModel, CLIPTextModelWithProjection
+
+    from consistent_char.tokenizers import build_clip_tokenizer
+
     with tempfile.TemporaryDirectory() as tmp:
         words = make_words(None if tiny else CLIP_VOCAB_SIZE)
         tokenizer = build_clip_tokenizer(words, Path(tmp) / "tokenizer")
         tokenizer_2 = copy.deepcopy(tokenizer)
-    clock.log(f"tokenizers built: {len(tokenizer)} tokens")
-
-    half = torch.float16 if device.is_cuda else torch.float32
-    torch.manual_seed(plan.seed)
-    with torch.device(device.torch_device):
-        unet = UNet2DConditionModel(**(TINY_UNET if tiny else SDXL_UNET)).to(half)
-        vae = AutoencoderKL(**(TINY_VAE if tiny else SDXL_VAE)).to(half)
+    if log is not None:
+        log(f"tokenizers built: {len(tokenizer)} tokens")
+    with torch.device(torch_device):
+        unet = UNet2DConditionModel(**(TINY_UNET if tiny else SDXL_UNET)).to(dtype)
+        vae = AutoencoderKL(**(TINY_VAE if tiny else SDXL_VAE)).to(dtype)
         text_encoder = CLIPTextModel(
             clip_text_config(TINY_CLIP_L if tiny else CLIP_L, tokenizer)
-        ).to(half)
+        ).to(dtype)
         text_encoder_2 = CLIPTextModelWithProjection(
             clip_text_config(TINY_CLIP_G if tiny else CLIP_G, tokenizer)
-        ).to(half)
-        dino = Dinov2Model(Dinov2Config(**(TINY_DINOV2 if tiny else DINOV2_L)))
-    freeze(unet, vae, text_encoder, text_encoder_2, dino, halve=vae)
-    pipe = StableDiffusionXLPipeline(
+        ).to(dtype)
+    freeze(unet, vae, text_encoder, text_encoder_2, halve=vae)
+    return StableDiffusionXLPipeline(
         vae=vae,
         text_encoder=text_encoder,
         text_encoder_2=text_encoder_2,
@@ -459,15 +481,6 @@ def build_models(plan: Plan, device: Device, clock: Clock) -> Models:
         unet=unet,
         scheduler=sdxl_scheduler(),
         add_watermarker=False,
-    )
-    pipe.set_progress_bar_config(disable=True)
-    device.sync()
-    return Models(
-        pipe=pipe,
-        dino=dino,
-        vocab_size=len(tokenizer),
-        unet_params_m=sum(p.numel() for p in unet.parameters()) / 1e6,
-        build_s=time.perf_counter() - t0,
     )
 
 

@@ -18,11 +18,9 @@ On a CPU (two workers share the cores, so it shows only that the path runs)::
 from __future__ import annotations
 
 import argparse
-import copy
 import hashlib
 import json
 import sys
-import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -54,39 +52,10 @@ def random_sdxl_pipeline(device: torch.device, *, tiny: bool) -> Any:
     """SDXL (full size, or the tiny test size) from the iteration benchmark's configs, with
     random weights: the real model's cost without a download."""
     sys.path.insert(0, str(Path(__file__).resolve().parent))
-    import iteration_setup as configs
-    from diffusers import AutoencoderKL, StableDiffusionXLPipeline, UNet2DConditionModel
-    from transformers import CLIPTextModel, CLIPTextModelWithProjection
+    from iteration_setup import random_sdxl
 
-    from consistent_char.tokenizers import build_clip_tokenizer
-
-    size = "TINY_" if tiny else ""
-    unet_config = getattr(configs, "TINY_UNET" if tiny else "SDXL_UNET")
-    vae_config = getattr(configs, "TINY_VAE" if tiny else "SDXL_VAE")
-    words = configs.make_words(None if tiny else configs.CLIP_VOCAB_SIZE)
-    with tempfile.TemporaryDirectory() as tmp:
-        tokenizer = build_clip_tokenizer(words, Path(tmp) / "tokenizer")
-        tokenizer_2 = copy.deepcopy(tokenizer)
-    clip_l = configs.clip_text_config(getattr(configs, f"{size}CLIP_L"), tokenizer)
-    clip_g = configs.clip_text_config(getattr(configs, f"{size}CLIP_G"), tokenizer)
-    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     torch.manual_seed(0)
-    with torch.device(device):
-        unet = UNet2DConditionModel(**unet_config).to(dtype)
-        vae = AutoencoderKL(**vae_config).to(dtype)
-        text_encoder = CLIPTextModel(clip_l).to(dtype)
-        text_encoder_2 = CLIPTextModelWithProjection(clip_g).to(dtype)
-    configs.freeze(unet, vae, text_encoder, text_encoder_2, halve=vae)
-    return StableDiffusionXLPipeline(
-        vae=vae,
-        text_encoder=text_encoder,
-        text_encoder_2=text_encoder_2,
-        tokenizer=tokenizer,
-        tokenizer_2=tokenizer_2,
-        unet=unet,
-        scheduler=configs.sdxl_scheduler(),
-        add_watermarker=False,
-    )
+    return random_sdxl(tiny, torch.bfloat16 if device.type == "cuda" else torch.float32, device)
 
 
 def load_pipeline(model: str, device: torch.device) -> Any:

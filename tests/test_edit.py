@@ -25,17 +25,10 @@ from consistent_char.edit import (
 )
 from consistent_char.errors import InvalidValueError
 from consistent_char.generators.sdxl import SDXLGenerator
-from consistent_char.testing import tiny_identity, tiny_sdxl_pipeline
+from consistent_char.testing import tiny_identity
 
 TOKEN = "<fox>"
 SIZE = 32
-
-
-@pytest.fixture(scope="module")
-def model_dir(tmp_path_factory):
-    directory = tmp_path_factory.mktemp("tiny_sdxl")
-    tiny_sdxl_pipeline(seed=0, directory=directory)
-    return directory
 
 
 @pytest.fixture(scope="module")
@@ -169,16 +162,8 @@ def test_a_thin_mask_reaches_the_latents():
     assert grown[:, 12:14].all() and grown.sum() == 2 * SIZE
 
 
-def test_a_thin_mask_is_redrawn_in_the_latents_the_pipeline_uses(gen, monkeypatch):
-    used = []
-    prepare = StableDiffusionXLInpaintPipeline.prepare_mask_latents
-
-    def spy(self, *args, **kwargs):
-        mask, masked = prepare(self, *args, **kwargs)
-        used.append(mask)
-        return mask, masked
-
-    monkeypatch.setattr(StableDiffusionXLInpaintPipeline, "prepare_mask_latents", spy)
+def test_a_thin_mask_is_redrawn_in_the_latents_the_pipeline_uses(gen, mask_latents):
+    used = mask_latents
     scene = _scene()
     mask = Image.new("L", (SIZE, SIZE), 0)
     mask.paste(255, (13, 0, 14, SIZE))  # one pixel wide, in latent column 6

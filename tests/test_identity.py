@@ -19,19 +19,12 @@ from consistent_char.identity import (
     IdentityError,
 )
 from consistent_char.refiners import TextualInversionLoRARefiner
-from consistent_char.testing import tiny_identity, tiny_sdxl_pipeline
+from consistent_char.testing import tiny_identity
 
 TOKEN = "<fox>"
 PROMPTS = [f"a photo of {TOKEN} in the snow", f"{TOKEN} at night in the city"]
 SEEDS = [11, 12]
 STEPS = 3
-
-
-@pytest.fixture(scope="module")
-def model_dir(tmp_path_factory):
-    directory = tmp_path_factory.mktemp("tiny_sdxl")
-    tiny_sdxl_pipeline(seed=0, directory=directory)
-    return directory
 
 
 @pytest.fixture(scope="module")

@@ -121,20 +121,10 @@ def test_score_local_edit_measures_the_reference_from_plain_drawings():
     assert probe.images == 2 + 2 + 2, "2 plain drawings, then 2 edits with and 2 without"
 
 
-def test_the_toy_model_edits_at_its_latent_size(monkeypatch):
-    from diffusers import StableDiffusionXLInpaintPipeline
-
+def test_the_toy_model_edits_at_its_latent_size(mask_latents):
     import consistent_char.toy as toy
 
-    used = []
-    prepare = StableDiffusionXLInpaintPipeline.prepare_mask_latents
-
-    def spy(self, *args, **kwargs):
-        mask, masked = prepare(self, *args, **kwargs)
-        used.append(mask)
-        return mask, masked
-
-    monkeypatch.setattr(StableDiffusionXLInpaintPipeline, "prepare_mask_latents", spy)
+    used = mask_latents
     gen = SDXLGenerator.from_pretrained(toy.model_dir(), device="cpu", num_inference_steps=2)
     [case] = edit_cases(["snow"], per_scene=1)
     [edited] = blended_edit(gen, [case.image], [case.mask], ["a creature in the snow"], [0])

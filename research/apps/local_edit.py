@@ -15,9 +15,7 @@ import numpy as np
 from PIL import Image
 
 import consistent_char.toy as toy
-from consistent_char.edit import blended_edit
-from consistent_char.eval.local_edit import edit_cases, score_local_edit
-from consistent_char.eval.toy import scene_prompts
+from consistent_char.eval.local_edit import edit_cases, edit_cases_with, score_local_edit
 from consistent_char.identity import Identity
 from consistent_char.usage import identity_generator
 
@@ -65,20 +63,10 @@ def _sheet(gen, identity, args, reference) -> None:
     """Every case again (same seeds, so the same images): one row each."""
     key = tuple(reference[a] for a in toy.IDENTITY_ATTRIBUTES)
     cases = edit_cases(per_scene=args.per_scene, seed=args.seed, avoid=key)
-    rows = []
-    for who in (identity, None):
-        prompts = {s: p for s, p, _ in scene_prompts(who, args.base_prompt, toy.SCENES, 1)}
-        rows.append(
-            blended_edit(
-                gen,
-                [c.image for c in cases],
-                [c.mask for c in cases],
-                [prompts[c.scene] for c in cases],
-                [c.seed for c in cases],
-                who,
-                strength=args.strength,
-            )  # fmt: skip
-        )
+    rows = [
+        edit_cases_with(gen, cases, who, args.base_prompt, strength=args.strength)
+        for who in (identity, None)
+    ]
     lines = [
         np.concatenate(
             [np.asarray(c.image), np.asarray(c.mask.convert("RGB")), np.asarray(a), np.asarray(b)],

@@ -11,6 +11,8 @@ from consistent_char.cli.commands import _run_settings
 from consistent_char.cli.core import (
     INTERNAL_ERROR,
     INTERRUPTED,
+    ConfigOption,
+    SetOption,
     app,
     fail,
     progress_bars,
@@ -46,11 +48,8 @@ def cast(
             help=f"SDXL hub id, local diffusers folder, or 'toy'; default {DEFAULT_MODEL}."
         ),
     ] = None,
-    config: Annotated[Path | None, typer.Option("--config", help="YAML/JSON config file.")] = None,
-    set_: Annotated[
-        list[str] | None,
-        typer.Option("--set", help="Override a setting: key=value (dotted, repeatable)."),
-    ] = None,
+    config: ConfigOption = None,
+    set_: SetOption = None,
     ray: Annotated[
         str | None,
         typer.Option(

@@ -15,6 +15,15 @@ from rich.progress import (
 
 from consistent_char.cli.core import (
     INTERRUPTED,
+    ConfigOption,
+    DeviceOption,
+    GuidanceOption,
+    LoraScaleOption,
+    ModelOption,
+    NumImagesOption,
+    SeedOption,
+    SetOption,
+    StepsOption,
     app,
     check_prompts,
     check_seeds,
@@ -94,11 +103,8 @@ def extract(
             f"{DEFAULT_MODEL} (with --resume: the run's own).",
         ),
     ] = None,
-    config: Annotated[Path | None, typer.Option("--config", help="YAML/JSON config file.")] = None,
-    set_: Annotated[
-        list[str] | None,
-        typer.Option("--set", help="Override a setting: key=value (dotted, repeatable)."),
-    ] = None,
+    config: ConfigOption = None,
+    set_: SetOption = None,
     resume: Annotated[bool, typer.Option(help="Continue the run in --out.")] = False,
     quiet: Annotated[bool, typer.Option(help="No progress bars.")] = False,
     verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Log INFO messages.")] = False,
@@ -186,21 +192,13 @@ def generate(
         typer.Argument(help="Prompts; '{token}' marks the identity, else the run's template."),
     ],
     out: Annotated[Path, typer.Option("--out", help="Folder for the images.")],
-    model: Annotated[
-        str | None, typer.Option(help="Base model (default: the one the identity was learned on).")
-    ] = None,
-    seed: Annotated[
-        int, typer.Option(min=0, help="Seed of the first image; image j uses seed+j.")
-    ] = 0,
-    num_images: Annotated[
-        int, typer.Option("--num-images", "-n", min=1, help="Images per prompt.")
-    ] = 1,
-    steps: Annotated[int | None, typer.Option(min=1, help="Denoising steps.")] = None,
-    guidance_scale: Annotated[
-        float | None, typer.Option(callback=finite(0.0), help="CFG scale (>= 0).")
-    ] = None,
-    scale: Annotated[float, typer.Option(callback=finite(0.0), help="LoRA scale (>= 0).")] = 1.0,
-    device: Annotated[str, typer.Option(help="auto, cpu, cuda, ...")] = "auto",
+    model: ModelOption = None,
+    seed: SeedOption = 0,
+    num_images: NumImagesOption = 1,
+    steps: StepsOption = None,
+    guidance_scale: GuidanceOption = None,
+    scale: LoraScaleOption = 1.0,
+    device: DeviceOption = "auto",
     control_image: Annotated[
         Path | None, typer.Option(help="A control image (e.g. a pose) for --controlnet.")
     ] = None,
@@ -368,15 +366,11 @@ def story(
         typer.Argument(help="One prompt per line; blank lines and # comments are skipped."),
     ],
     out: Annotated[Path, typer.Option("--out", help="Folder for the images and contact sheet.")],
-    seed: Annotated[
-        int, typer.Option(min=0, help="Seed of the first image; image j uses seed+j.")
-    ] = 0,
-    model: Annotated[
-        str | None, typer.Option(help="Base model (default: the one the identity was learned on).")
-    ] = None,
-    device: Annotated[str, typer.Option(help="auto, cpu, cuda, ...")] = "auto",
-    steps: Annotated[int | None, typer.Option(min=1, help="Denoising steps.")] = None,
-    scale: Annotated[float, typer.Option(callback=finite(0.0), help="LoRA scale (>= 0).")] = 1.0,
+    seed: SeedOption = 0,
+    model: ModelOption = None,
+    device: DeviceOption = "auto",
+    steps: StepsOption = None,
+    scale: LoraScaleOption = 1.0,
     verbose: Annotated[bool, typer.Option("--verbose", "-v")] = False,
 ) -> None:
     """Illustrate a story: one image per line of PROMPTS_FILE, plus contact_sheet.png."""

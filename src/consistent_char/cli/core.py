@@ -13,7 +13,8 @@ import os
 import sys
 import traceback
 from collections.abc import Callable
-from typing import Any, NoReturn
+from pathlib import Path
+from typing import Annotated, Any, NoReturn
 
 import typer
 from rich.console import Console
@@ -234,3 +235,28 @@ def progress_bars(quiet: bool) -> Any:
         console=console,
         disable=quiet,
     )
+
+
+# Options of the commands that run the loop (extract, cast), declared once.
+ConfigOption = Annotated[Path | None, typer.Option("--config", help="YAML/JSON config file.")]
+SetOption = Annotated[
+    list[str] | None,
+    typer.Option("--set", help="Override a setting: key=value (dotted, repeatable)."),
+]
+
+# Options of the commands that draw with an identity (generate, edit, story), declared once.
+ModelOption = Annotated[
+    str | None, typer.Option(help="Base model (default: the one the identity was learned on).")
+]
+SeedOption = Annotated[
+    int, typer.Option(min=0, help="Seed of the first image; image j uses seed+j.")
+]
+NumImagesOption = Annotated[
+    int, typer.Option("--num-images", "-n", min=1, help="Images per prompt.")
+]
+StepsOption = Annotated[int | None, typer.Option(min=1, help="Denoising steps.")]
+GuidanceOption = Annotated[
+    float | None, typer.Option(callback=finite(0.0), help="CFG scale (>= 0).")
+]
+LoraScaleOption = Annotated[float, typer.Option(callback=finite(0.0), help="LoRA scale (>= 0).")]
+DeviceOption = Annotated[str, typer.Option(help="auto, cpu, cuda, ...")]

@@ -9,7 +9,20 @@ from typing import Annotated
 import typer
 
 from consistent_char.cli.commands import IdentityDrawing
-from consistent_char.cli.core import app, check_prompts, check_seeds, finite, setup_logging
+from consistent_char.cli.core import (
+    DeviceOption,
+    GuidanceOption,
+    LoraScaleOption,
+    ModelOption,
+    NumImagesOption,
+    SeedOption,
+    StepsOption,
+    app,
+    check_prompts,
+    check_seeds,
+    finite,
+    setup_logging,
+)
 from consistent_char.config import EditConfig
 
 _STRENGTH_HELP = EditConfig.model_fields["strength"].description
@@ -30,24 +43,16 @@ def edit(
         ),
     ],
     out: Annotated[Path, typer.Option("--out", help="Folder for the edited images.")],
-    model: Annotated[
-        str | None, typer.Option(help="Base model (default: the one the identity was learned on).")
-    ] = None,
-    seed: Annotated[
-        int, typer.Option(min=0, help="Seed of the first image; image j uses seed+j.")
-    ] = 0,
-    num_images: Annotated[
-        int, typer.Option("--num-images", "-n", min=1, help="Images per prompt.")
-    ] = 1,
-    steps: Annotated[int | None, typer.Option(min=1, help="Denoising steps.")] = None,
-    guidance_scale: Annotated[
-        float | None, typer.Option(callback=finite(0.0), help="CFG scale (>= 0).")
-    ] = None,
-    scale: Annotated[float, typer.Option(callback=finite(0.0), help="LoRA scale (>= 0).")] = 1.0,
+    model: ModelOption = None,
+    seed: SeedOption = 0,
+    num_images: NumImagesOption = 1,
+    steps: StepsOption = None,
+    guidance_scale: GuidanceOption = None,
+    scale: LoraScaleOption = 1.0,
     strength: Annotated[
         float, typer.Option(callback=finite(), help=f"{_STRENGTH_HELP} In (0, 1].")
     ] = EditConfig().strength,
-    device: Annotated[str, typer.Option(help="auto, cpu, cuda, ...")] = "auto",
+    device: DeviceOption = "auto",
     verbose: Annotated[bool, typer.Option("--verbose", "-v")] = False,
 ) -> None:
     """Draw the identity into the region of IMAGE that --mask marks; the rest stays unchanged."""

@@ -203,7 +203,7 @@ def _edit_sheet(generator: Any, identity: Identity, prompt: str, seed: int) -> I
     from consistent_char.eval.local_edit import edit_cases, edit_cases_with
 
     cases = edit_cases(("forest", "beach", "snow"), per_scene=1, seed=seed)
-    edited = edit_cases_with(generator, cases, identity, prompt, seed)
+    edited = edit_cases_with(generator, cases, identity, prompt)
     rows = [
         np.concatenate([np.asarray(c.image), np.asarray(c.mask.convert("RGB")), np.asarray(e)], 1)
         for c, e in zip(cases, edited, strict=True)

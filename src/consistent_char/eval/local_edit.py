@@ -189,7 +189,7 @@ def score_local_edit(
     cases = edit_cases(scenes, per_scene, seed, avoid=key)
     scores: dict[str, Any] = {}
     for name, who in (("identity", identity), ("baseline", None)):
-        edited = edit_cases_with(generator, cases, who, base_prompt, seed, strength=strength)
+        edited = edit_cases_with(generator, cases, who, base_prompt, strength=strength)
         kept = [identity_key(r) == key for r in probe.predict(edited)]
         unchanged = [
             outside_unchanged(c.image, e, c.mask) for c, e in zip(cases, edited, strict=True)
@@ -203,14 +203,14 @@ def edit_cases_with(
     cases: Sequence[EditCase],
     identity: Identity | None,
     base_prompt: str,
-    seed: int = 0,
     *,
     strength: float = 1.0,
 ) -> list[Image.Image]:
     """Each case edited with the identity (or, with ``None``, the plain prompt) in its scene:
     ``<token> a creature`` + the scene's phrase, at the case's seed."""
     scenes = list(dict.fromkeys(c.scene for c in cases))
-    prompts = {s: p for s, p, _ in scene_prompts(identity, base_prompt, scenes, 1, seed)}
+    # Only the prompts are used: each case has its own seed.
+    prompts = {s: p for s, p, _ in scene_prompts(identity, base_prompt, scenes, 1)}
     return blended_edit(
         generator,
         [c.image for c in cases],
