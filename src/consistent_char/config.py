@@ -213,6 +213,19 @@ class RefinerConfig(_Strict):
         "identity too, so guidance does not amplify it again each iteration (0: off, as in the "
         "paper).",
     )
+    controlnet: str | None = Field(
+        None,
+        description="A ControlNet (folder, hub id, or 'toy') the denoising loss runs through, "
+        "each training image under its own control image (control_annotator): what the control "
+        "carries, e.g. the pose, is explained by the ControlNet instead of learned into the "
+        "LoRA, so the identity follows that ControlNet better (None: off, as in the paper).",
+    )
+    control_annotator: str | None = Field(
+        None,
+        description="'module:function' turning a list of training images into their control "
+        "images (e.g. consistent_char.toy.pose:annotate for ToyWorld's pose ControlNet).",
+    )
+    control_scale: float = Field(1.0, gt=0, description="The ControlNet's scale in the loss.")
     gradient_checkpointing: bool = Field(
         False, description="Recompute UNet activations in the backward pass (less memory, slower)."
     )
@@ -240,6 +253,12 @@ class RefinerConfig(_Strict):
     def _token_is_one_word(self) -> RefinerConfig:
         if any(c.isspace() for c in self.token):
             raise ValueError(f"token must be one word without spaces, got {self.token!r}")
+        return self
+
+    @model_validator(mode="after")
+    def _control_has_an_annotator(self) -> RefinerConfig:
+        if (self.controlnet is None) != (self.control_annotator is None):
+            raise ValueError("set controlnet and control_annotator together, or neither")
         return self
 
     @model_validator(mode="after")

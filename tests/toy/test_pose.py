@@ -1,5 +1,6 @@
 """ToyWorld's pose signal: the pose map carries the pose and nothing of the identity, leans as
-the renderer leans the creature, and the pose head of the probe reads and saves poses."""
+the renderer leans the creature, the pose head of the probe reads and saves poses, and the
+annotator draws the map of the pose it reads."""
 
 from __future__ import annotations
 
@@ -13,6 +14,7 @@ from consistent_char.toy.pose import (
     POSE,
     POSE_RANGES,
     POSE_TOLERANCE,
+    annotate,
     pose_followed,
     pose_map,
     pose_of,
@@ -125,3 +127,32 @@ def test_a_probe_without_a_pose_head_says_so():
     probe = IdentityProbe(ProbeConfig(channels=(4, 8), hidden=8))
     with pytest.raises(ValueError, match="no pose head"):
         probe.predict_pose([render(_record())])
+
+
+def test_the_annotator_draws_the_pose_map_of_the_pose_a_creature_stands_in():
+    # ToyWorld's control annotator reads each render's pose with the shipped pose probe: its
+    # map must be the render's own (nearer to it than to any other render's map).
+    rng = np.random.default_rng(11)
+    records = [sample_posed_record(rng) for _ in range(6)]
+    maps = annotate([render(r) for r in records])
+    truth = [np.asarray(pose_map(r), dtype=np.float32) for r in records]
+    for i, drawn in enumerate(maps):
+        gaps = [np.abs(np.asarray(drawn, dtype=np.float32) - t).mean() for t in truth]
+        assert int(np.argmin(gaps)) == i
+        assert drawn.size == (64, 64)
+
+
+def test_the_identity_toy_apps_extracts_refines_through_the_pose_controlnet():
+    from diffusers import StableDiffusionXLPipeline
+
+    import consistent_char.toy as toy
+    from consistent_char.config import TOY_MODEL, ExtractorConfig
+    from consistent_char.eval.apps import POSE_AWARE_REFINER
+    from consistent_char.refiners import TextualInversionLoRARefiner
+
+    config = ExtractorConfig.build({"model": TOY_MODEL, "refiner": POSE_AWARE_REFINER})
+    pipe = StableDiffusionXLPipeline.from_pretrained(toy.model_dir())
+    refiner = TextualInversionLoRARefiner.from_config(pipe, config.refiner)
+    refiner.check_ready()
+    control = refiner.training_control()
+    assert control is not None and control.annotator is annotate

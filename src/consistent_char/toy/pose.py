@@ -25,6 +25,7 @@ Example:
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -44,6 +45,7 @@ __all__ = [
     "POSE",
     "POSE_RANGES",
     "POSE_TOLERANCE",
+    "annotate",
     "pose_followed",
     "pose_map",
     "pose_of",
@@ -121,3 +123,19 @@ def pose_map(pose: CreatureRecord | Mapping[str, float], *, size: int = IMAGE_SI
     if tilt:
         layer = layer.rotate(tilt, resample=Image.Resampling.BILINEAR, center=(cx, feet))
     return layer.resize((size, size), Image.Resampling.BOX)
+
+
+def annotate(images: Sequence[Image.Image]) -> list[Image.Image]:
+    """The pose maps of drawn creatures, their poses read by the pose probe: ToyWorld's control
+    annotator (``refiner.control_annotator: consistent_char.toy.pose:annotate``), as OpenPose
+    is for a pose ControlNet on photographs."""
+    poses = _pose_probe().predict_pose(list(images))
+    return [pose_map(dict(zip(POSE, map(float, p), strict=True))) for p in poses]
+
+
+@functools.lru_cache(maxsize=1)
+def _pose_probe() -> Any:
+    from consistent_char.toy import pose_probe_dir
+    from consistent_char.toy.probe import IdentityProbe
+
+    return IdentityProbe.from_pretrained(pose_probe_dir())

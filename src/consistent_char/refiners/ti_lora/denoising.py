@@ -18,21 +18,29 @@ import torch
 import torch.nn.functional as F
 
 if TYPE_CHECKING:
+    from consistent_char.refiners.ti_lora.control import TrainingControl
     from consistent_char.refiners.ti_lora.state import _TrainingState
 
 
 @dataclass
 class Batch:
-    """Training images on the device: latents, token ids of both encoders, SDXL's time ids."""
+    """Training images on the device: latents, token ids of both encoders, SDXL's time ids,
+    and, when refining through a ControlNet, each image's control image."""
 
     latents: torch.Tensor
     ids_1: torch.Tensor
     ids_2: torch.Tensor
     time_ids: torch.Tensor
+    control: torch.Tensor | None = None
 
     def __getitem__(self, index: torch.Tensor) -> Batch:
+        control = None if self.control is None else self.control[index]
         return Batch(
-            self.latents[index], self.ids_1[index], self.ids_2[index], self.time_ids[index]
+            self.latents[index],
+            self.ids_1[index],
+            self.ids_2[index],
+            self.time_ids[index],
+            control,
         )
 
     def __len__(self) -> int:
@@ -56,10 +64,12 @@ def sdxl_loss(
     autocast: contextlib.AbstractContextManager[Any],
     dtype: torch.dtype,
     keep: torch.Tensor | None = None,
+    control: TrainingControl | None = None,
 ) -> torch.Tensor:
     """SDXL's denoising loss of `batch`'s latents noised with `noise` at `timesteps` (all on the
     device): device work only, as a CUDA graph needs. Where `keep` is 0 the caption is dropped:
-    both prompt embeddings are zeroed, SDXL's unconditional input."""
+    both prompt embeddings are zeroed, SDXL's unconditional input. With `control` (and control
+    images in `batch`), the ControlNet's residuals for those images are added to the UNet."""
     noisy = scheduler.add_noise(batch.latents, noise, timesteps)
     prediction_type = scheduler.config.prediction_type
     if prediction_type == "epsilon":
@@ -76,15 +86,19 @@ def sdxl_loss(
         if keep is not None:
             prompt_embeds = prompt_embeds * keep[:, None, None].to(prompt_embeds.dtype)
             pooled = pooled * keep[:, None].to(pooled.dtype)
+        added = {"text_embeds": pooled.to(dtype), "time_ids": batch.time_ids.to(dtype)}
+        residuals: dict[str, Any] = {}
+        if control is not None and batch.control is not None:
+            residuals = control.residuals(
+                noisy.to(dtype), timesteps, prompt_embeds.to(dtype), added, batch.control
+            )
         pred = unet(
             noisy.to(dtype),
             timesteps,
             encoder_hidden_states=prompt_embeds.to(dtype),
-            added_cond_kwargs={
-                "text_embeds": pooled.to(dtype),
-                "time_ids": batch.time_ids.to(dtype),
-            },
+            added_cond_kwargs=added,
             return_dict=False,
+            **residuals,
         )[0]
     return F.mse_loss(pred.float(), target.float())
 

@@ -31,6 +31,7 @@ from consistent_char.refiners.ti_lora.acceleration import (
     to_device,
     uses_autocast,
 )
+from consistent_char.refiners.ti_lora.control import TrainingControl
 from consistent_char.refiners.ti_lora.denoising import Batch
 from consistent_char.refiners.ti_lora.inputs import (
     check_inputs,
@@ -69,6 +70,9 @@ RECORDED_SETTINGS = (
     "prior_preservation",
     "caption_dropout",
     "mixed_precision",
+    "controlnet",
+    "control_annotator",
+    "control_scale",
 )
 
 
@@ -176,6 +180,7 @@ class TextualInversionLoRARefiner(SettingsAttributes):
             )
         # Any: diffusers registers the components at run time, invisible to type checkers.
         self.pipeline: Any = pipeline
+        self._control: tuple[tuple[Any, ...], TrainingControl] | None = None
 
     @property
     def lora_alpha(self) -> float:
@@ -256,11 +261,14 @@ class TextualInversionLoRARefiner(SettingsAttributes):
     def check_ready(self, identity: Identity | None = None) -> None:
         """Raises the errors `refine` would raise about its settings, without training: the
         token is free in both tokenizers, `initializer_token` tokenizes, and every LoRA target
-        module names a layer of the UNet that a LoRA can wrap. Cheap; the extractor calls it
-        before it draws iteration 0.
+        module names a layer of the UNet that a LoRA can wrap, and a `controlnet` loads, fits
+        the UNet and has an annotator. Cheap (but for loading that ControlNet); the extractor
+        calls it before it draws iteration 0.
 
         Raises:
             InvalidValueError: One of those does not hold; the message says what to change.
+            consistent_char.control.ControlNetMismatchError: The ControlNet is for another
+                base model.
 
         Example:
             >>> refiner.check_ready()  # doctest: +SKIP
@@ -280,6 +288,17 @@ class TextualInversionLoRARefiner(SettingsAttributes):
         if s.mode != "ti" or warm_lora:
             targets = identity.target_modules if warm_lora and identity else s.target_modules
             check_target_modules(self.pipeline.unet, targets)
+        self.training_control()
+
+    def training_control(self) -> TrainingControl | None:
+        """The ControlNet the loss runs through (`controlnet`, loaded once), or None."""
+        s = self.settings
+        if s.controlnet is None or s.control_annotator is None:
+            return None
+        key = (s.controlnet, s.control_annotator, s.control_scale)
+        if self._control is None or self._control[0] != key:
+            self._control = (key, TrainingControl.load(self.pipeline, *key))
+        return self._control[1]
 
     # ---------------------------------------------------------------- refine
 
@@ -337,9 +356,12 @@ class TextualInversionLoRARefiner(SettingsAttributes):
             data = self._batch(
                 state, [*images, *prior_images], captions, prior_captions, height, width
             )
+            control = self._with_control(data, [*images, *prior_images], height, width)
             # 3. Optimise the new rows and the LoRA with SDXL's denoising loss
             autocast = self._autocast(pipe.unet.device, cache=not s.cuda_graphs)
-            final_loss = optimise(s, pipe, state, data, len(images), gen, autocast, callback)
+            final_loss = optimise(
+                s, pipe, state, data, len(images), gen, autocast, callback, control
+            )
             # 4. Read the identity out before the pipeline is restored
             metadata = _metadata(identity, self._settings(), seed, len(images), final_loss)
             return state.identity(metadata=metadata)
@@ -376,6 +398,7 @@ class TextualInversionLoRARefiner(SettingsAttributes):
         losses: list[float] = []
         with self._training(identity, token, seed, accelerate=False) as state, torch.no_grad():
             data = self._batch(state, images, captions, [], height, width)
+            control = self._with_control(data, images, height, width)
             autocast, unet_dtype = self._autocast(device), unet.dtype  # once, as in refine
             for _ in range(repeats):
                 noise, timesteps = denoising.draw_noise(gen, data.latents.shape, high)
@@ -388,6 +411,7 @@ class TextualInversionLoRARefiner(SettingsAttributes):
                     to_device(timesteps, device),
                     autocast,
                     unet_dtype,
+                    control=control,
                 )
                 losses.append(float(loss))
         return sum(losses) / len(losses)
@@ -431,6 +455,16 @@ class TextualInversionLoRARefiner(SettingsAttributes):
             ids_1, ids_2 = torch.cat([ids_1, prior_1]), torch.cat([ids_2, prior_2])
         device = self.pipeline.unet.device
         return Batch(latents, ids_1, ids_2, denoising.time_ids(height, width, len(images), device))
+
+    def _with_control(
+        self, data: Batch, images: list[Image.Image], height: int, width: int
+    ) -> TrainingControl | None:
+        """Puts the control images of `images` (the rows of `data`) into `data`, when refining
+        through a ControlNet; returns that ControlNet's `TrainingControl` or None."""
+        control = self.training_control()
+        if control is not None:
+            data.control = control.control_images(images, height, width)
+        return control
 
     def _autocast(
         self, device: torch.device, *, cache: bool = True

@@ -20,6 +20,7 @@ import torch
 
 from consistent_char.refiners.ti_lora import denoising
 from consistent_char.refiners.ti_lora.acceleration import _StepRunner, copy_from_host
+from consistent_char.refiners.ti_lora.control import TrainingControl
 from consistent_char.refiners.ti_lora.denoising import Batch
 from consistent_char.refiners.ti_lora.settings import RefinerSettings
 from consistent_char.refiners.ti_lora.state import _TrainingState
@@ -39,13 +40,15 @@ def optimise(
     gen: torch.Generator,
     autocast: contextlib.AbstractContextManager[Any],
     callback: StepCallback | None,
+    control: TrainingControl | None = None,
 ) -> float:
     """Runs `settings.steps` optimisation steps; returns the last step's loss (NaN for 0 steps).
 
     The first `n_identity` rows of `data` are the identity's images; any after them are prior
     images, of which each micro-batch also takes one micro-batch at weight `prior_preservation`.
+    With `control`, every loss runs through its ControlNet (`data.control` holds the images).
     """
-    step = _TrainingStep(settings, pipe, state, data, n_identity, gen, autocast)
+    step = _TrainingStep(settings, pipe, state, data, n_identity, gen, autocast, control)
     run_step = _StepRunner(step, graphed=settings.cuda_graphs)
     report = _Report(settings.steps, settings.show_progress, callback)
     # A step's loss is read (and reported) once the next step is queued: reading it waits for
@@ -81,9 +84,10 @@ class _TrainingStep:
         n_identity: int,
         gen: torch.Generator,
         autocast: contextlib.AbstractContextManager[Any],
+        control: TrainingControl | None = None,
     ) -> None:
         self.settings, self.state, self.data, self.autocast = settings, state, data, autocast
-        self.gen = gen
+        self.gen, self.control = gen, control
         self.unet = pipe.unet
         # diffusers' ModelMixin.dtype walks every module of the UNet (LoRA layers included):
         # read once here, not four times a step (11% of a ToyWorld refine on the CPU).
@@ -161,6 +165,7 @@ class _TrainingStep:
             self.autocast,
             self.unet_dtype,
             keep,
+            self.control,
         )
 
 
