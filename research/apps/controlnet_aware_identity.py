@@ -27,11 +27,11 @@ from PIL import Image
 import consistent_char.toy as toy
 from consistent_char.config import TOY_MODEL, ExtractorConfig
 from consistent_char.control import ControlledGenerator, load_controlnet
-from consistent_char.eval.apps import POSE_AWARE_REFINER
 from consistent_char.eval.pose_control import score_pose_control
 from consistent_char.extractor import IterativeIdentityExtractor
 from consistent_char.seeds import stage_seed
 from consistent_char.toy.evaluate import majority_identity
+from consistent_char.toy.pose import REFINE_THROUGH_CONTROLNET
 from consistent_char.toy.probe import IdentityProbe
 
 
@@ -113,7 +113,9 @@ def main() -> None:
             extractor, identity, probe, "replayed as the loop trains", args.scale
         )
     if args.only in ("both", "controlnet"):
-        extractor = _extractor({**refiner, **POSE_AWARE_REFINER, "control_scale": args.scale})
+        extractor = _extractor(
+            {**refiner, **REFINE_THROUGH_CONTROLNET, "control_scale": args.scale}
+        )
         identity = replay(args.run, extractor, args.through)
         identity.save(args.out / f"through_controlnet_{args.scale:g}")
         results["through_controlnet"] = measure(

@@ -3,7 +3,7 @@
 The loop's own images stand centred and upright (ToyWorld's poses), so every identity it learns
 has only seen that pose. Here each image of every iteration is drawn through ToyWorld's pose
 ControlNet with a pose map from `POSE_RANGES` (seeded per image), and the refiner trains
-through the same ControlNet (`eval.apps.POSE_AWARE_REFINER`). The identity has then seen the
+through the same ControlNet (`toy.pose.REFINE_THROUGH_CONTROLNET`). The identity has then seen the
 character in many poses, each explained by the ControlNet.
 
     python research/apps/posed_loop.py --out RUN
@@ -24,9 +24,8 @@ from PIL import Image
 
 from consistent_char.config import TOY_MODEL, ExtractorConfig
 from consistent_char.control import ControlledGenerator, load_controlnet
-from consistent_char.eval.apps import POSE_AWARE_REFINER
 from consistent_char.extractor import IterativeIdentityExtractor
-from consistent_char.toy.pose import pose_map, sample_pose
+from consistent_char.toy.pose import REFINE_THROUGH_CONTROLNET, pose_map, sample_pose
 
 
 class PosedGenerator:
@@ -52,7 +51,7 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(int(os.environ.get("THREADS", "2")))
     config = ExtractorConfig.build(
-        {"model": TOY_MODEL, "device": "cpu", "refiner": POSE_AWARE_REFINER}
+        {"model": TOY_MODEL, "device": "cpu", "refiner": REFINE_THROUGH_CONTROLNET}
     )
     extractor = IterativeIdentityExtractor.from_config(config)
     plain = extractor.generator

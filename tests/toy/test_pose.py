@@ -14,6 +14,7 @@ from consistent_char.toy.pose import (
     POSE,
     POSE_RANGES,
     POSE_TOLERANCE,
+    REFINE_THROUGH_CONTROLNET,
     annotate,
     pose_followed,
     pose_map,
@@ -142,15 +143,14 @@ def test_the_annotator_draws_the_pose_map_of_the_pose_a_creature_stands_in():
         assert drawn.size == (64, 64)
 
 
-def test_the_identity_toy_apps_extracts_refines_through_the_pose_controlnet():
+def test_the_settings_that_refine_through_the_pose_controlnet_load_it_and_the_annotator():
     from diffusers import StableDiffusionXLPipeline
 
     import consistent_char.toy as toy
     from consistent_char.config import TOY_MODEL, ExtractorConfig
-    from consistent_char.eval.apps import POSE_AWARE_REFINER
     from consistent_char.refiners import TextualInversionLoRARefiner
 
-    config = ExtractorConfig.build({"model": TOY_MODEL, "refiner": POSE_AWARE_REFINER})
+    config = ExtractorConfig.build({"model": TOY_MODEL, "refiner": REFINE_THROUGH_CONTROLNET})
     pipe = StableDiffusionXLPipeline.from_pretrained(toy.model_dir())
     refiner = TextualInversionLoRARefiner.from_config(pipe, config.refiner)
     refiner.check_ready()

@@ -1,9 +1,7 @@
 """``consistent-char eval toy-apps``: the paper's applications of a found identity, in ToyWorld.
 
 1. The identity: an existing one (``--identity``), or the one `extract` finds for
-   ``"a creature"`` on the toy model, in ``OUT/run`` (resumed if cut), refining through the
-   pose ControlNet (`POSE_AWARE_REFINER`): the pose of each training image is explained by
-   the ControlNet, so the LoRA learns the look without the pose it was drawn in.
+   ``"a creature"`` on the toy model, in ``OUT/run`` (resumed if cut).
 2. Its **reference** attributes: each probe's majority reading of the identity drawn plainly
    in every scene.
 3. **Local editing** (`consistent_char.eval.local_edit`): the identity edited into the
@@ -29,14 +27,7 @@ from PIL import Image
 
 from consistent_char.identity import Identity
 
-__all__ = [
-    "POSE_AWARE_REFINER",
-    "TARGETS",
-    "AppsSettings",
-    "apps_settings",
-    "apps_table",
-    "run_toy_apps",
-]
+__all__ = ["TARGETS", "AppsSettings", "apps_settings", "apps_table", "run_toy_apps"]
 
 #: The bar each figure must reach (the plain-prompting baselines have none: they show the
 #: distance the identity makes).
@@ -47,12 +38,6 @@ TARGETS: dict[str, float] = {
     "pose_control.control_followed": 0.9,
 }
 DEFAULT_PROMPT = "a creature"
-#: The refiner settings of the identity `eval toy-apps` extracts: through ToyWorld's pose
-#: ControlNet, each training image under the pose map of its own pose.
-POSE_AWARE_REFINER: dict[str, Any] = {
-    "controlnet": "toy",
-    "control_annotator": "consistent_char.toy.pose:annotate",
-}
 
 
 @dataclass(frozen=True)
@@ -187,9 +172,7 @@ def _identity(
         prompt = str(identity.metadata.get("prompt") or DEFAULT_PROMPT)
         generator = identity_generator(identity, model=TOY_MODEL, device=device)
         return identity, generator, prompt
-    config = ExtractorConfig.build(
-        {"model": TOY_MODEL, "device": device, "refiner": POSE_AWARE_REFINER}
-    )
+    config = ExtractorConfig.build({"model": TOY_MODEL, "device": device})
     run = out / "run"
     resume = (run / "state.json").is_file()
     say(f"extracting {DEFAULT_PROMPT!r} on the toy model into {run}" + (" (resumed)" * resume))

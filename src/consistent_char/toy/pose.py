@@ -45,6 +45,7 @@ __all__ = [
     "POSE",
     "POSE_RANGES",
     "POSE_TOLERANCE",
+    "REFINE_THROUGH_CONTROLNET",
     "annotate",
     "pose_followed",
     "pose_map",
@@ -66,6 +67,14 @@ POSE_RANGES: dict[str, tuple[float, float]] = {
 #: How far a drawn pose may be from the asked one and still follow it, per field: a tenth
 #: of the range for position, scale and feet, and 7.5° of lean (under a sixth of its range).
 POSE_TOLERANCE: dict[str, float] = {"x": 0.03, "bottom": 0.02, "scale": 0.06, "tilt": 7.5}
+
+#: The ``refiner`` settings that learn an identity through ToyWorld's pose ControlNet, each
+#: training image under the pose map of the pose it stands in (see
+#: `consistent_char.refiners.ti_lora.control`).
+REFINE_THROUGH_CONTROLNET: dict[str, str] = {
+    "controlnet": "toy",
+    "control_annotator": "consistent_char.toy.pose:annotate",
+}
 
 _SUPERSAMPLE = 4
 _SPINE = (255, 255, 255)

@@ -128,6 +128,10 @@ class TextualInversionLoRARefiner(SettingsAttributes):
             learns the identity too, so classifier-free guidance amplifies only what the
             caption adds (the scene) rather than the identity again at every iteration of the
             loop (``0``: off, the paper's loss). Only the LoRA learns from a dropped caption.
+        controlnet, control_annotator, control_scale: Refine through a ControlNet (a folder,
+            a hub id or ``"toy"``): every loss adds its residuals, at `control_scale`, for each
+            image's own control image, made by the annotator (``"module:function"``); see
+            `consistent_char.refiners.ti_lora.control` (``None``: off, the paper's loss).
         height: Training image height; ``None`` is the first image's height.
         width: Training image width; ``None`` is the first image's width.
         mixed_precision: ``"auto"`` (bfloat16 autocast on CUDA, none on CPU), ``"bf16"`` or
