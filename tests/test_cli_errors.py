@@ -263,10 +263,16 @@ CLI_CASES: list[CliCase] = [
         "unknown setting",
         'extract "a fox" --out runs/a --set refiner.rank=3',
         "invalid configuration: refiner.rank: unknown key (did you mean 'lora_rank'?); known "
-        "keys: batch_size, caption_dropout, compile_blocks, cuda_graphs, embedding_lr, "
-        "gradient_checkpointing, initializer_token, lora_alpha, lora_lr, lora_rank, lr_decay, "
-        "max_timestep, mode, num_vectors, prior_preservation, row_norm_cap, steps, "
-        "target_modules, token",
+        "keys: batch_size, caption_dropout, compile_blocks, control_annotator, control_scale, "
+        "controlnet, cuda_graphs, embedding_lr, gradient_checkpointing, initializer_token, "
+        "lora_alpha, lora_lr, lora_rank, lr_decay, max_timestep, mode, num_vectors, "
+        "prior_preservation, row_norm_cap, steps, target_modules, token",
+    ),
+    cli(
+        "a ControlNet to refine through, without its annotator",
+        'extract "a fox" --out runs/a --set refiner.controlnet=toy',
+        'invalid configuration: refiner = {"controlnet": "toy"}: set controlnet and '
+        "control_annotator together, or neither",
     ),
     cli(
         "unknown embedder",
