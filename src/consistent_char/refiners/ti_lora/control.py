@@ -3,11 +3,11 @@ ControlNet's residuals for that image's own control image (e.g. its pose, read b
 annotator).
 
 Why: the identity's LoRA learns whatever its training images share. The loop's images of one
-character mostly share a pose too (SDXL draws a prompt in a few favourite poses), so the LoRA
-learns that pose with the look and pulls every drawing back to it, against a ControlNet asking
-for another. With the ControlNet in the loss, the pose of each training image is already
-explained by the ControlNet's residuals; the LoRA is left to learn the look. The ControlNet is
-frozen and no gradient flows through it.
+character can share a pose too (in ToyWorld they all stand centred and upright), and then the
+LoRA learns that pose with the look and pulls every drawing back to it, against a ControlNet
+asking for another. With the ControlNet in the loss, each training image's pose is already
+explained by the ControlNet's residuals, and the LoRA is left to learn the look. The
+ControlNet is frozen and no gradient flows through it.
 
 Set by ``refiner.controlnet`` (the ControlNet) and ``refiner.control_annotator``
 (``"module:function"``: a function from a list of PIL images to their control images, e.g.
