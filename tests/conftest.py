@@ -52,3 +52,13 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "gpu" in item.keywords:
             item.add_marker(skip)
+
+
+@pytest.fixture
+def no_pipeline_loading(monkeypatch):
+    """Makes loading an SDXL pipeline fail the test: for checks that must refuse before it."""
+
+    def no_loading(*args, **kwargs):
+        raise AssertionError("a pipeline loaded before the settings were checked")
+
+    monkeypatch.setattr("consistent_char.generators.sdxl.load_sdxl_pipeline", no_loading)

@@ -74,13 +74,11 @@ def test_the_clusterer_logs_the_warnings_of_a_usable_build(monkeypatch, caplog):
     assert "built for CUDA 12 but torch for CUDA 13.0" in caplog.text
 
 
-def test_use_gpu_without_a_gpu_build_stops_the_cli_before_loading(monkeypatch, tmp_path):
+def test_use_gpu_without_a_gpu_build_stops_the_cli_before_loading(
+    monkeypatch, tmp_path, no_pipeline_loading
+):
     monkeypatch.setattr(faiss_gpu, "faiss_build", lambda: _build("faiss-cpu"))
 
-    def no_loading(*args, **kwargs):
-        raise AssertionError("a model loaded before the clusterer was checked")
-
-    monkeypatch.setattr("consistent_char.generators.sdxl.load_sdxl_pipeline", no_loading)
     result = CliRunner().invoke(
         app,
         [

@@ -200,13 +200,11 @@ def test_more_cuda_devices_than_visible_is_a_clear_error(monkeypatch):
         resolve_devices(["cuda:1", "cuda:0"], torch.device("cuda", 0))
 
 
-def test_cli_names_missing_cuda_devices_in_one_line_before_loading(tmp_path, monkeypatch):
+def test_cli_names_missing_cuda_devices_in_one_line_before_loading(
+    tmp_path, monkeypatch, no_pipeline_loading
+):
     _cuda_devices(monkeypatch, 0)
 
-    def no_loading(*args, **kwargs):
-        raise AssertionError("the pipeline loaded before the devices were checked")
-
-    monkeypatch.setattr("consistent_char.generators.sdxl.load_sdxl_pipeline", no_loading)
     result = CliRunner().invoke(
         app,
         [

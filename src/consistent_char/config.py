@@ -503,6 +503,13 @@ class ExtractorConfig(_Strict):
         """Dotted names of the fields whose values differ, e.g. ``["refiner.steps"]``."""
         return sorted(diff(self.to_dict(), other.to_dict()))
 
+    def describe_differences(self, other: ExtractorConfig) -> str:
+        """The differing fields with both values, this config's as the run's: ``"refiner.steps
+        (run: 100, now: 200)"``; empty when there are none."""
+        return ", ".join(
+            f"{d} (run: {self.get(d)!r}, now: {other.get(d)!r})" for d in self.differences(other)
+        )
+
 
 def toy_preset() -> dict[str, Any]:
     """ToyWorld settings (`--model toy`): small, fast on a CPU, and sized to its world.

@@ -240,12 +240,11 @@ def _planned(entry: SubjectRecord, run: RunDirectory, config: ExtractorConfig) -
 def _check_same_settings(run: Path, saved: ExtractorConfig, config: ExtractorConfig) -> None:
     from consistent_char.config import ConfigError
 
-    diff = saved.differences(config)
+    diff = saved.describe_differences(config)
     if diff:
         raise ConfigError(
-            f"{run} was run with other settings; differing fields: "
-            + ", ".join(f"{d} (run: {saved.get(d)!r}, now: {config.get(d)!r})" for d in diff)
-            + "; run the cast with the settings it started with, or choose another --out"
+            f"{run} was run with other settings; differing fields: {diff}; run the cast with "
+            "the settings it started with, or choose another --out"
         )
 
 

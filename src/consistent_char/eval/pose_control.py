@@ -115,11 +115,11 @@ def score_pose_control(
                 images = controlled.generate(prompts, seeds, ident, control_images=maps)
             else:
                 images = generator.generate(prompts, seeds, ident)
-            poses_read = probe.predict_pose(images)
+            attributes, poses_read = probe.predict_with_pose(images)
             within = np.abs(poses_read - asked) <= [POSE_TOLERANCE[k] for k in POSE]
             section[way][who] = {
                 "control_followed": float(np.mean(pose_followed(poses_read, asked))),
-                "identity_kept": identity_kept(probe.predict(images), reference),
+                "identity_kept": identity_kept(attributes, reference),
                 # Which fields of the pose are followed, each alone.
                 "fields_followed": {k: float(within[:, i].mean()) for i, k in enumerate(POSE)},
             }

@@ -145,14 +145,13 @@ class RunDirectory:
             )
         state = self.read_state()
         saved = self.read_config()
-        diff = saved.differences(config)
+        diff = saved.describe_differences(config)
         if diff:
             from consistent_char.config import ConfigError
 
             raise ConfigError(
-                f"cannot resume {self.root} with a different config; differing fields: "
-                + ", ".join(f"{d} (run: {saved.get(d)!r}, now: {config.get(d)!r})" for d in diff)
-                + "; resume without --config/--set/--model to use the run's own"
+                f"cannot resume {self.root} with a different config; differing fields: {diff}; "
+                "resume without --config/--set/--model to use the run's own"
             )
         if state.prompt != prompt:
             raise InvalidValueError(

@@ -156,9 +156,11 @@ class IdentityProbe(nn.Module):
         self, images: Sequence[Image.Image] | np.ndarray, *, batch_size: int = 256
     ) -> list[dict[str, str]]:
         """One ``{attribute: value}`` dict per image."""
-        indices = self.predict_indices(images, batch_size=batch_size)
+        return self._attributes(self._outputs(images, batch_size), len(images))
+
+    def _attributes(self, probs: dict[str, np.ndarray], n: int) -> list[dict[str, str]]:
         names = self.config.attributes
-        return [{a: names[a][int(indices[a][i])] for a in names} for i in range(len(images))]
+        return [{a: names[a][int(probs[a][i].argmax())] for a in names} for i in range(n)]
 
     def predict_validity(
         self, images: Sequence[Image.Image] | np.ndarray, *, batch_size: int = 256
@@ -180,10 +182,21 @@ class IdentityProbe(nn.Module):
         Raises:
             ValueError: The probe was trained without a pose head.
         """
+        return self.predict_with_pose(images, batch_size=batch_size)[1]
+
+    def predict_with_pose(
+        self, images: Sequence[Image.Image] | np.ndarray, *, batch_size: int = 256
+    ) -> tuple[list[dict[str, str]], np.ndarray]:
+        """`predict` and `predict_pose` from one pass over the images.
+
+        Raises:
+            ValueError: The probe was trained without a pose head.
+        """
         if self.pose_head is None:
             raise ValueError("this probe has no pose head (trained without one)")
+        probs = self._outputs(images, batch_size)
         lo, hi = _pose_bounds()
-        return lo + self._outputs(images, batch_size)[POSE_KEY] * (hi - lo)
+        return self._attributes(probs, len(images)), lo + probs[POSE_KEY] * (hi - lo)
 
     @staticmethod
     def pose_targets(poses: np.ndarray) -> torch.Tensor:

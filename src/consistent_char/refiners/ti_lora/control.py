@@ -24,7 +24,6 @@ import importlib
 from collections.abc import Callable, Sequence
 from typing import Any
 
-import numpy as np
 import torch
 from PIL import Image
 
@@ -65,9 +64,18 @@ def load_annotator(path: str) -> Annotator:
 class TrainingControl:
     """A frozen ControlNet, the annotator of its control images and its scale in the loss."""
 
-    def __init__(self, controlnet: Any, annotator: Annotator, scale: float = 1.0) -> None:
+    def __init__(
+        self, controlnet: Any, annotator: Annotator, scale: float = 1.0, vae_scale_factor: int = 8
+    ) -> None:
+        from diffusers.image_processor import VaeImageProcessor
+
         self.controlnet = controlnet.requires_grad_(False).eval()
         self.annotator, self.scale = annotator, scale
+        # What diffusers' SDXL ControlNet pipelines feed the ControlNet: RGB in [0, 1], resized
+        # the same way, so training sees the control images that drawing will.
+        self.processor = VaeImageProcessor(
+            vae_scale_factor=vae_scale_factor, do_convert_rgb=True, do_normalize=False
+        )
 
     @classmethod
     def load(cls, pipeline: Any, controlnet: str, annotator: str, scale: float) -> TrainingControl:
@@ -79,25 +87,21 @@ class TrainingControl:
         unet = pipeline.unet
         model = load_controlnet(controlnet, device=unet.device, dtype=unet.dtype)
         check_controlnet_fits(pipeline, model)
-        return cls(model, function, scale)
+        return cls(model, function, scale, pipeline.vae_scale_factor)
 
     def control_images(
         self, images: Sequence[Image.Image], height: int, width: int
     ) -> torch.Tensor:
-        """The annotator's control images of `images` as ``(N, 3, height, width)`` in [0, 1]
-        (what diffusers' ControlNet pipelines feed the ControlNet), on the ControlNet's device."""
+        """The annotator's control images of `images` as ``(N, 3, height, width)`` in [0, 1], on
+        the ControlNet's device."""
         maps = list(self.annotator(list(images)))
         if len(maps) != len(images):
             raise ValueError(
                 f"the control annotator returned {len(maps)} control images for {len(images)} "
                 "training images"
             )
-        rows = [
-            np.asarray(m.convert("RGB").resize((width, height), Image.Resampling.BILINEAR))
-            for m in maps
-        ]
-        pixels = torch.from_numpy(np.stack(rows).astype(np.float32) / 255.0).permute(0, 3, 1, 2)
-        return pixels.to(self.controlnet.device)
+        pixels = self.processor.preprocess(maps, height=height, width=width)
+        return pixels.to(self.controlnet.device, torch.float32)
 
     def residuals(
         self,
