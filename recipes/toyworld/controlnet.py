@@ -9,12 +9,18 @@ so that a cut run resumes where it stopped:
 
 1. ``pose_probe``: an `IdentityProbe` with a pose head, trained on creatures drawn in the wide
    poses of `consistent_char.toy.pose.POSE_RANGES` (the shipped probe has only seen upright,
-   centred creatures), to read both the identity and the pose of a drawn creature;
+   centred creatures), half of them passed through the VAE as generated images are, to read
+   both the identity and the pose of a drawn creature;
 2. ``controlnet``: a ControlNet made from the toy UNet (`ControlNetModel.from_unet`: a copy of
    its encoder, zero-initialised outputs), trained with the UNet, VAE and text encoders frozen to
    draw the creature in the pose of a pose map (`consistent_char.toy.pose.pose_map`). Timesteps
    are drawn with a cubic bias towards high noise, where the layout is decided (as T2I-Adapter
-   does for structure).
+   does for structure), or with ``--timesteps uniform`` alike at every noise level.
+
+The shipped ControlNet was trained in three runs: two with the cubic bias (the second with
+``--init-controlnet`` from the first), then one more from those weights with ``--timesteps
+uniform``: the toy UNet, which has only seen upright, centred creatures, straightens a leaning
+one even in the last, low-noise steps, and the ControlNet must hold the pose there too.
 
 Then it writes ``WEIGHTS/controlnet`` (diffusers) and ``WEIGHTS/pose_probe`` and measures both
 into ``WEIGHTS/../controlnet-metrics.json`` (the probe on held-out renders; the ControlNet on
@@ -39,7 +45,7 @@ from consistent_char.toy.captions import sample_caption
 from consistent_char.toy.pose import pose_map, pose_of, sample_posed_record
 from consistent_char.toy.probe import POSE_KEY, IdentityProbe, ProbeConfig
 from consistent_char.toy.world import ATTRIBUTES, render
-from recipes.toyworld.augment import augment, to01
+from recipes.toyworld.augment import augment, to01, vae_round_trip
 from recipes.toyworld.checkpoint import Checkpoint, atomic_write_text
 from recipes.toyworld.log import log
 from recipes.toyworld.loop import autocast, randint, run_loop, seed_of
@@ -62,6 +68,9 @@ class AppsPlan:
     captions_per_image: int = 4
     caption_drop: float = 0.1
     min_snr_gamma: float = 5.0
+    # "high": a cubic bias towards high noise, where the layout is decided; "uniform": every
+    # noise level alike (see the module's docstring).
+    timesteps: str = "high"
     pose_weight: float = 50.0
     eval_images: int = 128
     eval_steps: int = 20
@@ -71,6 +80,10 @@ class AppsPlan:
     # it trains in minutes on a CPU.
     probe_channels: tuple[int, ...] = (16, 32, 64)
     probe_hidden: int = 128
+    # The share of the pose probe's images passed through the VAE first: every drawn image is
+    # a VAE decode, whose small dark feet may fade, and a probe that has seen only renders then
+    # misreads where the creature stands.
+    probe_vae_share: float = 0.5
     # Seconds for the ControlNet stage (None: its steps); the learning rate follows the
     # fraction of the budget spent, so a cut stage still ends its cosine decay.
     controlnet_seconds: float | None = None
@@ -113,11 +126,14 @@ def posed_set(n: int, seed: int, prior: str, captions_per_image: int) -> PosedSe
 # ----------------------------------------------------------------------------- pose probe
 
 
-def train_pose_probe(plan: AppsPlan, data: PosedSet, ckpt: Path, seed: int) -> IdentityProbe:
+def train_pose_probe(
+    plan: AppsPlan, data: PosedSet, ckpt: Path, seed: int, vae: Any = None
+) -> IdentityProbe:
     """An identity probe with a pose head, trained on posed renders with photometric
     augmentation only (brightness, blur, noise): a shift or a flip would change the pose it must
-    read. Unlike the identity probe, no share goes through the VAE: on a CPU that round trip
-    costs more than the probe's own step."""
+    read. With `vae`, a share of `plan.probe_vae_share` of its images are VAE round trips
+    (computed once, before training: on a CPU a round trip per step costs more than the
+    probe's own step)."""
     device = torch.device("cpu")
     torch.manual_seed(seed_of(seed, 60))
     config = ProbeConfig(
@@ -127,10 +143,16 @@ def train_pose_probe(plan: AppsPlan, data: PosedSet, ckpt: Path, seed: int) -> I
     images = torch.from_numpy(data.images)
     labels = torch.from_numpy(data.labels)
     targets = IdentityProbe.pose_targets(data.poses)
+    share = plan.probe_vae_share if vae is not None else 0.0
+    decoded = images
+    if share > 0 and not (Checkpoint(ckpt, "pose_probe").state() or {}).get("done"):
+        decoded = _round_trips(vae, images, plan.bf16)
 
     def loss_fn(step: int, rng: np.random.Generator, gen: torch.Generator) -> torch.Tensor:
         idx = randint(images.shape[0], plan.pose_probe.batch, gen)
-        x = augment(to01(images[idx]), gen, max_shift=0.0, scale=(1.0, 1.0), flip=False)
+        through_vae = (torch.rand(idx.shape[0], generator=gen) < share)[:, None, None, None]
+        pixels = torch.where(through_vae, decoded[idx], images[idx])
+        x = augment(to01(pixels), gen, max_shift=0.0, scale=(1.0, 1.0), flip=False)
         with autocast(device, plan.bf16):
             out = probe(x * 2 - 1)
         loss = plan.pose_weight * F.mse_loss(out[POSE_KEY].float(), targets[idx])
@@ -150,6 +172,18 @@ def train_pose_probe(plan: AppsPlan, data: PosedSet, ckpt: Path, seed: int) -> I
     trained_probe = trained["probe"]
     assert isinstance(trained_probe, IdentityProbe)
     return trained_probe.eval()
+
+
+def _round_trips(vae: Any, images: torch.Tensor, bf16: bool) -> torch.Tensor:
+    """``(N, H, W, 3)`` uint8 renders → their VAE round trips, uint8."""
+    t0 = time.perf_counter()
+    device = torch.device("cpu")
+    out = []
+    for start in range(0, images.shape[0], 256):
+        x = vae_round_trip(vae, to01(images[start : start + 256]), device, bf16)
+        out.append((x * 255).round().to(torch.uint8).permute(0, 2, 3, 1))
+    log("pose_probe", f"{images.shape[0]} VAE round trips in {time.perf_counter() - t0:.0f}s")
+    return torch.cat(out)
 
 
 # ----------------------------------------------------------------------------- ControlNet
@@ -197,7 +231,8 @@ def train_controlnet(
         x0, cond = latents[idx], maps[idx]
         noise = torch.randn(x0.shape, generator=gen)
         u = torch.rand(b, generator=gen)
-        t = ((1 - u**3) * alphas.shape[0]).long().clamp(max=alphas.shape[0] - 1)
+        u = u**3 if plan.timesteps == "high" else u
+        t = ((1 - u) * alphas.shape[0]).long().clamp(max=alphas.shape[0] - 1)
         ab = alphas[t].view(b, 1, 1, 1)
         noisy = ab.sqrt() * x0 + (1 - ab).sqrt() * noise
         keep = (torch.rand(b, generator=gen) >= plan.caption_drop).float()
@@ -345,17 +380,21 @@ def main(argv: Sequence[str] | None = None, *, plan: AppsPlan | None = None) -> 
         default=None,
         help="an exported ControlNet folder to train on from (with a new --ckpt folder)",
     )
+    parser.add_argument("--timesteps", choices=["high", "uniform"], default="high")
     args = parser.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
-    plan = plan or AppsPlan(controlnet_seconds=args.controlnet_seconds)
+    plan = plan or AppsPlan(
+        controlnet_seconds=args.controlnet_seconds,
+        timesteps=args.timesteps,
+    )
     ckpt: Path = args.ckpt or args.weights.resolve().parent / "controlnet-checkpoints"
     ckpt.mkdir(parents=True, exist_ok=True)
     stages = STAGES if args.stage == "all" else (args.stage,)
     pipe = StableDiffusionXLPipeline.from_pretrained(args.weights / "pipeline")
     if "pose_probe" in stages:
         uniform = _rendered(plan.probe_images, seed_of(args.seed, 81), "uniform", 1)
-        probe = train_pose_probe(plan, uniform, ckpt, args.seed)
+        probe = train_pose_probe(plan, uniform, ckpt, args.seed, vae=pipe.vae)
         probe.save_pretrained(args.weights / POSE_PROBE_DIR)
     if "controlnet" in stages:
         train = _rendered(

@@ -1,5 +1,6 @@
 """The pose probe on fresh renders: does it read every attribute, and the pose within
-`POSE_TOLERANCE`, of creatures in wide poses and in ToyWorld's own?
+`POSE_TOLERANCE`, of creatures in wide poses and in ToyWorld's own, drawn by the renderer and
+passed through the toy VAE (as every generated image is)?
 
     python research/apps/check_pose_probe.py [PROBE_DIR] [--n 400]
 """
@@ -10,6 +11,7 @@ import argparse
 
 import numpy as np
 import torch
+from PIL import Image
 
 import consistent_char.toy as toy
 from consistent_char.toy.pose import POSE, pose_followed, pose_of, sample_posed_record
@@ -28,20 +30,37 @@ def main() -> None:
     draws = {"posed": lambda: sample_posed_record(rng), "toyworld": lambda: sample_record(rng)}
     for name, draw in draws.items():
         records = [draw() for _ in range(args.n)]
-        images = [render(r) for r in records]
-        read = probe.predict(images)
-        identity = np.mean(
-            [
-                all(p[a] == getattr(r, a) for a in IDENTITY_ATTRIBUTES)
-                for p, r in zip(read, records, strict=True)
-            ]
-        )
-        poses, asked = probe.predict_pose(images), pose_of(records)
-        errors = dict(zip(POSE, np.abs(poses - asked).mean(0).round(4), strict=True))
-        print(
-            f"{name}: identity {identity:.3f}, pose within tolerance "
-            f"{pose_followed(poses, asked).mean():.3f}, mean errors {errors}"
-        )
+        rendered = [render(r) for r in records]
+        for how, images in (("rendered", rendered), ("VAE round trip", _round_trips(rendered))):
+            _report(f"{name}, {how}", probe, images, records)
+
+
+def _report(name: str, probe: IdentityProbe, images: list[Image.Image], records: list) -> None:
+    read = probe.predict(images)
+    identity = np.mean(
+        [
+            all(p[a] == getattr(r, a) for a in IDENTITY_ATTRIBUTES)
+            for p, r in zip(read, records, strict=True)
+        ]
+    )
+    poses, asked = probe.predict_pose(images), pose_of(records)
+    errors = dict(zip(POSE, np.abs(poses - asked).mean(0).round(4), strict=True))
+    print(
+        f"{name}: identity {identity:.3f}, pose within tolerance "
+        f"{pose_followed(poses, asked).mean():.3f}, mean errors {errors}"
+    )
+
+
+@torch.no_grad()
+def _round_trips(images: list[Image.Image]) -> list[Image.Image]:
+    from diffusers import AutoencoderKL
+
+    vae = AutoencoderKL.from_pretrained(toy.model_dir(), subfolder="vae")
+    x = torch.from_numpy(np.stack([np.asarray(im) for im in images])).permute(0, 3, 1, 2)
+    x = x.float() / 127.5 - 1
+    y = torch.cat([vae.decode(vae.encode(c).latent_dist.mode()).sample for c in x.split(100)])
+    arrays = ((y.clamp(-1, 1) + 1) * 127.5).round().byte().permute(0, 2, 3, 1).numpy()
+    return [Image.fromarray(a) for a in arrays]
 
 
 if __name__ == "__main__":

@@ -14,11 +14,12 @@ from safetensors.torch import load_file
 import consistent_char.toy as toy
 from consistent_char.control import check_controlnet_fits, load_controlnet
 from consistent_char.toy.probe import IdentityProbe
-from recipes.toyworld.controlnet import AppsPlan, main
+from recipes.toyworld.augment import to01, vae_round_trip
+from recipes.toyworld.controlnet import AppsPlan, _round_trips, main, posed_set
 from recipes.toyworld.plan import StagePlan
 
 
-def _tiny_plan() -> AppsPlan:
+def _tiny_plan(**changes: object) -> AppsPlan:
     def stage(steps: int) -> StagePlan:
         return StagePlan(steps, 4, 1e-3, warmup=1, checkpoint_every=2, log_every=1)
 
@@ -32,6 +33,7 @@ def _tiny_plan() -> AppsPlan:
         bf16=False,
         pose_probe=stage(2),
         controlnet=stage(3),
+        **changes,
     )
 
 
@@ -71,7 +73,7 @@ def test_a_later_run_trains_on_from_exported_weights(weights, tmp_path):
     shutil.copytree(weights / "controlnet", tmp_path / "start")
     main(
         [*argv, "--ckpt", str(tmp_path / "second"), "--init-controlnet", str(tmp_path / "start")],
-        plan=_tiny_plan(),
+        plan=_tiny_plan(timesteps="uniform"),
     )
     went_on = _tensors(weights / "controlnet")
     # It started from the exported weights (the zero-initialised outputs are not zero any more
@@ -80,3 +82,14 @@ def test_a_later_run_trains_on_from_exported_weights(weights, tmp_path):
     assert start[key].abs().sum() > 0
     assert not torch.equal(start[key], went_on[key])
     assert np.allclose(start[key].numpy(), went_on[key].numpy(), atol=0.1)
+
+
+def test_the_pose_probe_sees_the_vaes_reconstructions_in_the_renders_layout(weights):
+    vae = StableDiffusionXLPipeline.from_pretrained(weights / "pipeline").vae
+    renders = torch.from_numpy(posed_set(3, seed=1, prior="world", captions_per_image=1).images)
+    trips = _round_trips(vae, renders, bf16=False)
+    assert trips.shape == renders.shape and trips.dtype == torch.uint8
+    direct = vae_round_trip(vae, to01(renders), torch.device("cpu"))
+    assert torch.allclose(to01(trips), direct, atol=1 / 255 + 1e-6)
+    # The VAE changes the pixels: these are not the renders again.
+    assert (trips.float() - renders.float()).abs().mean() > 0.5

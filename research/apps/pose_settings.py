@@ -1,0 +1,76 @@
+"""Pose control of one identity (or the plain prompt) under drawing settings: LoRA scale,
+ControlNet scale, guidance, scheduler, steps. 20 poses × 4 seeds, read by the pose probe.
+
+    python research/apps/pose_settings.py IDENTITY CONTROLNET '[{"lora_scale": 0.8}]' \
+        [--plain] [--reference shape=round,color=blue,hat=crown,hat_color=red,eyes=big]
+
+Each JSON object is one setting (`SDXLGenerator` settings, plus ``control_scale``); the
+reference is what the probe should read for the identity (default: that of
+``bench/toy-apps/run``'s identity).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+
+import numpy as np
+import torch
+
+import consistent_char.toy as toy
+from consistent_char.config import TOY_MODEL
+from consistent_char.control import ControlledGenerator, load_controlnet
+from consistent_char.eval.pose_control import pose_jobs
+from consistent_char.identity import Identity
+from consistent_char.toy.evaluate import identity_kept
+from consistent_char.toy.pose import POSE, POSE_TOLERANCE, pose_followed, pose_map, pose_of
+from consistent_char.toy.probe import IdentityProbe
+from consistent_char.usage import identity_generator
+
+REFERENCE = "shape=round,color=blue,hat=crown,hat_color=red,eyes=big"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("identity")
+    parser.add_argument("controlnet", help="a ControlNet folder, or 'toy'")
+    parser.add_argument("settings", help="a JSON list of settings")
+    parser.add_argument("--plain", action="store_true", help="draw the plain prompt instead")
+    parser.add_argument("--reference", default=REFERENCE)
+    args = parser.parse_args()
+    torch.set_num_threads(int(os.environ.get("THREADS", "2")))
+    identity = Identity.load(args.identity)
+    reference = dict(kv.split("=") for kv in args.reference.split(","))
+    probe = IdentityProbe.from_pretrained(toy.pose_probe_dir())
+    jobs = pose_jobs(20, 4, 0)
+    asked = pose_of([j.pose for j in jobs])
+    maps = [pose_map(j.pose) for j in jobs]
+    seeds = [j.seed for j in jobs]
+    tolerance = np.array([POSE_TOLERANCE[k] for k in POSE])
+    gen = identity_generator(identity, model=TOY_MODEL, device="cpu")
+    controlnet = load_controlnet(args.controlnet, device="cpu")
+    drawn = None if args.plain else identity
+    for setting in json.loads(args.settings):
+        scale = setting.pop("control_scale", 1.0)
+        controlled = ControlledGenerator(
+            gen.pipeline,
+            controlnet,
+            control_scale=scale,
+            **{**gen.settings.model_dump(), **setting},
+        )
+        prompts = [j.prompt("a creature", drawn) for j in jobs]
+        images = controlled.generate(prompts, seeds, drawn, control_images=maps)
+        read = probe.predict_pose(images)
+        print(
+            f"{'plain' if args.plain else 'identity'} {setting} control scale {scale}: "
+            f"followed {pose_followed(read, asked).mean():.3f}, "
+            f"kept {identity_kept(probe.predict(images), reference):.3f}, "
+            f"fields {np.round(np.mean(np.abs(read - asked) <= tolerance, 0), 2)}, "
+            f"bias/tolerance {np.round((read - asked).mean(0) / tolerance, 2)}",
+            flush=True,
+        )
+
+
+if __name__ == "__main__":
+    main()
