@@ -12,7 +12,7 @@ import torch
 
 from consistent_char.generators import SDXLGenerator
 from consistent_char.refiners import TextualInversionLoRARefiner
-from consistent_char.testing import tiny_sdxl_pipeline
+from consistent_char.testing import tiny_sdxl_pipeline, tiny_training_images
 
 pytestmark = pytest.mark.gpu
 
@@ -28,10 +28,7 @@ def pipe():
 
 @pytest.fixture(scope="module")
 def images(pipe):
-    generators = [torch.Generator("cuda").manual_seed(i) for i in range(4)]
-    return pipe(
-        ["a red cat"] * 4, num_inference_steps=2, generator=generators, output_type="pil"
-    ).images
+    return tiny_training_images(pipe)
 
 
 def _refine(pipe, images, **settings):

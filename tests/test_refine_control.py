@@ -17,7 +17,11 @@ from consistent_char.errors import InvalidValueError
 from consistent_char.refiners import TextualInversionLoRARefiner
 from consistent_char.refiners.ti_lora.control import TrainingControl, load_annotator
 from consistent_char.refiners.ti_lora.denoising import Batch
-from consistent_char.testing.tiny import tiny_controlnet, tiny_sdxl_pipeline
+from consistent_char.testing.tiny import (
+    tiny_controlnet,
+    tiny_sdxl_pipeline,
+    tiny_training_images,
+)
 
 TOKEN = "<tiny-pose>"
 FAST = {"lora_lr": 1e-2, "embedding_lr": 5e-2, "token": TOKEN, "initializer_token": "cat"}
@@ -41,8 +45,7 @@ def pipe():
 
 @pytest.fixture(scope="module")
 def images(pipe):
-    generators = [torch.Generator().manual_seed(i) for i in range(4)]
-    return pipe(["a red cat"] * 4, num_inference_steps=2, generator=generators).images
+    return tiny_training_images(pipe)
 
 
 @pytest.fixture

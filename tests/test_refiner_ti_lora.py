@@ -12,7 +12,7 @@ from fakes import fake_cuda_graphs
 from consistent_char.identity import Identity, IdentityError
 from consistent_char.interfaces import Refiner
 from consistent_char.refiners import TextualInversionLoRARefiner
-from consistent_char.testing import tiny_identity, tiny_sdxl_pipeline
+from consistent_char.testing import tiny_identity, tiny_sdxl_pipeline, tiny_training_images
 
 TOKEN = "<cc>"
 CAPTIONS = [f"a photo of {TOKEN} in the snow"] * 4
@@ -28,10 +28,7 @@ def pipe():
 
 @pytest.fixture(scope="module")
 def images(pipe):
-    generators = [torch.Generator().manual_seed(i) for i in range(4)]
-    return pipe(
-        ["a red cat"] * 4, num_inference_steps=2, generator=generators, output_type="pil"
-    ).images
+    return tiny_training_images(pipe)
 
 
 def _refiner(pipe, **settings):

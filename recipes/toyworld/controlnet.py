@@ -143,10 +143,11 @@ def train_pose_probe(
     images = torch.from_numpy(data.images)
     labels = torch.from_numpy(data.labels)
     targets = IdentityProbe.pose_targets(data.poses)
+    checkpoint = Checkpoint(ckpt, "pose_probe")
     share = plan.probe_vae_share if vae is not None else 0.0
     decoded = images
-    if share > 0 and not (Checkpoint(ckpt, "pose_probe").state() or {}).get("done"):
-        decoded = _round_trips(vae, images, plan.bf16)
+    if share > 0 and not (checkpoint.state() or {}).get("done"):
+        decoded = vae_round_trips(vae, images, plan.bf16)
 
     def loss_fn(step: int, rng: np.random.Generator, gen: torch.Generator) -> torch.Tensor:
         idx = randint(images.shape[0], plan.pose_probe.batch, gen)
@@ -165,7 +166,7 @@ def train_pose_probe(
         plan.pose_probe,
         modules={"probe": probe},
         loss_fn=loss_fn,
-        checkpoint=Checkpoint(ckpt, "pose_probe"),
+        checkpoint=checkpoint,
         seed=seed,
         device=device,
     )
@@ -174,7 +175,7 @@ def train_pose_probe(
     return trained_probe.eval()
 
 
-def _round_trips(vae: Any, images: torch.Tensor, bf16: bool) -> torch.Tensor:
+def vae_round_trips(vae: Any, images: torch.Tensor, bf16: bool = False) -> torch.Tensor:
     """``(N, H, W, 3)`` uint8 renders → their VAE round trips, uint8."""
     t0 = time.perf_counter()
     device = torch.device("cpu")

@@ -8,6 +8,7 @@ passed through the toy VAE (as every generated image is)?
 from __future__ import annotations
 
 import argparse
+import sys
 
 import numpy as np
 import torch
@@ -17,6 +18,9 @@ import consistent_char.toy as toy
 from consistent_char.toy.pose import POSE, pose_followed, pose_of, sample_posed_record
 from consistent_char.toy.probe import IdentityProbe
 from consistent_char.toy.world import IDENTITY_ATTRIBUTES, render, sample_record
+
+sys.path.insert(0, ".")  # run from the repository root, as the recipes are
+from recipes.toyworld.controlnet import vae_round_trips  # noqa: E402
 
 
 def main() -> None:
@@ -51,16 +55,12 @@ def _report(name: str, probe: IdentityProbe, images: list[Image.Image], records:
     )
 
 
-@torch.no_grad()
 def _round_trips(images: list[Image.Image]) -> list[Image.Image]:
     from diffusers import AutoencoderKL
 
     vae = AutoencoderKL.from_pretrained(toy.model_dir(), subfolder="vae")
-    x = torch.from_numpy(np.stack([np.asarray(im) for im in images])).permute(0, 3, 1, 2)
-    x = x.float() / 127.5 - 1
-    y = torch.cat([vae.decode(vae.encode(c).latent_dist.mode()).sample for c in x.split(100)])
-    arrays = ((y.clamp(-1, 1) + 1) * 127.5).round().byte().permute(0, 2, 3, 1).numpy()
-    return [Image.fromarray(a) for a in arrays]
+    pixels = torch.from_numpy(np.stack([np.asarray(im) for im in images]))
+    return [Image.fromarray(a) for a in vae_round_trips(vae, pixels).numpy()]
 
 
 if __name__ == "__main__":

@@ -15,7 +15,7 @@ import consistent_char.toy as toy
 from consistent_char.control import check_controlnet_fits, load_controlnet
 from consistent_char.toy.probe import IdentityProbe
 from recipes.toyworld.augment import to01, vae_round_trip
-from recipes.toyworld.controlnet import AppsPlan, _round_trips, main, posed_set
+from recipes.toyworld.controlnet import AppsPlan, main, posed_set, vae_round_trips
 from recipes.toyworld.plan import StagePlan
 
 
@@ -87,7 +87,7 @@ def test_a_later_run_trains_on_from_exported_weights(weights, tmp_path):
 def test_the_pose_probe_sees_the_vaes_reconstructions_in_the_renders_layout(weights):
     vae = StableDiffusionXLPipeline.from_pretrained(weights / "pipeline").vae
     renders = torch.from_numpy(posed_set(3, seed=1, prior="world", captions_per_image=1).images)
-    trips = _round_trips(vae, renders, bf16=False)
+    trips = vae_round_trips(vae, renders)
     assert trips.shape == renders.shape and trips.dtype == torch.uint8
     direct = vae_round_trip(vae, to01(renders), torch.device("cpu"))
     assert torch.allclose(to01(trips), direct, atol=1 / 255 + 1e-6)

@@ -114,6 +114,21 @@ def tiny_sdxl_pipeline(
     return pipe
 
 
+def tiny_training_images(pipe: Any, n: int = 4, prompt: str = "a red cat") -> list[Any]:
+    """`n` PIL images `pipe` draws for `prompt` in 2 steps, image `i` from seed `i` on the
+    pipeline's device: training images for a refiner test.
+
+    Example:
+        >>> len(tiny_training_images(tiny_sdxl_pipeline(seed=0), n=2))
+        2
+    """
+    generators = [torch.Generator(pipe.device).manual_seed(i) for i in range(n)]
+    images: list[Any] = pipe(
+        [prompt] * n, num_inference_steps=2, generator=generators, output_type="pil"
+    ).images
+    return images
+
+
 def _tiny_unet() -> UNet2DConditionModel:
     """SDXL's UNet layout (text-time added embedding, both encoders' widths as cross-attention
     width) at two small blocks."""
