@@ -81,6 +81,65 @@ def test_the_identity_is_applied_through_the_controlnet_pipeline(parts):
     assert not pipe.get_active_adapters()
 
 
+def _lora_scales_per_step(pipe, identity, gen, prompts, seeds):
+    """The scale the identity's LoRA acts at in each UNet call (one per denoising step)."""
+    from peft.tuners.lora import LoraLayer
+
+    seen: list[float] = []
+
+    def record(module, args):
+        layer = next(
+            m
+            for m in module.modules()
+            if isinstance(m, LoraLayer) and identity.adapter_name in m.lora_A
+        )
+        a = identity.adapter_name
+        seen.append(round(layer.scaling[a] * layer.r[a] / layer.lora_alpha[a], 6))
+
+    hook = pipe.unet.register_forward_pre_hook(record)
+    try:
+        images = gen.generate(prompts, seeds, identity, control_images=_control(0))
+    finally:
+        hook.remove()
+    return seen, images
+
+
+def test_identity_until_switches_the_lora_off_for_the_last_steps_of_every_call(parts):
+    pipe, net, identity = parts
+    gen = ControlledGenerator(
+        pipe, net, identity_until=0.5, num_inference_steps=4, batch_size=1, lora_scale=0.7
+    )
+    seen, _ = _lora_scales_per_step(pipe, identity, gen, ["<tiny> a", "<tiny> b"], [1, 2])
+    # Two calls (batch_size 1) of four steps: each starts at the LoRA's scale again.
+    assert seen == [0.7, 0.7, 0.0, 0.0] * 2
+    assert not pipe.get_active_adapters()
+
+
+def test_identity_until_one_keeps_the_lora_on_and_draws_as_before(parts):
+    pipe, net, identity = parts
+    prompts, seeds = ["<tiny> a"], [3]
+    settings = {"num_inference_steps": 4, "fuse_identity": False}
+    until_one = ControlledGenerator(pipe, net, identity_until=1.0, **settings)
+    seen, images = _lora_scales_per_step(pipe, identity, until_one, prompts, seeds)
+    assert seen == [1.0] * 4
+    late_off = ControlledGenerator(pipe, net, identity_until=0.75, **settings)
+    seen_off, images_off = _lora_scales_per_step(pipe, identity, late_off, prompts, seeds)
+    assert seen_off == [1.0, 1.0, 1.0, 0.0]
+    default = ControlledGenerator(pipe, net, **settings)
+    np.testing.assert_array_equal(
+        _arrays(images)[0],
+        _arrays(default.generate(prompts, seeds, identity, control_images=_control(0)))[0],
+    )
+    assert not np.array_equal(_arrays(images)[0], _arrays(images_off)[0])
+
+
+@pytest.mark.parametrize("until", [0.0, -0.1, 1.5, float("nan")])
+def test_identity_until_outside_zero_to_one_is_refused(parts, until):
+    pipe, net, _ = parts
+    with pytest.raises(InvalidValueError, match="identity_until"):
+        ControlledGenerator(pipe, net, identity_until=until)
+
+
 def test_a_control_image_count_that_differs_from_the_prompts_is_refused(parts):
     pipe, net, identity = parts
     gen = ControlledGenerator(pipe, net, num_inference_steps=STEPS)
@@ -141,6 +200,12 @@ def test_generate_follows_a_control_image_and_at_scale_zero_draws_as_without(sav
     }
     np.testing.assert_array_equal(read["plain"], read["zero"])
     assert not np.array_equal(read["plain"], read["steered"])
+    # The identity's LoRA switched off for the last half of the steps changes the drawing.
+    late = _generate(saved, tmp_path / "late", *control, "--identity-until", "0.5")
+    assert late.exit_code == 0, late.output
+    assert not np.array_equal(
+        read["steered"], np.asarray(Image.open(tmp_path / "late" / "000_seed0.png"))
+    )
 
 
 @pytest.mark.parametrize(
@@ -157,6 +222,12 @@ def test_generate_follows_a_control_image_and_at_scale_zero_draws_as_without(sav
             "not an image",
         ),
         (["--control-image", "{root}/pose.png", "--controlnet", "{root}/nowhere"], "not found"),
+        (["--identity-until", "0.5"], "acts through a ControlNet"),
+        (
+            ["--control-image", "{root}/pose.png", "--controlnet", "{root}/controlnet"]
+            + ["--identity-until", "0"],
+            "must be in (0, 1]",
+        ),
         (
             ["--control-image", "{root}/pose.png", "--controlnet", "{root}/other_controlnet"],
             "does not match the base model: its layers_per_block",

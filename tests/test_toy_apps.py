@@ -28,7 +28,7 @@ def toy_identity(tmp_path_factory):
 
 def test_both_applications_are_measured_into_results(toy_identity, tmp_path):
     settings = AppsSettings("test", edits_per_scene=1, poses=2, images_per_pose=1,
-                            reference_per_scene=1)  # fmt: skip
+                            reference_per_scene=1, identity_until=0.9)  # fmt: skip
     lines: list[str] = []
     results = run_toy_apps(
         settings, tmp_path, identity_dir=toy_identity, device="cpu", say=lines.append
@@ -48,6 +48,7 @@ def test_both_applications_are_measured_into_results(toy_identity, tmp_path):
             assert list(row["fields_followed"]) == list(POSE)
             assert row["control_followed"] <= min(row["fields_followed"].values())
     assert pose["poses"] == 2 and pose["images_per_pose"] == 1
+    assert results["settings"]["identity_until"] == 0.9
     assert set(results["targets"]) == set(TARGETS)
     for t in results["targets"].values():
         assert t["met"] == (t["value"] >= t["target"])
@@ -65,6 +66,12 @@ def test_toy_apps_refuses_bad_input_in_one_line_before_loading(tmp_path):
         (["--out", str(tmp_path / "a"), "--identity", str(tmp_path / "nowhere")], "identity"),
         (["--out", str(user_file)], "not a result of consistent-char eval"),
         (["--out", str(tmp_path / "b"), "--device", "tpu9"], "not a torch device"),
+        (["--out", str(tmp_path / "c"), "--identity-until", "1.5"], "must be in (0, 1]"),
+        (["--out", str(tmp_path / "d"), "--set", "refiner.nonsense=1"], "nonsense"),
+        (
+            ["--out", str(tmp_path / "e"), "--identity", str(user_file), "--set", "seed=1"],
+            "--set configures the extraction",
+        ),
     ]
     for args, message in cases:
         result = CliRunner().invoke(app, ["eval", "toy-apps", *args])
@@ -72,3 +79,27 @@ def test_toy_apps_refuses_bad_input_in_one_line_before_loading(tmp_path):
         errors = [line for line in result.output.splitlines() if line.startswith("error:")]
         assert len(errors) == 1 and message in errors[0], result.output
     assert json.loads((user_file / "results.json").read_text()) == {"mine": True}
+
+
+def test_the_overrides_configure_the_extraction(tmp_path, monkeypatch):
+    from consistent_char.extractor import IterativeIdentityExtractor
+    from consistent_char.toy.pose import REFINE_THROUGH_CONTROLNET
+
+    built = []
+
+    class Built(Exception):
+        pass
+
+    def from_config(config):
+        built.append(config)
+        raise Built
+
+    monkeypatch.setattr(IterativeIdentityExtractor, "from_config", staticmethod(from_config))
+    overrides = {f"refiner.{k}": v for k, v in REFINE_THROUGH_CONTROLNET.items()}
+    settings = AppsSettings("test", 1, 1, 1, 1)
+    with pytest.raises(Built):
+        run_toy_apps(settings, tmp_path, overrides=overrides, device="cpu", say=lambda _: None)
+    (config,) = built
+    assert config.refiner.controlnet == "toy"
+    assert config.refiner.control_annotator == REFINE_THROUGH_CONTROLNET["control_annotator"]
+    assert config.model == "toy"

@@ -12,12 +12,19 @@ base model::
 
 `ControlledGenerator` does the same as an `SDXLGenerator` (one seed per image, the identity
 applied for one call only), with one control image per image or one for all.
+
+An identity's LoRA is learned from the loop's own images, where the character stands as the
+base model draws it. Under a ControlNet that asks for another pose, the LoRA pulls the
+character back towards that learned pose, and does so in the last, low-noise steps, after the
+layout and the look are decided (measured in ToyWorld, see docs/applications.md).
+`identity_until` switches the LoRA off for those steps; the identity's tokens act throughout.
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -129,6 +136,9 @@ class ControlledGenerator(SDXLGenerator):
         pipeline: The base SDXL pipeline (its components are shared with the ControlNet one).
         controlnet: A ``ControlNetModel`` made for the pipeline's UNet.
         control_scale: How strongly the ControlNet steers (``controlnet_conditioning_scale``).
+        identity_until: The fraction of the denoising steps in which an identity's LoRA acts
+            (at `lora_scale`); in the steps after it the LoRA's scale is 0. 1 keeps it on
+            throughout. Below 1 the LoRA is never fused (its scale changes within a call).
         **settings: `SDXLGenerator`'s settings.
 
     Example:
@@ -138,17 +148,27 @@ class ControlledGenerator(SDXLGenerator):
     """
 
     def __init__(
-        self, pipeline: Any, controlnet: Any, *, control_scale: float = 1.0, **settings: Any
+        self,
+        pipeline: Any,
+        controlnet: Any,
+        *,
+        control_scale: float = 1.0,
+        identity_until: float = 1.0,
+        **settings: Any,
     ) -> None:
         if not control_scale >= 0:
             raise InvalidValueError(f"control_scale must be >= 0, got {control_scale}")
+        if not 0 < identity_until <= 1:
+            raise InvalidValueError(f"identity_until must be in (0, 1], got {identity_until}")
         super().__init__(control_pipeline(pipeline, controlnet), **settings)
         if self.devices is not None:
             raise InvalidValueError(
                 "pose control draws on one device: leave generator.devices unset"
             )
         self.control_scale = float(control_scale)
+        self.identity_until = float(identity_until)
         self._controls: list[Image.Image] = []
+        self._switched_adapter: str | None = None  # the LoRA switched off late in each call
 
     def generate(  # type: ignore[override]
         self,
@@ -170,13 +190,57 @@ class ControlledGenerator(SDXLGenerator):
                 f"{len(prompts)} prompts"
             )
         self._controls = [im.convert("RGB") for im in controls]
+        switched = identity is not None and identity.lora is not None and self.identity_until < 1
         try:
-            return super().generate(prompts, seeds, identity, callback=callback)
+            with self._switched(identity.adapter_name if switched else None):
+                return super().generate(prompts, seeds, identity, callback=callback)
         finally:
             self._controls = []
 
+    @contextlib.contextmanager
+    def _switched(self, adapter: str | None) -> Iterator[None]:
+        """Marks `adapter` (an identity's LoRA, or None) as the one each call switches off after
+        `identity_until` of its steps."""
+        self._switched_adapter = adapter
+        try:
+            yield
+        finally:
+            self._switched_adapter = None
+
+    @contextlib.contextmanager
+    def _fused(self, identity: Any) -> Iterator[None]:
+        if self._switched_adapter:  # the scale changes within a call: keep peft's LoRA layers
+            yield
+        else:
+            with super()._fused(identity):
+                yield
+
     def _call_kwargs(self, start: int, stop: int) -> dict[str, Any]:
-        return {
+        kwargs: dict[str, Any] = {
             "image": self._controls[start:stop],
             "controlnet_conditioning_scale": self.control_scale,
         }
+        if self._switched_adapter:
+            kwargs["callback_on_step_end"] = self._identity_switch(self._switched_adapter)
+        return kwargs
+
+    def _identity_switch(self, adapter: str) -> Any:
+        """A diffusers step callback: the identity's LoRA at `lora_scale` until
+        `identity_until` of the call's steps are done, at 0 after them."""
+        from peft.tuners.lora import LoraLayer
+
+        layers = [
+            m
+            for m in self.pipeline.unet.modules()
+            if isinstance(m, LoraLayer) and adapter in m.lora_A
+        ]
+        for layer in layers:  # the previous call left it off
+            layer.set_scale(adapter, self.lora_scale)
+
+        def switch(pipe: Any, step: int, timestep: Any, kwargs: dict[str, Any]) -> dict[str, Any]:
+            if step + 1 == max(1, round(self.identity_until * pipe.num_timesteps)):
+                for layer in layers:
+                    layer.set_scale(adapter, 0.0)
+            return kwargs
+
+        return switch

@@ -18,6 +18,7 @@ from consistent_char.cli.core import (
     ConfigOption,
     DeviceOption,
     GuidanceOption,
+    IdentityUntilOption,
     LoraScaleOption,
     ModelOption,
     NumImagesOption,
@@ -209,6 +210,7 @@ def generate(
     control_scale: Annotated[
         float, typer.Option(callback=finite(0.0), help="ControlNet strength (>= 0).")
     ] = 1.0,
+    identity_until: IdentityUntilOption = 1.0,
     verbose: Annotated[bool, typer.Option("--verbose", "-v")] = False,
 ) -> None:
     """Draw PROMPTS with a learned identity (following a control image with --controlnet)."""
@@ -221,6 +223,8 @@ def generate(
     check_seeds(seed, num_images)
     resolve_device(device)
     control = _control_input(control_image, controlnet)
+    if control is None and identity_until != 1:
+        fail("--identity-until acts through a ControlNet: give --controlnet and --control-image")
     identity = Identity.load(identity_dir)
     drawing = IdentityDrawing(identity, prompts, seed, num_images, out)
 
@@ -235,7 +239,9 @@ def generate(
         net = load_controlnet(str(controlnet), device=pipe.device, dtype=pipe.unet.dtype)
         say(f"controlnet: {controlnet}, control image {control_image}")
         settings = generator.settings.model_dump()
-        generator = ControlledGenerator(pipe, net, control_scale=control_scale, **settings)
+        generator = ControlledGenerator(
+            pipe, net, control_scale=control_scale, identity_until=identity_until, **settings
+        )
         kwargs["control_images"] = control
     images = generator.generate([p for p, _ in jobs], [s for _, s in jobs], identity, **kwargs)
     drawing.write(images)

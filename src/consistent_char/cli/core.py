@@ -207,6 +207,13 @@ def finite(minimum: float | None = None) -> Callable[[float | None], float | Non
     return check
 
 
+def fraction(value: float) -> float:
+    """A typer callback refusing values outside (0, 1] (NaN included)."""
+    if not 0 < value <= 1:
+        raise typer.BadParameter(f"must be in (0, 1], got {value}")
+    return value
+
+
 def check_prompts(
     prompts: list[str], what: str = "prompt", example: str = "'{token} in the snow'"
 ) -> None:
@@ -260,3 +267,10 @@ GuidanceOption = Annotated[
 ]
 LoraScaleOption = Annotated[float, typer.Option(callback=finite(0.0), help="LoRA scale (>= 0).")]
 DeviceOption = Annotated[str, typer.Option(help="auto, cpu, cuda, ...")]
+IdentityUntilOption = Annotated[
+    float,
+    typer.Option(
+        callback=fraction,
+        help="With --controlnet: the fraction of the steps the identity's LoRA acts in (0-1].",
+    ),
+]

@@ -9,6 +9,7 @@ from typing import Annotated, Any
 import typer
 
 from consistent_char.cli.core import (
+    IdentityUntilOption,
     app,
     check_prompts,
     console,
@@ -315,9 +316,15 @@ def eval_toy_apps(
         Path | None,
         typer.Option(help="A ToyWorld identity folder (default: extract 'a creature' into OUT)."),
     ] = None,
+    set_: SetOption = None,
     seed: Annotated[int, typer.Option(min=0, help="Picks the scenes, poses and seeds.")] = 0,
     control_scale: Annotated[
         float, typer.Option(callback=finite(0.0), help="ControlNet strength (>= 0).")
+    ] = 1.0,
+    identity_until: IdentityUntilOption = 1.0,
+    lora_scale: Annotated[
+        float,
+        typer.Option(callback=finite(0.0), help="The identity's LoRA scale in pose control."),
     ] = 1.0,
     device: Annotated[str, typer.Option(help="auto, cpu, cuda, ...")] = "auto",
     threads: ThreadsOption = None,
@@ -326,6 +333,7 @@ def eval_toy_apps(
     """Measure the paper's applications in ToyWorld: local editing and pose control."""
     setup_logging(verbose)
     import consistent_char.toy as toy
+    from consistent_char.config import TOY_MODEL, ExtractorConfig
     from consistent_char.eval.apps import apps_settings, apps_table, run_toy_apps
     from consistent_char.eval.commands import check_result_file, set_threads
     from consistent_char.identity import Identity
@@ -336,15 +344,33 @@ def eval_toy_apps(
     check_output_dir(out)
     check_result_file(out / "results.json")
     resolve_device(device)
+    overrides = dict(parse_assignment(s) for s in (set_ or []))
     if identity is not None:
+        if overrides:
+            fail("--set configures the extraction, and --identity skips it: give one of them")
         Identity.load(identity)
+    else:
+        ExtractorConfig.from_overrides(overrides, {"model": TOY_MODEL, "device": device})
     try:
         toy.controlnet_dir(), toy.pose_probe_dir(), toy.probe_dir()
     except toy.ToyWeightsMissingError as err:
         fail(str(err))
     set_threads(threads)
-    settings = apps_settings(quick, seed, control_scale)
-    results = run_toy_apps(settings, out, identity_dir=identity, device=device, say=console.print)
+    settings = apps_settings(
+        quick,
+        seed,
+        control_scale=control_scale,
+        identity_until=identity_until,
+        lora_scale=lora_scale,
+    )
+    results = run_toy_apps(
+        settings,
+        out,
+        identity_dir=identity,
+        overrides=overrides,
+        device=device,
+        say=console.print,
+    )
     _write_result(out / "results.json", results)
     write_text_atomic(out / "results.md", apps_table(results))
     for name, t in results["targets"].items():

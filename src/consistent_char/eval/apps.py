@@ -1,7 +1,8 @@
 """``consistent-char eval toy-apps``: the paper's applications of a found identity, in ToyWorld.
 
 1. The identity: an existing one (``--identity``), or the one `extract` finds for
-   ``"a creature"`` on the toy model, in ``OUT/run`` (resumed if cut).
+   ``"a creature"`` on the toy model (with the ``--set`` overrides), in ``OUT/run`` (resumed
+   if cut).
 2. Its **reference** attributes: each probe's majority reading of the identity drawn plainly
    in every scene.
 3. **Local editing** (`consistent_char.eval.local_edit`): the identity edited into the
@@ -51,13 +52,18 @@ class AppsSettings:
     reference_per_scene: int
     seed: int = 0
     control_scale: float = 1.0
+    #: `consistent_char.control.ControlledGenerator`'s ``identity_until`` and the identity's
+    #: LoRA scale, for pose control.
+    identity_until: float = 1.0
+    lora_scale: float = 1.0
 
 
-def apps_settings(quick: bool, seed: int = 0, control_scale: float = 1.0) -> AppsSettings:
-    """The full measurement, or the quick one (the same path, fewer images)."""
+def apps_settings(quick: bool, seed: int = 0, **drawing: float) -> AppsSettings:
+    """The full measurement, or the quick one (the same path, fewer images); `drawing`:
+    ``control_scale``, ``identity_until`` and ``lora_scale``."""
     if quick:
-        return AppsSettings("quick", 2, 5, 2, 2, seed, control_scale)
-    return AppsSettings("full", 8, 20, 4, 8, seed, control_scale)
+        return AppsSettings("quick", 2, 5, 2, 2, seed, **drawing)
+    return AppsSettings("full", 8, 20, 4, 8, seed, **drawing)
 
 
 def run_toy_apps(
@@ -65,10 +71,12 @@ def run_toy_apps(
     out: Path,
     *,
     identity_dir: Path | None = None,
+    overrides: dict[str, Any] | None = None,
     device: str = "auto",
     say: Callable[[str], None] = print,
 ) -> dict[str, Any]:
-    """Runs the five steps above into `out` and returns the results."""
+    """Runs the five steps above into `out` and returns the results; `overrides` (dotted
+    loop settings) configure the extraction when no `identity_dir` is given."""
     import consistent_char.toy as toy
     from consistent_char.eval.local_edit import score_local_edit
     from consistent_char.eval.toy import render_identity_in_scenes
@@ -78,7 +86,7 @@ def run_toy_apps(
     t0 = time.perf_counter()
     out.mkdir(parents=True, exist_ok=True)
     # 1. The identity, and a generator on the toy model with the run's settings
-    identity, generator, prompt = _identity(out, identity_dir, device, say)
+    identity, generator, prompt = _identity(out, identity_dir, overrides or {}, device, say)
     probe = IdentityProbe.from_pretrained(toy.probe_dir())
     pose_probe = IdentityProbe.from_pretrained(toy.pose_probe_dir())
     # 2. Its reference attributes, as each probe reads its plain images
@@ -117,7 +125,7 @@ def run_toy_apps(
     _edit_sheet(generator, identity, prompt, settings.seed).save(out / "edit_sheet.png")
     _pose_sheet(drawn, settings).save(out / "pose_sheet.png")
     results = {
-        "settings": asdict(settings),
+        "settings": {**asdict(settings), "overrides": dict(overrides or {})},
         "identity": {"token": identity.token, "prompt": prompt, "reference": references},
         "local_edit": local_edit,
         "pose_control": pose,
@@ -144,7 +152,8 @@ def _pose_control(
         generator.pipeline,
         controlnet,
         control_scale=settings.control_scale,
-        **generator.settings.model_dump(),
+        identity_until=settings.identity_until,
+        **{**generator.settings.model_dump(), "lora_scale": settings.lora_scale},
     )
     return score_pose_control(
         generator,
@@ -160,7 +169,11 @@ def _pose_control(
 
 
 def _identity(
-    out: Path, identity_dir: Path | None, device: str, say: Callable[[str], None]
+    out: Path,
+    identity_dir: Path | None,
+    overrides: dict[str, Any],
+    device: str,
+    say: Callable[[str], None],
 ) -> tuple[Identity, Any, str]:
     """The identity to measure, its base prompt and a generator on the toy model."""
     from consistent_char.config import TOY_MODEL, ExtractorConfig
@@ -172,7 +185,7 @@ def _identity(
         prompt = str(identity.metadata.get("prompt") or DEFAULT_PROMPT)
         generator = identity_generator(identity, model=TOY_MODEL, device=device)
         return identity, generator, prompt
-    config = ExtractorConfig.build({"model": TOY_MODEL, "device": device})
+    config = ExtractorConfig.from_overrides(overrides, {"model": TOY_MODEL, "device": device})
     run = out / "run"
     resume = (run / "state.json").is_file()
     say(f"extracting {DEFAULT_PROMPT!r} on the toy model into {run}" + (" (resumed)" * resume))
@@ -242,7 +255,10 @@ def apps_table(results: dict[str, Any]) -> str:
         "",
         f"Identity `{results['identity']['token']}` from {results['identity']['prompt']!r}; "
         f"preset {results['settings']['name']}, control scale "
-        f"{results['settings']['control_scale']:g}, {results['seconds']:.0f} s.",
+        f"{results['settings']['control_scale']:g}, identity's LoRA at "
+        f"{results['settings'].get('lora_scale', 1.0):g} for the first "
+        f"{results['settings'].get('identity_until', 1.0):.0%} of the steps, "
+        f"{results['seconds']:.0f} s.",
         "",
         "## Local editing (blended latents)",
         "",
