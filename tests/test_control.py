@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+import torch
 from diffusers import UNet2DConditionModel
 from PIL import Image
 from typer.testing import CliRunner
@@ -133,6 +134,43 @@ def test_identity_until_one_keeps_the_lora_on_and_draws_as_before(parts):
     assert not np.array_equal(_arrays(images)[0], _arrays(images_off)[0])
 
 
+def test_identity_in_controlnet_copies_the_lora_switches_it_and_removes_it_after(parts):
+    from peft.tuners.lora import LoraLayer
+
+    pipe, net, identity = parts
+    before = {k: v.clone() for k, v in net.state_dict().items()}
+    name = identity.adapter_name
+    seen: list[tuple[float, bool]] = []
+
+    def record(module, args):
+        unet = dict(pipe.unet.named_parameters())
+        layers = [(n, m) for n, m in module.named_modules() if isinstance(m, LoraLayer)]
+        assert layers, "no LoRA in the ControlNet"
+        n, layer = layers[0]
+        same = torch.equal(layer.lora_A[name].weight, unet[f"{n}.lora_A.{name}.weight"])
+        seen.append((round(layer.scaling[name] * layer.r[name] / layer.lora_alpha[name], 6), same))
+
+    gen = ControlledGenerator(
+        pipe, net, identity_until=0.5, identity_in_controlnet=True, num_inference_steps=4,
+        lora_scale=0.7,
+    )  # fmt: skip
+    hook = net.register_forward_pre_hook(record)
+    try:
+        inside = gen.generate(["<tiny> a"], [3], identity, control_images=_control(0))
+    finally:
+        hook.remove()
+    assert seen == [(0.7, True), (0.7, True), (0.0, True), (0.0, True)]
+    # After the call the ControlNet is its own again: the same modules and weights.
+    after = net.state_dict()
+    assert after.keys() == before.keys()
+    assert all(torch.equal(after[k], v) for k, v in before.items())
+    assert not any(isinstance(m, LoraLayer) for m in net.modules())
+    outside = ControlledGenerator(pipe, net, identity_until=0.5, num_inference_steps=4,
+                                  lora_scale=0.7)  # fmt: skip
+    drawn = outside.generate(["<tiny> a"], [3], identity, control_images=_control(0))
+    assert not np.array_equal(_arrays(inside)[0], _arrays(drawn)[0])
+
+
 @pytest.mark.parametrize("until", [0.0, -0.1, 1.5, float("nan")])
 def test_identity_until_outside_zero_to_one_is_refused(parts, until):
     pipe, net, _ = parts
@@ -200,12 +238,15 @@ def test_generate_follows_a_control_image_and_at_scale_zero_draws_as_without(sav
     }
     np.testing.assert_array_equal(read["plain"], read["zero"])
     assert not np.array_equal(read["plain"], read["steered"])
-    # The identity's LoRA switched off for the last half of the steps changes the drawing.
+    # The LoRA switched off for the last half of the steps, or put in the ControlNet too,
+    # changes the drawing.
     late = _generate(saved, tmp_path / "late", *control, "--identity-until", "0.5")
-    assert late.exit_code == 0, late.output
-    assert not np.array_equal(
-        read["steered"], np.asarray(Image.open(tmp_path / "late" / "000_seed0.png"))
-    )
+    both = _generate(saved, tmp_path / "both", *control, "--identity-in-controlnet")
+    for result in (late, both):
+        assert result.exit_code == 0, result.output
+    for name in ("late", "both"):
+        drawn = np.asarray(Image.open(tmp_path / name / "000_seed0.png"))
+        assert not np.array_equal(read["steered"], drawn)
 
 
 @pytest.mark.parametrize(
@@ -222,7 +263,8 @@ def test_generate_follows_a_control_image_and_at_scale_zero_draws_as_without(sav
             "not an image",
         ),
         (["--control-image", "{root}/pose.png", "--controlnet", "{root}/nowhere"], "not found"),
-        (["--identity-until", "0.5"], "acts through a ControlNet"),
+        (["--identity-until", "0.5"], "act through a ControlNet"),
+        (["--identity-in-controlnet"], "act through a ControlNet"),
         (
             ["--control-image", "{root}/pose.png", "--controlnet", "{root}/controlnet"]
             + ["--identity-until", "0"],

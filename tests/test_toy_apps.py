@@ -28,7 +28,8 @@ def toy_identity(tmp_path_factory):
 
 def test_both_applications_are_measured_into_results(toy_identity, tmp_path):
     settings = AppsSettings("test", edits_per_scene=1, poses=2, images_per_pose=1,
-                            reference_per_scene=1, identity_until=0.9)  # fmt: skip
+                            reference_per_scene=1, identity_until=0.9,
+                            identity_in_controlnet=True)  # fmt: skip
     lines: list[str] = []
     results = run_toy_apps(
         settings, tmp_path, identity_dir=toy_identity, device="cpu", say=lines.append
@@ -49,6 +50,7 @@ def test_both_applications_are_measured_into_results(toy_identity, tmp_path):
             assert row["control_followed"] <= min(row["fields_followed"].values())
     assert pose["poses"] == 2 and pose["images_per_pose"] == 1
     assert results["settings"]["identity_until"] == 0.9
+    assert results["settings"]["identity_in_controlnet"] is True
     assert set(results["targets"]) == set(TARGETS)
     for t in results["targets"].values():
         assert t["met"] == (t["value"] >= t["target"])

@@ -18,6 +18,9 @@ base model draws it. Under a ControlNet that asks for another pose, the LoRA pul
 character back towards that learned pose, and does so in the last, low-noise steps, after the
 layout and the look are decided (measured in ToyWorld, see docs/applications.md).
 `identity_until` switches the LoRA off for those steps; the identity's tokens act throughout.
+A ControlNet is a copy of the UNet's down and middle blocks: `identity_in_controlnet` applies
+the identity's LoRA to that copy too, so that the control branch reads the character as the
+UNet does.
 """
 
 from __future__ import annotations
@@ -139,6 +142,8 @@ class ControlledGenerator(SDXLGenerator):
         identity_until: The fraction of the denoising steps in which an identity's LoRA acts
             (at `lora_scale`); in the steps after it the LoRA's scale is 0. 1 keeps it on
             throughout. Below 1 the LoRA is never fused (its scale changes within a call).
+        identity_in_controlnet: Also apply the identity's LoRA (at the same scale, switched
+            with it) to the ControlNet's modules that copy the UNet's, for each call only.
         **settings: `SDXLGenerator`'s settings.
 
     Example:
@@ -154,6 +159,7 @@ class ControlledGenerator(SDXLGenerator):
         *,
         control_scale: float = 1.0,
         identity_until: float = 1.0,
+        identity_in_controlnet: bool = False,
         **settings: Any,
     ) -> None:
         if not control_scale >= 0:
@@ -167,6 +173,7 @@ class ControlledGenerator(SDXLGenerator):
             )
         self.control_scale = float(control_scale)
         self.identity_until = float(identity_until)
+        self.identity_in_controlnet = bool(identity_in_controlnet)
         self._controls: list[Image.Image] = []
         self._switched_adapter: str | None = None  # the LoRA switched off late in each call
 
@@ -208,6 +215,48 @@ class ControlledGenerator(SDXLGenerator):
             self._switched_adapter = None
 
     @contextlib.contextmanager
+    def applied(self, identity: Any) -> Iterator[None]:
+        """`SDXLGenerator.applied`, and with `identity_in_controlnet` the identity's LoRA in the
+        ControlNet for the block."""
+        with super().applied(identity), self._in_controlnet(identity):
+            yield
+
+    @contextlib.contextmanager
+    def _in_controlnet(self, identity: Any) -> Iterator[None]:
+        """Copies the identity's LoRA, as applied to the UNet, into the ControlNet's modules of
+        the same names, and puts the ControlNet's own modules back after the block."""
+        if not self.identity_in_controlnet or identity is None or identity.lora is None:
+            yield
+            return
+        from peft import LoraConfig, inject_adapter_in_model
+        from peft.tuners.lora import LoraLayer
+
+        unet, net, name = self.pipeline.unet, self.pipeline.controlnet, identity.adapter_name
+        lora = {n: p for n, p in unet.named_parameters() if f".lora_A.{name}." in n}
+        lora |= {n: p for n, p in unet.named_parameters() if f".lora_B.{name}." in n}
+        own = dict(net.named_modules())
+        targets = sorted({n.split(".lora_")[0] for n in lora} & own.keys())
+        if any(isinstance(own[t], LoraLayer) for t in targets):
+            raise InvalidValueError("the ControlNet already has LoRA layers: remove them first")
+        config = LoraConfig(
+            r=identity.lora_rank, lora_alpha=identity.lora_alpha, target_modules=targets
+        )
+        inject_adapter_in_model(config, net, adapter_name=name)
+        try:
+            with torch.no_grad():
+                for n, param in net.named_parameters():
+                    if n in lora:
+                        param.copy_(lora[n])
+            for module in net.modules():
+                if isinstance(module, LoraLayer):
+                    module.set_scale(name, self.lora_scale)
+            yield
+        finally:
+            for target in targets:  # peft's layers replaced these modules: put them back
+                parent, _, child = target.rpartition(".")
+                setattr(net.get_submodule(parent), child, net.get_submodule(target).base_layer)
+
+    @contextlib.contextmanager
     def _fused(self, identity: Any) -> Iterator[None]:
         if self._switched_adapter:  # the scale changes within a call: keep peft's LoRA layers
             yield
@@ -229,9 +278,11 @@ class ControlledGenerator(SDXLGenerator):
         `identity_until` of the call's steps are done, at 0 after them."""
         from peft.tuners.lora import LoraLayer
 
+        models = (self.pipeline.unet, self.pipeline.controlnet)
         layers = [
             m
-            for m in self.pipeline.unet.modules()
+            for model in models
+            for m in model.modules()
             if isinstance(m, LoraLayer) and adapter in m.lora_A
         ]
         for layer in layers:  # the previous call left it off

@@ -19,6 +19,7 @@ from consistent_char.cli.core import (
     DeviceOption,
     GuidanceOption,
     IdentityUntilOption,
+    InControlNetOption,
     LoraScaleOption,
     ModelOption,
     NumImagesOption,
@@ -211,6 +212,7 @@ def generate(
         float, typer.Option(callback=finite(0.0), help="ControlNet strength (>= 0).")
     ] = 1.0,
     identity_until: IdentityUntilOption = 1.0,
+    in_controlnet: InControlNetOption = False,
     verbose: Annotated[bool, typer.Option("--verbose", "-v")] = False,
 ) -> None:
     """Draw PROMPTS with a learned identity (following a control image with --controlnet)."""
@@ -223,8 +225,11 @@ def generate(
     check_seeds(seed, num_images)
     resolve_device(device)
     control = _control_input(control_image, controlnet)
-    if control is None and identity_until != 1:
-        fail("--identity-until acts through a ControlNet: give --controlnet and --control-image")
+    if control is None and (identity_until != 1 or in_controlnet):
+        fail(
+            "--identity-until and --identity-in-controlnet act through a ControlNet: give "
+            "--controlnet and --control-image"
+        )
     identity = Identity.load(identity_dir)
     drawing = IdentityDrawing(identity, prompts, seed, num_images, out)
 
@@ -240,7 +245,12 @@ def generate(
         say(f"controlnet: {controlnet}, control image {control_image}")
         settings = generator.settings.model_dump()
         generator = ControlledGenerator(
-            pipe, net, control_scale=control_scale, identity_until=identity_until, **settings
+            pipe,
+            net,
+            control_scale=control_scale,
+            identity_until=identity_until,
+            identity_in_controlnet=in_controlnet,
+            **settings,
         )
         kwargs["control_images"] = control
     images = generator.generate([p for p, _ in jobs], [s for _, s in jobs], identity, **kwargs)

@@ -267,6 +267,13 @@ GuidanceOption = Annotated[
 ]
 LoraScaleOption = Annotated[float, typer.Option(callback=finite(0.0), help="LoRA scale (>= 0).")]
 DeviceOption = Annotated[str, typer.Option(help="auto, cpu, cuda, ...")]
+InControlNetOption = Annotated[
+    bool,
+    typer.Option(
+        "--identity-in-controlnet",
+        help="With --controlnet: apply the identity's LoRA to the ControlNet's UNet copy too.",
+    ),
+]
 IdentityUntilOption = Annotated[
     float,
     typer.Option(

@@ -10,6 +10,7 @@ import typer
 
 from consistent_char.cli.core import (
     IdentityUntilOption,
+    InControlNetOption,
     app,
     check_prompts,
     console,
@@ -326,6 +327,7 @@ def eval_toy_apps(
         float,
         typer.Option(callback=finite(0.0), help="The identity's LoRA scale in pose control."),
     ] = 1.0,
+    in_controlnet: InControlNetOption = False,
     device: Annotated[str, typer.Option(help="auto, cpu, cuda, ...")] = "auto",
     threads: ThreadsOption = None,
     verbose: Annotated[bool, typer.Option("--verbose", "-v")] = False,
@@ -362,6 +364,7 @@ def eval_toy_apps(
         control_scale=control_scale,
         identity_until=identity_until,
         lora_scale=lora_scale,
+        identity_in_controlnet=in_controlnet,
     )
     results = run_toy_apps(
         settings,

@@ -56,11 +56,12 @@ class AppsSettings:
     #: LoRA scale, for pose control.
     identity_until: float = 1.0
     lora_scale: float = 1.0
+    identity_in_controlnet: bool = False
 
 
-def apps_settings(quick: bool, seed: int = 0, **drawing: float) -> AppsSettings:
+def apps_settings(quick: bool, seed: int = 0, **drawing: Any) -> AppsSettings:
     """The full measurement, or the quick one (the same path, fewer images); `drawing`:
-    ``control_scale``, ``identity_until`` and ``lora_scale``."""
+    ``control_scale``, ``identity_until``, ``lora_scale``, ``identity_in_controlnet``."""
     if quick:
         return AppsSettings("quick", 2, 5, 2, 2, seed, **drawing)
     return AppsSettings("full", 8, 20, 4, 8, seed, **drawing)
@@ -153,6 +154,7 @@ def _pose_control(
         controlnet,
         control_scale=settings.control_scale,
         identity_until=settings.identity_until,
+        identity_in_controlnet=settings.identity_in_controlnet,
         **{**generator.settings.model_dump(), "lora_scale": settings.lora_scale},
     )
     return score_pose_control(
@@ -257,7 +259,8 @@ def apps_table(results: dict[str, Any]) -> str:
         f"preset {results['settings']['name']}, control scale "
         f"{results['settings']['control_scale']:g}, identity's LoRA at "
         f"{results['settings'].get('lora_scale', 1.0):g} for the first "
-        f"{results['settings'].get('identity_until', 1.0):.0%} of the steps, "
+        f"{results['settings'].get('identity_until', 1.0):.0%} of the steps"
+        f"{' and in the ControlNet' * bool(results['settings'].get('identity_in_controlnet'))}, "
         f"{results['seconds']:.0f} s.",
         "",
         "## Local editing (blended latents)",
