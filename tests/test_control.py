@@ -138,6 +138,7 @@ def test_identity_in_controlnet_copies_the_lora_switches_it_and_removes_it_after
     from peft.tuners.lora import LoraLayer
 
     pipe, net, identity = parts
+    assert all(p.requires_grad for p in net.parameters())  # as a user's ControlNet loads
     before = {k: v.clone() for k, v in net.state_dict().items()}
     name = identity.adapter_name
     seen: list[tuple[float, bool]] = []
@@ -165,10 +166,14 @@ def test_identity_in_controlnet_copies_the_lora_switches_it_and_removes_it_after
     assert after.keys() == before.keys()
     assert all(torch.equal(after[k], v) for k, v in before.items())
     assert not any(isinstance(m, LoraLayer) for m in net.modules())
+    assert all(p.requires_grad for p in net.parameters()) and "peft_config" not in vars(net)
     outside = ControlledGenerator(pipe, net, identity_until=0.5, num_inference_steps=4,
                                   lora_scale=0.7)  # fmt: skip
     drawn = outside.generate(["<tiny> a"], [3], identity, control_images=_control(0))
     assert not np.array_equal(_arrays(inside)[0], _arrays(drawn)[0])
+    # A second call puts it in again and draws the same.
+    again = gen.generate(["<tiny> a"], [3], identity, control_images=_control(0))
+    np.testing.assert_array_equal(_arrays(inside)[0], _arrays(again)[0])
 
 
 @pytest.mark.parametrize("until", [0.0, -0.1, 1.5, float("nan")])

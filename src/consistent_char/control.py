@@ -241,6 +241,9 @@ class ControlledGenerator(SDXLGenerator):
         config = LoraConfig(
             r=identity.lora_rank, lora_alpha=identity.lora_alpha, target_modules=targets
         )
+        # peft freezes the model it injects into and notes its config on it: both are undone.
+        trainable = {n: p.requires_grad for n, p in net.named_parameters()}
+        had_config = "peft_config" in vars(net)
         inject_adapter_in_model(config, net, adapter_name=name)
         try:
             with torch.no_grad():
@@ -255,6 +258,12 @@ class ControlledGenerator(SDXLGenerator):
             for target in targets:  # peft's layers replaced these modules: put them back
                 parent, _, child = target.rpartition(".")
                 setattr(net.get_submodule(parent), child, net.get_submodule(target).base_layer)
+            for n, param in net.named_parameters():
+                param.requires_grad_(trainable[n])
+            if had_config:
+                net.peft_config.pop(name, None)
+            else:
+                vars(net).pop("peft_config", None)
 
     @contextlib.contextmanager
     def _fused(self, identity: Any) -> Iterator[None]:
