@@ -5,7 +5,13 @@ Runs `extract "a creature" --model toy` with the refiner given, besides each tra
 `--copies` copies moved, scaled and leaned about the creature's feet (the pose map's ranges),
 then compare with `consistent-char eval toy-apps --quick --identity RUN/identity`.
 
-    python research/apps/pose_augmented_identity.py --out RUN [--copies 3]
+    python research/apps/pose_augmented_identity.py --out RUN [--copies 3] \
+        [--roll] [--through-controlnet] [--seed L]
+
+``--roll``: the copies are only moved sideways, wrapping around (ToyWorld's scenes are
+horizontal bands, so nothing is filled in). ``--through-controlnet``: refine through the pose
+ControlNet, each copy under the pose map the pose probe reads on it, so that the ControlNet,
+not the LoRA, explains where the creature stands.
 """
 
 from __future__ import annotations
@@ -22,7 +28,7 @@ from PIL import Image
 
 from consistent_char.config import ExtractorConfig
 from consistent_char.extractor import IterativeIdentityExtractor
-from consistent_char.toy.pose import POSE_RANGES
+from consistent_char.toy.pose import POSE_RANGES, REFINE_THROUGH_CONTROLNET
 
 
 def posed(image: Image.Image, rng: np.random.Generator) -> Image.Image:
@@ -49,17 +55,24 @@ def posed(image: Image.Image, rng: np.random.Generator) -> Image.Image:
     )
 
 
+def rolled(image: Image.Image, rng: np.random.Generator) -> Image.Image:
+    """`image` moved sideways to an x from the pose ranges, wrapping around."""
+    shift = round((rng.uniform(*POSE_RANGES["x"]) - 0.5) * image.width)
+    return Image.fromarray(np.roll(np.asarray(image), shift, axis=1))
+
+
 class PoseAugmentingRefiner:
     """Wraps a refiner: each call trains on the images and `copies` posed copies of each."""
 
-    def __init__(self, inner: Any, copies: int) -> None:
+    def __init__(self, inner: Any, copies: int, roll: bool = False) -> None:
         self.inner, self.copies = inner, copies
+        self.move = rolled if roll else posed
 
     def refine(
         self, identity: Any, images: Sequence[Image.Image], captions: Sequence[str], *, seed: int
     ) -> Any:
         rng = np.random.default_rng(seed)
-        more = [posed(im, rng) for im in images for _ in range(self.copies)]
+        more = [self.move(im, rng) for im in images for _ in range(self.copies)]
         more_captions = [c for c in captions for _ in range(self.copies)]
         return self.inner.refine(identity, [*images, *more], [*captions, *more_captions], seed=seed)
 
@@ -71,10 +84,17 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--out", type=Path, required=True)
     parser.add_argument("--copies", type=int, default=3)
+    parser.add_argument("--roll", action="store_true")
+    parser.add_argument("--through-controlnet", action="store_true")
+    parser.add_argument("--seed", type=int, default=0, help="the loop's seed")
+    parser.add_argument("--threads", type=int, default=1)
     args = parser.parse_args()
-    torch.set_num_threads(1)
-    extractor = IterativeIdentityExtractor.from_config(ExtractorConfig.build({"model": "toy"}))
-    extractor.refiner = PoseAugmentingRefiner(extractor.refiner, args.copies)
+    torch.set_num_threads(args.threads)
+    config: dict[str, Any] = {"model": "toy", "seed": args.seed}
+    if args.through_controlnet:
+        config["refiner"] = dict(REFINE_THROUGH_CONTROLNET)
+    extractor = IterativeIdentityExtractor.from_config(ExtractorConfig.build(config))
+    extractor.refiner = PoseAugmentingRefiner(extractor.refiner, args.copies, args.roll)
     result = extractor.extract("a creature", run_dir=args.out)
     print(f"{result.iterations} iterations ({result.stop_reason})")
 
