@@ -197,22 +197,12 @@ class ControlledGenerator(SDXLGenerator):
                 f"{len(prompts)} prompts"
             )
         self._controls = [im.convert("RGB") for im in controls]
-        switched = identity is not None and identity.lora is not None and self.identity_until < 1
+        if identity is not None and identity.lora is not None and self.identity_until < 1:
+            self._switched_adapter = identity.adapter_name
         try:
-            with self._switched(identity.adapter_name if switched else None):
-                return super().generate(prompts, seeds, identity, callback=callback)
+            return super().generate(prompts, seeds, identity, callback=callback)
         finally:
-            self._controls = []
-
-    @contextlib.contextmanager
-    def _switched(self, adapter: str | None) -> Iterator[None]:
-        """Marks `adapter` (an identity's LoRA, or None) as the one each call switches off after
-        `identity_until` of its steps."""
-        self._switched_adapter = adapter
-        try:
-            yield
-        finally:
-            self._switched_adapter = None
+            self._controls, self._switched_adapter = [], None
 
     @contextlib.contextmanager
     def applied(self, identity: Any) -> Iterator[None]:
@@ -232,8 +222,7 @@ class ControlledGenerator(SDXLGenerator):
         from peft.tuners.lora import LoraLayer
 
         unet, net, name = self.pipeline.unet, self.pipeline.controlnet, identity.adapter_name
-        lora = {n: p for n, p in unet.named_parameters() if f".lora_A.{name}." in n}
-        lora |= {n: p for n, p in unet.named_parameters() if f".lora_B.{name}." in n}
+        lora = {n: p for n, p in unet.named_parameters() if ".lora_" in n and f".{name}." in n}
         own = dict(net.named_modules())
         targets = sorted({n.split(".lora_")[0] for n in lora} & own.keys())
         if any(isinstance(own[t], LoraLayer) for t in targets):
