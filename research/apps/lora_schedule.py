@@ -30,40 +30,6 @@ from consistent_char.toy.probe import IdentityProbe
 REFERENCE = {"shape": "round", "color": "blue", "hat": "crown", "hat_color": "red", "eyes": "big"}
 
 
-def copy_lora_into_controlnet(unet, controlnet, identity) -> None:  # noqa: ANN001
-    """The identity's LoRA, as loaded into the UNet, injected into the ControlNet's modules of
-    the same names (its down and mid blocks are a copy of the UNet's)."""
-    from peft import LoraConfig, inject_adapter_in_model
-
-    name = identity.adapter_name
-    config = identity._lora_config()
-    lora_config = LoraConfig(
-        r=config["r"], lora_alpha=config["lora_alpha"], target_modules=config["target_modules"]
-    )
-    own = dict(controlnet.named_modules())
-    targets = [n for n in own if n.startswith(("down_blocks", "mid_block"))]
-    lora_config.target_modules = [
-        n for n in targets if n.split(".")[-1] in config["target_modules"] or n.endswith("to_out.0")
-    ]
-    inject_adapter_in_model(lora_config, controlnet, adapter_name=name)
-    unet_params = dict(unet.named_parameters())
-    copied = 0
-    with torch.no_grad():
-        for n, p in controlnet.named_parameters():
-            if "lora_" in n and n in unet_params:
-                p.copy_(unet_params[n])
-                copied += 1
-    print(f"copied {copied} LoRA tensors into the ControlNet", flush=True)
-
-
-def set_controlnet_lora(controlnet, name, scale) -> None:  # noqa: ANN001
-    from peft.tuners.lora import LoraLayer
-
-    for m in controlnet.modules():
-        if isinstance(m, LoraLayer) and name in m.lora_A:
-            m.set_scale(name, scale)
-
-
 def main() -> None:
     from diffusers import EulerAncestralDiscreteScheduler
 
@@ -72,11 +38,6 @@ def main() -> None:
     parser.add_argument("schedules")
     parser.add_argument("--seed", type=int, default=0, help="picks the poses and seeds")
     parser.add_argument("--guidance", type=float, default=3.0)
-    parser.add_argument(
-        "--lora-in-controlnet",
-        action="store_true",
-        help="also put the identity's LoRA into the ControlNet's copy of the UNet's encoder",
-    )
     args = parser.parse_args()
     torch.set_num_threads(int(os.environ.get("THREADS", "2")))
     identity = Identity.load(args.identity)
@@ -87,8 +48,6 @@ def main() -> None:
     pipe.set_progress_bar_config(disable=True)
     identity.apply_to(pipe, scale=1.0)
     name = identity.adapter_name
-    if args.lora_in_controlnet:
-        copy_lora_into_controlnet(pipe.unet, controlnet, identity)
     probe = IdentityProbe.from_pretrained(toy.pose_probe_dir())
     jobs = pose_jobs(20, 4, args.seed)
     asked = pose_of([j.pose for j in jobs])
@@ -102,14 +61,12 @@ def main() -> None:
         def on_step_end(p, i, t, kwargs, late=late, switch=switch):  # noqa: ANN001
             if i + 1 == round(switch * steps):
                 p.set_adapters([name], [late])
-                set_controlnet_lora(controlnet, name, late)
             return kwargs
 
         images = []
         for start in range(0, len(jobs), 40):
             part = jobs[start : start + 40]
             pipe.set_adapters([name], [early if switch > 0 else late])
-            set_controlnet_lora(controlnet, name, early if switch > 0 else late)
             maps = [pose_map(j.pose) for j in part]
             control = {"image": maps}
             pipe.controlnet = (

@@ -1,12 +1,13 @@
 """Pose control of one identity (or the plain prompt) under drawing settings: LoRA scale,
-ControlNet scale, guidance, scheduler, steps. 20 poses × 4 seeds, read by the pose probe.
+ControlNet scale, guidance, scheduler, steps, and `ControlledGenerator`'s ``identity_until``
+and ``identity_in_controlnet``. 20 poses × 4 seeds, read by the pose probe.
 
     python research/apps/pose_settings.py IDENTITY CONTROLNET '[{"lora_scale": 0.8}]' \
-        [--plain] [--reference shape=round,color=blue,hat=crown,hat_color=red,eyes=big]
+        [--plain] [--seed 0] [--reference shape=round,color=blue,hat=crown,hat_color=red,eyes=big]
 
-Each JSON object is one setting (`SDXLGenerator` settings, plus ``control_scale``); the
-reference is what the probe should read for the identity (default: that of
-``bench/toy-apps/run``'s identity).
+Each JSON object is one setting (`SDXLGenerator` settings, plus ``control_scale``,
+``identity_until`` and ``identity_in_controlnet``); the reference is what the probe should read
+for the identity (default: that of ``bench/toy-apps/run``'s identity).
 """
 
 from __future__ import annotations
@@ -38,12 +39,13 @@ def main() -> None:
     parser.add_argument("settings", help="a JSON list of settings")
     parser.add_argument("--plain", action="store_true", help="draw the plain prompt instead")
     parser.add_argument("--reference", default=REFERENCE)
+    parser.add_argument("--seed", type=int, default=0, help="picks the poses and seeds")
     args = parser.parse_args()
     torch.set_num_threads(int(os.environ.get("THREADS", "2")))
     identity = Identity.load(args.identity)
     reference = dict(kv.split("=") for kv in args.reference.split(","))
     probe = IdentityProbe.from_pretrained(toy.pose_probe_dir())
-    jobs = pose_jobs(20, 4, 0)
+    jobs = pose_jobs(20, 4, args.seed)
     asked = pose_of([j.pose for j in jobs])
     maps = [pose_map(j.pose) for j in jobs]
     seeds = [j.seed for j in jobs]
@@ -52,18 +54,19 @@ def main() -> None:
     controlnet = load_controlnet(args.controlnet, device="cpu")
     drawn = None if args.plain else identity
     for setting in json.loads(args.settings):
-        scale = setting.pop("control_scale", 1.0)
+        control = {
+            k: setting.pop(k)
+            for k in ("control_scale", "identity_until", "identity_in_controlnet")
+            if k in setting
+        }
         controlled = ControlledGenerator(
-            gen.pipeline,
-            controlnet,
-            control_scale=scale,
-            **{**gen.settings.model_dump(), **setting},
+            gen.pipeline, controlnet, **control, **{**gen.settings.model_dump(), **setting}
         )
         prompts = [j.prompt("a creature", drawn) for j in jobs]
         images = controlled.generate(prompts, seeds, drawn, control_images=maps)
         read = probe.predict_pose(images)
         print(
-            f"{'plain' if args.plain else 'identity'} {setting} control scale {scale}: "
+            f"{'plain' if args.plain else 'identity'} {setting} {control}: "
             f"followed {pose_followed(read, asked).mean():.3f}, "
             f"kept {identity_kept(probe.predict(images), reference):.3f}, "
             f"fields {np.round(np.mean(np.abs(read - asked) <= tolerance, 0), 2)}, "
