@@ -40,6 +40,7 @@ def main() -> None:
     parser.add_argument("--plain", action="store_true", help="draw the plain prompt instead")
     parser.add_argument("--reference", default=REFERENCE)
     parser.add_argument("--seed", type=int, default=0, help="picks the poses and seeds")
+    parser.add_argument("--sheet", help="write the last setting's images here, misses marked")
     args = parser.parse_args()
     torch.set_num_threads(int(os.environ.get("THREADS", "2")))
     identity = Identity.load(args.identity)
@@ -65,14 +66,42 @@ def main() -> None:
         prompts = [j.prompt("a creature", drawn) for j in jobs]
         images = controlled.generate(prompts, seeds, drawn, control_images=maps)
         read = probe.predict_pose(images)
+        attributes = probe.predict(images)
+        shares = {
+            k: round(float(np.mean([a[k] == v for a in attributes])), 2)
+            for k, v in reference.items()
+        }
+        if args.sheet:
+            _sheet(images, asked, read, attributes, reference).save(args.sheet)
         print(
             f"{'plain' if args.plain else 'identity'} {setting} {control}: "
             f"followed {pose_followed(read, asked).mean():.3f}, "
-            f"kept {identity_kept(probe.predict(images), reference):.3f}, "
+            f"kept {identity_kept(attributes, reference):.3f}, "
             f"fields {np.round(np.mean(np.abs(read - asked) <= tolerance, 0), 2)}, "
-            f"bias/tolerance {np.round((read - asked).mean(0) / tolerance, 2)}",
+            f"bias/tolerance {np.round((read - asked).mean(0) / tolerance, 2)}, "
+            f"attributes {shares}",
             flush=True,
         )
+
+
+def _sheet(images, asked, read, attributes, reference):  # type: ignore[no-untyped-def]
+    """All images in rows of 8 (one pose's 4 seeds side by side); a red bar under those
+    whose pose is missed, a yellow bar under those whose look is."""
+    from PIL import Image, ImageDraw
+
+    size = images[0].width
+    followed = pose_followed(read, asked)
+    rows = (len(images) + 7) // 8
+    sheet = Image.new("RGB", (8 * size, rows * (size + 4)), "white")
+    draw = ImageDraw.Draw(sheet)
+    for i, image in enumerate(images):
+        x, y = (i % 8) * size, (i // 8) * (size + 4)
+        sheet.paste(image.convert("RGB"), (x, y))
+        if not followed[i]:
+            draw.rectangle([x, y + size, x + size // 2 - 1, y + size + 3], fill="red")
+        if any(attributes[i][k] != v for k, v in reference.items()):
+            draw.rectangle([x + size // 2, y + size, x + size - 1, y + size + 3], fill="yellow")
+    return sheet
 
 
 if __name__ == "__main__":
