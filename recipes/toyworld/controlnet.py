@@ -87,6 +87,9 @@ class AppsPlan:
     # Seconds for the ControlNet stage (None: its steps); the learning rate follows the
     # fraction of the budget spent, so a cut stage still ends its cosine decay.
     controlnet_seconds: float | None = None
+    # The share of the ControlNet's training poses that lean more than 15° (the rest drawn from
+    # POSE_RANGES as they come): the ControlNet draws strong leans short, and x with them.
+    strong_lean_share: float = 0.0
     pose_probe: StagePlan = field(
         default_factory=lambda: StagePlan(
             2500, 64, 2e-3, weight_decay=1e-4, checkpoint_every=250, log_every=50
@@ -110,10 +113,16 @@ class PosedSet:
     captions: list[list[str]]
 
 
-def posed_set(n: int, seed: int, prior: str, captions_per_image: int) -> PosedSet:
-    """`n` creatures drawn from `prior` in poses from `POSE_RANGES` (deterministic in `seed`)."""
+def posed_set(
+    n: int, seed: int, prior: str, captions_per_image: int, strong_lean_share: float = 0.0
+) -> PosedSet:
+    """`n` creatures drawn from `prior` in poses from `POSE_RANGES` (deterministic in `seed`);
+    the first `strong_lean_share` of them lean 15-25° to either side."""
     rng = np.random.default_rng(seed)
-    records = [sample_posed_record(rng, prior=prior) for _ in range(n)]
+    strong = round(n * strong_lean_share)
+    records = [
+        sample_posed_record(rng, prior=prior, tilt=_strong_lean(rng)) for _ in range(strong)
+    ] + [sample_posed_record(rng, prior=prior) for _ in range(n - strong)]
     images = np.stack([np.asarray(render(r)) for r in records])
     maps = np.stack([np.asarray(pose_map(r)) for r in records])
     labels = np.asarray(
@@ -121,6 +130,10 @@ def posed_set(n: int, seed: int, prior: str, captions_per_image: int) -> PosedSe
     )
     captions = [[sample_caption(r, rng) for _ in range(captions_per_image)] for r in records]
     return PosedSet(images, maps, labels, pose_of(records), captions)
+
+
+def _strong_lean(rng: np.random.Generator) -> float:
+    return float(rng.choice([-1.0, 1.0]) * rng.uniform(15.0, 25.0))
 
 
 # ----------------------------------------------------------------------------- pose probe
@@ -382,12 +395,19 @@ def main(argv: Sequence[str] | None = None, *, plan: AppsPlan | None = None) -> 
         help="an exported ControlNet folder to train on from (with a new --ckpt folder)",
     )
     parser.add_argument("--timesteps", choices=["high", "uniform"], default="high")
+    parser.add_argument(
+        "--strong-lean-share",
+        type=float,
+        default=0.0,
+        help="share of the ControlNet's training poses leaning 15-25 degrees",
+    )
     args = parser.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
     plan = plan or AppsPlan(
         controlnet_seconds=args.controlnet_seconds,
         timesteps=args.timesteps,
+        strong_lean_share=args.strong_lean_share,
     )
     ckpt: Path = args.ckpt or args.weights.resolve().parent / "controlnet-checkpoints"
     ckpt.mkdir(parents=True, exist_ok=True)
@@ -399,7 +419,11 @@ def main(argv: Sequence[str] | None = None, *, plan: AppsPlan | None = None) -> 
         probe.save_pretrained(args.weights / POSE_PROBE_DIR)
     if "controlnet" in stages:
         train = _rendered(
-            plan.train_images, seed_of(args.seed, 80), "world", plan.captions_per_image
+            plan.train_images,
+            seed_of(args.seed, 80),
+            "world",
+            plan.captions_per_image,
+            plan.strong_lean_share,
         )
         controlnet = train_controlnet(plan, train, pipe, ckpt, args.seed, init=args.init_controlnet)
         controlnet.save_pretrained(args.weights / CONTROLNET_DIR)
@@ -414,9 +438,9 @@ def main(argv: Sequence[str] | None = None, *, plan: AppsPlan | None = None) -> 
     return metrics
 
 
-def _rendered(n: int, seed: int, prior: str, captions: int) -> PosedSet:
+def _rendered(n: int, seed: int, prior: str, captions: int, strong_lean: float = 0.0) -> PosedSet:
     t0 = time.perf_counter()
-    data = posed_set(n, seed, prior, captions)
+    data = posed_set(n, seed, prior, captions, strong_lean)
     log("data", f"rendered {n} posed images ({prior} prior) in {time.perf_counter() - t0:.0f}s")
     return data
 

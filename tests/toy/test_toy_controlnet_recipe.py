@@ -93,3 +93,13 @@ def test_the_pose_probe_sees_the_vaes_reconstructions_in_the_renders_layout(weig
     assert torch.allclose(to01(trips), direct, atol=1 / 255 + 1e-6)
     # The VAE changes the pixels: these are not the renders again.
     assert (trips.float() - renders.float()).abs().mean() > 0.5
+
+
+def test_posed_set_strong_lean_share_leans_that_share_and_defaults_to_the_plain_draw() -> None:
+    leaning = posed_set(10, seed=3, prior="world", captions_per_image=1, strong_lean_share=0.4)
+    tilts = np.abs(leaning.poses[:, 3])
+    assert np.all((tilts[:4] >= 15) & (tilts[:4] <= 25))
+    plain = posed_set(10, seed=3, prior="world", captions_per_image=1)
+    again = posed_set(10, seed=3, prior="world", captions_per_image=1, strong_lean_share=0.0)
+    assert np.array_equal(plain.poses, again.poses) and np.array_equal(plain.images, again.images)
+    assert not np.array_equal(plain.poses, leaning.poses)
