@@ -402,6 +402,8 @@ def main(argv: Sequence[str] | None = None, *, plan: AppsPlan | None = None) -> 
         help="share of the ControlNet's training poses leaning 15-25 degrees",
     )
     args = parser.parse_args(argv)
+    if not 0 <= args.strong_lean_share <= 1:
+        parser.error(f"--strong-lean-share must be in [0, 1], got {args.strong_lean_share}")
     if args.threads:
         torch.set_num_threads(args.threads)
     plan = plan or AppsPlan(

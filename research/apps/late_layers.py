@@ -13,23 +13,14 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
+import sys
+from pathlib import Path
 from typing import Any
 
-import numpy as np
-import torch
-
-import consistent_char.toy as toy
-from consistent_char.config import TOY_MODEL
 from consistent_char.control import ControlledGenerator, load_controlnet
-from consistent_char.eval.pose_control import pose_jobs
-from consistent_char.identity import Identity
-from consistent_char.toy.evaluate import identity_kept
-from consistent_char.toy.pose import POSE, POSE_TOLERANCE, pose_followed, pose_map, pose_of
-from consistent_char.toy.probe import IdentityProbe
-from consistent_char.usage import identity_generator
 
-REFERENCE = "shape=round,color=blue,hat=crown,hat_color=red,eyes=big"
+sys.path.insert(0, str(Path(__file__).parent))
+from pose_settings import REFERENCE, PoseBench  # noqa: E402
 
 
 class LateLayers(ControlledGenerator):
@@ -72,43 +63,24 @@ def main() -> None:
     parser.add_argument("--lora-scale", type=float, default=1.2)
     parser.add_argument("--until", type=float, default=0.8)
     args = parser.parse_args()
-    torch.set_num_threads(int(os.environ.get("THREADS", "2")))
-    identity = Identity.load(args.identity)
-    reference = dict(kv.split("=") for kv in args.reference.split(","))
-    probe = IdentityProbe.from_pretrained(toy.pose_probe_dir())
-    jobs = pose_jobs(20, 4, args.seed)
-    asked = pose_of([j.pose for j in jobs])
-    maps = [pose_map(j.pose) for j in jobs]
-    seeds = [j.seed for j in jobs]
-    tolerance = np.array([POSE_TOLERANCE[k] for k in POSE])
-    gen = identity_generator(identity, model=TOY_MODEL, device="cpu")
+    bench = PoseBench(args.identity, args.reference, args.seed)
     controlnet = load_controlnet("toy", device="cpu")
-    prompts = [j.prompt("a creature", identity) for j in jobs]
+    prompts = [j.prompt("a creature", bench.identity) for j in bench.jobs]
     for setting in json.loads(args.settings):
         controlled = LateLayers(
-            gen.pipeline,
+            bench.gen.pipeline,
             controlnet,
             identity_until=args.until,
             identity_in_controlnet=True,
-            **{**gen.settings.model_dump(), "lora_scale": args.lora_scale},
+            **{**bench.gen.settings.model_dump(), "lora_scale": args.lora_scale},
         )
         controlled.keep = tuple(setting.get("keep", ()))
         controlled.late_scale = float(setting.get("late_scale", args.lora_scale))
-        images = controlled.generate(prompts, seeds, identity, control_images=maps)
-        read = probe.predict_pose(images)
-        attributes = probe.predict(images)
-        shares = {
-            k: round(float(np.mean([a[k] == v for a in attributes])), 2)
-            for k, v in reference.items()
-        }
-        print(
-            f"LoRA {args.lora_scale} until {args.until}, late {setting}: "
-            f"followed {pose_followed(read, asked).mean():.3f}, "
-            f"kept {identity_kept(attributes, reference):.3f}, "
-            f"fields {np.round(np.mean(np.abs(read - asked) <= tolerance, 0), 2)}, "
-            f"attributes {shares}",
-            flush=True,
+        images = controlled.generate(
+            prompts, bench.seeds, bench.identity, control_images=bench.maps
         )
+        label = f"LoRA {args.lora_scale} until {args.until}, late {setting}"
+        print(bench.report(label, images), flush=True)
 
 
 if __name__ == "__main__":

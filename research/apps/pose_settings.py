@@ -42,18 +42,9 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0, help="picks the poses and seeds")
     parser.add_argument("--sheet", help="write the last setting's images here, misses marked")
     args = parser.parse_args()
-    torch.set_num_threads(int(os.environ.get("THREADS", "2")))
-    identity = Identity.load(args.identity)
-    reference = dict(kv.split("=") for kv in args.reference.split(","))
-    probe = IdentityProbe.from_pretrained(toy.pose_probe_dir())
-    jobs = pose_jobs(20, 4, args.seed)
-    asked = pose_of([j.pose for j in jobs])
-    maps = [pose_map(j.pose) for j in jobs]
-    seeds = [j.seed for j in jobs]
-    tolerance = np.array([POSE_TOLERANCE[k] for k in POSE])
-    gen = identity_generator(identity, model=TOY_MODEL, device="cpu")
+    bench = PoseBench(args.identity, args.reference, args.seed)
     controlnet = load_controlnet(args.controlnet, device="cpu")
-    drawn = None if args.plain else identity
+    drawn = None if args.plain else bench.identity
     for setting in json.loads(args.settings):
         control = {
             k: setting.pop(k)
@@ -61,26 +52,48 @@ def main() -> None:
             if k in setting
         }
         controlled = ControlledGenerator(
-            gen.pipeline, controlnet, **control, **{**gen.settings.model_dump(), **setting}
+            bench.gen.pipeline,
+            controlnet,
+            **control,
+            **{**bench.gen.settings.model_dump(), **setting},
         )
-        prompts = [j.prompt("a creature", drawn) for j in jobs]
-        images = controlled.generate(prompts, seeds, drawn, control_images=maps)
-        read = probe.predict_pose(images)
-        attributes = probe.predict(images)
+        prompts = [j.prompt("a creature", drawn) for j in bench.jobs]
+        images = controlled.generate(prompts, bench.seeds, drawn, control_images=bench.maps)
+        label = f"{'plain' if args.plain else 'identity'} {setting} {control}"
+        print(bench.report(label, images, sheet=args.sheet), flush=True)
+
+
+class PoseBench:
+    """The 20 poses × 4 seeds of `pose_jobs(20, 4, seed)`, their pose maps, the pose probe
+    and the identity's generator; `report` reads drawn images against them."""
+
+    def __init__(self, identity_dir: str, reference: str, seed: int) -> None:
+        torch.set_num_threads(int(os.environ.get("THREADS", "2")))
+        self.identity = Identity.load(identity_dir)
+        self.reference = dict(kv.split("=") for kv in reference.split(","))
+        self.probe = IdentityProbe.from_pretrained(toy.pose_probe_dir())
+        self.jobs = pose_jobs(20, 4, seed)
+        self.asked = pose_of([j.pose for j in self.jobs])
+        self.maps = [pose_map(j.pose) for j in self.jobs]
+        self.seeds = [j.seed for j in self.jobs]
+        self.gen = identity_generator(self.identity, model=TOY_MODEL, device="cpu")
+
+    def report(self, label: str, images: list, sheet: str | None = None) -> str:  # type: ignore[type-arg]
+        tolerance = np.array([POSE_TOLERANCE[k] for k in POSE])
+        read = self.probe.predict_pose(images)
+        attributes = self.probe.predict(images)
         shares = {
             k: round(float(np.mean([a[k] == v for a in attributes])), 2)
-            for k, v in reference.items()
+            for k, v in self.reference.items()
         }
-        if args.sheet:
-            _sheet(images, asked, read, attributes, reference).save(args.sheet)
-        print(
-            f"{'plain' if args.plain else 'identity'} {setting} {control}: "
-            f"followed {pose_followed(read, asked).mean():.3f}, "
-            f"kept {identity_kept(attributes, reference):.3f}, "
-            f"fields {np.round(np.mean(np.abs(read - asked) <= tolerance, 0), 2)}, "
-            f"bias/tolerance {np.round((read - asked).mean(0) / tolerance, 2)}, "
-            f"attributes {shares}",
-            flush=True,
+        if sheet:
+            _sheet(images, self.asked, read, attributes, self.reference).save(sheet)
+        return (
+            f"{label}: followed {pose_followed(read, self.asked).mean():.3f}, "
+            f"kept {identity_kept(attributes, self.reference):.3f}, "
+            f"fields {np.round(np.mean(np.abs(read - self.asked) <= tolerance, 0), 2)}, "
+            f"bias/tolerance {np.round((read - self.asked).mean(0) / tolerance, 2)}, "
+            f"attributes {shares}"
         )
 
 

@@ -4,6 +4,7 @@ loads, resume from their checkpoints, and a later run trains on from exported we
 from __future__ import annotations
 
 import shutil
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -103,3 +104,9 @@ def test_posed_set_strong_lean_share_leans_that_share_and_defaults_to_the_plain_
     again = posed_set(10, seed=3, prior="world", captions_per_image=1, strong_lean_share=0.0)
     assert np.array_equal(plain.poses, again.poses) and np.array_equal(plain.images, again.images)
     assert not np.array_equal(plain.poses, leaning.poses)
+
+
+def test_strong_lean_share_outside_zero_to_one_is_refused(tmp_path: Path) -> None:
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--weights", str(tmp_path), "--strong-lean-share", "1.5"])
+    assert exit_info.value.code == 2
