@@ -42,7 +42,7 @@ import torch
 import torch.nn.functional as F
 
 from consistent_char.toy.captions import sample_caption
-from consistent_char.toy.pose import pose_map, pose_of, sample_posed_record
+from consistent_char.toy.pose import POSE_RANGES, pose_map, pose_of, sample_posed_record
 from consistent_char.toy.probe import POSE_KEY, IdentityProbe, ProbeConfig
 from consistent_char.toy.world import ATTRIBUTES, render
 from recipes.toyworld.augment import augment, to01, vae_round_trip
@@ -132,8 +132,12 @@ def posed_set(
     return PosedSet(images, maps, labels, pose_of(records), captions)
 
 
+#: Where a strong lean starts (degrees); it goes to the edge of `POSE_RANGES`' tilt.
+STRONG_LEAN = 15.0
+
+
 def _strong_lean(rng: np.random.Generator) -> float:
-    return float(rng.choice([-1.0, 1.0]) * rng.uniform(15.0, 25.0))
+    return float(rng.choice([-1.0, 1.0]) * rng.uniform(STRONG_LEAN, POSE_RANGES["tilt"][1]))
 
 
 # ----------------------------------------------------------------------------- pose probe

@@ -32,23 +32,24 @@ class LateLayers(ControlledGenerator):
     def _identity_switch(self, adapter: str) -> Any:
         from peft.tuners.lora import LoraLayer
 
-        named = [
-            (f"{tag}.{name}", m)
+        inner = super()._identity_switch(adapter)
+        kept = [
+            m
             for tag, model in (
                 ("unet", self.pipeline.unet),
                 ("controlnet", self.pipeline.controlnet),
             )
             for name, m in model.named_modules()
-            if isinstance(m, LoraLayer) and adapter in m.lora_A
+            if isinstance(m, LoraLayer)
+            and adapter in m.lora_A
+            and any(k in f"{tag}.{name}" for k in self.keep)
         ]
-        for _, layer in named:
-            layer.set_scale(adapter, self.lora_scale)
 
         def switch(pipe: Any, step: int, timestep: Any, kwargs: dict[str, Any]) -> dict[str, Any]:
+            kwargs = inner(pipe, step, timestep, kwargs)  # every layer off at the switch step
             if step + 1 == max(1, round(self.identity_until * pipe.num_timesteps)):
-                for name, layer in named:
-                    kept = any(k in name for k in self.keep)
-                    layer.set_scale(adapter, self.late_scale if kept else 0.0)
+                for layer in kept:
+                    layer.set_scale(adapter, self.late_scale)
             return kwargs
 
         return switch

@@ -71,9 +71,11 @@ def _tie(net: Any, unet: Any) -> int:
 
 
 def _residuals(self: Any, noisy, timesteps, prompt_embeds, added_cond_kwargs, control):  # type: ignore[no-untyped-def]
-    tied = _tie(self.controlnet, _UNET["unet"])
-    if tied:
+    # Each refinement gives the UNet new training parameters: tie them at its first step.
+    if not _UNET.get("tied"):
+        tied = _tie(self.controlnet, _UNET["unet"])
         print(f"tied {tied} LoRA tensors of the ControlNet to the UNet's", flush=True)
+        _UNET["tied"] = True
     down, mid = self.controlnet(
         noisy,
         timesteps,
@@ -101,6 +103,13 @@ def main() -> None:
         "refiner": dict(REFINE_THROUGH_CONTROLNET),
     }
     extractor = IterativeIdentityExtractor.from_config(ExtractorConfig.build(config))
+    refine = extractor.refiner.refine
+
+    def refine_and_retie(*args: Any, **kwargs: Any) -> Any:
+        _UNET["tied"] = False
+        return refine(*args, **kwargs)
+
+    extractor.refiner.refine = refine_and_retie  # type: ignore[method-assign]
     result = extractor.extract("a creature", run_dir=args.out)
     print(f"{result.iterations} iterations ({result.stop_reason})")
 
