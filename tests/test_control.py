@@ -176,6 +176,49 @@ def test_identity_in_controlnet_copies_the_lora_switches_it_and_removes_it_after
     np.testing.assert_array_equal(_arrays(inside)[0], _arrays(again)[0])
 
 
+def _control_scales_per_step(net, gen, identity):
+    """The conditioning scale the ControlNet steers at in each of its calls."""
+    seen: list[float] = []
+
+    def record(module, args, kwargs, output):
+        seen.append(float(kwargs["conditioning_scale"]))
+
+    hook = net.register_forward_hook(record, with_kwargs=True)
+    try:
+        images = gen.generate(["<tiny> a"], [3], identity, control_images=_control(0))
+    finally:
+        hook.remove()
+    return seen, images
+
+
+def test_late_control_scale_steers_harder_once_the_identity_is_switched_off(parts):
+    pipe, net, identity = parts
+    settings = {"num_inference_steps": 4, "identity_until": 0.5, "lora_scale": 0.7}
+    late = ControlledGenerator(pipe, net, late_control_scale=2.5, **settings)
+    seen, images = _control_scales_per_step(net, late, identity)
+    assert seen == [1.0, 1.0, 2.5, 2.5]
+    # Only for that call: the next one, without an identity, steers as diffusers does.
+    assert _control_scales_per_step(net, late, None)[0] == [1.0] * 4
+    assert not net._forward_pre_hooks
+    same = ControlledGenerator(pipe, net, **settings)
+    seen_same, images_same = _control_scales_per_step(net, same, identity)
+    assert seen_same == [1.0] * 4
+    assert not np.array_equal(_arrays(images)[0], _arrays(images_same)[0])
+
+
+def test_late_control_scale_is_unused_while_the_identity_stays_on(parts):
+    pipe, net, identity = parts
+    gen = ControlledGenerator(pipe, net, late_control_scale=2.5, num_inference_steps=4)
+    assert _control_scales_per_step(net, gen, identity)[0] == [1.0] * 4
+
+
+@pytest.mark.parametrize("scale", [-0.5, float("nan")])
+def test_a_negative_late_control_scale_is_refused(parts, scale):
+    pipe, net, _ = parts
+    with pytest.raises(InvalidValueError, match="late_control_scale"):
+        ControlledGenerator(pipe, net, late_control_scale=scale)
+
+
 @pytest.mark.parametrize("until", [0.0, -0.1, 1.5, float("nan")])
 def test_identity_until_outside_zero_to_one_is_refused(parts, until):
     pipe, net, _ = parts
@@ -247,11 +290,18 @@ def test_generate_follows_a_control_image_and_at_scale_zero_draws_as_without(sav
     # changes the drawing.
     late = _generate(saved, tmp_path / "late", *control, "--identity-until", "0.5")
     both = _generate(saved, tmp_path / "both", *control, "--identity-in-controlnet")
-    for result in (late, both):
+    harder = _generate(
+        saved, tmp_path / "harder", *control, "--identity-until", "0.5",
+        "--late-control-scale", "3",
+    )  # fmt: skip
+    for result in (late, both, harder):
         assert result.exit_code == 0, result.output
     for name in ("late", "both"):
         drawn = np.asarray(Image.open(tmp_path / name / "000_seed0.png"))
         assert not np.array_equal(read["steered"], drawn)
+    # A stronger ControlNet in the steps after the switch changes them.
+    drawn = np.asarray(Image.open(tmp_path / "harder" / "000_seed0.png"))
+    assert not np.array_equal(np.asarray(Image.open(tmp_path / "late" / "000_seed0.png")), drawn)
 
 
 @pytest.mark.parametrize(
@@ -270,6 +320,12 @@ def test_generate_follows_a_control_image_and_at_scale_zero_draws_as_without(sav
         (["--control-image", "{root}/pose.png", "--controlnet", "{root}/nowhere"], "not found"),
         (["--identity-until", "0.5"], "act through a ControlNet"),
         (["--identity-in-controlnet"], "act through a ControlNet"),
+        (["--late-control-scale", "2"], "act through a ControlNet"),
+        (
+            ["--control-image", "{root}/pose.png", "--controlnet", "{root}/controlnet"]
+            + ["--late-control-scale", "-1"],
+            ">= 0",
+        ),
         (
             ["--control-image", "{root}/pose.png", "--controlnet", "{root}/controlnet"]
             + ["--identity-until", "0"],

@@ -29,7 +29,7 @@ def toy_identity(tmp_path_factory):
 def test_both_applications_are_measured_into_results(toy_identity, tmp_path):
     settings = AppsSettings("test", edits_per_scene=1, poses=2, images_per_pose=1,
                             reference_per_scene=1, identity_until=0.9,
-                            identity_in_controlnet=True)  # fmt: skip
+                            identity_in_controlnet=True, late_control_scale=2.0)  # fmt: skip
     lines: list[str] = []
     results = run_toy_apps(
         settings, tmp_path, identity_dir=toy_identity, device="cpu", say=lines.append
@@ -51,11 +51,13 @@ def test_both_applications_are_measured_into_results(toy_identity, tmp_path):
     assert pose["poses"] == 2 and pose["images_per_pose"] == 1
     assert results["settings"]["identity_until"] == 0.9
     assert results["settings"]["identity_in_controlnet"] is True
+    assert results["settings"]["late_control_scale"] == 2.0
     assert set(results["targets"]) == set(TARGETS)
     for t in results["targets"].values():
         assert t["met"] == (t["value"] >= t["target"])
     assert (tmp_path / "edit_sheet.png").is_file() and (tmp_path / "pose_sheet.png").is_file()
     table = apps_table(results)
+    assert "then the ControlNet at 2" in table
     assert table.count("\n| ") >= len(SCENES) + 4 + len(TARGETS)
     assert any(line.startswith("pose control:") for line in lines)
 

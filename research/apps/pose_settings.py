@@ -1,13 +1,15 @@
 """Pose control of one identity (or the plain prompt) under drawing settings: LoRA scale,
-ControlNet scale, guidance, scheduler, steps, and `ControlledGenerator`'s ``identity_until``
-and ``identity_in_controlnet``. 20 poses × 4 seeds, read by the pose probe.
+ControlNet scale, guidance, scheduler, steps, and `ControlledGenerator`'s ``identity_until``,
+``identity_in_controlnet`` and ``late_control_scale``. 20 poses × 4 seeds, read by the pose
+probe.
 
     python research/apps/pose_settings.py IDENTITY CONTROLNET '[{"lora_scale": 0.8}]' \
         [--plain] [--seed 0] [--reference shape=round,color=blue,hat=crown,hat_color=red,eyes=big]
 
 Each JSON object is one setting (`SDXLGenerator` settings, plus ``control_scale``,
-``identity_until`` and ``identity_in_controlnet``); the reference is what the probe should read
-for the identity (default: that of ``bench/toy-apps/run``'s identity).
+``identity_until``, ``identity_in_controlnet`` and ``late_control_scale``); the reference is
+what the probe should read for the identity (default: the round blue creature with a red
+crown).
 """
 
 from __future__ import annotations
@@ -48,7 +50,12 @@ def main() -> None:
     for setting in json.loads(args.settings):
         control = {
             k: setting.pop(k)
-            for k in ("control_scale", "identity_until", "identity_in_controlnet")
+            for k in (
+                "control_scale",
+                "identity_until",
+                "identity_in_controlnet",
+                "late_control_scale",
+            )
             if k in setting
         }
         controlled = ControlledGenerator(

@@ -20,7 +20,9 @@ layout and the look are decided (measured in ToyWorld, see docs/applications.md)
 `identity_until` switches the LoRA off for those steps; the identity's tokens act throughout.
 A ControlNet is a copy of the UNet's down and middle blocks: `identity_in_controlnet` applies
 the identity's LoRA to that copy too, so that the control branch reads the character as the
-UNet does.
+UNet does. Without the LoRA, a base model that has only drawn the character in a few poses
+still pulls it back a little in those last steps; `late_control_scale` lets the ControlNet
+steer harder there.
 """
 
 from __future__ import annotations
@@ -144,6 +146,9 @@ class ControlledGenerator(SDXLGenerator):
             throughout. Below 1 the LoRA is never fused (its scale changes within a call).
         identity_in_controlnet: Also apply the identity's LoRA (at the same scale, switched
             with it) to the ControlNet's modules that copy the UNet's, for each call only.
+        late_control_scale: The ControlNet's scale in the steps after `identity_until`, once
+            the identity's LoRA is off (default: `control_scale`). Only calls with an
+            identity whose LoRA is switched use it.
         **settings: `SDXLGenerator`'s settings.
 
     Example:
@@ -160,10 +165,13 @@ class ControlledGenerator(SDXLGenerator):
         control_scale: float = 1.0,
         identity_until: float = 1.0,
         identity_in_controlnet: bool = False,
+        late_control_scale: float | None = None,
         **settings: Any,
     ) -> None:
         if not control_scale >= 0:
             raise InvalidValueError(f"control_scale must be >= 0, got {control_scale}")
+        if late_control_scale is not None and not late_control_scale >= 0:
+            raise InvalidValueError(f"late_control_scale must be >= 0, got {late_control_scale}")
         if not 0 < identity_until <= 1:
             raise InvalidValueError(f"identity_until must be in (0, 1], got {identity_until}")
         super().__init__(control_pipeline(pipeline, controlnet), **settings)
@@ -174,8 +182,12 @@ class ControlledGenerator(SDXLGenerator):
         self.control_scale = float(control_scale)
         self.identity_until = float(identity_until)
         self.identity_in_controlnet = bool(identity_in_controlnet)
+        self.late_control_scale = (
+            self.control_scale if late_control_scale is None else float(late_control_scale)
+        )
         self._controls: list[Image.Image] = []
         self._switched_adapter: str | None = None  # the LoRA switched off late in each call
+        self._late = False  # whether this call's steps are past identity_until
 
     def generate(  # type: ignore[override]
         self,
@@ -199,10 +211,24 @@ class ControlledGenerator(SDXLGenerator):
         self._controls = [im.convert("RGB") for im in controls]
         if identity is not None and identity.lora is not None and self.identity_until < 1:
             self._switched_adapter = identity.adapter_name
+        late = None
+        if self._switched_adapter and self.late_control_scale != self.control_scale:
+            late = self.pipeline.controlnet.register_forward_pre_hook(
+                self._late_scale, with_kwargs=True
+            )
         try:
             return super().generate(prompts, seeds, identity, callback=callback)
         finally:
-            self._controls, self._switched_adapter = [], None
+            self._controls, self._switched_adapter, self._late = [], None, False
+            if late is not None:
+                late.remove()
+
+    def _late_scale(self, module: Any, args: Any, kwargs: dict[str, Any]) -> Any:
+        """A forward pre-hook on the ControlNet: past `identity_until`, it steers at
+        `late_control_scale` instead of the `control_scale` the pipeline passes."""
+        if self._late:
+            kwargs["conditioning_scale"] = self.late_control_scale
+        return args, kwargs
 
     @contextlib.contextmanager
     def applied(self, identity: Any) -> Iterator[None]:
@@ -273,7 +299,8 @@ class ControlledGenerator(SDXLGenerator):
 
     def _identity_switch(self, adapter: str) -> Any:
         """A diffusers step callback: the identity's LoRA at `lora_scale` until
-        `identity_until` of the call's steps are done, at 0 after them."""
+        `identity_until` of the call's steps are done, at 0 after them (and the ControlNet at
+        `late_control_scale`)."""
         from peft.tuners.lora import LoraLayer
 
         models = (self.pipeline.unet, self.pipeline.controlnet)
@@ -285,11 +312,13 @@ class ControlledGenerator(SDXLGenerator):
         ]
         for layer in layers:  # the previous call left it off
             layer.set_scale(adapter, self.lora_scale)
+        self._late = False
 
         def switch(pipe: Any, step: int, timestep: Any, kwargs: dict[str, Any]) -> dict[str, Any]:
             if step + 1 == max(1, round(self.identity_until * pipe.num_timesteps)):
                 for layer in layers:
                     layer.set_scale(adapter, 0.0)
+                self._late = True
             return kwargs
 
         return switch

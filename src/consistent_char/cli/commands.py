@@ -20,6 +20,7 @@ from consistent_char.cli.core import (
     GuidanceOption,
     IdentityUntilOption,
     InControlNetOption,
+    LateControlScaleOption,
     LoraScaleOption,
     ModelOption,
     NumImagesOption,
@@ -213,6 +214,7 @@ def generate(
     ] = 1.0,
     identity_until: IdentityUntilOption = 1.0,
     in_controlnet: InControlNetOption = False,
+    late_control_scale: LateControlScaleOption = None,
     verbose: Annotated[bool, typer.Option("--verbose", "-v")] = False,
 ) -> None:
     """Draw PROMPTS with a learned identity (following a control image with --controlnet)."""
@@ -225,10 +227,10 @@ def generate(
     check_seeds(seed, num_images)
     resolve_device(device)
     control = _control_input(control_image, controlnet)
-    if control is None and (identity_until != 1 or in_controlnet):
+    if control is None and (identity_until != 1 or in_controlnet or late_control_scale is not None):
         fail(
-            "--identity-until and --identity-in-controlnet act through a ControlNet: give "
-            "--controlnet and --control-image"
+            "--identity-until, --identity-in-controlnet and --late-control-scale act through "
+            "a ControlNet: give --controlnet and --control-image"
         )
     identity = Identity.load(identity_dir)
     drawing = IdentityDrawing(identity, prompts, seed, num_images, out)
@@ -250,6 +252,7 @@ def generate(
             control_scale=control_scale,
             identity_until=identity_until,
             identity_in_controlnet=in_controlnet,
+            late_control_scale=late_control_scale,
             **settings,
         )
         kwargs["control_images"] = control

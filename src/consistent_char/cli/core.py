@@ -274,6 +274,14 @@ InControlNetOption = Annotated[
         help="With --controlnet: apply the identity's LoRA to the ControlNet's UNet copy too.",
     ),
 ]
+LateControlScaleOption = Annotated[
+    float | None,
+    typer.Option(
+        callback=finite(0.0),
+        help="With --identity-until: the ControlNet's strength in the steps after it "
+        "(default: --control-scale).",
+    ),
+]
 IdentityUntilOption = Annotated[
     float,
     typer.Option(

@@ -11,6 +11,7 @@ import typer
 from consistent_char.cli.core import (
     IdentityUntilOption,
     InControlNetOption,
+    LateControlScaleOption,
     app,
     check_prompts,
     console,
@@ -328,6 +329,7 @@ def eval_toy_apps(
         typer.Option(callback=finite(0.0), help="The identity's LoRA scale in pose control."),
     ] = 1.0,
     in_controlnet: InControlNetOption = False,
+    late_control_scale: LateControlScaleOption = None,
     device: Annotated[str, typer.Option(help="auto, cpu, cuda, ...")] = "auto",
     threads: ThreadsOption = None,
     verbose: Annotated[bool, typer.Option("--verbose", "-v")] = False,
@@ -365,6 +367,7 @@ def eval_toy_apps(
         identity_until=identity_until,
         lora_scale=lora_scale,
         identity_in_controlnet=in_controlnet,
+        late_control_scale=late_control_scale,
     )
     results = run_toy_apps(
         settings,

@@ -57,11 +57,14 @@ class AppsSettings:
     identity_until: float = 1.0
     lora_scale: float = 1.0
     identity_in_controlnet: bool = False
+    #: The ControlNet's scale after ``identity_until`` (None: ``control_scale``).
+    late_control_scale: float | None = None
 
 
 def apps_settings(quick: bool, seed: int = 0, **drawing: Any) -> AppsSettings:
     """The full measurement, or the quick one (the same path, fewer images); `drawing`:
-    ``control_scale``, ``identity_until``, ``lora_scale``, ``identity_in_controlnet``."""
+    ``control_scale``, ``identity_until``, ``lora_scale``, ``identity_in_controlnet``,
+    ``late_control_scale``."""
     if quick:
         return AppsSettings("quick", 2, 5, 2, 2, seed, **drawing)
     return AppsSettings("full", 8, 20, 4, 8, seed, **drawing)
@@ -155,6 +158,7 @@ def _pose_control(
         control_scale=settings.control_scale,
         identity_until=settings.identity_until,
         identity_in_controlnet=settings.identity_in_controlnet,
+        late_control_scale=settings.late_control_scale,
         **{**generator.settings.model_dump(), "lora_scale": settings.lora_scale},
     )
     return score_pose_control(
@@ -260,8 +264,8 @@ def apps_table(results: dict[str, Any]) -> str:
         f"{results['settings']['control_scale']:g}, identity's LoRA at "
         f"{results['settings'].get('lora_scale', 1.0):g} for the first "
         f"{results['settings'].get('identity_until', 1.0):.0%} of the steps"
-        f"{' and in the ControlNet' * bool(results['settings'].get('identity_in_controlnet'))}, "
-        f"{results['seconds']:.0f} s.",
+        f"{' and in the ControlNet' * bool(results['settings'].get('identity_in_controlnet'))}"
+        f"{_late_control(results['settings'])}, {results['seconds']:.0f} s.",
         "",
         "## Local editing (blended latents)",
         "",
@@ -297,3 +301,8 @@ def apps_table(results: dict[str, Any]) -> str:
             f"| {name} | {t['value']:.3f} | {t['target']} | {'yes' if t['met'] else 'no'} |"
         )
     return "\n".join(lines) + "\n"
+
+
+def _late_control(settings: dict[str, Any]) -> str:
+    late = settings.get("late_control_scale")
+    return "" if late is None else f", then the ControlNet at {late:g}"
