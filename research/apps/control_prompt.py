@@ -15,14 +15,13 @@ ControlNet replaces the conditional half of its text conditioning):
 
 from __future__ import annotations
 
-import argparse
 import json
 from typing import Any
 
 import torch
-from pose_settings import REFERENCE, PoseBench  # type: ignore[import-not-found]
+from pose_settings import drawing_setup  # type: ignore[import-not-found]
 
-from consistent_char.control import ControlledGenerator, load_controlnet
+from consistent_char.control import ControlledGenerator
 from consistent_char.usage import prompt_with_identity
 
 
@@ -68,21 +67,11 @@ class TextSwappedControl(ControlledGenerator):
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser()
-    parser.add_argument("identity")
-    parser.add_argument("modes", help='a JSON list of "full", "noscene", "plain", "empty"')
-    parser.add_argument("--controlnet", default="toy")
-    parser.add_argument("--lora-scale", type=float, default=1.5)
-    parser.add_argument("--until", type=float, default=0.85)
-    parser.add_argument("--reference", default=REFERENCE)
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--sheet")
-    args = parser.parse_args()
-    bench = PoseBench(args.identity, args.reference, args.seed)
-    controlnet = load_controlnet(args.controlnet, device="cpu")
+    args, bench, controlnet, prompts = drawing_setup(
+        'a JSON list of "full", "noscene", "plain", "empty"'
+    )
     ident = bench.identity
-    prompts = [j.prompt("a creature", ident) for j in bench.jobs]
-    for mode in json.loads(args.modes):
+    for mode in json.loads(args.settings):
         others = {
             "noscene": [prompt_with_identity(ident, "a creature")] * len(prompts),
             "plain": ["a creature"] * len(prompts),

@@ -11,14 +11,13 @@ identity's switch.
 
 from __future__ import annotations
 
-import argparse
 import json
 from typing import Any
 
 from peft.tuners.lora import LoraLayer
-from pose_settings import REFERENCE, PoseBench  # type: ignore[import-not-found]
+from pose_settings import drawing_setup  # type: ignore[import-not-found]
 
-from consistent_char.control import ControlledGenerator, load_controlnet
+from consistent_char.control import ControlledGenerator
 
 
 class OwnControlNetLora(ControlledGenerator):
@@ -63,19 +62,9 @@ class OwnControlNetLora(ControlledGenerator):
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser()
-    parser.add_argument("identity")
-    parser.add_argument("settings", help='a JSON list of {"cn_scale", "cn_until"}')
-    parser.add_argument("--controlnet", default="toy")
-    parser.add_argument("--lora-scale", type=float, default=1.5)
-    parser.add_argument("--until", type=float, default=0.85)
-    parser.add_argument("--reference", default=REFERENCE)
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--sheet")
-    args = parser.parse_args()
-    bench = PoseBench(args.identity, args.reference, args.seed)
-    controlnet = load_controlnet(args.controlnet, device="cpu")
-    prompts = [j.prompt("a creature", bench.identity) for j in bench.jobs]
+    args, bench, controlnet, prompts = drawing_setup(
+        'a JSON list of {"cn_scale", "cn_until", "late_control"}'
+    )
     for setting in json.loads(args.settings):
         controlled = OwnControlNetLora(
             bench.gen.pipeline,

@@ -3,7 +3,7 @@ drawing? `ControlledGenerator(identity_until=F)` switches every LoRA layer off a
 F of the steps; here the layers whose names contain one of KEEP stay on at `late_scale`.
 
     python research/apps/late_layers.py IDENTITY '[{"keep": ["attn2.to_k", "attn2.to_v"]}]' \
-        [--seed 0] [--reference ...] [--lora-scale 1.2] [--until 0.8]
+        [--seed 0] [--reference ...] [--lora-scale 1.2] [--until 0.8] [--sheet OUT.png]
 
 Each JSON object is one setting: ``keep`` (name fragments) and ``late_scale`` (default: the
 LoRA scale). 20 poses × 4 seeds, read by the pose probe, as `pose_settings.py`.
@@ -11,16 +11,15 @@ LoRA scale). 20 poses × 4 seeds, read by the pose probe, as `pose_settings.py`.
 
 from __future__ import annotations
 
-import argparse
 import json
 import sys
 from pathlib import Path
 from typing import Any
 
-from consistent_char.control import ControlledGenerator, load_controlnet
+from consistent_char.control import ControlledGenerator
 
 sys.path.insert(0, str(Path(__file__).parent))
-from pose_settings import REFERENCE, PoseBench  # noqa: E402
+from pose_settings import drawing_setup  # noqa: E402
 
 
 class LateLayers(ControlledGenerator):
@@ -56,17 +55,9 @@ class LateLayers(ControlledGenerator):
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser()
-    parser.add_argument("identity")
-    parser.add_argument("settings", help="a JSON list of settings")
-    parser.add_argument("--reference", default=REFERENCE)
-    parser.add_argument("--seed", type=int, default=0, help="picks the poses and seeds")
-    parser.add_argument("--lora-scale", type=float, default=1.2)
-    parser.add_argument("--until", type=float, default=0.8)
-    args = parser.parse_args()
-    bench = PoseBench(args.identity, args.reference, args.seed)
-    controlnet = load_controlnet("toy", device="cpu")
-    prompts = [j.prompt("a creature", bench.identity) for j in bench.jobs]
+    args, bench, controlnet, prompts = drawing_setup(
+        'a JSON list of {"keep": [...], "late_scale": S}', lora_scale=1.2, until=0.8
+    )
     for setting in json.loads(args.settings):
         controlled = LateLayers(
             bench.gen.pipeline,
@@ -81,7 +72,7 @@ def main() -> None:
             prompts, bench.seeds, bench.identity, control_images=bench.maps
         )
         label = f"LoRA {args.lora_scale} until {args.until}, late {setting}"
-        print(bench.report(label, images), flush=True)
+        print(bench.report(label, images, sheet=args.sheet), flush=True)
 
 
 if __name__ == "__main__":

@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+from typing import Any
 
 import numpy as np
 import torch
@@ -40,9 +41,7 @@ def main() -> None:
     parser.add_argument("controlnet", help="a ControlNet folder, or 'toy'")
     parser.add_argument("settings", help="a JSON list of settings")
     parser.add_argument("--plain", action="store_true", help="draw the plain prompt instead")
-    parser.add_argument("--reference", default=REFERENCE)
-    parser.add_argument("--seed", type=int, default=0, help="picks the poses and seeds")
-    parser.add_argument("--sheet", help="write the last setting's images here, misses marked")
+    _bench_options(parser)
     args = parser.parse_args()
     bench = PoseBench(args.identity, args.reference, args.seed)
     controlnet = load_controlnet(args.controlnet, device="cpu")
@@ -68,6 +67,32 @@ def main() -> None:
         images = controlled.generate(prompts, bench.seeds, drawn, control_images=bench.maps)
         label = f"{'plain' if args.plain else 'identity'} {setting} {control}"
         print(bench.report(label, images, sheet=args.sheet), flush=True)
+
+
+def drawing_setup(
+    settings_help: str, lora_scale: float = 1.5, until: float = 0.85
+) -> tuple[argparse.Namespace, PoseBench, Any, list[str]]:
+    """The command line the scripts that draw one identity share (IDENTITY, a JSON list,
+    ``--controlnet``, ``--lora-scale``, ``--until``, ``--reference``, ``--seed``, ``--sheet``),
+    parsed, and what it sets up: the bench, the ControlNet and the identity's prompts."""
+    parser = argparse.ArgumentParser()
+    parser.add_argument("identity")
+    parser.add_argument("settings", help=settings_help)
+    parser.add_argument("--controlnet", default="toy")
+    parser.add_argument("--lora-scale", type=float, default=lora_scale)
+    parser.add_argument("--until", type=float, default=until)
+    _bench_options(parser)
+    args = parser.parse_args()
+    bench = PoseBench(args.identity, args.reference, args.seed)
+    controlnet = load_controlnet(args.controlnet, device="cpu")
+    prompts = [j.prompt("a creature", bench.identity) for j in bench.jobs]
+    return args, bench, controlnet, prompts
+
+
+def _bench_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--reference", default=REFERENCE)
+    parser.add_argument("--seed", type=int, default=0, help="picks the poses and seeds")
+    parser.add_argument("--sheet", help="write the last setting's images here, misses marked")
 
 
 class PoseBench:

@@ -1,0 +1,66 @@
+"""Choosing the identity's LoRA scale for pose control per identity: the strongest of a few
+scales whose drawings still follow the pose on calibration poses that no evaluation uses.
+
+    python research/apps/choose_scale.py IDENTITY [IDENTITY ...] [--reference ...] \
+        [--calibration-seed 13] [--poses 6] [--scales 1.5 1.2 1.0] [--threshold 0.9]
+
+Each identity is drawn through ToyWorld's ControlNet (until 85% of the steps, the LoRA in the
+ControlNet too, the ControlNet at 2 after the switch) at each scale, strongest first, on the
+first `poses` poses (4 seeds each) of `pose_jobs(20, 4, calibration_seed)`, read by the pose
+probe (ToyWorld's control annotator); the chosen scale is the first whose following reaches
+`threshold`, else the best-following one.
+"""
+
+from __future__ import annotations
+
+import argparse
+
+from pose_settings import REFERENCE, PoseBench  # type: ignore[import-not-found]
+
+from consistent_char.control import ControlledGenerator, load_controlnet
+from consistent_char.toy.pose import pose_followed
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("identities", nargs="+")
+    parser.add_argument(
+        "--reference", action="append", help="one per identity (default: round blue)"
+    )
+    parser.add_argument("--calibration-seed", type=int, default=13)
+    parser.add_argument("--poses", type=int, default=6)
+    parser.add_argument("--scales", type=float, nargs="+", default=[1.5, 1.2, 1.0])
+    parser.add_argument("--threshold", type=float, default=0.9)
+    args = parser.parse_args()
+    references = args.reference or [REFERENCE] * len(args.identities)
+    controlnet = load_controlnet("toy", device="cpu")
+    n = 4 * args.poses
+    for identity, reference in zip(args.identities, references, strict=True):
+        bench = PoseBench(identity, reference, args.calibration_seed)
+        prompts = [j.prompt("a creature", bench.identity) for j in bench.jobs[:n]]
+        followed: dict[float, float] = {}
+        for scale in args.scales:
+            controlled = ControlledGenerator(
+                bench.gen.pipeline,
+                controlnet,
+                identity_until=0.85,
+                identity_in_controlnet=True,
+                late_control_scale=2.0,
+                **{**bench.gen.settings.model_dump(), "lora_scale": scale},
+            )
+            images = controlled.generate(
+                prompts, bench.seeds[:n], bench.identity, control_images=bench.maps[:n]
+            )
+            read = bench.probe.predict_pose(images)
+            followed[scale] = float(pose_followed(read, bench.asked[:n]).mean())
+            if followed[scale] >= args.threshold:
+                break
+        chosen = next(
+            (s for s, f in followed.items() if f >= args.threshold),
+            max(followed, key=lambda s: followed[s]),
+        )
+        print(f"{identity}: followed {followed} -> scale {chosen}", flush=True)
+
+
+if __name__ == "__main__":
+    main()
