@@ -206,17 +206,14 @@ def test_late_control_scale_steers_harder_once_the_identity_is_switched_off(part
     assert not np.array_equal(_arrays(images)[0], _arrays(images_same)[0])
 
 
-def test_late_control_scale_is_unused_while_the_identity_stays_on(parts):
-    pipe, net, identity = parts
-    gen = ControlledGenerator(pipe, net, late_control_scale=2.5, num_inference_steps=4)
-    assert _control_scales_per_step(net, gen, identity)[0] == [1.0] * 4
-
-
-@pytest.mark.parametrize("scale", [-0.5, float("nan")])
-def test_a_negative_late_control_scale_is_refused(parts, scale):
+@pytest.mark.parametrize(
+    ("scale", "until", "message"),
+    [(-0.5, 0.5, ">= 0"), (float("nan"), 0.5, ">= 0"), (2.0, 1.0, "below 1")],
+)
+def test_a_late_control_scale_that_cannot_act_is_refused(parts, scale, until, message):
     pipe, net, _ = parts
-    with pytest.raises(InvalidValueError, match="late_control_scale"):
-        ControlledGenerator(pipe, net, late_control_scale=scale)
+    with pytest.raises(InvalidValueError, match=message):
+        ControlledGenerator(pipe, net, late_control_scale=scale, identity_until=until)
 
 
 @pytest.mark.parametrize("until", [0.0, -0.1, 1.5, float("nan")])
@@ -321,6 +318,11 @@ def test_generate_follows_a_control_image_and_at_scale_zero_draws_as_without(sav
         (["--identity-until", "0.5"], "act through a ControlNet"),
         (["--identity-in-controlnet"], "act through a ControlNet"),
         (["--late-control-scale", "2"], "act through a ControlNet"),
+        (
+            ["--control-image", "{root}/pose.png", "--controlnet", "{root}/controlnet"]
+            + ["--late-control-scale", "2"],
+            "acts in the steps after --identity-until",
+        ),
         (
             ["--control-image", "{root}/pose.png", "--controlnet", "{root}/controlnet"]
             + ["--late-control-scale", "-1"],

@@ -71,6 +71,7 @@ def test_toy_apps_refuses_bad_input_in_one_line_before_loading(tmp_path):
         (["--out", str(user_file)], "not a result of consistent-char eval"),
         (["--out", str(tmp_path / "b"), "--device", "tpu9"], "not a torch device"),
         (["--out", str(tmp_path / "c"), "--identity-until", "1.5"], "must be in (0, 1]"),
+        (["--out", str(tmp_path / "f"), "--late-control-scale", "2"], "after --identity-until"),
         (["--out", str(tmp_path / "d"), "--set", "refiner.nonsense=1"], "nonsense"),
         (
             ["--out", str(tmp_path / "e"), "--identity", str(user_file), "--set", "seed=1"],

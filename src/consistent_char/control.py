@@ -147,8 +147,8 @@ class ControlledGenerator(SDXLGenerator):
         identity_in_controlnet: Also apply the identity's LoRA (at the same scale, switched
             with it) to the ControlNet's modules that copy the UNet's, for each call only.
         late_control_scale: The ControlNet's scale in the steps after `identity_until`, once
-            the identity's LoRA is off (default: `control_scale`). Only calls with an
-            identity whose LoRA is switched use it.
+            the identity's LoRA is off (default: `control_scale`); needs `identity_until`
+            below 1. Calls without an identity's LoRA steer at `control_scale` throughout.
         **settings: `SDXLGenerator`'s settings.
 
     Example:
@@ -174,6 +174,11 @@ class ControlledGenerator(SDXLGenerator):
             raise InvalidValueError(f"late_control_scale must be >= 0, got {late_control_scale}")
         if not 0 < identity_until <= 1:
             raise InvalidValueError(f"identity_until must be in (0, 1], got {identity_until}")
+        if late_control_scale is not None and identity_until == 1:
+            raise InvalidValueError(
+                "late_control_scale acts in the steps after identity_until: set identity_until "
+                "below 1"
+            )
         super().__init__(control_pipeline(pipeline, controlnet), **settings)
         if self.devices is not None:
             raise InvalidValueError(

@@ -28,6 +28,7 @@ from consistent_char.cli.core import (
     SetOption,
     StepsOption,
     app,
+    check_late_control,
     check_prompts,
     check_seeds,
     fail,
@@ -232,6 +233,7 @@ def generate(
             "--identity-until, --identity-in-controlnet and --late-control-scale act through "
             "a ControlNet: give --controlnet and --control-image"
         )
+    check_late_control(late_control_scale, identity_until)
     identity = Identity.load(identity_dir)
     drawing = IdentityDrawing(identity, prompts, seed, num_images, out)
 

@@ -282,6 +282,15 @@ LateControlScaleOption = Annotated[
         "(default: --control-scale).",
     ),
 ]
+
+
+def check_late_control(late_control_scale: float | None, identity_until: float) -> None:
+    """Refuses `--late-control-scale` without `--identity-until` below 1 (it would act in no
+    step)."""
+    if late_control_scale is not None and identity_until == 1:
+        fail("--late-control-scale acts in the steps after --identity-until: give it below 1")
+
+
 IdentityUntilOption = Annotated[
     float,
     typer.Option(

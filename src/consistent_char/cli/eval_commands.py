@@ -13,6 +13,7 @@ from consistent_char.cli.core import (
     InControlNetOption,
     LateControlScaleOption,
     app,
+    check_late_control,
     check_prompts,
     console,
     fail,
@@ -347,6 +348,7 @@ def eval_toy_apps(
     # Everything is checked before a model loads.
     check_output_dir(out)
     check_result_file(out / "results.json")
+    check_late_control(late_control_scale, identity_until)
     resolve_device(device)
     overrides = dict(parse_assignment(s) for s in (set_ or []))
     if identity is not None:
