@@ -15,10 +15,27 @@ from __future__ import annotations
 
 import argparse
 
+import numpy as np
+from PIL import Image, ImageFilter
 from pose_settings import REFERENCE, PoseBench  # type: ignore[import-not-found]
 
 from consistent_char.control import ControlledGenerator, load_controlnet
-from consistent_char.toy.pose import pose_followed
+from consistent_char.toy.pose import annotate, pose_followed
+
+
+def map_error(drawn: list[Image.Image], asked: list[Image.Image]) -> float:
+    """A measure that does not know ToyWorld's poses: the mean absolute difference between the
+    annotator's maps of the drawings and the asked control images, both blurred (radius 2 of 64
+    pixels) so that a near miss costs less than a far one, in [0, 1]."""
+
+    def soft(image: Image.Image) -> np.ndarray:
+        blurred = image.convert("L").filter(ImageFilter.GaussianBlur(2))
+        return np.asarray(blurred, dtype=np.float64) / 255.0
+
+    read = annotate(drawn)
+    return float(
+        np.mean([np.abs(soft(a) - soft(b)).mean() for a, b in zip(read, asked, strict=True)])
+    )
 
 
 def main() -> None:
@@ -31,6 +48,12 @@ def main() -> None:
     parser.add_argument("--poses", type=int, default=6)
     parser.add_argument("--scales", type=float, nargs="+", default=[1.5, 1.2, 1.0])
     parser.add_argument("--threshold", type=float, default=0.9)
+    parser.add_argument(
+        "--all",
+        action="store_true",
+        help="draw every scale and the plain prompt, and print "
+        "the annotator's map error beside the probe's following",
+    )
     args = parser.parse_args()
     references = args.reference or [REFERENCE] * len(args.identities)
     controlnet = load_controlnet("toy", device="cpu")
@@ -39,6 +62,18 @@ def main() -> None:
         bench = PoseBench(identity, reference, args.calibration_seed)
         prompts = [j.prompt("a creature", bench.identity) for j in bench.jobs[:n]]
         followed: dict[float, float] = {}
+        errors: dict[float | str, float] = {}
+        if args.all:
+            plain = ControlledGenerator(
+                bench.gen.pipeline, controlnet, **bench.gen.settings.model_dump()
+            )
+            drawn = plain.generate(
+                [j.prompt("a creature", None) for j in bench.jobs[:n]],
+                bench.seeds[:n],
+                None,
+                control_images=bench.maps[:n],
+            )
+            errors["plain"] = map_error(drawn, bench.maps[:n])
         for scale in args.scales:
             controlled = ControlledGenerator(
                 bench.gen.pipeline,
@@ -53,13 +88,17 @@ def main() -> None:
             )
             read = bench.probe.predict_pose(images)
             followed[scale] = float(pose_followed(read, bench.asked[:n]).mean())
-            if followed[scale] >= args.threshold:
+            if args.all:
+                errors[scale] = map_error(images, bench.maps[:n])
+            elif followed[scale] >= args.threshold:
                 break
         chosen = next(
             (s for s, f in followed.items() if f >= args.threshold),
             max(followed, key=lambda s: followed[s]),
         )
         print(f"{identity}: followed {followed} -> scale {chosen}", flush=True)
+        if errors:
+            print(f"  annotator's map error: { {k: round(v, 4) for k, v in errors.items()} }")
 
 
 if __name__ == "__main__":
