@@ -43,7 +43,7 @@ def main() -> None:
     parser.add_argument("--plain", action="store_true", help="draw the plain prompt instead")
     _bench_options(parser)
     args = parser.parse_args()
-    bench = PoseBench(args.identity, args.reference, args.seed)
+    bench = PoseBench(args.identity, args.reference, args.seed, args.poses)
     controlnet = load_controlnet(args.controlnet, device="cpu")
     drawn = None if args.plain else bench.identity
     for setting in json.loads(args.settings):
@@ -83,7 +83,7 @@ def drawing_setup(
     parser.add_argument("--until", type=float, default=until)
     _bench_options(parser)
     args = parser.parse_args()
-    bench = PoseBench(args.identity, args.reference, args.seed)
+    bench = PoseBench(args.identity, args.reference, args.seed, args.poses)
     controlnet = load_controlnet(args.controlnet, device="cpu")
     prompts = [j.prompt("a creature", bench.identity) for j in bench.jobs]
     return args, bench, controlnet, prompts
@@ -93,18 +93,20 @@ def _bench_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--reference", default=REFERENCE)
     parser.add_argument("--seed", type=int, default=0, help="picks the poses and seeds")
     parser.add_argument("--sheet", help="write the last setting's images here, misses marked")
+    parser.add_argument("--poses", type=int, default=20, help="poses (4 seeds each)")
 
 
 class PoseBench:
-    """The 20 poses × 4 seeds of `pose_jobs(20, 4, seed)`, their pose maps, the pose probe
-    and the identity's generator; `report` reads drawn images against them."""
+    """The poses × 4 seeds of `pose_jobs(poses, 4, seed)` (the first 20 are `eval toy-apps`'),
+    their pose maps, the pose probe and the identity's generator; `report` reads drawn images
+    against them."""
 
-    def __init__(self, identity_dir: str, reference: str, seed: int) -> None:
+    def __init__(self, identity_dir: str, reference: str, seed: int, poses: int = 20) -> None:
         torch.set_num_threads(int(os.environ.get("THREADS", "2")))
         self.identity = Identity.load(identity_dir)
         self.reference = dict(kv.split("=") for kv in reference.split(","))
         self.probe = IdentityProbe.from_pretrained(toy.pose_probe_dir())
-        self.jobs = pose_jobs(20, 4, seed)
+        self.jobs = pose_jobs(poses, 4, seed)
         self.asked = pose_of([j.pose for j in self.jobs])
         self.maps = [pose_map(j.pose) for j in self.jobs]
         self.seeds = [j.seed for j in self.jobs]
