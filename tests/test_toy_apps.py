@@ -29,7 +29,8 @@ def toy_identity(tmp_path_factory):
 def test_both_applications_are_measured_into_results(toy_identity, tmp_path):
     settings = AppsSettings("test", edits_per_scene=1, poses=2, images_per_pose=1,
                             reference_per_scene=1, identity_until=0.9,
-                            identity_in_controlnet=True, late_control_scale=2.0)  # fmt: skip
+                            identity_in_controlnet=True, late_control_scale=2.0,
+                            lora_scale="auto", calibration_poses=1)  # fmt: skip
     lines: list[str] = []
     results = run_toy_apps(
         settings, tmp_path, identity_dir=toy_identity, device="cpu", say=lines.append
@@ -52,12 +53,18 @@ def test_both_applications_are_measured_into_results(toy_identity, tmp_path):
     assert results["settings"]["identity_until"] == 0.9
     assert results["settings"]["identity_in_controlnet"] is True
     assert results["settings"]["late_control_scale"] == 2.0
+    # The LoRA scale is chosen on one calibration pose, and the evaluation draws at it.
+    choice = pose["lora_scale_choice"]
+    assert choice["calibration_images"] == 1
+    assert pose["lora_scale"] == choice["scale"] and f"{choice['scale']:g}" in choice["errors"]
+    assert choice["bound"] >= choice["plain_error"] >= 0
     assert set(results["targets"]) == set(TARGETS)
     for t in results["targets"].values():
         assert t["met"] == (t["value"] >= t["target"])
     assert (tmp_path / "edit_sheet.png").is_file() and (tmp_path / "pose_sheet.png").is_file()
     table = apps_table(results)
     assert "then the ControlNet at 2" in table
+    assert f"LoRA at {choice['scale']:g} (chosen on 1 calibration images" in table
     assert table.count("\n| ") >= len(SCENES) + 4 + len(TARGETS)
     assert any(line.startswith("pose control:") for line in lines)
 
@@ -72,6 +79,8 @@ def test_toy_apps_refuses_bad_input_in_one_line_before_loading(tmp_path):
         (["--out", str(tmp_path / "b"), "--device", "tpu9"], "not a torch device"),
         (["--out", str(tmp_path / "c"), "--identity-until", "1.5"], "must be in (0, 1]"),
         (["--out", str(tmp_path / "f"), "--late-control-scale", "2"], "after --identity-until"),
+        (["--out", str(tmp_path / "g"), "--lora-scale", "strong"], "a number >= 0 or 'auto'"),
+        (["--out", str(tmp_path / "h"), "--lora-scale", "-1"], ">= 0"),
         (["--out", str(tmp_path / "d"), "--set", "refiner.nonsense=1"], "nonsense"),
         (
             ["--out", str(tmp_path / "e"), "--identity", str(user_file), "--set", "seed=1"],
@@ -84,6 +93,11 @@ def test_toy_apps_refuses_bad_input_in_one_line_before_loading(tmp_path):
         errors = [line for line in result.output.splitlines() if line.startswith("error:")]
         assert len(errors) == 1 and message in errors[0], result.output
     assert json.loads((user_file / "results.json").read_text()) == {"mine": True}
+
+
+def test_a_lora_scale_other_than_a_number_or_auto_is_refused():
+    with pytest.raises(ValueError, match="'auto'"):
+        AppsSettings("test", 1, 1, 1, 1, lora_scale="strong")
 
 
 def test_the_overrides_configure_the_extraction(tmp_path, monkeypatch):

@@ -98,6 +98,16 @@ def test_pose_jobs_are_reproducible_with_distinct_seeds_and_scenes_in_turn():
     assert pose_jobs(6, 3, seed=2)[0].pose != jobs[0].pose
 
 
+def test_calibration_poses_and_seeds_are_none_of_the_evaluations():
+    calibration = pose_jobs(6, 3, seed=1, calibration=True)
+    measured = [j for s in range(8) for j in pose_jobs(6, 3, seed=s)]
+    assert {j.seed for j in calibration}.isdisjoint(j.seed for j in measured)
+    poses = [tuple(j.pose.values()) for j in measured]
+    assert all(tuple(j.pose.values()) not in poses for j in calibration)
+    again = pose_jobs(6, 3, seed=1, calibration=True)
+    assert [j.seed for j in again] == [j.seed for j in calibration]
+
+
 def test_reference_and_identity_kept_count_all_five_attributes():
     a = {"shape": "round", "color": "red", "hat": "cap", "hat_color": "blue", "eyes": "big"}
     b = {**a, "eyes": "dots"}

@@ -207,6 +207,19 @@ def finite(minimum: float | None = None) -> Callable[[float | None], float | Non
     return check
 
 
+def scale_or_auto(value: str) -> str:
+    """A typer callback for a scale that may also be ``auto``: refuses anything else, and
+    numbers that are negative, NaN or infinite."""
+    if value == "auto":
+        return value
+    try:
+        number = float(value)
+    except ValueError:
+        raise typer.BadParameter(f"must be a number >= 0 or 'auto', got {value!r}") from None
+    finite(0.0)(number)
+    return value
+
+
 def fraction(value: float) -> float:
     """A typer callback refusing values outside (0, 1] (NaN included)."""
     if not 0 < value <= 1:

@@ -19,6 +19,7 @@ from consistent_char.cli.core import (
     fail,
     finite,
     say,
+    scale_or_auto,
     setup_logging,
 )
 from consistent_char.config import parse_assignment
@@ -326,9 +327,13 @@ def eval_toy_apps(
     ] = 1.0,
     identity_until: IdentityUntilOption = 1.0,
     lora_scale: Annotated[
-        float,
-        typer.Option(callback=finite(0.0), help="The identity's LoRA scale in pose control."),
-    ] = 1.0,
+        str,
+        typer.Option(
+            callback=scale_or_auto,
+            help="The identity's LoRA scale in pose control (>= 0), or 'auto': chosen per "
+            "identity on calibration poses the evaluation does not draw.",
+        ),
+    ] = "1",
     in_controlnet: InControlNetOption = False,
     late_control_scale: LateControlScaleOption = None,
     device: Annotated[str, typer.Option(help="auto, cpu, cuda, ...")] = "auto",
@@ -367,7 +372,7 @@ def eval_toy_apps(
         seed,
         control_scale=control_scale,
         identity_until=identity_until,
-        lora_scale=lora_scale,
+        lora_scale=lora_scale if lora_scale == "auto" else float(lora_scale),
         identity_in_controlnet=in_controlnet,
         late_control_scale=late_control_scale,
     )

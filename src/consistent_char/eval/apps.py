@@ -8,7 +8,10 @@
 3. **Local editing** (`consistent_char.eval.local_edit`): the identity edited into the
    creature's region of ToyWorld scene images, with blended latents.
 4. **Pose control** (`consistent_char.eval.pose_control`): the identity drawn through ToyWorld's
-   pose ControlNet, against plain prompting and against drawing without the ControlNet.
+   pose ControlNet, against plain prompting and against drawing without the ControlNet. With
+   ``lora_scale="auto"`` the identity's LoRA scale is first chosen by
+   `consistent_char.control.choose_lora_scale` on calibration poses the evaluation does not
+   draw, read by ToyWorld's pose annotator.
 5. ``results.json``, ``results.md`` and two picture sheets (``edit_sheet.png``,
    ``pose_sheet.png``).
 
@@ -55,10 +58,18 @@ class AppsSettings:
     #: `consistent_char.control.ControlledGenerator`'s ``identity_until`` and the identity's
     #: LoRA scale, for pose control.
     identity_until: float = 1.0
-    lora_scale: float = 1.0
+    #: A scale, or ``"auto"``: chosen per identity on `calibration_poses` poses.
+    lora_scale: float | str = 1.0
     identity_in_controlnet: bool = False
     #: The ControlNet's scale after ``identity_until`` (None: ``control_scale``).
     late_control_scale: float | None = None
+    #: How many calibration poses (each drawn `images_per_pose` times) choose an ``"auto"``
+    #: LoRA scale.
+    calibration_poses: int = 6
+
+    def __post_init__(self) -> None:
+        if isinstance(self.lora_scale, str) and self.lora_scale != "auto":
+            raise ValueError(f"lora_scale must be a number or 'auto', got {self.lora_scale!r}")
 
 
 def apps_settings(quick: bool, seed: int = 0, **drawing: Any) -> AppsSettings:
@@ -66,8 +77,8 @@ def apps_settings(quick: bool, seed: int = 0, **drawing: Any) -> AppsSettings:
     ``control_scale``, ``identity_until``, ``lora_scale``, ``identity_in_controlnet``,
     ``late_control_scale``."""
     if quick:
-        return AppsSettings("quick", 2, 5, 2, 2, seed, **drawing)
-    return AppsSettings("full", 8, 20, 4, 8, seed, **drawing)
+        return AppsSettings("quick", 2, 5, 2, 2, seed, **drawing, calibration_poses=2)
+    return AppsSettings("full", 8, 20, 4, 8, seed, **drawing, calibration_poses=6)
 
 
 def run_toy_apps(
@@ -152,6 +163,7 @@ def _pose_control(
     from consistent_char.eval.pose_control import score_pose_control
 
     controlnet = load_controlnet("toy", device=generator.pipeline.device)
+    auto = settings.lora_scale == "auto"
     controlled = ControlledGenerator(
         generator.pipeline,
         controlnet,
@@ -159,9 +171,10 @@ def _pose_control(
         identity_until=settings.identity_until,
         identity_in_controlnet=settings.identity_in_controlnet,
         late_control_scale=settings.late_control_scale,
-        **{**generator.settings.model_dump(), "lora_scale": settings.lora_scale},
+        **{**generator.settings.model_dump(), "lora_scale": 1.0 if auto else settings.lora_scale},
     )
-    return score_pose_control(
+    choice = _choose_lora_scale(controlled, identity, prompt, settings) if auto else None
+    section, drawn = score_pose_control(
         generator,
         controlled,
         identity,
@@ -172,6 +185,40 @@ def _pose_control(
         per_pose=settings.images_per_pose,
         seed=settings.seed,
     )
+    section["lora_scale"] = controlled.lora_scale
+    if choice is not None:
+        section["lora_scale_choice"] = choice
+    return section, drawn
+
+
+def _choose_lora_scale(
+    controlled: Any, identity: Identity, prompt: str, settings: AppsSettings
+) -> dict[str, Any]:
+    """Sets `controlled`'s LoRA scale by `choose_lora_scale` on calibration poses, and returns
+    the choice for ``results.json``."""
+    from consistent_char.control import choose_lora_scale
+    from consistent_char.eval.pose_control import pose_jobs
+    from consistent_char.toy.pose import annotate, pose_map
+
+    jobs = pose_jobs(
+        settings.calibration_poses, settings.images_per_pose, settings.seed, calibration=True
+    )
+    choice = choose_lora_scale(
+        controlled,
+        identity,
+        [j.prompt(prompt, None) for j in jobs],
+        [j.seed for j in jobs],
+        [pose_map(j.pose) for j in jobs],
+        annotate,
+    )
+    controlled.lora_scale = choice.scale
+    return {
+        "scale": choice.scale,
+        "errors": {f"{s:g}": e for s, e in choice.errors.items()},
+        "plain_error": choice.plain_error,
+        "bound": choice.bound,
+        "calibration_images": len(jobs),
+    }
 
 
 def _identity(
@@ -262,7 +309,7 @@ def apps_table(results: dict[str, Any]) -> str:
         f"Identity `{results['identity']['token']}` from {results['identity']['prompt']!r}; "
         f"preset {results['settings']['name']}, control scale "
         f"{results['settings']['control_scale']:g}, identity's LoRA at "
-        f"{results['settings'].get('lora_scale', 1.0):g} for the first "
+        f"{_lora_scale(results)} for the first "
         f"{results['settings'].get('identity_until', 1.0):.0%} of the steps"
         f"{' and in the ControlNet' * bool(results['settings'].get('identity_in_controlnet'))}"
         f"{_late_control(results['settings'])}, {results['seconds']:.0f} s.",
@@ -306,3 +353,18 @@ def apps_table(results: dict[str, Any]) -> str:
 def _late_control(settings: dict[str, Any]) -> str:
     late = settings.get("late_control_scale")
     return "" if late is None else f", then the ControlNet at {late:g}"
+
+
+def _lora_scale(results: dict[str, Any]) -> str:
+    choice = results["pose_control"].get("lora_scale_choice")
+    if choice is None:
+        return f"{results['settings'].get('lora_scale', 1.0):g}"
+    return (
+        f"{choice['scale']:g} (chosen on {choice['calibration_images']} calibration images: "
+        f"pose-map error {_errors(choice)} against {choice['plain_error']:.4f} for the prompt "
+        "alone)"
+    )
+
+
+def _errors(choice: dict[str, Any]) -> str:
+    return ", ".join(f"{e:.4f} at {s}" for s, e in choice["errors"].items())

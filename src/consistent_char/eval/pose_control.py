@@ -47,6 +47,9 @@ __all__ = ["PoseJob", "pose_jobs", "score_pose_control"]
 #: Mixed into the seeds so that pose control never draws with the loop's or another
 #: evaluation's starting noise.
 _POSE_SEED_TAG = 0x905E
+#: The same for calibration poses (`pose_jobs(..., calibration=True)`), which no evaluation
+#: draws.
+_CALIBRATION_TAG = 0xCA1B
 
 
 class PoseJob:
@@ -60,15 +63,20 @@ class PoseJob:
         return prompt_with_identity(identity, text) if identity is not None else text
 
 
-def pose_jobs(poses: int, per_pose: int, seed: int = 0) -> list[PoseJob]:
-    """`poses` poses drawn from `POSE_RANGES` (scenes in turn), each drawn `per_pose` times."""
+def pose_jobs(
+    poses: int, per_pose: int, seed: int = 0, *, calibration: bool = False
+) -> list[PoseJob]:
+    """`poses` poses drawn from `POSE_RANGES` (scenes in turn), each drawn `per_pose` times;
+    with `calibration`, poses and seeds of another stream, for choosing settings on poses the
+    evaluation does not measure."""
     if poses < 1 or per_pose < 1:
         raise ValueError(f"need at least one pose and one image per pose, got {poses}, {per_pose}")
-    rng = np.random.default_rng([_POSE_SEED_TAG, seed])
+    tag = _CALIBRATION_TAG if calibration else _POSE_SEED_TAG
+    rng = np.random.default_rng([tag, seed])
     jobs = []
     for p in range(poses):
         pose = sample_pose(rng)
-        seeds = np.random.SeedSequence([_POSE_SEED_TAG, seed, p]).generate_state(per_pose)
+        seeds = np.random.SeedSequence([tag, seed, p]).generate_state(per_pose)
         jobs += [PoseJob(SCENES[p % len(SCENES)], pose, int(s)) for s in seeds]
     return jobs
 
