@@ -8,34 +8,19 @@ Each identity is drawn through ToyWorld's ControlNet (until 85% of the steps, th
 ControlNet too, the ControlNet at 2 after the switch) at each scale, strongest first, on the
 first `poses` poses (4 seeds each) of `pose_jobs(20, 4, calibration_seed)`, read by the pose
 probe (ToyWorld's control annotator); the chosen scale is the first whose following reaches
-`threshold`, else the best-following one.
+`threshold`, else the best-following one. With `--all` it prints the annotator's error
+(`consistent_char.control.control_error`, the measure the library's `choose_lora_scale` uses)
+beside it.
 """
 
 from __future__ import annotations
 
 import argparse
 
-import numpy as np
-from PIL import Image, ImageFilter
 from pose_settings import REFERENCE, PoseBench  # type: ignore[import-not-found]
 
-from consistent_char.control import ControlledGenerator, load_controlnet
+from consistent_char.control import ControlledGenerator, control_error, load_controlnet
 from consistent_char.toy.pose import annotate, pose_followed
-
-
-def map_error(drawn: list[Image.Image], asked: list[Image.Image]) -> float:
-    """A measure that does not know ToyWorld's poses: the mean absolute difference between the
-    annotator's maps of the drawings and the asked control images, both blurred (radius 2 of 64
-    pixels) so that a near miss costs less than a far one, in [0, 1]."""
-
-    def soft(image: Image.Image) -> np.ndarray:
-        blurred = image.convert("L").filter(ImageFilter.GaussianBlur(2))
-        return np.asarray(blurred, dtype=np.float64) / 255.0
-
-    read = annotate(drawn)
-    return float(
-        np.mean([np.abs(soft(a) - soft(b)).mean() for a, b in zip(read, asked, strict=True)])
-    )
 
 
 def main() -> None:
@@ -73,7 +58,7 @@ def main() -> None:
                 None,
                 control_images=bench.maps[:n],
             )
-            errors["plain"] = map_error(drawn, bench.maps[:n])
+            errors["plain"] = control_error(drawn, bench.maps[:n], annotate)
         for scale in args.scales:
             controlled = ControlledGenerator(
                 bench.gen.pipeline,
@@ -89,7 +74,7 @@ def main() -> None:
             read = bench.probe.predict_pose(images)
             followed[scale] = float(pose_followed(read, bench.asked[:n]).mean())
             if args.all:
-                errors[scale] = map_error(images, bench.maps[:n])
+                errors[scale] = control_error(images, bench.maps[:n], annotate)
             elif followed[scale] >= args.threshold:
                 break
         chosen = next(
