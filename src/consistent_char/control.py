@@ -409,7 +409,8 @@ def choose_lora_scale(
     token: they are put in as `consistent_char.usage.prompt_with_identity` does) under
     `control_images` once without the identity, then with it at each scale, strongest first,
     and takes the first scale whose `control_error` is within `tolerance` of the drawings
-    without it; where none is, the one with the least error. Calibrate on control images the
+    without it; where none is, the strongest within `tolerance` of the least error among the
+    scales. Calibrate on control images the
     later drawings (or an evaluation) do not use, and keep `generator`'s other settings as
     they will be drawn with: its ``lora_scale`` is put back afterwards.
 
@@ -455,4 +456,8 @@ def choose_lora_scale(
                 return LoraScaleChoice(scale, errors, plain_error, bound)
     finally:
         generator.lora_scale = own
-    return LoraScaleChoice(min(errors, key=errors.__getitem__), errors, plain_error, bound)
+    # None follows as well as the prompt alone. Where the scales follow about equally, a weaker
+    # one buys no following and costs look: the strongest near the least error is kept.
+    least = min(errors.values())
+    chosen = next(s for s, e in errors.items() if e <= least * (1 + tolerance))
+    return LoraScaleChoice(chosen, errors, plain_error, bound)
