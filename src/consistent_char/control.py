@@ -348,7 +348,7 @@ class LoraScaleChoice:
     #: first; the scales after the chosen one are not drawn.
     errors: dict[float, float]
     #: The same error for the prompts without the identity: how closely the ControlNet alone
-    #: makes the base model follow these control images.
+    #: (at ``control_scale`` in every step) makes the base model follow these control images.
     plain_error: float
     #: The most a chosen scale's error may be: ``plain_error * (1 + tolerance)``.
     bound: float
@@ -410,9 +410,11 @@ def choose_lora_scale(
     `control_images` once without the identity, then with it at each scale, strongest first,
     and takes the first scale whose `control_error` is within `tolerance` of the drawings
     without it; where none is, the strongest within `tolerance` of the least error among the
-    scales. Calibrate on control images the
-    later drawings (or an evaluation) do not use, and keep `generator`'s other settings as
-    they will be drawn with: its ``lora_scale`` is put back afterwards.
+    scales. Calibrate on control images the later drawings (or an evaluation) do not use, and
+    keep `generator`'s other settings as they will be drawn with: its ``lora_scale`` is put
+    back afterwards. The drawings without the identity steer at ``control_scale`` throughout
+    (``late_control_scale`` acts only once an identity's LoRA is switched off), so a
+    ``control_scale`` well below the late one loosens the bound.
 
     Raises:
         InvalidValueError: No scales, a negative or non-finite scale or tolerance, an identity
