@@ -8,9 +8,12 @@ Each identity is drawn through ToyWorld's ControlNet (until 85% of the steps, th
 ControlNet too, the ControlNet at 2 after the switch) at each scale, strongest first, on the
 first `poses` poses (4 seeds each) of `pose_jobs(20, 4, calibration_seed)`, read by the pose
 probe (ToyWorld's control annotator); the chosen scale is the first whose following reaches
-`threshold`, else the best-following one. With `--all` it prints the annotator's error
-(`consistent_char.control.control_error`, the measure the library's `choose_lora_scale` uses)
-beside it.
+`threshold`, else the best-following one. A scale of 0 draws the identity's tokens with its
+LoRA off (the switch and the late scale as at any scale). With `--all` it prints the
+annotator's error (`consistent_char.control.control_error`, the measure the library's
+`choose_lora_scale` uses) beside it. `--control-scale C` draws everything with the ControlNet at
+C before the switch; `--stream S` calibrates on the poses `eval toy-apps --lora-scale auto
+--seed S` uses.
 """
 
 from __future__ import annotations
@@ -20,7 +23,8 @@ import argparse
 from pose_settings import REFERENCE, PoseBench  # type: ignore[import-not-found]
 
 from consistent_char.control import ControlledGenerator, control_error, load_controlnet
-from consistent_char.toy.pose import annotate, pose_followed
+from consistent_char.eval.pose_control import pose_jobs
+from consistent_char.toy.pose import annotate, pose_followed, pose_map, pose_of
 
 
 def main() -> None:
@@ -33,6 +37,13 @@ def main() -> None:
     parser.add_argument("--poses", type=int, default=6)
     parser.add_argument("--scales", type=float, nargs="+", default=[1.5, 1.2, 1.0])
     parser.add_argument("--threshold", type=float, default=0.9)
+    parser.add_argument("--control-scale", type=float, default=1.0)
+    parser.add_argument(
+        "--stream",
+        type=int,
+        help="calibrate on `pose_jobs(poses, 4, STREAM, calibration=True)`, the poses "
+        "`eval toy-apps --lora-scale auto --seed STREAM` calibrates on",
+    )
     parser.add_argument(
         "--all",
         action="store_true",
@@ -45,12 +56,20 @@ def main() -> None:
     n = 4 * args.poses
     for identity, reference in zip(args.identities, references, strict=True):
         bench = PoseBench(identity, reference, args.calibration_seed)
+        if args.stream is not None:
+            bench.jobs = pose_jobs(args.poses, 4, args.stream, calibration=True)
+            bench.asked = pose_of([j.pose for j in bench.jobs])
+            bench.maps = [pose_map(j.pose) for j in bench.jobs]
+            bench.seeds = [j.seed for j in bench.jobs]
         prompts = [j.prompt("a creature", bench.identity) for j in bench.jobs[:n]]
         followed: dict[float, float] = {}
         errors: dict[float | str, float] = {}
         if args.all:
             plain = ControlledGenerator(
-                bench.gen.pipeline, controlnet, **bench.gen.settings.model_dump()
+                bench.gen.pipeline,
+                controlnet,
+                control_scale=args.control_scale,
+                **bench.gen.settings.model_dump(),
             )
             drawn = plain.generate(
                 [j.prompt("a creature", None) for j in bench.jobs[:n]],
@@ -63,6 +82,7 @@ def main() -> None:
             controlled = ControlledGenerator(
                 bench.gen.pipeline,
                 controlnet,
+                control_scale=args.control_scale,
                 identity_until=0.85,
                 identity_in_controlnet=True,
                 late_control_scale=2.0,
