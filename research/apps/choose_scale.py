@@ -23,8 +23,7 @@ import argparse
 from pose_settings import REFERENCE, PoseBench  # type: ignore[import-not-found]
 
 from consistent_char.control import ControlledGenerator, control_error, load_controlnet
-from consistent_char.eval.pose_control import pose_jobs
-from consistent_char.toy.pose import annotate, pose_followed, pose_map, pose_of
+from consistent_char.toy.pose import annotate, pose_followed
 
 
 def main() -> None:
@@ -55,12 +54,10 @@ def main() -> None:
     controlnet = load_controlnet("toy", device="cpu")
     n = 4 * args.poses
     for identity, reference in zip(args.identities, references, strict=True):
-        bench = PoseBench(identity, reference, args.calibration_seed)
-        if args.stream is not None:
-            bench.jobs = pose_jobs(args.poses, 4, args.stream, calibration=True)
-            bench.asked = pose_of([j.pose for j in bench.jobs])
-            bench.maps = [pose_map(j.pose) for j in bench.jobs]
-            bench.seeds = [j.seed for j in bench.jobs]
+        if args.stream is None:
+            bench = PoseBench(identity, reference, args.calibration_seed)
+        else:
+            bench = PoseBench(identity, reference, args.stream, args.poses, calibration=True)
         prompts = [j.prompt("a creature", bench.identity) for j in bench.jobs[:n]]
         followed: dict[float, float] = {}
         errors: dict[float | str, float] = {}

@@ -101,12 +101,19 @@ class PoseBench:
     their pose maps, the pose probe and the identity's generator; `report` reads drawn images
     against them."""
 
-    def __init__(self, identity_dir: str, reference: str, seed: int, poses: int = 20) -> None:
+    def __init__(
+        self,
+        identity_dir: str,
+        reference: str,
+        seed: int,
+        poses: int = 20,
+        calibration: bool = False,
+    ) -> None:
         torch.set_num_threads(int(os.environ.get("THREADS", "2")))
         self.identity = Identity.load(identity_dir)
         self.reference = dict(kv.split("=") for kv in reference.split(","))
         self.probe = IdentityProbe.from_pretrained(toy.pose_probe_dir())
-        self.jobs = pose_jobs(poses, 4, seed)
+        self.jobs = pose_jobs(poses, 4, seed, calibration=calibration)
         self.asked = pose_of([j.pose for j in self.jobs])
         self.maps = [pose_map(j.pose) for j in self.jobs]
         self.seeds = [j.seed for j in self.jobs]
