@@ -11,7 +11,14 @@ from typer.testing import CliRunner
 
 import consistent_char.toy as toy
 from consistent_char.cli import app
-from consistent_char.eval.apps import TARGETS, AppsSettings, apps_table, run_toy_apps
+from consistent_char.eval.apps import (
+    PAPER_RECIPE,
+    TARGETS,
+    AppsSettings,
+    apps_table,
+    extraction_overrides,
+    run_toy_apps,
+)
 from consistent_char.testing.tiny import tiny_identity
 from consistent_char.toy.pose import POSE
 from consistent_char.toy.world import SCENES
@@ -78,7 +85,14 @@ def test_toy_apps_refuses_bad_input_in_one_line_before_loading(tmp_path):
         (["--out", str(user_file)], "not a result of consistent-char eval"),
         (["--out", str(tmp_path / "b"), "--device", "tpu9"], "not a torch device"),
         (["--out", str(tmp_path / "c"), "--identity-until", "1.5"], "must be in (0, 1]"),
-        (["--out", str(tmp_path / "f"), "--late-control-scale", "2"], "after --identity-until"),
+        (
+            ["--out", str(tmp_path / "f"), "--paper", "--late-control-scale", "2"],
+            "after --identity-until",
+        ),
+        (
+            ["--out", str(tmp_path / "i"), "--identity-until", "1", "--late-control-scale", "2"],
+            "after --identity-until",
+        ),
         (["--out", str(tmp_path / "g"), "--lora-scale", "strong"], "a number >= 0 or 'auto'"),
         (["--out", str(tmp_path / "h"), "--lora-scale", "-1"], ">= 0"),
         (["--out", str(tmp_path / "d"), "--set", "refiner.nonsense=1"], "nonsense"),
@@ -122,3 +136,65 @@ def test_the_overrides_configure_the_extraction(tmp_path, monkeypatch):
     assert config.refiner.controlnet == "toy"
     assert config.refiner.control_annotator == REFINE_THROUGH_CONTROLNET["control_annotator"]
     assert config.model == "toy"
+
+
+def _cli_settings(monkeypatch, tmp_path, *args):
+    """The settings and extraction overrides ``eval toy-apps ARGS`` hands to `run_toy_apps`."""
+    import consistent_char.eval.apps as apps
+
+    seen = {}
+
+    class Seen(Exception):
+        pass
+
+    def run(settings, out, *, identity_dir, overrides, device, say):
+        seen.update(settings=settings, overrides=extraction_overrides(settings, overrides))
+        raise Seen
+
+    monkeypatch.setattr(apps, "run_toy_apps", run)
+    result = CliRunner().invoke(app, ["eval", "toy-apps", "--out", str(tmp_path / "o"), *args])
+    # The command stops on the stand-in's exception, after it has seen what it was handed.
+    assert "unexpected Seen" in result.output and seen, result.output
+    return seen["settings"], seen["overrides"]
+
+
+def test_toy_apps_poses_the_identity_the_measured_way_unless_told_the_papers(monkeypatch, tmp_path):
+    from consistent_char.toy.pose import REFINE_THROUGH_CONTROLNET
+
+    through = {f"refiner.{k}": v for k, v in REFINE_THROUGH_CONTROLNET.items()}
+    settings, overrides = _cli_settings(monkeypatch, tmp_path)
+    assert (settings.identity_until, settings.lora_scale) == (0.85, "auto")
+    assert settings.identity_in_controlnet is True and settings.late_control_scale == 2.0
+    assert overrides == through
+    settings, overrides = _cli_settings(monkeypatch, tmp_path, "--paper", "--set", "seed=3")
+    for name, value in PAPER_RECIPE.items():
+        assert getattr(settings, name) == value, name
+    assert overrides == {"seed": 3}
+    # Each option given replaces its default, under either recipe.
+    settings, _ = _cli_settings(
+        monkeypatch, tmp_path, "--paper", "--identity-until", "0.9", "--lora-scale", "1.2",
+        "--identity-in-controlnet", "--late-control-scale", "3",
+    )  # fmt: skip
+    assert (settings.identity_until, settings.lora_scale) == (0.9, 1.2)
+    assert settings.identity_in_controlnet is True and settings.late_control_scale == 3.0
+    settings, _ = _cli_settings(
+        monkeypatch, tmp_path, "--no-identity-in-controlnet", "--identity-until", "1"
+    )
+    assert settings.identity_in_controlnet is False and settings.lora_scale == "auto"
+    # A late scale means nothing when the identity acts in every step: the default one goes.
+    assert settings.identity_until == 1.0 and settings.late_control_scale is None
+    # A refiner ControlNet of the user's own is kept.
+    mine = {"refiner.controlnet": "mine", "refiner.control_annotator": "my.poses:annotate"}
+    sets = [arg for k, v in mine.items() for arg in ("--set", f"{k}={v}")]
+    _, overrides = _cli_settings(monkeypatch, tmp_path, *sets)
+    assert overrides == mine
+
+
+def test_toy_apps_help_names_the_defaults_the_settings_have():
+    text = CliRunner().invoke(app, ["eval", "toy-apps", "--help"], terminal_width=200).output
+    text = " ".join(text.replace("│", " ").split())
+    defaults = AppsSettings("x", 1, 1, 1, 1)
+    assert f"default {defaults.identity_until:g};" in text
+    assert f"default {defaults.lora_scale};" in text
+    assert f"default {defaults.late_control_scale:g};" in text
+    assert "(default yes;" in text and defaults.identity_in_controlnet

@@ -207,10 +207,10 @@ def finite(minimum: float | None = None) -> Callable[[float | None], float | Non
     return check
 
 
-def scale_or_auto(value: str) -> str:
+def scale_or_auto(value: str | None) -> str | None:
     """A typer callback for a scale that may also be ``auto``: refuses anything else, and
-    numbers that are negative, NaN or infinite."""
-    if value == "auto":
+    numbers that are negative, NaN or infinite; None passes."""
+    if value is None or value == "auto":
         return value
     try:
         number = float(value)
@@ -220,9 +220,9 @@ def scale_or_auto(value: str) -> str:
     return value
 
 
-def fraction(value: float) -> float:
-    """A typer callback refusing values outside (0, 1] (NaN included)."""
-    if not 0 < value <= 1:
+def fraction(value: float | None) -> float | None:
+    """A typer callback refusing values outside (0, 1] (NaN included); None passes."""
+    if value is not None and not 0 < value <= 1:
         raise typer.BadParameter(f"must be in (0, 1], got {value}")
     return value
 

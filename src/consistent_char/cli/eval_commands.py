@@ -9,15 +9,13 @@ from typing import Annotated, Any
 import typer
 
 from consistent_char.cli.core import (
-    IdentityUntilOption,
-    InControlNetOption,
-    LateControlScaleOption,
     app,
     check_late_control,
     check_prompts,
     console,
     fail,
     finite,
+    fraction,
     say,
     scale_or_auto,
     setup_logging,
@@ -322,20 +320,50 @@ def eval_toy_apps(
     ] = None,
     set_: SetOption = None,
     seed: Annotated[int, typer.Option(min=0, help="Picks the scenes, poses and seeds.")] = 0,
+    paper: Annotated[
+        bool,
+        typer.Option(
+            "--paper",
+            help="Pose the identity the paper's way: learned by the plain refiner, its LoRA at "
+            "1 in every step of the UNet (the options below still replace each setting).",
+        ),
+    ] = False,
     control_scale: Annotated[
         float, typer.Option(callback=finite(0.0), help="ControlNet strength (>= 0).")
     ] = 1.0,
-    identity_until: IdentityUntilOption = 1.0,
+    identity_until: Annotated[
+        float | None,
+        typer.Option(
+            callback=fraction,
+            help="The fraction of the steps the identity's LoRA acts in, (0, 1] (default 0.85; "
+            "--paper: 1).",
+        ),
+    ] = None,
     lora_scale: Annotated[
-        str,
+        str | None,
         typer.Option(
             callback=scale_or_auto,
             help="The identity's LoRA scale in pose control (>= 0), or 'auto': chosen per "
-            "identity on calibration poses the evaluation does not draw.",
+            "identity on calibration poses the evaluation does not draw (default auto; "
+            "--paper: 1).",
         ),
-    ] = "1",
-    in_controlnet: InControlNetOption = False,
-    late_control_scale: LateControlScaleOption = None,
+    ] = None,
+    in_controlnet: Annotated[
+        bool | None,
+        typer.Option(
+            "--identity-in-controlnet/--no-identity-in-controlnet",
+            help="Apply the identity's LoRA to the ControlNet's UNet copy too (default yes; "
+            "--paper: no).",
+        ),
+    ] = None,
+    late_control_scale: Annotated[
+        float | None,
+        typer.Option(
+            callback=finite(0.0),
+            help="The ControlNet's strength after --identity-until (default 2; --paper: "
+            "--control-scale).",
+        ),
+    ] = None,
     device: Annotated[str, typer.Option(help="auto, cpu, cuda, ...")] = "auto",
     threads: ThreadsOption = None,
     verbose: Annotated[bool, typer.Option("--verbose", "-v")] = False,
@@ -353,7 +381,17 @@ def eval_toy_apps(
     # Everything is checked before a model loads.
     check_output_dir(out)
     check_result_file(out / "results.json")
-    check_late_control(late_control_scale, identity_until)
+    settings = apps_settings(
+        quick,
+        seed,
+        paper=paper,
+        control_scale=control_scale,
+        identity_until=identity_until,
+        lora_scale=lora_scale if lora_scale in (None, "auto") else float(lora_scale),
+        identity_in_controlnet=in_controlnet,
+        late_control_scale=late_control_scale,
+    )
+    check_late_control(late_control_scale, settings.identity_until)
     resolve_device(device)
     overrides = dict(parse_assignment(s) for s in (set_ or []))
     if identity is not None:
@@ -367,15 +405,6 @@ def eval_toy_apps(
     except toy.ToyWeightsMissingError as err:
         fail(str(err))
     set_threads(threads)
-    settings = apps_settings(
-        quick,
-        seed,
-        control_scale=control_scale,
-        identity_until=identity_until,
-        lora_scale=lora_scale if lora_scale == "auto" else float(lora_scale),
-        identity_in_controlnet=in_controlnet,
-        late_control_scale=late_control_scale,
-    )
     results = run_toy_apps(
         settings,
         out,

@@ -31,7 +31,15 @@ from PIL import Image
 
 from consistent_char.identity import Identity
 
-__all__ = ["TARGETS", "AppsSettings", "apps_settings", "apps_table", "run_toy_apps"]
+__all__ = [
+    "PAPER_RECIPE",
+    "TARGETS",
+    "AppsSettings",
+    "apps_settings",
+    "apps_table",
+    "extraction_overrides",
+    "run_toy_apps",
+]
 
 #: The bar each figure must reach (the plain-prompting baselines have none: they show the
 #: distance the identity makes).
@@ -46,7 +54,14 @@ DEFAULT_PROMPT = "a creature"
 
 @dataclass(frozen=True)
 class AppsSettings:
-    """How much each application draws."""
+    """How much each application draws, and how pose control draws the identity.
+
+    The drawing defaults are the schedule that keeps both the pose and the look in ToyWorld
+    (docs/applications.md): the identity's LoRA for the first 85% of the steps and in the
+    ControlNet, then the ControlNet alone at twice its scale, at a LoRA scale chosen per
+    identity; the identity is learned through the pose ControlNet. `PAPER_RECIPE` is the
+    paper's way.
+    """
 
     name: str
     edits_per_scene: int
@@ -57,12 +72,15 @@ class AppsSettings:
     control_scale: float = 1.0
     #: `consistent_char.control.ControlledGenerator`'s ``identity_until`` and the identity's
     #: LoRA scale, for pose control.
-    identity_until: float = 1.0
+    identity_until: float = 0.85
     #: A scale, or ``"auto"``: chosen per identity on `calibration_poses` poses.
-    lora_scale: float | str = 1.0
-    identity_in_controlnet: bool = False
+    lora_scale: float | str = "auto"
+    identity_in_controlnet: bool = True
     #: The ControlNet's scale after ``identity_until`` (None: ``control_scale``).
-    late_control_scale: float | None = None
+    late_control_scale: float | None = 2.0
+    #: Extract the identity (when none is given) with its refiner through ToyWorld's pose
+    #: ControlNet (`extraction_overrides`).
+    refine_through_controlnet: bool = True
     #: How many calibration poses (each drawn `images_per_pose` times) choose an ``"auto"``
     #: LoRA scale.
     calibration_poses: int = 6
@@ -72,13 +90,53 @@ class AppsSettings:
             raise ValueError(f"lora_scale must be a number or 'auto', got {self.lora_scale!r}")
 
 
-def apps_settings(quick: bool, seed: int = 0, **drawing: Any) -> AppsSettings:
-    """The full measurement, or the quick one (the same path, fewer images); `drawing`:
-    ``control_scale``, ``identity_until``, ``lora_scale``, ``identity_in_controlnet``,
-    ``late_control_scale``."""
+#: The paper's way to pose an identity: learned by the plain refiner, drawn with its LoRA at its
+#: own scale in every step, in the UNet only (`AppsSettings` fields; ``eval toy-apps --paper``).
+PAPER_RECIPE: dict[str, Any] = {
+    "identity_until": 1.0,
+    "identity_in_controlnet": False,
+    "late_control_scale": None,
+    "lora_scale": 1.0,
+    "refine_through_controlnet": False,
+}
+
+
+def apps_settings(
+    quick: bool, seed: int = 0, *, paper: bool = False, **drawing: Any
+) -> AppsSettings:
+    """The full measurement, or the quick one (the same path, fewer images).
+
+    Args:
+        quick: Fewer images.
+        seed: Picks the scenes, poses and seeds.
+        paper: Start from `PAPER_RECIPE` instead of `AppsSettings`' defaults.
+        drawing: ``control_scale``, ``identity_until``, ``lora_scale``,
+            ``identity_in_controlnet``, ``late_control_scale``; each one not None replaces the
+            default. A late scale that is not given is dropped when the identity acts in
+            every step (``identity_until`` 1), where it would mean nothing.
+    """
+    given = {k: v for k, v in drawing.items() if v is not None}
+    chosen = {**(PAPER_RECIPE if paper else {}), **given}
+    until = chosen.get("identity_until", AppsSettings.identity_until)
+    if until >= 1.0 and "late_control_scale" not in given:
+        chosen["late_control_scale"] = None
     if quick:
-        return AppsSettings("quick", 2, 5, 2, 2, seed, **drawing, calibration_poses=2)
-    return AppsSettings("full", 8, 20, 4, 8, seed, **drawing, calibration_poses=6)
+        return AppsSettings("quick", 2, 5, 2, 2, seed, **chosen, calibration_poses=2)
+    return AppsSettings("full", 8, 20, 4, 8, seed, **chosen, calibration_poses=6)
+
+
+def extraction_overrides(settings: AppsSettings, overrides: dict[str, Any]) -> dict[str, Any]:
+    """The loop settings the identity is extracted with: `overrides`, after
+    `consistent_char.toy.pose.REFINE_THROUGH_CONTROLNET` where
+    ``settings.refine_through_controlnet`` (an identity learned only from upright, centred
+    creatures pulls posed ones back to that pose), unless `overrides` set the refiner's own
+    ControlNet or annotator."""
+    from consistent_char.toy.pose import REFINE_THROUGH_CONTROLNET
+
+    through = {f"refiner.{k}": v for k, v in REFINE_THROUGH_CONTROLNET.items()}
+    if not settings.refine_through_controlnet or any(k in overrides for k in through):
+        return dict(overrides)
+    return {**through, **overrides}
 
 
 def run_toy_apps(
@@ -101,6 +159,8 @@ def run_toy_apps(
     t0 = time.perf_counter()
     out.mkdir(parents=True, exist_ok=True)
     # 1. The identity, and a generator on the toy model with the run's settings
+    if identity_dir is None:
+        overrides = extraction_overrides(settings, overrides or {})
     identity, generator, prompt = _identity(out, identity_dir, overrides or {}, device, say)
     probe = IdentityProbe.from_pretrained(toy.probe_dir())
     pose_probe = IdentityProbe.from_pretrained(toy.pose_probe_dir())
