@@ -1,8 +1,9 @@
 """``consistent-char eval toy-apps``: the paper's applications of a found identity, in ToyWorld.
 
 1. The identity: an existing one (``--identity``), or the one `extract` finds for
-   ``"a creature"`` on the toy model (with the ``--set`` overrides), in ``OUT/run`` (resumed
-   if cut).
+   ``"a creature"`` on the toy model (`extraction_overrides`: refined through the pose
+   ControlNet unless drawn the paper's way, and the ``--set`` overrides), in ``OUT/run``
+   (resumed if cut).
 2. Its **reference** attributes: each probe's majority reading of the identity drawn plainly
    in every scene.
 3. **Local editing** (`consistent_char.eval.local_edit`): the identity edited into the
