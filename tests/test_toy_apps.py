@@ -69,7 +69,13 @@ def test_both_applications_are_measured_into_results(toy_identity, tmp_path):
     for t in results["targets"].values():
         assert t["met"] == (t["value"] >= t["target"])
     assert (tmp_path / "edit_sheet.png").is_file() and (tmp_path / "pose_sheet.png").is_file()
+    # The stand-in identity says nothing of its loop; a loop's own identity says how it ended.
+    assert results["identity"]["converged"] is None
     table = apps_table(results)
+    assert "converg" not in table
+    for converged, words in ((True, "(its loop converged)"), (False, "before converging")):
+        with_loop = {**results, "identity": {**results["identity"], "converged": converged}}
+        assert words in apps_table(with_loop)
     assert "then the ControlNet at 2" in table
     assert f"LoRA at {choice['scale']:g} (chosen on 1 calibration images" in table
     assert table.count("\n| ") >= len(SCENES) + 4 + len(TARGETS)

@@ -202,7 +202,14 @@ def run_toy_apps(
     _pose_sheet(drawn, settings).save(out / "pose_sheet.png")
     results = {
         "settings": {**asdict(settings), "overrides": dict(overrides or {})},
-        "identity": {"token": identity.token, "prompt": prompt, "reference": references},
+        "identity": {
+            "token": identity.token,
+            "prompt": prompt,
+            "reference": references,
+            # An identity from a loop that stopped before its images agreed keeps a weaker
+            # look; the figures are read with this in view.
+            "converged": identity.metadata.get("converged"),
+        },
         "local_edit": local_edit,
         "pose_control": pose,
         "targets": _targets(local_edit, pose),
@@ -367,7 +374,8 @@ def apps_table(results: dict[str, Any]) -> str:
     lines = [
         "# ToyWorld applications",
         "",
-        f"Identity `{results['identity']['token']}` from {results['identity']['prompt']!r}; "
+        f"Identity `{results['identity']['token']}` from {results['identity']['prompt']!r}"
+        f"{_converged(results['identity'].get('converged'))}; "
         f"preset {results['settings']['name']}, control scale "
         f"{results['settings']['control_scale']:g}, identity's LoRA at "
         f"{_lora_scale(results)} for the first "
@@ -409,6 +417,13 @@ def apps_table(results: dict[str, Any]) -> str:
             f"| {name} | {t['value']:.3f} | {t['target']} | {'yes' if t['met'] else 'no'} |"
         )
     return "\n".join(lines) + "\n"
+
+
+def _converged(converged: bool | None) -> str:
+    """How the identity's loop ended, for ``results.md``."""
+    if converged is None:
+        return ""
+    return " (its loop converged)" if converged else " (its loop stopped before converging)"
 
 
 def _late_control(settings: dict[str, Any]) -> str:
