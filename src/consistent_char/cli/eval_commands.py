@@ -372,7 +372,12 @@ def eval_toy_apps(
     setup_logging(verbose)
     import consistent_char.toy as toy
     from consistent_char.config import TOY_MODEL, ExtractorConfig
-    from consistent_char.eval.apps import apps_settings, apps_table, run_toy_apps
+    from consistent_char.eval.apps import (
+        apps_settings,
+        apps_table,
+        extraction_overrides,
+        run_toy_apps,
+    )
     from consistent_char.eval.commands import check_result_file, set_threads
     from consistent_char.identity import Identity
     from consistent_char.rundir import check_output_dir, write_text_atomic
@@ -398,8 +403,10 @@ def eval_toy_apps(
         if overrides:
             fail("--set configures the extraction, and --identity skips it: give one of them")
         Identity.load(identity)
-    else:
-        ExtractorConfig.from_overrides(overrides, {"model": TOY_MODEL, "device": device})
+    else:  # the settings the extraction will run with, the refiner's ControlNet among them
+        ExtractorConfig.from_overrides(
+            extraction_overrides(settings, overrides), {"model": TOY_MODEL, "device": device}
+        )
     try:
         toy.controlnet_dir(), toy.pose_probe_dir(), toy.probe_dir()
     except toy.ToyWeightsMissingError as err:
