@@ -10,18 +10,16 @@ from __future__ import annotations
 
 import argparse
 import os
-from collections import Counter
 
 import numpy as np
 import torch
 from PIL import Image, ImageDraw
+from pose_settings import REFERENCE, attribute_lines, look_lost  # type: ignore[import-not-found]
 
 import consistent_char.toy as toy
 from consistent_char.eval.local_edit import edit_cases, edit_cases_with
 from consistent_char.identity import Identity
 from consistent_char.usage import identity_generator
-
-REFERENCE = "shape=round,color=blue,hat=crown,hat_color=red,eyes=big"
 
 
 def main() -> None:
@@ -44,12 +42,10 @@ def main() -> None:
     cases = edit_cases(per_scene=8, seed=args.seed, avoid=key)
     edited = edit_cases_with(gen, cases, identity, "a creature")
     read = probe.predict(edited)
-    lost = [any(r[k] != v for k, v in reference.items()) for r in read]
+    lost = look_lost(read, reference)
     kept = 1 - float(np.mean(lost))
     print(f"LoRA scale {gen.lora_scale}, guidance {gen.guidance_scale}: kept {kept:.3f}")
-    for k, v in reference.items():
-        others = Counter(r[k] for r in read if r[k] != v)
-        print(f"  {k} {np.mean([r[k] == v for r in read]):.3f} {dict(others)}")
+    print("\n".join(attribute_lines(read, reference)))
     size = 128
     sheet = Image.new("RGB", (8 * size, 5 * (size + 4)), "white")
     draw = ImageDraw.Draw(sheet)

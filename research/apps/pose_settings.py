@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+from collections import Counter
 from typing import Any
 
 import numpy as np
@@ -136,6 +137,20 @@ class PoseBench:
             f"bias/tolerance {np.round((read - self.asked).mean(0) / tolerance, 2)}, "
             f"attributes {shares}"
         )
+
+
+def look_lost(read: list[dict[str, str]], reference: dict[str, str]) -> list[bool]:
+    """For each probe reading, whether any attribute differs from the reference's."""
+    return [any(r[k] != v for k, v in reference.items()) for r in read]
+
+
+def attribute_lines(read: list[dict[str, str]], reference: dict[str, str]) -> list[str]:
+    """One line per attribute: the share read as the reference's, and what was read instead."""
+    lines = []
+    for k, v in reference.items():
+        others = dict(Counter(r[k] for r in read if r[k] != v))
+        lines.append(f"  {k} {np.mean([r[k] == v for r in read]):.3f} {others}")
+    return lines
 
 
 def _sheet(images, asked, read, attributes, reference):  # type: ignore[no-untyped-def]

@@ -11,7 +11,7 @@ import sys
 from collections import Counter
 
 import numpy as np
-from pose_settings import PoseBench  # type: ignore[import-not-found]
+from pose_settings import PoseBench, attribute_lines, look_lost  # type: ignore[import-not-found]
 
 
 def main() -> None:
@@ -19,11 +19,9 @@ def main() -> None:
     bench = PoseBench(identity, reference, seed)
     prompts = [j.prompt("a creature", bench.identity) for j in bench.jobs]
     read = bench.probe.predict(bench.gen.generate(prompts, bench.seeds, bench.identity))
-    lost = [any(r[k] != v for k, v in bench.reference.items()) for r in read]
+    lost = look_lost(read, bench.reference)
     print(f"{identity}: kept {1 - float(np.mean(lost)):.3f}")
-    for k, v in bench.reference.items():
-        others = dict(Counter(r[k] for r in read if r[k] != v))
-        print(f"  {k} {np.mean([r[k] == v for r in read]):.3f} {others}")
+    print("\n".join(attribute_lines(read, bench.reference)))
     scenes = [j.prompt("a creature", None) for j in bench.jobs]
     print("  misses by prompt", dict(Counter(p for p, m in zip(scenes, lost, strict=True) if m)))
 

@@ -160,9 +160,10 @@ def run_toy_apps(
     t0 = time.perf_counter()
     out.mkdir(parents=True, exist_ok=True)
     # 1. The identity, and a generator on the toy model with the run's settings
+    overrides = dict(overrides or {})
     if identity_dir is None:
-        overrides = extraction_overrides(settings, overrides or {})
-    identity, generator, prompt = _identity(out, identity_dir, overrides or {}, device, say)
+        overrides = extraction_overrides(settings, overrides)
+    identity, generator, prompt = _identity(out, identity_dir, overrides, device, say)
     probe = IdentityProbe.from_pretrained(toy.probe_dir())
     pose_probe = IdentityProbe.from_pretrained(toy.pose_probe_dir())
     # 2. Its reference attributes, as each probe reads its plain images
@@ -201,7 +202,7 @@ def run_toy_apps(
     _edit_sheet(generator, identity, prompt, settings.seed).save(out / "edit_sheet.png")
     _pose_sheet(drawn, settings).save(out / "pose_sheet.png")
     results = {
-        "settings": {**asdict(settings), "overrides": dict(overrides or {})},
+        "settings": {**asdict(settings), "overrides": overrides},
         "identity": {
             "token": identity.token,
             "prompt": prompt,
