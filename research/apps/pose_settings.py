@@ -58,6 +58,11 @@ def main() -> None:
             )
             if k in setting
         }
+        blocks = {
+            k: setting.pop(k)
+            for k in ("mid_scale", "low_res_scale", "high_res_scale")
+            if k in setting
+        }
         controlled = ControlledGenerator(
             bench.gen.pipeline,
             controlnet,
@@ -65,9 +70,36 @@ def main() -> None:
             **{**bench.gen.settings.model_dump(), **setting},
         )
         prompts = [j.prompt("a creature", drawn) for j in bench.jobs]
-        images = controlled.generate(prompts, bench.seeds, drawn, control_images=bench.maps)
-        label = f"{'plain' if args.plain else 'identity'} {setting} {control}"
+        hook = controlnet.register_forward_hook(block_scales(controlled, **blocks))
+        try:
+            images = controlled.generate(prompts, bench.seeds, drawn, control_images=bench.maps)
+        finally:
+            hook.remove()
+        label = f"{'plain' if args.plain else 'identity'} {setting} {control} {blocks}"
         print(bench.report(label, images, sheet=args.sheet), flush=True)
+
+
+def block_scales(
+    controlled: ControlledGenerator,
+    mid_scale: float = 1.0,
+    low_res_scale: float = 1.0,
+    high_res_scale: float = 1.0,
+) -> Any:
+    """A forward hook on the ControlNet that scales its residuals by where they enter the UNet,
+    in the steps before the identity's switch only (``identity_until``): the mid block's by
+    `mid_scale`, the down residuals at the lowest resolution by `low_res_scale`, those at the
+    highest by `high_res_scale`: does the look get diluted at one depth and the pose carried at
+    another?"""
+
+    def hook(module: Any, args: Any, output: Any) -> Any:
+        if controlled._late or mid_scale == low_res_scale == high_res_scale == 1.0:
+            return output
+        down, mid = output[0], output[1]
+        sizes = [d.shape[-1] for d in down]
+        scale = {min(sizes): low_res_scale, max(sizes): high_res_scale}
+        return ([d * scale.get(d.shape[-1], 1.0) for d in down], mid * mid_scale)
+
+    return hook
 
 
 def drawing_setup(
