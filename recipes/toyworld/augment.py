@@ -47,6 +47,18 @@ def augment(
     return x.clamp_(0.0, 1.0)
 
 
+def jitter_saturation(x: torch.Tensor, gen: torch.Generator, lo: float, hi: float) -> torch.Tensor:
+    """Scales each ``[0, 1]`` image's saturation by a factor drawn from ``[lo, hi]`` (its
+    distance from its own grey, per pixel): hue kept, colour strength varied as drawn images
+    vary it (a drawn scene is often more saturated than its render)."""
+    b = x.shape[0]
+    factor = torch.rand(b, 1, 1, 1, generator=gen, device=x.device) * (hi - lo) + lo
+    grey = (x * torch.tensor([0.299, 0.587, 0.114], device=x.device).view(1, 3, 1, 1)).sum(
+        1, keepdim=True
+    )
+    return (grey + factor * (x - grey)).clamp_(0.0, 1.0)
+
+
 @torch.no_grad()
 def vae_round_trip(
     vae: Any, x01: torch.Tensor, device: torch.device, bf16: bool = False

@@ -45,7 +45,7 @@ from consistent_char.toy.captions import sample_caption
 from consistent_char.toy.pose import POSE_RANGES, pose_map, pose_of, sample_posed_record
 from consistent_char.toy.probe import POSE_KEY, IdentityProbe, ProbeConfig
 from consistent_char.toy.world import ATTRIBUTES, render
-from recipes.toyworld.augment import augment, to01, vae_round_trip
+from recipes.toyworld.augment import augment, jitter_saturation, to01, vae_round_trip
 from recipes.toyworld.checkpoint import Checkpoint, atomic_write_text
 from recipes.toyworld.log import log
 from recipes.toyworld.loop import autocast, randint, run_loop, seed_of
@@ -84,6 +84,9 @@ class AppsPlan:
     # a VAE decode, whose small dark feet may fade, and a probe that has seen only renders then
     # misreads where the creature stands.
     probe_vae_share: float = 0.5
+    # A range of saturation factors the pose probe's images are jittered by (None: none, as
+    # the shipped probe was trained).
+    probe_saturation: tuple[float, float] | None = None
     # Seconds for the ControlNet stage (None: its steps); the learning rate follows the
     # fraction of the budget spent, so a cut stage still ends its cosine decay.
     controlnet_seconds: float | None = None
@@ -171,6 +174,8 @@ def train_pose_probe(
         through_vae = (torch.rand(idx.shape[0], generator=gen) < share)[:, None, None, None]
         pixels = torch.where(through_vae, decoded[idx], images[idx])
         x = augment(to01(pixels), gen, max_shift=0.0, scale=(1.0, 1.0), flip=False)
+        if plan.probe_saturation is not None:
+            x = jitter_saturation(x, gen, *plan.probe_saturation)
         with autocast(device, plan.bf16):
             out = probe(x * 2 - 1)
         loss = plan.pose_weight * F.mse_loss(out[POSE_KEY].float(), targets[idx])
@@ -405,7 +410,20 @@ def main(argv: Sequence[str] | None = None, *, plan: AppsPlan | None = None) -> 
         default=0.0,
         help="share of the ControlNet's training poses leaning 15-25 degrees",
     )
+    parser.add_argument(
+        "--probe-saturation",
+        type=float,
+        nargs=2,
+        default=None,
+        metavar=("LO", "HI"),
+        help="jitter the pose probe's images' saturation by a factor in [LO, HI]",
+    )
     args = parser.parse_args(argv)
+    if (
+        args.probe_saturation is not None
+        and not 0 <= args.probe_saturation[0] <= args.probe_saturation[1]
+    ):
+        parser.error(f"--probe-saturation needs 0 <= LO <= HI, got {args.probe_saturation}")
     if not 0 <= args.strong_lean_share <= 1:
         parser.error(f"--strong-lean-share must be in [0, 1], got {args.strong_lean_share}")
     if args.threads:
@@ -414,6 +432,7 @@ def main(argv: Sequence[str] | None = None, *, plan: AppsPlan | None = None) -> 
         controlnet_seconds=args.controlnet_seconds,
         timesteps=args.timesteps,
         strong_lean_share=args.strong_lean_share,
+        probe_saturation=tuple(args.probe_saturation) if args.probe_saturation else None,
     )
     ckpt: Path = args.ckpt or args.weights.resolve().parent / "controlnet-checkpoints"
     ckpt.mkdir(parents=True, exist_ok=True)

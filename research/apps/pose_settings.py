@@ -44,7 +44,9 @@ def main() -> None:
     parser.add_argument("--plain", action="store_true", help="draw the plain prompt instead")
     _bench_options(parser)
     args = parser.parse_args()
-    bench = PoseBench(args.identity, args.reference, args.seed, args.poses)
+    bench = PoseBench(
+        args.identity, args.reference, args.seed, args.poses, probe_dir=args.pose_probe
+    )
     controlnet = load_controlnet(args.controlnet, device="cpu")
     drawn = None if args.plain else bench.identity
     for setting in json.loads(args.settings):
@@ -77,6 +79,10 @@ def main() -> None:
             hook.remove()
         label = f"{'plain' if args.plain else 'identity'} {setting} {control} {blocks}"
         print(bench.report(label, images, sheet=args.sheet), flush=True)
+        if args.pose_probe:  # the same images read by the shipped pose probe too
+            given, bench.probe = bench.probe, IdentityProbe.from_pretrained(toy.pose_probe_dir())
+            print(bench.report(f"  shipped pose probe: {label}", images), flush=True)
+            bench.probe = given
 
 
 def block_scales(
@@ -116,7 +122,9 @@ def drawing_setup(
     parser.add_argument("--until", type=float, default=until)
     _bench_options(parser)
     args = parser.parse_args()
-    bench = PoseBench(args.identity, args.reference, args.seed, args.poses)
+    bench = PoseBench(
+        args.identity, args.reference, args.seed, args.poses, probe_dir=args.pose_probe
+    )
     controlnet = load_controlnet(args.controlnet, device="cpu")
     prompts = [j.prompt("a creature", bench.identity) for j in bench.jobs]
     return args, bench, controlnet, prompts
@@ -127,6 +135,11 @@ def _bench_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--seed", type=int, default=0, help="picks the poses and seeds")
     parser.add_argument("--sheet", help="write the last setting's images here, misses marked")
     parser.add_argument("--poses", type=int, default=20, help="poses (4 seeds each)")
+    parser.add_argument(
+        "--pose-probe",
+        default=None,
+        help="read with another pose probe's folder (pose_settings.py: and the shipped one)",
+    )
 
 
 class PoseBench:
@@ -141,11 +154,12 @@ class PoseBench:
         seed: int,
         poses: int = 20,
         calibration: bool = False,
+        probe_dir: str | None = None,
     ) -> None:
         torch.set_num_threads(int(os.environ.get("THREADS", "2")))
         self.identity = Identity.load(identity_dir)
         self.reference = dict(kv.split("=") for kv in reference.split(","))
-        self.probe = IdentityProbe.from_pretrained(toy.pose_probe_dir())
+        self.probe = IdentityProbe.from_pretrained(probe_dir or toy.pose_probe_dir())
         self.jobs = pose_jobs(poses, 4, seed, calibration=calibration)
         self.asked = pose_of([j.pose for j in self.jobs])
         self.maps = [pose_map(j.pose) for j in self.jobs]

@@ -6,6 +6,7 @@ iteration's beach images (image j draws scene j mod 5, the beach at 1) as drawn,
 saturation lowered to 0.6 and 0.3, and blurred.
 
     python research/apps/probe_tall_renders.py [--drawn bench/default-l11/run/iter_002]
+        [--pose-probe DIR]
 """
 
 from __future__ import annotations
@@ -32,9 +33,10 @@ def wider(image: Image.Image, factor: float = 1.15) -> Image.Image:
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--drawn", type=Path, default=None)
+    parser.add_argument("--pose-probe", default=None, help="another pose probe's folder")
     args = parser.parse_args()
     probes = {
-        "pose probe": IdentityProbe.from_pretrained(toy.pose_probe_dir()),
+        "pose probe": IdentityProbe.from_pretrained(args.pose_probe or toy.pose_probe_dir()),
         "attribute probe": IdentityProbe.from_pretrained(toy.probe_dir()),
     }
     rng = np.random.default_rng(0)

@@ -2,12 +2,15 @@
 each keeps against the attribute probe's most frequent reading of each attribute, and the
 readings where they differ (pose probe / attribute probe).
 
-    python research/apps/probes_agree.py RUN_DIR [RUN_DIR ...]
+    python research/apps/probes_agree.py RUN_DIR [RUN_DIR ...] [--pose-probe DIR]
+
+``--pose-probe`` reads with another pose probe than the shipped one (e.g. one the recipe
+trained into a copy of the weights).
 """
 
 from __future__ import annotations
 
-import sys
+import argparse
 from collections import Counter
 from pathlib import Path
 
@@ -24,9 +27,13 @@ def kept(read: list[dict[str, str]], reference: dict[str, str]) -> float:
 
 
 def main() -> None:
-    pose_probe = IdentityProbe.from_pretrained(toy.pose_probe_dir())
+    parser = argparse.ArgumentParser()
+    parser.add_argument("runs", nargs="+")
+    parser.add_argument("--pose-probe", default=None)
+    args = parser.parse_args()
+    pose_probe = IdentityProbe.from_pretrained(args.pose_probe or toy.pose_probe_dir())
     attribute_probe = IdentityProbe.from_pretrained(toy.probe_dir())
-    for arg in sys.argv[1:]:
+    for arg in args.runs:
         run = Path(arg) / "run" if (Path(arg) / "run").is_dir() else Path(arg)
         last = sorted(run.glob("iter_*"))[-1]
         images = [Image.open(f).convert("RGB") for f in sorted((last / "images").glob("*.png"))]

@@ -15,7 +15,7 @@ from safetensors.torch import load_file
 import consistent_char.toy as toy
 from consistent_char.control import check_controlnet_fits, load_controlnet
 from consistent_char.toy.probe import IdentityProbe
-from recipes.toyworld.augment import to01, vae_round_trip
+from recipes.toyworld.augment import jitter_saturation, to01, vae_round_trip
 from recipes.toyworld.controlnet import AppsPlan, main, posed_set, vae_round_trips
 from recipes.toyworld.plan import StagePlan
 
@@ -109,4 +109,29 @@ def test_posed_set_strong_lean_share_leans_that_share_and_defaults_to_the_plain_
 def test_strong_lean_share_outside_zero_to_one_is_refused(tmp_path: Path) -> None:
     with pytest.raises(SystemExit) as exit_info:
         main(["--weights", str(tmp_path), "--strong-lean-share", "1.5"])
+    assert exit_info.value.code == 2
+
+
+def test_saturation_jitter_scales_each_images_colour_around_its_own_grey() -> None:
+    x = torch.rand(6, 3, 8, 8) * 0.5 + 0.25  # away from the clamp
+    grey = (x * torch.tensor([0.299, 0.587, 0.114]).view(1, 3, 1, 1)).sum(1, keepdim=True)
+    out = jitter_saturation(x, torch.Generator().manual_seed(0), 0.5, 1.5)
+    # Each image's colour distance from its grey is scaled by one factor (least squares),
+    # within the range, and not the same factor for all.
+    d, e = (x - grey).flatten(1), (out - grey).flatten(1)
+    factor = (d * e).sum(1) / (d * d).sum(1)
+    assert torch.allclose(e, factor[:, None] * d, atol=1e-5)
+    assert ((factor >= 0.5) & (factor <= 1.5)).all()
+    assert factor.std() > 0.05
+    # At a factor of 1 the images come back unchanged; at 0 they turn grey.
+    same = jitter_saturation(x, torch.Generator().manual_seed(0), 1.0, 1.0)
+    assert torch.allclose(same, x, atol=1e-6)
+    flat = jitter_saturation(x, torch.Generator().manual_seed(0), 0.0, 0.0)
+    assert torch.allclose(flat, grey.expand_as(x), atol=1e-6)
+
+
+@pytest.mark.parametrize("bounds", [["1.5", "0.5"], ["-0.1", "1.0"]])
+def test_a_probe_saturation_range_out_of_order_or_negative_is_refused(tmp_path, bounds) -> None:
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--weights", str(tmp_path), "--probe-saturation", *bounds])
     assert exit_info.value.code == 2
