@@ -1,9 +1,10 @@
 """Which scenes each refinement of a loop learned from, and how each scene's images keep the
 identity's look in the next iteration: for every iteration of a run directory, the scenes of
 its core (image j draws scene j mod 5, the toy preset's prompt variations) and, per scene, the
-share of its images a probe reads as the reference look (default: the most frequent reading of
-each attribute in the run's last iteration). `eval toy-apps` reads pose control with the pose
-probe (the default here) and local editing with the attribute probe (``--probe attribute``).
+share of its images a probe reads as the reference look (default: the identity the probe reads
+most often in the run's last iteration, `majority_identity`). `eval toy-apps` reads pose
+control with the pose probe (the default here) and local editing with the attribute probe
+(``--probe attribute``).
 
     python research/apps/core_scenes.py RUN_DIR [RUN_DIR ...] [--probe pose|attribute]
         [--reference shape=...,eyes=big]
@@ -13,18 +14,20 @@ from __future__ import annotations
 
 import argparse
 import json
-from collections import Counter
 from pathlib import Path
 
-from PIL import Image
-from pose_settings import look_lost  # type: ignore[import-not-found]
+from pose_settings import (  # type: ignore[import-not-found]
+    iteration_images,
+    look_lost,
+    loop_run,
+)
 
 import consistent_char.toy as toy
 from consistent_char.toy.captions import SCENE_PHRASES
+from consistent_char.toy.evaluate import majority_identity
 from consistent_char.toy.probe import IdentityProbe
 
 SCENES = list(SCENE_PHRASES)
-LOOK = ("shape", "color", "hat", "hat_color", "eyes")
 
 
 def main() -> None:
@@ -36,19 +39,13 @@ def main() -> None:
     probe_dir = toy.pose_probe_dir() if args.probe == "pose" else toy.probe_dir()
     probe = IdentityProbe.from_pretrained(probe_dir)
     for run in args.runs:
-        run = run / "run" if (run / "run" / "state.json").is_file() else run
+        run = loop_run(run)
         iterations = sorted(run.glob("iter_*"))
-        read = {
-            it.name: probe.predict(
-                [Image.open(f).convert("RGB") for f in sorted((it / "images").glob("*.png"))]
-            )
-            for it in iterations
-        }
-        last = read[iterations[-1].name]
+        read = {it.name: probe.predict(iteration_images(it)) for it in iterations}
         reference = (
             dict(kv.split("=") for kv in args.reference.split(","))
             if args.reference
-            else {k: Counter(r[k] for r in last).most_common(1)[0][0] for k in LOOK}
+            else majority_identity(read[iterations[-1].name])
         )
         state = json.loads((run / "state.json").read_text())
         print(f"{run}: converged {state['converged']}, reference {reference}")

@@ -18,10 +18,12 @@ import argparse
 import json
 import os
 from collections import Counter
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
+from PIL import Image
 
 import consistent_char.toy as toy
 from consistent_char.config import TOY_MODEL
@@ -49,6 +51,7 @@ def main() -> None:
     )
     controlnet = load_controlnet(args.controlnet, device="cpu")
     drawn = None if args.plain else bench.identity
+    shipped = IdentityProbe.from_pretrained(toy.pose_probe_dir()) if args.pose_probe else None
     for setting in json.loads(args.settings):
         control = {
             k: setting.pop(k)
@@ -79,10 +82,8 @@ def main() -> None:
             hook.remove()
         label = f"{'plain' if args.plain else 'identity'} {setting} {control} {blocks}"
         print(bench.report(label, images, sheet=args.sheet), flush=True)
-        if args.pose_probe:  # the same images read by the shipped pose probe too
-            given, bench.probe = bench.probe, IdentityProbe.from_pretrained(toy.pose_probe_dir())
-            print(bench.report(f"  shipped pose probe: {label}", images), flush=True)
-            bench.probe = given
+        if shipped is not None:  # the same images read by the shipped pose probe too
+            print(bench.report(f"  shipped pose probe: {label}", images, probe=shipped), flush=True)
 
 
 def block_scales(
@@ -166,10 +167,18 @@ class PoseBench:
         self.seeds = [j.seed for j in self.jobs]
         self.gen = identity_generator(self.identity, model=TOY_MODEL, device="cpu")
 
-    def report(self, label: str, images: list, sheet: str | None = None) -> str:  # type: ignore[type-arg]
+    def report(
+        self,
+        label: str,
+        images: list,  # type: ignore[type-arg]
+        sheet: str | None = None,
+        probe: IdentityProbe | None = None,
+    ) -> str:
+        """`images` read against the bench by `probe` (default: the bench's own)."""
+        probe = probe or self.probe
         tolerance = np.array([POSE_TOLERANCE[k] for k in POSE])
-        read = self.probe.predict_pose(images)
-        attributes = self.probe.predict(images)
+        read = probe.predict_pose(images)
+        attributes = probe.predict(images)
         shares = {
             k: round(float(np.mean([a[k] == v for a in attributes])), 2)
             for k, v in self.reference.items()
@@ -183,6 +192,18 @@ class PoseBench:
             f"bias/tolerance {np.round((read - self.asked).mean(0) / tolerance, 2)}, "
             f"attributes {shares}"
         )
+
+
+def loop_run(path: str | Path) -> Path:
+    """A loop's run folder: `path` itself, or the ``run`` folder `eval toy-apps` writes in it."""
+    path = Path(path)
+    return path / "run" if (path / "run" / "state.json").is_file() else path
+
+
+def iteration_images(iteration: Path) -> list[Image.Image]:
+    """A loop iteration folder's images in the order drawn (image j: prompt variation j mod
+    their number)."""
+    return [Image.open(f).convert("RGB") for f in sorted((iteration / "images").glob("*.png"))]
 
 
 def look_lost(read: list[dict[str, str]], reference: dict[str, str]) -> list[bool]:

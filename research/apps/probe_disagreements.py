@@ -43,8 +43,7 @@ def main() -> None:
     for i, (image, a, b) in enumerate(
         zip(images, bench.probe.predict(images), other.predict(images), strict=True)
     ):
-        lost_a = {k: a[k] for k, v in bench.reference.items() if a[k] != v}
-        lost_b = {k: b[k] for k, v in bench.reference.items() if b[k] != v}
+        lost_a, lost_b = _lost(a, bench.reference), _lost(b, bench.reference)
         if lost_a or lost_b:
             shown.append(image)
             print(f"image {i} ({prompts[i]}): shipped {lost_a} | other {lost_b}")
@@ -52,6 +51,11 @@ def main() -> None:
     for k, image in enumerate(shown):
         sheet.paste(image.resize((128, 128), Image.NEAREST), (128 * k, 0))
     sheet.save(args.sheet)
+
+
+def _lost(read: dict[str, str], reference: dict[str, str]) -> dict[str, str]:
+    """The attributes read otherwise than the reference's, with what was read."""
+    return {k: read[k] for k, v in reference.items() if read[k] != v}
 
 
 if __name__ == "__main__":

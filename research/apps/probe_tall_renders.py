@@ -17,6 +17,7 @@ from pathlib import Path
 
 import numpy as np
 from PIL import Image, ImageEnhance, ImageFilter
+from pose_settings import iteration_images  # type: ignore[import-not-found]
 
 import consistent_char.toy as toy
 from consistent_char.toy.probe import IdentityProbe
@@ -50,13 +51,9 @@ def main() -> None:
             "15% wider": [wider(im) for im in renders],
         }
         for name, images in variants.items():
-            read = {
-                k: dict(Counter(r["shape"] for r in p.predict(images))) for k, p in probes.items()
-            }
-            print(f"{scene}, {name}: {read}")
+            print(f"{scene}, {name}: {_shapes(probes, images)}")
     if args.drawn is not None:
-        files = sorted((args.drawn / "images").glob("*.png"))[1::5]
-        drawn = [Image.open(f).convert("RGB") for f in files]
+        drawn = iteration_images(args.drawn)[1::5]
         variants = {
             "as drawn": drawn,
             "saturation 0.6": [ImageEnhance.Color(im).enhance(0.6) for im in drawn],
@@ -64,10 +61,12 @@ def main() -> None:
             "blurred": [im.filter(ImageFilter.GaussianBlur(0.7)) for im in drawn],
         }
         for name, images in variants.items():
-            read = {
-                k: dict(Counter(r["shape"] for r in p.predict(images))) for k, p in probes.items()
-            }
-            print(f"{args.drawn} beach, {name}: {read}")
+            print(f"{args.drawn} beach, {name}: {_shapes(probes, images)}")
+
+
+def _shapes(probes: dict[str, IdentityProbe], images: list[Image.Image]) -> dict[str, dict]:  # type: ignore[type-arg]
+    """How many of `images` each probe reads as each shape."""
+    return {k: dict(Counter(r["shape"] for r in p.predict(images))) for k, p in probes.items()}
 
 
 if __name__ == "__main__":

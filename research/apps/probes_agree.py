@@ -1,6 +1,6 @@
 """The pose probe and the attribute probe on the last iteration's images of loop runs: the look
-each keeps against the attribute probe's most frequent reading of each attribute, and the
-readings where they differ (pose probe / attribute probe).
+each keeps against the identity the attribute probe reads most often (`majority_identity`),
+and the readings where they differ (pose probe / attribute probe).
 
     python research/apps/probes_agree.py RUN_DIR [RUN_DIR ...] [--pose-probe DIR]
 
@@ -12,18 +12,13 @@ from __future__ import annotations
 
 import argparse
 from collections import Counter
-from pathlib import Path
 
-from PIL import Image
+from pose_settings import iteration_images, loop_run  # type: ignore[import-not-found]
 
 import consistent_char.toy as toy
+from consistent_char.toy.evaluate import identity_kept, majority_identity
 from consistent_char.toy.probe import IdentityProbe
-
-LOOK = ("shape", "color", "hat", "hat_color", "eyes")
-
-
-def kept(read: list[dict[str, str]], reference: dict[str, str]) -> float:
-    return sum(all(r[k] == v for k, v in reference.items()) for r in read) / len(read)
+from consistent_char.toy.world import IDENTITY_ATTRIBUTES
 
 
 def main() -> None:
@@ -34,20 +29,20 @@ def main() -> None:
     pose_probe = IdentityProbe.from_pretrained(args.pose_probe or toy.pose_probe_dir())
     attribute_probe = IdentityProbe.from_pretrained(toy.probe_dir())
     for arg in args.runs:
-        run = Path(arg) / "run" if (Path(arg) / "run").is_dir() else Path(arg)
-        last = sorted(run.glob("iter_*"))[-1]
-        images = [Image.open(f).convert("RGB") for f in sorted((last / "images").glob("*.png"))]
+        last = sorted(loop_run(arg).glob("iter_*"))[-1]
+        images = iteration_images(last)
         posed, plain = pose_probe.predict(images), attribute_probe.predict(images)
-        reference = {k: Counter(r[k] for r in plain).most_common(1)[0][0] for k in LOOK}
+        reference = majority_identity(plain)
         differ = Counter(
             f"{k}:{a[k]}/{b[k]}"
             for a, b in zip(posed, plain, strict=True)
-            for k in LOOK
+            for k in IDENTITY_ATTRIBUTES
             if a[k] != b[k]
         )
         print(
-            f"{arg} ({last.name}): pose probe kept {kept(posed, reference):.3f}, attribute "
-            f"probe kept {kept(plain, reference):.3f}; differ {dict(differ.most_common(4))}"
+            f"{arg} ({last.name}): pose probe kept {identity_kept(posed, reference):.3f}, "
+            f"attribute probe kept {identity_kept(plain, reference):.3f}; "
+            f"differ {dict(differ.most_common(4))}"
         )
 
 
